@@ -1,0 +1,10 @@
+"""Model families, each registered with the preset registry."""
+
+from zoo.models.output import ModelOutput
+from zoo.models.transformer import Block, Transformer, TransformerConfig, resolve_moe_layers
+from zoo.models.vmoe import VMoE, VMoEConfig
+from zoo.registry import register_family
+
+register_family("vmoe", VMoEConfig, VMoE)
+
+__all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig"]

@@ -1,0 +1,103 @@
+"""The one config of an MoE layer, shared by every model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+RouterType = Literal["topk", "expert_choice", "soft"]
+Activation = Literal["gelu", "gelu_tanh", "swiglu"]
+DispatchType = Literal["auto", "loop", "sorted", "fused"]
+
+
+@dataclass
+class MoEConfig:
+    """How an MoE layer routes, computes and regularises.
+
+    Defaults are V-MoE's (Riquelme et al. 2021): noisy top-2 of 8 with noise std ``1/E``, capacity factor
+    1.05 rounded up to a multiple of 4, groups of 8 images, importance + load losses at 0.005 each.
+
+    Attributes:
+        num_experts: E.
+        top_k: k used in training (token-choice router).
+        eval_top_k: k used in eval mode; None = ``top_k``.
+        router: "topk" (tokens choose experts), "expert_choice" (each expert takes its top-C tokens) or
+            "soft" (Soft MoE slots).
+        noise_std: training-time Gaussian noise on the router logits has std ``noise_std / num_experts``.
+        renormalize: divide the k combine weights of a token by their sum (Mixtral/MoE-LLaVA); V-MoE does not.
+        batch_priority: order the tokens of a group by their top-1 weight before filling capacity (BPR).
+        capacity_factor: per-group, per-expert buffer ``ceil(S * k * cf / E)`` rounded up to
+            ``capacity_multiple_of``.
+        dropless: no capacity limit in training (every valid token reaches its k experts).
+        eval_capacity_factor / eval_dropless: the same in eval mode; None = as in training.
+        capacity_multiple_of: round capacity up to a multiple of this (V-MoE: 4). 0 or 1 = no rounding.
+        group_size: number of consecutive sequences (images) whose tokens are routed together as one group;
+            None = the whole batch is one group.
+        activation: expert MLP activation.
+        expert_bias: experts have biases (V-MoE: yes; SwiGLU LMs: no).
+        slots_per_expert: Soft MoE slots per expert.
+        dispatch: "auto" (fused kernel on CUDA when it supports the case, else "sorted"), "loop"
+            (per-expert loop, the ground truth), "sorted" (sort/gather/scatter), "fused" (require the kernel).
+        num_modalities: M, the number of modality ids tokens may carry (per-modality losses and statistics).
+        *_weight: weights of the auxiliary losses; 0 switches a loss off (it is still reported when cheap).
+        global_entropy_min_experts: LIMoE's threshold ``tau = log(this)``: the global entropy loss is zero
+            once a modality spreads over at least this many experts.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    eval_top_k: Optional[int] = None
+    router: RouterType = "topk"
+    noise_std: float = 1.0
+    renormalize: bool = False
+    batch_priority: bool = True
+    capacity_factor: float = 1.05
+    dropless: bool = False
+    eval_capacity_factor: Optional[float] = None
+    eval_dropless: Optional[bool] = None
+    capacity_multiple_of: int = 4
+    group_size: Optional[int] = 8
+    activation: Activation = "gelu_tanh"
+    expert_bias: bool = True
+    slots_per_expert: int = 1
+    dispatch: DispatchType = "auto"
+    num_modalities: int = 1
+    importance_loss_weight: float = 0.005
+    load_loss_weight: float = 0.005
+    switch_loss_weight: float = 0.0
+    z_loss_weight: float = 0.0
+    local_entropy_weight: float = 0.0
+    global_entropy_weight: float = 0.0
+    global_entropy_min_experts: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        for name in ("top_k", "eval_top_k"):
+            k = getattr(self, name)
+            if k is not None and not 1 <= k <= self.num_experts:
+                raise ValueError(f"{name} must be in [1, num_experts={self.num_experts}], got {k}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            cf = getattr(self, name)
+            if cf is not None and cf <= 0:
+                raise ValueError(f"{name} must be > 0 (use dropless=True for unbounded capacity), got {cf}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1 or None (whole batch), got {self.group_size}")
+        if self.num_modalities < 1:
+            raise ValueError(f"num_modalities must be >= 1, got {self.num_modalities}")
+        if self.global_entropy_min_experts < 1:
+            raise ValueError("global_entropy_min_experts must be >= 1 (tau = log of it)")
+        if self.slots_per_expert < 1:
+            raise ValueError(f"slots_per_expert must be >= 1, got {self.slots_per_expert}")
+
+    def k(self, training: bool) -> int:
+        return self.top_k if training or self.eval_top_k is None else self.eval_top_k
+
+    def capacity_setting(self, training: bool) -> Optional[float]:
+        """The capacity factor in force, or None for dropless."""
+        if training:
+            return None if self.dropless else self.capacity_factor
+        dropless = self.dropless if self.eval_dropless is None else self.eval_dropless
+        if dropless:
+            return None
+        return self.capacity_factor if self.eval_capacity_factor is None else self.eval_capacity_factor

@@ -1,0 +1,51 @@
+"""Dispatchers: move tokens to their experts and combine the outputs, given a router's decision.
+
+All take flattened slots: ``x [T, D]``, ``expert_index / combine_weight / keep [T, K]`` and return
+``y [T, D] = sum_k keep[t,k] * combine_weight[t,k] * expert_{expert_index[t,k]}(x[t])``.
+The fused GPU kernel (``zoo.kernels.fused_moe``) implements the same contract.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from zoo.moe.experts import StackedExperts
+
+
+def loop_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor,
+                  experts: StackedExperts) -> Tensor:
+    """Ground truth: one pass per expert over the slots routed to it."""
+    T, D = x.shape
+    y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    for e in range(experts.num_experts):
+        token, slot = torch.nonzero(keep & (expert_index == e), as_tuple=True)
+        if token.numel() == 0:
+            continue
+        out = experts.expert(e, x[token]).float() * combine_weight[token, slot].unsqueeze(-1).float()
+        y = y.index_add(0, token, out)
+    return y.to(x.dtype)
+
+
+def sorted_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor,
+                    experts: StackedExperts) -> Tensor:
+    """Sort kept slots by expert (stable), gather, run each expert on its contiguous rows, scatter back
+    to a ``[T, K, D]`` buffer and sum over K. Deterministic (no atomics) on CPU and GPU."""
+    T, D = x.shape
+    K = expert_index.shape[1]
+    E = experts.num_experts
+    flat_expert = torch.where(keep, expert_index, torch.full_like(expert_index, E)).reshape(-1)  # [T*K]
+    order = torch.argsort(flat_expert, stable=True)
+    counts = torch.bincount(flat_expert, minlength=E + 1)
+    num_kept = int(counts[:E].sum())  # one host sync: row counts drive the per-expert split
+    order = order[:num_kept]
+    token = order // K
+    x_sorted = x[token]
+    y_sorted = experts.forward_grouped(x_sorted, counts[:E].tolist())
+    y_sorted = y_sorted.float() * combine_weight.reshape(-1)[order].unsqueeze(-1).float()
+    slots = torch.zeros(T * K, D, dtype=torch.float32, device=x.device)
+    slots = slots.index_copy(0, order, y_sorted)  # every kept slot written exactly once
+    return slots.view(T, K, D).sum(dim=1).to(x.dtype)
+
+
+DISPATCHERS = {"loop": loop_dispatch, "sorted": sorted_dispatch}

@@ -1,0 +1,97 @@
+"""Auxiliary losses of MoE routers. Every function ignores masked tokens (``valid`` False).
+
+Shapes: G groups, S tokens per group, E experts; ``valid`` is [G, S] bool.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _cv_squared(x: Tensor) -> Tensor:
+    """Squared coefficient of variation over the last axis with the POPULATION std (as numpy/JAX)."""
+    mean = x.mean(dim=-1)
+    std = x.std(dim=-1, correction=0)
+    return (std / mean.clamp_min(1e-12)) ** 2
+
+
+def importance_loss(clean_probs: Tensor, valid: Tensor) -> Tensor:
+    """V-MoE importance loss: ``(std/mean)^2`` of each expert's summed clean gate probabilities, per group,
+    averaged over groups (Riquelme et al. 2021, App. A.2). [G, S, E] -> scalar."""
+    importance = (clean_probs * valid.unsqueeze(-1)).sum(dim=1)  # [G, E]
+    return _cv_squared(importance).mean()
+
+
+def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, top_k: int, valid: Tensor) -> Tensor:
+    """V-MoE load loss: for each token and expert, the probability that the expert would be in the top-k
+    if the noise were drawn again: ``1 - Phi((threshold - logit) / noise_std)``, threshold = the token's
+    k-th largest noisy logit; averaged over valid tokens per expert, ``(std/mean)^2`` per group, averaged
+    over groups. Only defined with noise (training); returns 0 otherwise."""
+    if noise_std <= 0:
+        return logits.new_zeros(())
+    threshold = torch.topk(noisy_logits, top_k, dim=-1).values[..., -1:]  # [G, S, 1]
+    normal = torch.distributions.Normal(logits.new_zeros(()), logits.new_ones(()))
+    p = 1.0 - normal.cdf((threshold - logits) / noise_std)  # [G, S, E]
+    w = valid.unsqueeze(-1).to(p.dtype)
+    p_mean = (p * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # [G, E]
+    return _cv_squared(p_mean).mean()
+
+
+def switch_loss(probs: Tensor, expert_index: Tensor, valid: Tensor) -> Tensor:
+    """Switch / GShard balance loss ``E * sum_e f_e * P_e`` per group (f_e: fraction of valid tokens whose
+    top-1 is e; P_e: mean router probability), averaged over groups. 1.0 when perfectly balanced."""
+    E = probs.shape[-1]
+    w = valid.unsqueeze(-1).to(probs.dtype)
+    n = w.sum(dim=1).clamp_min(1.0)  # [G, 1]
+    top1 = torch.nn.functional.one_hot(expert_index[..., 0], E).to(probs.dtype)
+    frac = (top1 * w).sum(dim=1) / n
+    mean_prob = (probs * w).sum(dim=1) / n
+    return (E * (frac * mean_prob).sum(dim=-1)).mean()
+
+
+def z_loss(logits: Tensor, valid: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE): mean over valid tokens of ``logsumexp(logits)^2``."""
+    z = torch.logsumexp(logits, dim=-1) ** 2
+    return (z * valid).sum() / valid.sum().clamp_min(1)
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * torch.log(p.clamp_min(1e-20))).sum(dim=-1)
+
+
+def local_entropy_loss(probs: Tensor, valid: Tensor) -> Tensor:
+    """LIMoE local entropy: mean over the given tokens of the entropy of each token's routing
+    distribution. Minimising it makes every token confident in few experts. [N, E], [N] -> scalar."""
+    n = valid.sum()
+    if n == 0:
+        return probs.new_zeros(())
+    return (_entropy(probs) * valid).sum() / n
+
+
+def global_entropy_loss(probs: Tensor, valid: Tensor, min_experts: float = 1.0) -> Tensor:
+    """LIMoE thresholded global entropy: ``max(0, tau - H(mean_t p_t))`` with ``tau = log(min_experts)``.
+
+    Minimising ``-H`` of the modality's average routing distribution spreads the modality over experts;
+    the threshold switches the loss off once it effectively uses at least ``min_experts`` experts.
+    [N, E], [N] -> scalar."""
+    n = valid.sum()
+    if n == 0:
+        return probs.new_zeros(())
+    mean_p = (probs * valid.unsqueeze(-1)).sum(dim=0) / n
+    tau = math.log(min_experts)
+    return torch.clamp(tau - _entropy(mean_p), min=0.0)
+
+
+def per_modality(loss_fn, probs: Tensor, valid: Tensor, modality: Optional[Tensor], num_modalities: int,
+                 **kwargs) -> list[Tensor]:
+    """Apply an entropy loss separately to the valid tokens of each modality id in [0, M)."""
+    flat_probs = probs.reshape(-1, probs.shape[-1])
+    flat_valid = valid.reshape(-1)
+    if modality is None:
+        return [loss_fn(flat_probs, flat_valid, **kwargs)]
+    flat_mod = modality.reshape(-1)
+    return [loss_fn(flat_probs, flat_valid & (flat_mod == m), **kwargs) for m in range(num_modalities)]
