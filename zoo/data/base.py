@@ -1,0 +1,224 @@
+"""Common base of the image-classification datamodules, an in-memory image dataset and the split helper.
+
+Dimension letters: N dataset size, B batch, C channels, H height, W width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+# The test split is seed-independent wherever we have to carve it ourselves (digits, single-tree ImageFolder),
+# so that test numbers stay comparable across training seeds; only the val hold-out follows `seed`.
+TEST_SPLIT_SEED = 0
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int (not bool) >= ``minimum``, else raise a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def holdout_count(name: str, size: int | float, pool: int) -> int:
+    """Turn a hold-out size into a count: an int is a count, a float in (0, 1) a fraction of ``pool``.
+
+    The result must leave at least one sample on each side.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be an int (count) or a float in (0, 1) (fraction), got {size!r}")
+    if isinstance(size, (float, np.floating)):
+        if not 0.0 < size < 1.0:
+            raise ValueError(f"{name} as a fraction must be in (0, 1), got {size}")
+        count = int(round(size * pool))
+    else:
+        count = int(size)
+    if not 1 <= count <= pool - 1:
+        raise ValueError(
+            f"{name}={size!r} gives {count} samples out of {pool}; it must leave at least 1 on each side"
+        )
+    return count
+
+
+def holdout_split(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices ``0..N-1`` into ``(kept, held_out)`` with ``len(held_out) == holdout``, seeded.
+
+    Stratified by ``labels [N]`` whenever that is possible (every present class has >= 2 samples and both
+    sides can hold one of each class); otherwise a plain seeded shuffle split. Both index arrays are sorted,
+    so samples keep their original relative order.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not 1 <= holdout <= n - 1:
+        raise ValueError(f"cannot hold out {holdout} of {n} samples")
+    _, counts = np.unique(labels, return_counts=True)
+    stratify = labels if counts.min() >= 2 and min(holdout, n - holdout) >= len(counts) else None
+    kept, held = train_test_split(
+        np.arange(n), test_size=holdout, random_state=seed, shuffle=True, stratify=stratify
+    )
+    return np.sort(kept), np.sort(held)
+
+
+class InMemoryImageDataset(Dataset):
+    """Images held in one tensor, normalised per sample on access.
+
+    Args:
+        images: ``[N, C, H, W]`` pixel values in ``[0, pixel_max]`` (uint8 keeps MNIST / CIFAR small in memory).
+        labels: ``[N]`` class ids.
+        mean, std: per-channel statistics of pixels scaled to [0, 1]; length C.
+        pixel_max: the value of a white pixel (255 for uint8 images, 16 for raw digits, 1.0 for floats).
+        indices: which rows form this split (a view, so train and val share ``images``); default all.
+        augment: optional callable on one ``[C, H, W]`` image (before normalisation, same dtype) -> ``[C, H, W]``.
+
+    ``self[i]`` is ``(image float32 [C, H, W], label int64 [])``; ``source_indices[i]`` is its row in ``images``.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        pixel_max: float,
+        indices: np.ndarray | torch.Tensor | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must be [N={images.shape[0]}], got shape {tuple(labels.shape)}")
+        channels = images.shape[1]
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean/std need {channels} values, got {len(mean)} and {len(std)}")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        all_rows = torch.arange(images.shape[0])
+        self.source_indices = all_rows if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        # Fold "/ pixel_max, - mean, / std" into one multiply-add: x * scale + shift, per channel [C, 1, 1].
+        std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self._scale = 1.0 / (pixel_max * std_t)
+        self._shift = -mean_t / std_t
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return int(self.source_indices.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = int(self.source_indices[i])
+        image = self.images[row]
+        if self.augment is not None:
+            image = self.augment(image)
+        return image.to(torch.float32) * self._scale + self._shift, self.labels[row]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Labels of this split in order, ``[len(self)]`` int64."""
+        return self.labels[self.source_indices]
+
+
+def random_crop_flip(padding: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Augmentation for one ``[C, H, W]`` image: zero-pad by ``padding``, random crop back to H x W, and
+    horizontal flip with probability 1/2. Uses torch's global RNG, which Lightning / DataLoader workers seed."""
+
+    def augment(image: torch.Tensor) -> torch.Tensor:
+        _, h, w = image.shape
+        if padding > 0:
+            padded = torch.nn.functional.pad(image, (padding, padding, padding, padding))
+            top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+            image = padded[:, top : top + h, left : left + w]
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image
+
+    return augment
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Base of all image-classification datamodules.
+
+    Batches are ``(images float32 [B, C, H, W] normalised with (mean, std), labels int64 [B])``.
+
+    Attributes read by models and tasks (set by subclasses, valid right after construction unless a subclass
+    documents otherwise): ``num_classes``, ``class_names`` (list of str), ``image_size`` (square side),
+    ``in_chans``, ``mean`` / ``std`` (per channel, for pixels in [0, 1]).
+
+    After :meth:`setup`: ``train_set``, ``val_set``, ``test_set``. Subclasses implement :meth:`build_splits`.
+
+    Args:
+        batch_size: samples per batch (all three loaders).
+        num_workers: DataLoader worker processes; 0 loads in the main process (the tensors are in memory).
+        seed: seeds the val hold-out and the train shuffle order.
+        pin_memory: DataLoader ``pin_memory`` (useful when training on a GPU).
+    """
+
+    num_classes: int
+    class_names: list[str]
+    image_size: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
+        super().__init__()
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.num_workers = check_positive_int("num_workers", num_workers, minimum=0)
+        self.seed = check_positive_int("seed", seed, minimum=0)
+        self.pin_memory = bool(pin_memory)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self._shuffle_generator: torch.Generator | None = None
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        """Load the data and return ``(train, val, test)`` datasets of ``(image [C, H, W], label [])`` pairs."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build all three splits once (cheap for these datasets, and keeps the split independent of stage)."""
+        if self.train_set is None:
+            self.train_set, self.val_set, self.test_set = self.build_splits()
+            # One generator for the module's lifetime: each epoch gets a new but reproducible order.
+            self._shuffle_generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """``{"train": n, "val": n, "test": n}`` (call :meth:`setup` first)."""
+        self._require_setup()
+        return {"train": len(self.train_set), "val": len(self.val_set), "test": len(self.test_set)}  # type: ignore[arg-type]
+
+    def _require_setup(self) -> None:
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called before using the dataloaders")
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        self._require_setup()
+        assert dataset is not None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=self._shuffle_generator if shuffle else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
