@@ -42,6 +42,13 @@ class MoEConfig:
         *_weight: weights of the auxiliary losses; 0 switches a loss off (it is still reported when cheap).
         global_entropy_min_experts: LIMoE's threshold ``tau = log(this)``: the global entropy loss is zero
             once a modality spreads over at least this many experts.
+        local_entropy_weight_by_modality / global_entropy_weight_by_modality /
+        global_entropy_min_experts_by_modality: optional per-modality values (length ``num_modalities``) that
+            replace the scalar above for each modality id (LIMoE regularises image and text tokens
+            differently); None = the scalar for every modality.
+        capacity_from_valid_tokens: compute the per-group capacity from the number of valid (unmasked) tokens
+            of the fullest group instead of the group length S, so padding neither takes nor adds capacity
+            (LIMoE text). False keeps V-MoE's ``ceil(S * k * cf / E)``.
     """
 
     num_experts: int = 8
@@ -69,6 +76,10 @@ class MoEConfig:
     local_entropy_weight: float = 0.0
     global_entropy_weight: float = 0.0
     global_entropy_min_experts: float = 1.0
+    local_entropy_weight_by_modality: Optional[tuple[float, ...]] = None
+    global_entropy_weight_by_modality: Optional[tuple[float, ...]] = None
+    global_entropy_min_experts_by_modality: Optional[tuple[float, ...]] = None
+    capacity_from_valid_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -89,6 +100,24 @@ class MoEConfig:
             raise ValueError("global_entropy_min_experts must be >= 1 (tau = log of it)")
         if self.slots_per_expert < 1:
             raise ValueError(f"slots_per_expert must be >= 1, got {self.slots_per_expert}")
+        for name in ("local_entropy_weight", "global_entropy_weight", "global_entropy_min_experts"):
+            values = getattr(self, f"{name}_by_modality")
+            if values is None:
+                continue
+            values = tuple(float(v) for v in values)
+            setattr(self, f"{name}_by_modality", values)
+            if len(values) != self.num_modalities:
+                raise ValueError(f"{name}_by_modality needs num_modalities={self.num_modalities} values, "
+                                 f"got {len(values)}")
+            low = 1.0 if name == "global_entropy_min_experts" else 0.0
+            if min(values) < low:
+                raise ValueError(f"{name}_by_modality values must be >= {low}, got {values}")
+
+    def by_modality(self, name: str) -> tuple[float, ...]:
+        """Per-modality values of ``local_entropy_weight``, ``global_entropy_weight`` or
+        ``global_entropy_min_experts``: the ``*_by_modality`` tuple if set, else the scalar M times."""
+        values = getattr(self, f"{name}_by_modality")
+        return tuple(values) if values is not None else (float(getattr(self, name)),) * self.num_modalities
 
     def k(self, training: bool) -> int:
         return self.top_k if training or self.eval_top_k is None else self.eval_top_k

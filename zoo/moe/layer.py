@@ -77,9 +77,10 @@ class MoELayer(nn.Module):
         E = config.num_experts
         if config.router == "topk":
             self.router = TopKRouter(dim, E, config.noise_std, config.renormalize, config.batch_priority,
-                                     config.capacity_multiple_of)
+                                     config.capacity_multiple_of, config.capacity_from_valid_tokens)
         elif config.router == "expert_choice":
-            self.router = ExpertChoiceRouter(dim, E, config.noise_std, config.capacity_multiple_of)
+            self.router = ExpertChoiceRouter(dim, E, config.noise_std, config.capacity_multiple_of,
+                                             config.capacity_from_valid_tokens)
         elif config.router == "soft":
             self.router = SoftRouter(dim, E, config.slots_per_expert)
         else:
@@ -183,16 +184,20 @@ class MoELayer(nn.Module):
                 lambda: L.load_loss(r.logits, r.noisy_logits, r.noise_std, r.top_k, vg))
         add("switch_loss", cfg.switch_loss_weight, lambda: L.switch_loss(r.probs, r.expert_index, vg))
         add("z_loss", cfg.z_loss_weight, lambda: L.z_loss(r.logits, vg))
-        M = cfg.num_modalities
-        if cfg.local_entropy_weight > 0:
-            for m, v in enumerate(L.per_modality(L.local_entropy_loss, r.clean_probs, vg, mg, M)):
-                losses[f"local_entropy_m{m}"] = v
-                weighted.append(cfg.local_entropy_weight * v)
-        if cfg.global_entropy_weight > 0:
-            for m, v in enumerate(L.per_modality(L.global_entropy_loss, r.clean_probs, vg, mg, M,
-                                                 min_experts=cfg.global_entropy_min_experts)):
-                losses[f"global_entropy_m{m}"] = v
-                weighted.append(cfg.global_entropy_weight * v)
+        local_w, global_w = cfg.by_modality("local_entropy_weight"), cfg.by_modality("global_entropy_weight")
+        min_experts = cfg.by_modality("global_entropy_min_experts")
+        if max(local_w) > 0 or max(global_w) > 0:
+            # Without modality ids every token counts as modality 0.
+            probs = r.clean_probs.reshape(-1, r.clean_probs.shape[-1])
+            flat_valid = vg.reshape(-1)
+            sels = [flat_valid] if mg is None else [flat_valid & (mg.reshape(-1) == m) for m in range(len(local_w))]
+            for m, sel in enumerate(sels):
+                if local_w[m] > 0:
+                    losses[f"local_entropy_m{m}"] = v = L.local_entropy_loss(probs, sel)
+                    weighted.append(local_w[m] * v)
+                if global_w[m] > 0:
+                    losses[f"global_entropy_m{m}"] = v = L.global_entropy_loss(probs, sel, min_experts[m])
+                    weighted.append(global_w[m] * v)
         total = torch.stack(weighted).sum() if weighted else r.logits.new_zeros(())
         with torch.no_grad():
             E = cfg.num_experts

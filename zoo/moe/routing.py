@@ -41,6 +41,14 @@ def compute_capacity(group_size: int, num_experts: int, top_k: int, capacity_fac
     return max(capacity, 1)
 
 
+def capacity_tokens(valid: Tensor, from_valid: bool) -> int:
+    """The token count capacity is computed from: the group length S, or (``from_valid``) the number of
+    valid tokens of the fullest group, so that padding neither takes nor adds capacity (at least 1)."""
+    if not from_valid:
+        return valid.shape[1]
+    return max(int(valid.sum(dim=1).max().item()), 1) if valid.numel() else 1
+
+
 @dataclass
 class Routing:
     """A router's decision for G groups of S tokens (see the module docstring for the slot format).
@@ -126,8 +134,10 @@ class TopKRouter(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 1.0, renormalize: bool = False,
-                 batch_priority: bool = True, capacity_multiple_of: int = 4) -> None:
+                 batch_priority: bool = True, capacity_multiple_of: int = 4,
+                 capacity_from_valid_tokens: bool = False) -> None:
         super().__init__()
+        self.capacity_from_valid_tokens = capacity_from_valid_tokens
         self.num_experts = num_experts
         self.noise_std = noise_std
         self.renormalize = renormalize
@@ -156,7 +166,8 @@ class TopKRouter(nn.Module):
             capacity = None
             keep = slot_valid
         else:
-            capacity = compute_capacity(S, E, top_k, capacity_factor, self.capacity_multiple_of)
+            n = capacity_tokens(valid, self.capacity_from_valid_tokens)
+            capacity = compute_capacity(n, E, top_k, capacity_factor, self.capacity_multiple_of)
             keep = slot_valid & (position < capacity)
         position = torch.where(keep, position, torch.full_like(position, -1))
         combine_weight = torch.where(keep, weight, torch.zeros_like(weight))
@@ -172,8 +183,10 @@ class ExpertChoiceRouter(nn.Module):
     average number of experts per token. Masked tokens are never picked. Slot e of a token is expert e.
     """
 
-    def __init__(self, dim: int, num_experts: int, noise_std: float = 0.0, capacity_multiple_of: int = 4) -> None:
+    def __init__(self, dim: int, num_experts: int, noise_std: float = 0.0, capacity_multiple_of: int = 4,
+                 capacity_from_valid_tokens: bool = False) -> None:
         super().__init__()
+        self.capacity_from_valid_tokens = capacity_from_valid_tokens
         self.num_experts = num_experts
         self.noise_std = noise_std
         self.capacity_multiple_of = capacity_multiple_of
@@ -189,7 +202,8 @@ class ExpertChoiceRouter(nn.Module):
         probs = torch.softmax(noisy_logits, dim=-1) if std > 0 else clean_probs
         # Dropless expert choice means every expert may take every token: C = S.
         capacity = S if capacity_factor is None else min(
-            S, compute_capacity(S, E, 1, capacity_factor, self.capacity_multiple_of))
+            S, compute_capacity(capacity_tokens(valid, self.capacity_from_valid_tokens), E, 1, capacity_factor,
+                                self.capacity_multiple_of))
         score = torch.where(valid.unsqueeze(-1), probs, torch.full_like(probs, -1.0))  # [G, S, E]
         top_score, top_token = torch.topk(score.transpose(1, 2), capacity, dim=-1)  # [G, E, C]
         picked = top_score >= 0  # masked tokens (score -1) are never taken
