@@ -87,6 +87,9 @@ class MoELayer(nn.Module):
             raise ValueError(f"unknown router {config.router!r}; expected 'topk', 'expert_choice' or 'soft'")
         self.experts = StackedExperts(E, dim, hidden_dim, config.activation, config.expert_bias)
         self.aux: Optional[MoEAux] = None
+        # Expert parallelism hook (set by zoo.distributed.shard_experts): a callable with the dispatcher
+        # signature that sends tokens to experts sharded across ranks. None = all experts are local.
+        self.expert_dispatcher = None
 
     # ----------------------------------------------------------------------------------------- grouping
     def _group(self, x: Tensor, valid: Tensor, modality: Optional[Tensor]):
@@ -123,6 +126,8 @@ class MoELayer(nn.Module):
         else:
             yg = self._sparse_forward(xg, vg, mg)
         y = yg.reshape(B + pad, S, self.dim)[:B]
+        if self.aux is not None and self.aux.stats is not None:  # documented as [B, S]: ungroup, drop padding
+            self.aux.stats.top1_expert = self.aux.stats.top1_expert.reshape(B + pad, S)[:B]
         return y
 
     def _sparse_forward(self, xg: Tensor, vg: Tensor, mg: Optional[Tensor]) -> Tensor:
@@ -137,6 +142,8 @@ class MoELayer(nn.Module):
         return y.reshape(G, Sg, D)
 
     def _dispatch(self, x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor) -> Tensor:
+        if getattr(self, "expert_dispatcher", None) is not None:  # expert parallelism (zoo.distributed)
+            return self.expert_dispatcher(x, expert_index, combine_weight, keep, self.experts)
         mode = self.config.dispatch
         if mode in ("auto", "fused"):
             fused = _fused_moe_or_none(x, self.config.activation)
