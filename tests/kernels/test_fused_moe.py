@@ -1,0 +1,340 @@
+"""Tests of the fused MoE expert path (zoo.kernels.fused_moe) against the per-expert reference.
+
+On CUDA every case runs in this process, plus larger GPU-only cases.  Without CUDA the SMALL
+cases run the very same Triton kernels on CPU under ``TRITON_INTERPRET=1``: Triton decides at
+kernel-definition (import) time whether a kernel is interpreted, so those cases run in two worker
+subprocesses started with that variable set (this file run as a script), which also check that the
+kernels they launch are really Triton's interpreted functions.  Worker results come back as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoo.kernels import fused_moe, fused_moe_available, reference_moe
+
+REPO = Path(__file__).resolve().parents[2]
+HAS_CUDA = torch.cuda.is_available()
+
+# name -> case.  dims kept small: the CPU interpreter runs every program of every kernel in numpy.
+CASES = {
+    "gelu_f32": dict(T=37, D=48, H=40, E=4, K=2, act="gelu_tanh", dtype="float32"),
+    "swiglu_f32": dict(T=37, D=48, H=40, E=4, K=2, act="swiglu", dtype="float32"),
+    "swiglu_bf16_nobias": dict(T=45, D=64, H=32, E=4, K=2, act="swiglu", dtype="bfloat16", bias=False),
+    "gelu_fp16_k1": dict(T=33, D=32, H=64, E=3, K=1, act="gelu_tanh", dtype="float16"),
+    "one_expert": dict(T=19, D=32, H=32, E=1, K=1, act="gelu_tanh", dtype="float32"),
+    "k_equals_e": dict(T=21, D=32, H=32, E=4, K=4, act="swiglu", dtype="float32"),
+    "zero_token_experts": dict(T=40, D=32, H=32, E=6, K=2, act="gelu_tanh", dtype="float32", pattern="subset"),
+    "all_masked": dict(T=17, D=32, H=32, E=3, K=2, act="swiglu", dtype="float32", pattern="all_masked"),
+    "skewed_multi_tile": dict(T=90, D=32, H=32, E=4, K=1, act="gelu_tanh", dtype="bfloat16", pattern="skewed"),
+    "odd_dims": dict(T=23, D=20, H=12, E=3, K=2, act="gelu_tanh", dtype="float32"),
+    "odd_dims_swiglu_bf16": dict(T=29, D=24, H=20, E=3, K=2, act="swiglu", dtype="bfloat16"),
+    "negative_index_dropped": dict(T=25, D=32, H=32, E=4, K=4, act="gelu_tanh", dtype="float32",
+                                   pattern="expert_choice"),
+    "frozen_weights": dict(T=26, D=32, H=32, E=3, K=2, act="swiglu", dtype="float32", grads="x_cw"),
+    "gmm_gelu_bf16": dict(T=37, D=64, H=32, E=4, K=2, act="gelu_tanh", dtype="bfloat16", backend="grouped_mm"),
+    "gmm_swiglu_bf16_subset": dict(T=30, D=32, H=32, E=5, K=2, act="swiglu", dtype="bfloat16",
+                                   backend="grouped_mm", pattern="subset"),
+    "gmm_all_masked": dict(T=9, D=32, H=32, E=3, K=1, act="gelu_tanh", dtype="bfloat16", backend="grouped_mm",
+                           pattern="all_masked"),
+}
+DETERMINISM_CASES = {
+    "det_swiglu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="swiglu", dtype="bfloat16"),
+    "det_gmm_gelu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="gelu_tanh", dtype="bfloat16", backend="grouped_mm"),
+}
+GPU_CASES = {
+    "gpu_gelu_bf16": dict(T=1000, D=256, H=512, E=8, K=2, act="gelu_tanh", dtype="bfloat16"),
+    "gpu_swiglu_bf16": dict(T=1000, D=256, H=384, E=8, K=2, act="swiglu", dtype="bfloat16"),
+    "gpu_gelu_f32_tf32": dict(T=700, D=192, H=256, E=8, K=2, act="gelu_tanh", dtype="float32"),
+    "gpu_swiglu_f32_tf32": dict(T=700, D=192, H=256, E=8, K=2, act="swiglu", dtype="float32"),
+    "gpu_gelu_fp16": dict(T=800, D=128, H=512, E=4, K=1, act="gelu_tanh", dtype="float16"),
+    "gpu_big_bf16": dict(T=4096, D=512, H=2048, E=8, K=2, act="gelu_tanh", dtype="bfloat16", scale=True),
+    "gpu_finegrained_bf16": dict(T=2048, D=384, H=128, E=64, K=8, act="swiglu", dtype="bfloat16", bias=False),
+    "gpu_skewed_bf16": dict(T=3000, D=256, H=512, E=16, K=2, act="swiglu", dtype="bfloat16", pattern="skewed"),
+    "gpu_odd_dims_bf16": dict(T=555, D=200, H=300, E=5, K=2, act="gelu_tanh", dtype="bfloat16"),
+    "gpu_subset_bf16": dict(T=999, D=128, H=256, E=32, K=2, act="gelu_tanh", dtype="bfloat16", pattern="subset"),
+    "gpu_gmm_gelu_bf16": dict(T=1000, D=256, H=512, E=8, K=2, act="gelu_tanh", dtype="bfloat16",
+                              backend="grouped_mm"),
+    "gpu_gmm_swiglu_bf16_subset": dict(T=999, D=256, H=256, E=32, K=2, act="swiglu", dtype="bfloat16",
+                                       backend="grouped_mm", pattern="subset"),
+    "gpu_gmm_skewed": dict(T=3000, D=256, H=512, E=16, K=2, act="swiglu", dtype="bfloat16", pattern="skewed",
+                           backend="grouped_mm", bias=False),
+}
+GPU_DETERMINISM_CASES = {
+    "gpu_det_big_bf16": dict(T=4096, D=512, H=1024, E=8, K=2, act="swiglu", dtype="bfloat16"),
+    "gpu_det_gmm_bf16": dict(T=4096, D=512, H=1024, E=8, K=2, act="swiglu", dtype="bfloat16", backend="grouped_mm"),
+    "gpu_det_f32": dict(T=2048, D=256, H=512, E=8, K=2, act="gelu_tanh", dtype="float32"),
+}
+
+
+def _tol(dtype: torch.dtype, device: str) -> float:
+    """Relative-norm tolerance vs an fp64 reference."""
+    if dtype == torch.bfloat16:
+        return 3e-2
+    if dtype == torch.float16:
+        return 5e-3
+    return 1e-5 if device == "cpu" else 5e-3  # GPU fp32 uses tf32 dots
+
+
+def make_inputs(case: dict, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    T, D, H, E, K = (case[k] for k in "TDHEK")
+    act, dtype = case["act"], getattr(torch, case["dtype"])
+    bias = case.get("bias", True)
+    pattern = case.get("pattern", "random")
+    H1 = 2 * H if act == "swiglu" else H
+    x = torch.randn(T, D, generator=g)
+    w1 = torch.randn(E, D, H1, generator=g) / D ** 0.5
+    w2 = torch.randn(E, H, D, generator=g) / H ** 0.5
+    b1 = torch.randn(E, H1, generator=g) * 0.1 if bias else None
+    b2 = torch.randn(E, D, generator=g) * 0.1 if bias else None
+    logits = torch.randn(T, E, generator=g)
+    if pattern == "subset":  # only experts 1 and E-2 receive tokens
+        allowed = torch.zeros(E, dtype=torch.bool)
+        allowed[[1, E - 2]] = True
+        logits = logits.masked_fill(~allowed, -1e9)
+    if pattern == "skewed":  # most tokens prefer expert 0
+        logits[:, 0] += 4.0
+    probs = torch.softmax(logits, -1)
+    if pattern == "expert_choice":  # K = E slots, slot e means expert e, many not taken (-1)
+        ei = torch.arange(E).repeat(T, 1)
+        keep = torch.rand(T, E, generator=g) < 0.4
+        cw = probs * keep
+        ei = torch.where(keep, ei, torch.full_like(ei, -1))
+    else:
+        cw, ei = probs.topk(K, -1)
+        keep = torch.rand(T, K, generator=g) > 0.2
+        if pattern == "all_masked":
+            keep[:] = False
+        if pattern == "subset":
+            keep &= cw > 1e-6
+        cw = cw * keep
+    ts = [x, cw, w1, b1, w2, b2]
+    ts = [None if t is None else t.to(dtype).to(device) for t in ts]
+    return ts, ei.to(device), keep.to(device)
+
+
+def run_case(case: dict, device: str, seed: int = 0) -> dict:
+    """Run fused_moe forward+backward and the fp64 reference; return relative errors."""
+    (x, cw, w1, b1, w2, b2), ei, keep = make_inputs(case, device, seed)
+    act = case["act"]
+    backend = case.get("backend", "triton")
+    grads = case.get("grads", "all")
+    names = ["x", "cw", "w1", "b1", "w2", "b2"]
+    params = [x, cw, w1, b1, w2, b2]
+    want = [p is not None and (grads == "all" or n in ("x", "cw")) for n, p in zip(names, params)]
+    for p, w in zip(params, want):
+        if w:
+            p.requires_grad_(True)
+    y = fused_moe(x, ei, cw, keep, w1, b1, w2, b2, act, backend=backend)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y.dtype).to(device)
+    got = torch.autograd.grad(y, [p for p, w in zip(params, want) if w], dy, allow_unused=False)
+    ref_params = [None if p is None else p.detach().double().cpu().requires_grad_(w) for p, w in zip(params, want)]
+    yr = reference_moe(ref_params[0], ei.cpu(), ref_params[1], keep.cpu(), *ref_params[2:4], *ref_params[4:6], act)
+    ref_inputs = [p for p, w in zip(ref_params, want) if w]
+    if yr.requires_grad:
+        refg = torch.autograd.grad(yr, ref_inputs, dy.double().cpu(), allow_unused=True)
+    else:  # nothing kept: the reference output is a constant zero
+        refg = [None] * len(ref_inputs)
+    out = {}
+
+    def rel(a, b):
+        a = a.detach().double().cpu()
+        b = torch.zeros_like(a) if b is None else b.detach().double()
+        if not torch.isfinite(a).all():
+            return float("inf")
+        nb = b.norm().item()
+        if nb == 0:
+            return 0.0 if a.norm().item() == 0 else float("inf")
+        return (a - b).norm().item() / nb
+
+    out["y"] = rel(y, yr)
+    for n, a, b in zip([n for n, w in zip(names, want) if w], got, refg):
+        out["d" + n] = rel(a, b)
+    return out
+
+
+def run_determinism(case: dict, device: str) -> bool:
+    outs = []
+    for _ in range(2):
+        (x, cw, w1, b1, w2, b2), ei, keep = make_inputs(case, device, seed=3)
+        params = [p for p in (x, cw, w1, b1, w2, b2) if p is not None]
+        for p in params:
+            p.requires_grad_(True)
+        y = fused_moe(x, ei, cw, keep, w1, b1, w2, b2, case["act"], backend=case.get("backend", "triton"))
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype).to(device)
+        outs.append([y.detach()] + list(torch.autograd.grad(y, params, dy)))
+    return all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def _check(name: str, case: dict, errs: dict, device: str):
+    tol = _tol(getattr(torch, case["dtype"]), device)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{name}: errors over tol {tol}: {bad} (all: {errs})"
+
+
+def _gmm_ok(device: str) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device == "cuda":
+        return torch.cuda.get_device_capability()[0] >= 9
+    return True
+
+
+# ------------------------------------------------------------------ CPU: interpreter worker
+def _worker(names: list[str]) -> dict:
+    import importlib
+
+    fm = importlib.import_module("zoo.kernels.fused_moe")
+
+    assert type(fm._gemm1_kernel).__name__ == "InterpretedFunction", "kernels are not interpreted"
+    assert type(fm._wgrad_kernel).__name__ == "InterpretedFunction"
+    res = {}
+    for name in names:
+        t0 = time.time()
+        try:
+            if name == "route":
+                res[name] = {"ok": _route_check("cpu"), "sec": time.time() - t0}
+                continue
+            if name in DETERMINISM_CASES:
+                case = DETERMINISM_CASES[name]
+                if case.get("backend") == "grouped_mm" and not _gmm_ok("cpu"):
+                    res[name] = {"skip": "torch._grouped_mm missing"}
+                    continue
+                res[name] = {"det": run_determinism(case, "cpu"), "sec": time.time() - t0}
+                continue
+            case = CASES[name]
+            if case.get("backend") == "grouped_mm" and not _gmm_ok("cpu"):
+                res[name] = {"skip": "torch._grouped_mm missing"}
+                continue
+            res[name] = {"errs": run_case(case, "cpu"), "sec": time.time() - t0}
+        except Exception as ex:  # reported by the parent test
+            import traceback
+
+            res[name] = {"error": f"{type(ex).__name__}: {ex}\n{traceback.format_exc()}"}
+    return res
+
+
+def _route_check(device: str) -> bool:
+    from zoo.kernels.fused_moe import route
+
+    g = torch.Generator().manual_seed(5)
+    ok = True
+    for T, K, E in [(1, 1, 1), (37, 2, 5), (300, 3, 7), (64, 8, 128)]:
+        ei = torch.randint(0, E, (T, K), generator=g).to(device)
+        valid = (torch.rand(T, K, generator=g) > 0.3).to(torch.uint8).to(device)
+        meta = route(ei, valid, E)
+        key = torch.where(valid.bool(), ei, E).reshape(-1).cpu()
+        order = torch.sort(key, stable=True).indices.to(torch.int32)
+        counts = torch.bincount(key, minlength=E + 1)[:E].to(torch.int32)
+        starts = torch.cumsum(counts, 0) - counts
+        ok &= torch.equal(meta.sorted_slot.cpu(), order)
+        ok &= torch.equal(meta.counts.cpu(), counts) and torch.equal(meta.starts.cpu(), starts.to(torch.int32))
+    return bool(ok)
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    names = list(CASES) + list(DETERMINISM_CASES) + ["route"]
+    halves = [names[0::2], names[1::2]]  # two workers: CI machines have 2 cores
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", ",".join(h)], env=env, cwd=str(REPO),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for h in halves]
+    res = {}
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, f"interpreter worker failed:\n{err[-4000:]}"
+        res.update(json.loads(out.strip().splitlines()[-1]))
+    return res
+
+
+def _interp_result(res: dict, name: str) -> dict:
+    r = res[name]
+    if "skip" in r:
+        pytest.skip(r["skip"])
+    assert "error" not in r, r.get("error")
+    return r
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA present: the cases run natively in test_cuda_case")
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreted_case(interp_results, name):
+    r = _interp_result(interp_results, name)
+    _check(name, CASES[name], r["errs"], "cpu")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA present: runs natively in test_cuda_determinism")
+@pytest.mark.parametrize("name", list(DETERMINISM_CASES))
+def test_interpreted_determinism(interp_results, name):
+    r = _interp_result(interp_results, name)
+    assert r["det"], f"{name}: two runs differ"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA present: runs natively in test_cuda_route")
+def test_interpreted_route(interp_results):
+    r = _interp_result(interp_results, "route")
+    assert r["ok"], "counting sort differs from a stable sort"
+
+
+# ------------------------------------------------------------------ CUDA: native
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (on CPU the same cases run interpreted)")
+@pytest.mark.parametrize("name", list(CASES) + list(GPU_CASES))
+def test_cuda_case(name):
+    case = {**CASES, **GPU_CASES}[name]
+    if case.get("backend") == "grouped_mm" and not _gmm_ok("cuda"):
+        pytest.skip("torch._grouped_mm backend needs sm90+")
+    _check(name, case, run_case(case, "cuda"), "cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (on CPU the same cases run interpreted)")
+@pytest.mark.parametrize("name", list(DETERMINISM_CASES) + list(GPU_DETERMINISM_CASES))
+def test_cuda_determinism(name):
+    case = {**DETERMINISM_CASES, **GPU_DETERMINISM_CASES}[name]
+    if case.get("backend") == "grouped_mm" and not _gmm_ok("cuda"):
+        pytest.skip("torch._grouped_mm backend needs sm90+")
+    assert run_determinism(case, "cuda"), f"{name}: two runs differ"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_route():
+    assert _route_check("cuda")
+
+
+# ------------------------------------------------------------------ anywhere: argument checks
+def test_available_false_on_cpu():
+    assert not fused_moe_available(torch.zeros(2, 2))
+    if HAS_CUDA:
+        assert fused_moe_available(torch.zeros(2, 2, device="cuda", dtype=torch.bfloat16))
+        assert not fused_moe_available(torch.zeros(2, 2, device="cuda", dtype=torch.float64))
+
+
+def test_argument_errors():
+    (x, cw, w1, b1, w2, b2), ei, keep = make_inputs(CASES["gelu_f32"], "cpu")
+    with pytest.raises(ValueError, match="activation"):
+        fused_moe(x, ei, cw, keep, w1, b1, w2, b2, "relu")
+    with pytest.raises(ValueError, match="weight shapes"):
+        fused_moe(x, ei, cw, keep, w1, b1, w2, b2, "swiglu")
+    with pytest.raises(ValueError, match="b1"):
+        fused_moe(x, ei, cw, keep, w1, b1[:, :3], w2, b2, "gelu_tanh")
+    with pytest.raises(ValueError, match="expert_index"):
+        fused_moe(x, ei[:3], cw, keep, w1, b1, w2, b2, "gelu_tanh")
+    with pytest.raises(TypeError):
+        fused_moe(x.double(), ei, cw, keep, w1, b1, w2, b2, "gelu_tanh")
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        with pytest.raises(RuntimeError, match="CUDA"):
+            fused_moe(x, ei, cw, keep, w1, b1, w2, b2, "gelu_tanh")
+
+
+if __name__ == "__main__":  # interpreter worker: python test_fused_moe.py --worker name1,name2
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        torch.set_num_threads(1)
+        print(json.dumps(_worker(sys.argv[2].split(","))))

@@ -1,0 +1,952 @@
+"""Fused GPU Mixture-of-Experts expert path (forward and backward) in Triton.
+
+Contract (same as the reference dispatchers in ``zoo.moe.dispatch``)::
+
+    fused_moe(x [T, D], expert_index [T, K] int, combine_weight [T, K] float, keep [T, K] bool,
+              w1 [E, D, H] (swiglu: [E, D, 2H], gate columns first, then up), b1 [E, H|2H] | None,
+              w2 [E, H, D], b2 [E, D] | None, activation "gelu_tanh" | "swiglu") -> y [T, D]
+    y[t] = sum_k keep[t,k] * cw[t,k] * (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]),  e = expert_index[t,k]
+
+Differentiable w.r.t. x, combine_weight, w1, b1, w2, b2.  Output dtype = x dtype; all matmuls
+accumulate in fp32 (fp32 inputs use tf32 tensor-core dots).  Weights are cast to x's dtype.
+
+Pipeline (no host synchronisation anywhere: no .item(), no .tolist(), all schedules on device)
+
+1. Routing metadata, a stable counting sort on device (two Triton kernels + tiny torch scans):
+   slots s = t*K + k are bucketed by expert (dropped / masked slots go to a last bucket), giving
+   ``sorted_slot`` (a permutation of the T*K slots, stable), per-expert ``counts`` and ``starts``.
+2. GEMM1 (grouped): each program owns a BLOCK_M tile of one expert's rows; the expert of a tile is
+   derived inside the kernel from ``counts`` (a cumsum of per-expert tile counts), so the grid is
+   the static bound ceil(T*K/BLOCK_M) + E tiles and surplus programs exit at once.  Rows of x are
+   loaded by token index inside the kernel (no gathered copy).  Bias + activation in the epilogue.
+3. GEMM2 (grouped): act @ w2[e] + b2[e], times the combine weight in the epilogue, each row stored
+   at its slot position of a per-slot buffer [T*K, D].
+4. Combine: y[t] = sum over k (fixed order, fp32) of the kept slots: deterministic, no atomics.
+
+Backward (all deterministic, no float atomics, no split-K):
+  * dA   = dy[tok] @ w2[e]^T (gathered rows of dy), epilogue: d(combine_weight) partial row-dots
+           <dA_unweighted, act> per N tile (summed in fixed order afterwards, plus <dy, b2[e]>),
+           scaling by the combine weight and the activation derivative -> dh.
+  * dX   = dh @ w1[e]^T scattered to the per-slot buffer, then the fixed-order combine over K.
+  * dW1[e] = x[tok]^T @ dh and dW2[e] = act^T @ (cw * dy[tok]): one program per output tile
+           that loops over all of expert e's rows (gathered by index); bias grads alongside.
+
+An alternative expert-GEMM backend uses ``torch._grouped_mm`` (CUTLASS grouped GEMM, bf16/fp16 on
+sm90+) with the same metadata, gathered copies and small Triton helper kernels
+(bias+activation, activation backward, gather+scale+d(combine_weight), segment sums, combine).
+
+The Triton kernels also run on CPU under ``TRITON_INTERPRET=1`` (used by the CPU tests); there the
+tensor-core dot is done on operands upcast to fp32, because the interpreter's bf16 dot is broken.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .reference import ACTIVATIONS
+
+try:  # triton is optional at import time: fused_moe_available() reports False without it
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_moe_available(x: Tensor) -> bool:
+    """True when ``fused_moe`` can run natively on ``x``: a CUDA tensor, Triton importable, and a
+    supported dtype (bf16, fp16, fp32)."""
+    return bool(_HAS_TRITON and isinstance(x, Tensor) and x.is_cuda and x.dtype in _SUPPORTED_DTYPES)
+
+
+def grouped_mm_available(x: Tensor) -> bool:
+    """True when the torch._grouped_mm backend can run: CUDA, bf16, sm90+, torch has _grouped_mm."""
+    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16):
+        return False
+    major, _ = torch.cuda.get_device_capability(x.device)
+    return major >= 9
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if _HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, acc, UPCAST: tl.constexpr, TF32: tl.constexpr):
+        if UPCAST:  # interpreter: its bf16/fp16 dot is wrong, do it in fp32
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif TF32:
+            return tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _gelu_tanh(h):
+        # 0.5 h (1 + tanh(c (h + 0.044715 h^3))), tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        return h * tl.sigmoid(2.0 * u)
+
+    @triton.jit
+    def _gelu_tanh_grad(h):
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        th = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+        return 0.5 * (1.0 + th) + 0.5 * h * (1.0 - th * th) * du
+
+    @triton.jit
+    def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        width = GROUP_M * num_n
+        group = pid // width
+        first_m = group * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsize
+        pid_n = (pid % width) // gsize
+        return pid_m, pid_n
+
+    @triton.jit
+    def _tile_schedule(pid_m, counts_ptr, starts_ptr, E, E_PAD: tl.constexpr, BM: tl.constexpr):
+        """Map a global M-tile index to (expert, first sorted row, end row of that expert).
+        Experts own ceil(count/BM) consecutive tiles; returns e == E for surplus tiles."""
+        ar = tl.arange(0, E_PAD)
+        emask = ar < E
+        cnt = tl.load(counts_ptr + ar, mask=emask, other=0)
+        st = tl.load(starts_ptr + ar, mask=emask, other=0)
+        tiles = (cnt + BM - 1) // BM
+        cum = tl.cumsum(tiles, axis=0)
+        e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
+        sel = ar == e
+        first = tl.sum(tl.where(sel, cum - tiles, 0), axis=0)
+        cnt_e = tl.sum(tl.where(sel, cnt, 0), axis=0)
+        start_e = tl.sum(tl.where(sel, st, 0), axis=0)
+        row0 = start_e + (pid_m - first) * BM
+        return e, row0, start_e + cnt_e
+
+    # ---------------- routing: stable counting sort ----------------
+    @triton.jit
+    def _route_hist_kernel(eidx_ptr, valid_ptr, hist_ptr, TK, E, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        m = offs < TK
+        e = tl.load(eidx_ptr + offs, mask=m, other=0).to(tl.int32)
+        v = tl.load(valid_ptr + offs, mask=m, other=0)
+        e = tl.where(v != 0, e, E)  # dropped slots -> bucket E
+        e = tl.where(m, e, E_PAD)  # out-of-range lanes -> no bucket
+        onehot = (e[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
+        tl.store(hist_ptr + pid * E_PAD + tl.arange(0, E_PAD), tl.sum(onehot, axis=0))
+
+    @triton.jit
+    def _route_scatter_kernel(eidx_ptr, valid_ptr, base_ptr, sorted_ptr, TK, E,
+                              E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        m = offs < TK
+        e = tl.load(eidx_ptr + offs, mask=m, other=0).to(tl.int32)
+        v = tl.load(valid_ptr + offs, mask=m, other=0)
+        e = tl.where(v != 0, e, E)
+        e = tl.where(m, e, E_PAD)
+        onehot = (e[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
+        rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # stable rank inside block
+        base = tl.load(base_ptr + pid * E_PAD + e, mask=m, other=0)
+        tl.store(sorted_ptr + base + rank, offs, mask=m)
+
+    # ---------------- forward GEMM1: gather + grouped GEMM + bias + activation ----------------
+    @triton.jit
+    def _gemm1_kernel(x_ptr, w_ptr, b_ptr, hpre_ptr, act_ptr, slot_ptr, counts_ptr, starts_ptr,
+                      D, H, K_TOP, E, num_m,
+                      stride_xt, stride_we, stride_wd, stride_wh, stride_be, stride_hr, stride_ar,
+                      SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_HPRE: tl.constexpr,
+                      UPCAST: tl.constexpr, TF32: tl.constexpr, EVEN_K: tl.constexpr,
+                      E_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(H, BN)
+        pid_m, pid_n = _swizzle(pid, num_m, num_n, GROUP_M)
+        e, row0, row_end = _tile_schedule(pid_m, counts_ptr, starts_ptr, E, E_PAD, BM)
+        if e >= E:
+            return
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        slot = tl.load(slot_ptr + rows, mask=rmask, other=0)
+        tok = (slot // K_TOP).to(tl.int64)
+        offs_k = tl.arange(0, BK)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        nmask = offs_n < H
+        a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+        w_base = w_ptr + e.to(tl.int64) * stride_we
+        b_ptrs = w_base + offs_k[:, None] * stride_wd + offs_n[None, :] * stride_wh
+        bu_ptrs = b_ptrs + H * stride_wh
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                km = offs_k < D - k0
+                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+            acc = _dot(a, b, acc, UPCAST, TF32)
+            if SWIGLU:
+                if EVEN_K:
+                    bu = tl.load(bu_ptrs, mask=nmask[None, :], other=0.0)
+                else:
+                    bu = tl.load(bu_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+                acc_u = _dot(a, bu, acc_u, UPCAST, TF32)
+                bu_ptrs += BK * stride_wd
+            a_ptrs += BK
+            b_ptrs += BK * stride_wd
+        if HAS_BIAS:
+            bb = b_ptr + e.to(tl.int64) * stride_be
+            acc += tl.load(bb + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                acc_u += tl.load(bb + H + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        rows64 = rows.to(tl.int64)
+        omask = rmask[:, None] & nmask[None, :]
+        if STORE_HPRE:
+            hp = hpre_ptr + rows64[:, None] * stride_hr + offs_n[None, :]
+            tl.store(hp, acc.to(hpre_ptr.dtype.element_ty), mask=omask)
+            if SWIGLU:
+                tl.store(hp + H, acc_u.to(hpre_ptr.dtype.element_ty), mask=omask)
+        if SWIGLU:
+            out = acc * tl.sigmoid(acc) * acc_u
+        else:
+            out = _gelu_tanh(acc)
+        tl.store(act_ptr + rows64[:, None] * stride_ar + offs_n[None, :], out.to(act_ptr.dtype.element_ty),
+                 mask=omask)
+
+    # ---------------- grouped GEMM over sorted rows, scattered to slot rows ----------------
+    # forward GEMM2 (act @ w2[e] + b2[e]) * cw   and   backward dX (dh @ w1[e]^T)
+    @triton.jit
+    def _gemm_scatter_kernel(a_ptr, w_ptr, b_ptr, cw_ptr, out_ptr, slot_ptr, counts_ptr, starts_ptr,
+                             KD, N, E, num_m,
+                             stride_ar, stride_we, stride_wk, stride_wn, stride_be, stride_or,
+                             HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr,
+                             UPCAST: tl.constexpr, TF32: tl.constexpr, EVEN_K: tl.constexpr,
+                             E_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                             GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BN)
+        pid_m, pid_n = _swizzle(pid, num_m, num_n, GROUP_M)
+        e, row0, row_end = _tile_schedule(pid_m, counts_ptr, starts_ptr, E, E_PAD, BM)
+        if e >= E:
+            return
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        offs_k = tl.arange(0, BK)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        a_ptrs = a_ptr + rows64[:, None] * stride_ar + offs_k[None, :]
+        b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, KD, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                km = offs_k < KD - k0
+                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+            acc = _dot(a, b, acc, UPCAST, TF32)
+            a_ptrs += BK
+            b_ptrs += BK * stride_wk
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e.to(tl.int64) * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        slot = tl.load(slot_ptr + rows, mask=rmask, other=0)
+        if HAS_CW:
+            cw = tl.load(cw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+            acc = acc * cw[:, None]
+        optrs = out_ptr + slot.to(tl.int64)[:, None] * stride_or + offs_n[None, :]
+        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+    # ---------------- backward: dA = dy[tok] @ w2[e]^T, d(cw), activation backward ----------------
+    @triton.jit
+    def _bwd_act_kernel(dy_ptr, w_ptr, b2_ptr, act_ptr, hpre_ptr, cw_ptr, dh_ptr, dcw_ptr,
+                        slot_ptr, counts_ptr, starts_ptr,
+                        D, H, K_TOP, E, num_m, TK,
+                        stride_dyt, stride_we, stride_wh, stride_wd, stride_be,
+                        stride_ar, stride_hr, stride_dhr,
+                        SWIGLU: tl.constexpr, HAS_B2: tl.constexpr,
+                        UPCAST: tl.constexpr, TF32: tl.constexpr, EVEN_K: tl.constexpr,
+                        E_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(H, BN)
+        pid_m, pid_n = _swizzle(pid, num_m, num_n, GROUP_M)
+        e, row0, row_end = _tile_schedule(pid_m, counts_ptr, starts_ptr, E, E_PAD, BM)
+        if e >= E:
+            return
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        slot = tl.load(slot_ptr + rows, mask=rmask, other=0)
+        tok = (slot // K_TOP).to(tl.int64)
+        offs_k = tl.arange(0, BK)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        nmask = offs_n < H
+        a_ptrs = dy_ptr + tok[:, None] * stride_dyt + offs_k[None, :]
+        # B[k, n] = w2[e, n, k]
+        b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_n[None, :] * stride_wh
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                km = offs_k < D - k0
+                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+            acc = _dot(a, b, acc, UPCAST, TF32)
+            a_ptrs += BK
+            b_ptrs += BK * stride_wd
+        omask = rmask[:, None] & nmask[None, :]
+        act = tl.load(act_ptr + rows64[:, None] * stride_ar + offs_n[None, :], mask=omask, other=0.0).to(tl.float32)
+        part = tl.sum(acc * act, axis=1)
+        if HAS_B2:
+            bd = tl.zeros((BM,), dtype=tl.float32)
+            if pid_n == 0:  # <dy[t], b2[e]> once per row
+                bb = b2_ptr + e.to(tl.int64) * stride_be
+                for k0 in range(0, D, BK):
+                    km = offs_k < D - k0
+                    dyt = tl.load(dy_ptr + tok[:, None] * stride_dyt + (k0 + offs_k)[None, :],
+                                  mask=rmask[:, None] & km[None, :], other=0.0).to(tl.float32)
+                    bv = tl.load(bb + k0 + offs_k, mask=km, other=0.0).to(tl.float32)
+                    bd += tl.sum(dyt * bv[None, :], axis=1)
+            part += bd
+        tl.store(dcw_ptr + pid_n.to(tl.int64) * TK + slot, part, mask=rmask)
+        cw = tl.load(cw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+        g = acc * cw[:, None]
+        hp_ptrs = hpre_ptr + rows64[:, None] * stride_hr + offs_n[None, :]
+        dh_ptrs = dh_ptr + rows64[:, None] * stride_dhr + offs_n[None, :]
+        hg = tl.load(hp_ptrs, mask=omask, other=0.0).to(tl.float32)
+        if SWIGLU:
+            hu = tl.load(hp_ptrs + H, mask=omask, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(hg)
+            dgate = g * hu * sg * (1.0 + hg * (1.0 - sg))
+            dup = g * hg * sg
+            tl.store(dh_ptrs, dgate.to(dh_ptr.dtype.element_ty), mask=omask)
+            tl.store(dh_ptrs + H, dup.to(dh_ptr.dtype.element_ty), mask=omask)
+        else:
+            tl.store(dh_ptrs, (g * _gelu_tanh_grad(hg)).to(dh_ptr.dtype.element_ty), mask=omask)
+
+    # ---------------- backward: per-expert weight gradients (no split-K) ----------------
+    # out[e] [M, N] = sum over rows r of expert e: A_r[m] * B_r[n]
+    #   dW1: A_r = x[tok_r] (gathered), B_r = dh[r]               (M = D,  N = H or 2H)
+    #   dW2: A_r = act[r],             B_r = cw_r * dy[tok_r]    (M = H,  N = D)
+    @triton.jit
+    def _wgrad_kernel(a_ptr, b_ptr, cw_ptr, out_ptr, db_ptr, slot_ptr, counts_ptr, starts_ptr,
+                      M, N, K_TOP, E,
+                      stride_ar, stride_br, stride_oe, stride_om, stride_on, stride_dbe,
+                      GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr,
+                      HAS_DB: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        per_e = num_m * num_n
+        e = pid // per_e
+        pid_m, pid_n = _swizzle(pid % per_e, num_m, num_n, GROUP_M)
+        cnt = tl.load(counts_ptr + e)
+        start = tl.load(starts_ptr + e)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mmask = offs_m < M
+        nmask = offs_n < N
+        offs_r = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for r0 in range(0, cnt, BK):
+            rm = r0 + offs_r < cnt
+            rows = start + r0 + offs_r
+            if GATHER_A or GATHER_B or SCALE_B:
+                slot = tl.load(slot_ptr + rows, mask=rm, other=0)
+            if GATHER_A:
+                ra = (slot // K_TOP).to(tl.int64) * stride_ar
+            else:
+                ra = rows.to(tl.int64) * stride_ar
+            if GATHER_B:
+                rb = (slot // K_TOP).to(tl.int64) * stride_br
+            else:
+                rb = rows.to(tl.int64) * stride_br
+            a = tl.load(a_ptr + ra[None, :] + offs_m[:, None], mask=mmask[:, None] & rm[None, :], other=0.0)
+            b = tl.load(b_ptr + rb[:, None] + offs_n[None, :], mask=rm[:, None] & nmask[None, :], other=0.0)
+            if SCALE_B:
+                cw = tl.load(cw_ptr + slot, mask=rm, other=0.0).to(tl.float32)
+                b = (b.to(tl.float32) * cw[:, None]).to(a.dtype)
+            acc = _dot(a, b, acc, UPCAST, TF32)
+        optrs = out_ptr + e.to(tl.int64) * stride_oe + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        if HAS_DB:
+            if pid_m == 0:
+                dbacc = tl.zeros((BN,), dtype=tl.float32)
+                for r0 in range(0, cnt, BK):
+                    rm = r0 + offs_r < cnt
+                    rows = start + r0 + offs_r
+                    if GATHER_B or SCALE_B:
+                        slot = tl.load(slot_ptr + rows, mask=rm, other=0)
+                    if GATHER_B:
+                        rb = (slot // K_TOP).to(tl.int64) * stride_br
+                    else:
+                        rb = rows.to(tl.int64) * stride_br
+                    b = tl.load(b_ptr + rb[:, None] + offs_n[None, :], mask=rm[:, None] & nmask[None, :],
+                                other=0.0).to(tl.float32)
+                    if SCALE_B:
+                        cw = tl.load(cw_ptr + slot, mask=rm, other=0.0).to(tl.float32)
+                        b = b * cw[:, None]
+                    dbacc += tl.sum(b, axis=0)
+                tl.store(db_ptr + e.to(tl.int64) * stride_dbe + offs_n, dbacc.to(db_ptr.dtype.element_ty), mask=nmask)
+
+    # ---------------- combine: y[t] = sum_k valid[t,k] * (src[row(t,k)] (+ b[e]) ) (* w[t,k]) ----------------
+    @triton.jit
+    def _combine_kernel(src_ptr, idx_ptr, valid_ptr, w_ptr, e_ptr, bias_ptr, out_ptr, dw_ptr, dy_ptr,
+                        T, D, stride_sr, stride_be, stride_ot, stride_dyt,
+                        K_TOP: tl.constexpr, HAS_IDX: tl.constexpr, HAS_W: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, DOT_DY: tl.constexpr,
+                        BT: tl.constexpr, BD: tl.constexpr):
+        """Fixed-order reduction over the K slots of each token.  With DOT_DY it instead writes
+        dw[t,k] = valid * <dy[t], src[row] + b[e]> (d(combine_weight) of the grouped_mm backend)."""
+        pid_t = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        toks = pid_t * BT + tl.arange(0, BT)
+        tm = toks < T
+        toks64 = toks.to(tl.int64)
+        cols = pid_d * BD + tl.arange(0, BD)
+        cm = cols < D
+        if DOT_DY:
+            dy = tl.load(dy_ptr + toks64[:, None] * stride_dyt + cols[None, :], mask=tm[:, None] & cm[None, :],
+                         other=0.0).to(tl.float32)
+        acc = tl.zeros((BT, BD), dtype=tl.float32)
+        for k in tl.static_range(K_TOP):
+            s = toks64 * K_TOP + k
+            v = tl.load(valid_ptr + s, mask=tm, other=0) != 0
+            if HAS_IDX:
+                r = tl.load(idx_ptr + s, mask=tm, other=0).to(tl.int64)
+            else:
+                r = s
+            m2 = v[:, None] & cm[None, :]
+            val = tl.load(src_ptr + r[:, None] * stride_sr + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                ee = tl.load(e_ptr + s, mask=tm & v, other=0).to(tl.int64)
+                val += tl.load(bias_ptr + ee[:, None] * stride_be + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            if DOT_DY:
+                tl.store(dw_ptr + pid_d.to(tl.int64) * T * K_TOP + s, tl.sum(val * dy, axis=1), mask=tm)
+            else:
+                if HAS_W:
+                    wv = tl.load(w_ptr + s, mask=tm & v, other=0.0).to(tl.float32)
+                    val = val * wv[:, None]
+                acc += val
+        if not DOT_DY:
+            tl.store(out_ptr + toks64[:, None] * stride_ot + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=tm[:, None] & cm[None, :])
+
+    # ---------------- grouped_mm backend helpers ----------------
+    @triton.jit
+    def _bias_act_kernel(h_ptr, e_ptr, b_ptr, act_ptr, R, H, stride_hr, stride_be, stride_ar,
+                         SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, E,
+                         BR: tl.constexpr, BH: tl.constexpr):
+        """In place h += b[e_row]; act = activation(h).  Rows with e_row >= E are left alone."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        cols = tl.program_id(1) * BH + tl.arange(0, BH)
+        ee = tl.load(e_ptr + rows, mask=rows < R, other=E)
+        rm = (rows < R) & (ee < E)
+        m = rm[:, None] & (cols < H)[None, :]
+        rows64 = rows.to(tl.int64)
+        hp = h_ptr + rows64[:, None] * stride_hr + cols[None, :]
+        g = tl.load(hp, mask=m, other=0.0).to(tl.float32)
+        if SWIGLU:
+            u = tl.load(hp + H, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bp = b_ptr + ee.to(tl.int64)[:, None] * stride_be + cols[None, :]
+            g += tl.load(bp, mask=m, other=0.0).to(tl.float32)
+            tl.store(hp, g.to(h_ptr.dtype.element_ty), mask=m)
+            if SWIGLU:
+                u += tl.load(bp + H, mask=m, other=0.0).to(tl.float32)
+                tl.store(hp + H, u.to(h_ptr.dtype.element_ty), mask=m)
+        if SWIGLU:
+            out = g * tl.sigmoid(g) * u
+        else:
+            out = _gelu_tanh(g)
+        tl.store(act_ptr + rows64[:, None] * stride_ar + cols[None, :], out.to(act_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gather_scale_kernel(dy_ptr, slot_ptr, cw_ptr, e_ptr, out_ptr, R, D, K_TOP, E,
+                             stride_dyt, stride_or, BR: tl.constexpr, BD: tl.constexpr):
+        """out[r] = cw[slot_r] * dy[slot_r // K] for kept sorted rows (zeros elsewhere)."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        cols = tl.program_id(1) * BD + tl.arange(0, BD)
+        ee = tl.load(e_ptr + rows, mask=rows < R, other=E)
+        rm = (rows < R) & (ee < E)
+        slot = tl.load(slot_ptr + rows, mask=rm, other=0)
+        tok = (slot // K_TOP).to(tl.int64)
+        cw = tl.load(cw_ptr + slot, mask=rm, other=0.0).to(tl.float32)
+        m = rm[:, None] & (cols < D)[None, :]
+        v = tl.load(dy_ptr + tok[:, None] * stride_dyt + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :],
+                 (v * cw[:, None]).to(out_ptr.dtype.element_ty), mask=(rows < R)[:, None] & (cols < D)[None, :])
+
+    @triton.jit
+    def _act_bwd_kernel(dA_ptr, h_ptr, e_ptr, dh_ptr, R, H, E, stride_ar, stride_hr, stride_dr,
+                        SWIGLU: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        cols = tl.program_id(1) * BH + tl.arange(0, BH)
+        ee = tl.load(e_ptr + rows, mask=rows < R, other=E)
+        rm = (rows < R) & (ee < E)
+        m = rm[:, None] & (cols < H)[None, :]
+        rows64 = rows.to(tl.int64)
+        g = tl.load(dA_ptr + rows64[:, None] * stride_ar + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        hp = h_ptr + rows64[:, None] * stride_hr + cols[None, :]
+        hg = tl.load(hp, mask=m, other=0.0).to(tl.float32)
+        dp = dh_ptr + rows64[:, None] * stride_dr + cols[None, :]
+        sm = (rows < R)[:, None] & (cols < H)[None, :]  # write zeros in unused rows (no NaN garbage)
+        if SWIGLU:
+            hu = tl.load(hp + H, mask=m, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(hg)
+            tl.store(dp, (g * hu * sg * (1.0 + hg * (1.0 - sg))).to(dh_ptr.dtype.element_ty), mask=sm)
+            tl.store(dp + H, (g * hg * sg).to(dh_ptr.dtype.element_ty), mask=sm)
+        else:
+            tl.store(dp, (g * _gelu_tanh_grad(hg)).to(dh_ptr.dtype.element_ty), mask=sm)
+
+    @triton.jit
+    def _segsum_kernel(src_ptr, counts_ptr, starts_ptr, out_ptr, N, stride_sr, stride_oe,
+                       BR: tl.constexpr, BN: tl.constexpr):
+        """out[e] = sum of src rows [start_e, start_e + count_e), fixed order, fp32."""
+        e = tl.program_id(0)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        cm = cols < N
+        cnt = tl.load(counts_ptr + e)
+        start = tl.load(starts_ptr + e)
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for r0 in range(0, cnt, BR):
+            rr = r0 + tl.arange(0, BR)
+            rows = (start + rr).to(tl.int64)
+            v = tl.load(src_ptr + rows[:, None] * stride_sr + cols[None, :],
+                        mask=(rr < cnt)[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(v, axis=0)
+        tl.store(out_ptr + e.to(tl.int64) * stride_oe + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile configurations (fixed by shape, never timed at run time: keeps results bitwise stable)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmConfig:
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int = 4
+    num_stages: int = 3
+    GROUP_M: int = 8
+
+
+# Set entries here (e.g. from a benchmark sweep) to override the heuristics: key = kernel name
+# ("gemm1", "gemm2", "bwd_act", "dx", "dw1", "dw2"), value = GemmConfig.
+CONFIG_OVERRIDE: Dict[str, GemmConfig] = {}
+
+
+def _pick_config(kind: str, rows_per_expert: float, n: int, k: int, dtype: torch.dtype, swiglu: bool) -> GemmConfig:
+    if kind in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE[kind]
+    if _interpret():
+        return GemmConfig(32, 32, 32, 4, 1, 4)
+    fp32 = dtype == torch.float32
+    bk = 32 if fp32 else 64
+    if kind in ("dw1", "dw2"):
+        # M = feature dim, N = feature dim, K = rows of the expert
+        if fp32:
+            return GemmConfig(64, 128, 32, 4, 3, 8)
+        return GemmConfig(128, 128, 64, 8, 3, 8)
+    small_m = rows_per_expert < 96
+    bm = 64 if small_m else 128
+    if fp32:
+        return GemmConfig(bm, 64 if swiglu and kind == "gemm1" else 128, bk, 4, 3, 8)
+    if kind == "gemm1" and swiglu:
+        return GemmConfig(bm, 128, bk, 8, 3, 8)
+    bn = 128 if n <= 1024 or small_m else 256
+    warps = 8 if bm * bn >= 128 * 256 else 4
+    return GemmConfig(bm, bn, bk, warps, 3, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side wrappers (no host synchronisation)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RouteMeta:
+    sorted_slot: Tensor  # int32 [TK]: slot ids, kept slots grouped by expert (stable), dropped last
+    counts: Tensor  # int32 [E]
+    starts: Tensor  # int32 [E]
+    E: int
+    E_PAD: int
+
+
+def route(expert_index: Tensor, valid: Tensor, E: int) -> RouteMeta:
+    """Stable counting sort of the T*K slots by expert, on device (2 Triton kernels + scans)."""
+    TK = expert_index.numel()
+    e_flat = expert_index.reshape(-1)
+    v_flat = valid.reshape(-1)
+    E_PAD = _next_pow2(E + 1)
+    BLOCK = max(16, min(1024, 16384 // E_PAD))
+    if _interpret():
+        BLOCK = max(16, min(BLOCK, 64))
+    nb = triton.cdiv(TK, BLOCK)
+    dev = expert_index.device
+    hist = torch.empty(nb, E_PAD, dtype=torch.int32, device=dev)
+    _route_hist_kernel[(nb,)](e_flat, v_flat, hist, TK, E, E_PAD=E_PAD, BLOCK=BLOCK)
+    counts_all = hist.sum(0, dtype=torch.int32)
+    starts_all = torch.cumsum(counts_all, 0, dtype=torch.int32) - counts_all
+    base = torch.cumsum(hist, 0, dtype=torch.int32) - hist + starts_all[None, :]
+    sorted_slot = torch.empty(TK, dtype=torch.int32, device=dev)
+    _route_scatter_kernel[(nb,)](e_flat, v_flat, base, sorted_slot, TK, E, E_PAD=E_PAD, BLOCK=BLOCK)
+    return RouteMeta(sorted_slot, counts_all[:E].contiguous(), starts_all[:E].contiguous(), E, _next_pow2(E))
+
+
+def _num_m_tiles(TK: int, E: int, BM: int) -> int:
+    # sum_e ceil(c_e / BM) <= floor(TK / BM) + E  (static bound, no sync)
+    return TK // BM + E
+
+
+def _launch_gemm1(x, w1, b1, meta: RouteMeta, K: int, H: int, swiglu: bool, store_hpre: bool):
+    TK = meta.sorted_slot.numel()
+    D = x.shape[1]
+    H2 = w1.shape[2]
+    cfg = _pick_config("gemm1", TK / meta.E, H2, D, x.dtype, swiglu)
+    act = torch.empty(TK, H, dtype=x.dtype, device=x.device)
+    hpre = torch.empty(TK, H2, dtype=x.dtype, device=x.device) if store_hpre else act
+    num_m = _num_m_tiles(TK, meta.E, cfg.BM)
+    grid = (num_m * triton.cdiv(H, cfg.BN),)
+    _gemm1_kernel[grid](
+        x, w1, b1 if b1 is not None else x, hpre, act, meta.sorted_slot, meta.counts, meta.starts,
+        D, H, K, meta.E, num_m,
+        x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), b1.stride(0) if b1 is not None else 0,
+        hpre.stride(0), act.stride(0),
+        SWIGLU=swiglu, HAS_BIAS=b1 is not None, STORE_HPRE=store_hpre,
+        UPCAST=_interpret() and x.dtype != torch.float32, TF32=x.dtype == torch.float32,
+        EVEN_K=D % cfg.BK == 0, E_PAD=meta.E_PAD, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (hpre if store_hpre else None), act
+
+
+def _launch_gemm_scatter(kind, a, w, bias, cw, meta: RouteMeta, n: int, kd: int, stride_wk: int, stride_wn: int,
+                         out: Tensor):
+    TK = meta.sorted_slot.numel()
+    cfg = _pick_config(kind, TK / meta.E, n, kd, a.dtype, False)
+    num_m = _num_m_tiles(TK, meta.E, cfg.BM)
+    grid = (num_m * triton.cdiv(n, cfg.BN),)
+    _gemm_scatter_kernel[grid](
+        a, w, bias if bias is not None else a, cw if cw is not None else a, out, meta.sorted_slot,
+        meta.counts, meta.starts, kd, n, meta.E, num_m,
+        a.stride(0), w.stride(0), stride_wk, stride_wn, bias.stride(0) if bias is not None else 0, out.stride(0),
+        HAS_BIAS=bias is not None, HAS_CW=cw is not None,
+        UPCAST=_interpret() and a.dtype != torch.float32, TF32=a.dtype == torch.float32,
+        EVEN_K=kd % cfg.BK == 0, E_PAD=meta.E_PAD, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _combine(src: Tensor, valid: Tensor, T: int, K: int, out_dtype: torch.dtype, idx: Optional[Tensor] = None,
+             w: Optional[Tensor] = None, e: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    D = src.shape[1]
+    out = torch.empty(T, D, dtype=out_dtype, device=src.device)
+    BD = min(256, _next_pow2(D))
+    BT = 4 if _interpret() else max(1, min(16, 2048 // BD))
+    grid = (triton.cdiv(T, BT), triton.cdiv(D, BD))
+    _combine_kernel[grid](
+        src, idx if idx is not None else valid, valid, w if w is not None else src, e if e is not None else valid,
+        bias if bias is not None else src, out, src, src,
+        T, D, src.stride(0), bias.stride(0) if bias is not None else 0, out.stride(0), 0,
+        K_TOP=K, HAS_IDX=idx is not None, HAS_W=w is not None, HAS_BIAS=bias is not None, DOT_DY=False,
+        BT=BT, BD=BD,
+    )
+    return out
+
+
+def _launch_wgrad(kind, a, b, cw, meta: RouteMeta, K: int, M: int, N: int, out: Tensor, db: Optional[Tensor],
+                  gather_a: bool, gather_b: bool, scale_b: bool):
+    E = meta.E
+    cfg = _pick_config(kind, meta.sorted_slot.numel() / E, N, M, a.dtype, False)
+    grid = (E * triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
+    _wgrad_kernel[grid](
+        a, b, cw if cw is not None else a, out, db if db is not None else out, meta.sorted_slot,
+        meta.counts, meta.starts, M, N, K, E,
+        a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2), db.stride(0) if db is not None else 0,
+        GATHER_A=gather_a, GATHER_B=gather_b, SCALE_B=scale_b, HAS_DB=db is not None,
+        UPCAST=_interpret() and a.dtype != torch.float32, TF32=a.dtype == torch.float32,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+# ---------------------------------- Triton backend ----------------------------------
+def _triton_forward(x, cw, w1, b1, w2, b2, meta, valid, K, swiglu, need_grad):
+    T, D = x.shape
+    H = w2.shape[1]
+    TK = T * K
+    hpre, act = _launch_gemm1(x, w1, b1, meta, K, H, swiglu, store_hpre=need_grad)
+    yslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
+    _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot)
+    y = _combine(yslot, valid, T, K, x.dtype)
+    return y, (hpre, act)
+
+
+def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, K, swiglu, saved, needs):
+    hpre, act = saved
+    T, D = x.shape
+    H = w2.shape[1]
+    H2 = w1.shape[2]
+    TK = T * K
+    E = meta.E
+    cfg = _pick_config("bwd_act", TK / E, H, D, x.dtype, swiglu)
+    num_m = _num_m_tiles(TK, E, cfg.BM)
+    num_n = triton.cdiv(H, cfg.BN)
+    dh = torch.empty(TK, H2, dtype=x.dtype, device=x.device)
+    dcw_part = torch.zeros(num_n, TK, dtype=torch.float32, device=x.device)
+    _bwd_act_kernel[(num_m * num_n,)](
+        dy, w2, b2 if b2 is not None else dy, act, hpre, cw, dh, dcw_part, meta.sorted_slot, meta.counts,
+        meta.starts, D, H, K, E, num_m, TK,
+        dy.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0) if b2 is not None else 0,
+        act.stride(0), hpre.stride(0), dh.stride(0),
+        SWIGLU=swiglu, HAS_B2=b2 is not None,
+        UPCAST=_interpret() and x.dtype != torch.float32, TF32=x.dtype == torch.float32,
+        EVEN_K=D % cfg.BK == 0, E_PAD=meta.E_PAD, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    dcw = dcw_part.sum(0) if num_n > 1 else dcw_part[0]
+    dx = dw1 = db1 = dw2 = db2 = None
+    if needs["x"]:
+        dxslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
+        _launch_gemm_scatter("dx", dh, w1, None, None, meta, D, H2, w1.stride(2), w1.stride(1), dxslot)
+        dx = _combine(dxslot, valid, T, K, x.dtype)
+    if needs["w1"] or needs["b1"]:
+        dw1 = torch.empty_like(w1)
+        db1 = torch.empty_like(b1) if b1 is not None else None
+        _launch_wgrad("dw1", x, dh, None, meta, K, D, H2, dw1, db1, gather_a=True, gather_b=False, scale_b=False)
+    if needs["w2"] or needs["b2"]:
+        dw2 = torch.empty_like(w2)
+        db2 = torch.empty_like(b2) if b2 is not None else None
+        _launch_wgrad("dw2", act, dy, cw, meta, K, H, D, dw2, db2, gather_a=False, gather_b=True, scale_b=True)
+    return dx, dcw, dw1, db1, dw2, db2
+
+
+# ---------------------------------- torch._grouped_mm backend ----------------------------------
+def _gmm_prep(meta: RouteMeta, e_flat: Tensor, valid_flat: Tensor, K: int):
+    slot = meta.sorted_slot.long()
+    e_flat = e_flat.reshape(-1)
+    tok = slot // K
+    e_row = torch.where(valid_flat[slot] != 0, e_flat[slot], meta.E).to(torch.int32)  # E for dropped rows
+    inv = torch.empty_like(meta.sorted_slot)
+    inv[slot] = torch.arange(slot.numel(), dtype=torch.int32, device=slot.device)
+    offs = torch.cumsum(meta.counts, 0, dtype=torch.int32)
+    return tok, e_row, inv, offs
+
+
+def _rows_grid(R, N):
+    BR, BH = (8, 32) if _interpret() else (16, 128)
+    return (triton.cdiv(R, BR), triton.cdiv(N, BH)), BR, BH
+
+
+def _zero_empty_groups(w: Tensor, counts: Tensor) -> Tensor:
+    # groups with no rows: make sure their gradient is exactly zero whatever the GEMM left there
+    return torch.where((counts > 0)[:, None, None], w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def _gmm_forward(x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, need_grad):
+    T, D = x.shape
+    H = w2.shape[1]
+    tok, e_row, inv, offs = _gmm_prep(meta, e_flat, valid.reshape(-1), K)
+    xs = x.index_select(0, tok)
+    h = torch._grouped_mm(xs, w1, offs=offs)
+    R = h.shape[0]
+    act = torch.empty(R, H, dtype=x.dtype, device=x.device)
+    grid, BR, BH = _rows_grid(R, H)
+    _bias_act_kernel[grid](h, e_row, b1 if b1 is not None else h, act, R, H, h.stride(0),
+                           b1.stride(0) if b1 is not None else 0, act.stride(0),
+                           SWIGLU=swiglu, HAS_BIAS=b1 is not None, E=meta.E, BR=BR, BH=BH)
+    o = torch._grouped_mm(act, w2, offs=offs)
+    e_pos = e_flat.reshape(-1)
+    y = _combine(o, valid.reshape(-1), T, K, x.dtype, idx=inv, w=cw, e=e_pos if b2 is not None else None, bias=b2)
+    return y, (xs, h, act, o, tok, e_row, inv, offs)
+
+
+def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, saved, needs):
+    xs, h, act, o, tok, e_row, inv, offs = saved
+    T, D = x.shape
+    H = w2.shape[1]
+    H2 = w1.shape[2]
+    E = meta.E
+    R = xs.shape[0]
+    v_flat = valid.reshape(-1)
+    # d(combine_weight)[t,k] = <dy[t], o[inv] + b2[e]>   (fixed order over D blocks)
+    BD = min(256, _next_pow2(D))
+    BT = 4 if _interpret() else max(1, min(16, 2048 // BD))
+    nd = triton.cdiv(D, BD)
+    dcw_part = torch.zeros(nd, T * K, dtype=torch.float32, device=x.device)
+    _combine_kernel[(triton.cdiv(T, BT), nd)](
+        o, inv, v_flat, cw, e_flat.reshape(-1), b2 if b2 is not None else o, o, dcw_part, dy,
+        T, D, o.stride(0), b2.stride(0) if b2 is not None else 0, 0, dy.stride(0),
+        K_TOP=K, HAS_IDX=True, HAS_W=False, HAS_BIAS=b2 is not None, DOT_DY=True, BT=BT, BD=BD)
+    dcw = dcw_part.sum(0) if nd > 1 else dcw_part[0]
+    # d_o[r] = cw[slot] * dy[tok]
+    d_o = torch.empty(R, D, dtype=x.dtype, device=x.device)
+    grid, BR, BH = _rows_grid(R, D)
+    _gather_scale_kernel[grid](dy, meta.sorted_slot, cw, e_row, d_o, R, D, K, E, dy.stride(0), d_o.stride(0),
+                               BR=BR, BD=BH)
+    dA = torch._grouped_mm(d_o, w2.transpose(-2, -1), offs=offs)
+    dh = torch.empty(R, H2, dtype=x.dtype, device=x.device)
+    grid, BR, BH = _rows_grid(R, H)
+    _act_bwd_kernel[grid](dA, h, e_row, dh, R, H, E, dA.stride(0), h.stride(0), dh.stride(0),
+                          SWIGLU=swiglu, BR=BR, BH=BH)
+    dx = dw1 = db1 = dw2 = db2 = None
+    if needs["x"]:
+        dxs = torch._grouped_mm(dh, w1.transpose(-2, -1), offs=offs)
+        dx = _combine(dxs, v_flat, T, K, x.dtype, idx=inv)
+    if needs["w1"] or needs["b1"]:
+        dw1 = _zero_empty_groups(torch._grouped_mm(xs.t(), dh, offs=offs), meta.counts)
+        if b1 is not None:
+            db1 = _segsum(dh, meta, b1.dtype)
+    if needs["w2"] or needs["b2"]:
+        dw2 = _zero_empty_groups(torch._grouped_mm(act.t(), d_o, offs=offs), meta.counts)
+        if b2 is not None:
+            db2 = _segsum(d_o, meta, b2.dtype)
+    return dx, dcw, dw1, db1, dw2, db2
+
+
+def _segsum(src: Tensor, meta: RouteMeta, dtype) -> Tensor:
+    N = src.shape[1]
+    out = torch.empty(meta.E, N, dtype=dtype, device=src.device)
+    BR, BN = (16, 32) if _interpret() else (32, 128)
+    _segsum_kernel[(meta.E, triton.cdiv(N, BN))](src, meta.counts, meta.starts, out, N, src.stride(0), out.stride(0),
+                                                 BR=BR, BN=BN)
+    return out
+
+
+# ---------------------------------- autograd ----------------------------------
+class _FusedMoEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cw, w1, b1, w2, b2, expert_index, valid, swiglu, backend):
+        T, D = x.shape
+        K = expert_index.shape[1]
+        E = w1.shape[0]
+        need_grad = any(ctx.needs_input_grad[:6])
+        meta = route(expert_index, valid, E)
+        cw32 = cw.reshape(-1).float().contiguous()
+        if backend == "grouped_mm":
+            y, saved = _gmm_forward(x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K, swiglu, need_grad)
+        else:
+            y, saved = _triton_forward(x, cw32, w1, b1, w2, b2, meta, valid, K, swiglu, need_grad)
+        if need_grad:
+            ctx.save_for_backward(x, cw32, w1, b1, w2, b2, expert_index, valid, meta.sorted_slot, meta.counts,
+                                  meta.starts, *saved)
+            ctx.meta_static = (K, E, meta.E_PAD, swiglu, backend, cw.dtype, cw.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x, cw32, w1, b1, w2, b2, expert_index, valid, sorted_slot, counts, starts, *saved) = ctx.saved_tensors
+        K, E, E_PAD, swiglu, backend, cw_dtype, cw_shape = ctx.meta_static
+        meta = RouteMeta(sorted_slot, counts, starts, E, E_PAD)
+        dy = dy.to(x.dtype).contiguous()
+        ng = ctx.needs_input_grad
+        needs = {"x": ng[0], "w1": ng[2], "b1": ng[3], "w2": ng[4], "b2": ng[5]}
+        if backend == "grouped_mm":
+            dx, dcw, dw1, db1, dw2, db2 = _gmm_backward(dy, x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K,
+                                                        swiglu, saved, needs)
+        else:
+            dx, dcw, dw1, db1, dw2, db2 = _triton_backward(dy, x, cw32, w1, b1, w2, b2, meta, valid, K, swiglu,
+                                                           tuple(saved), needs)
+        dcw = torch.where(valid.reshape(-1) != 0, dcw, torch.zeros((), dtype=dcw.dtype, device=dcw.device))
+        dcw = dcw.reshape(cw_shape).to(cw_dtype) if ng[1] else None
+        return (dx if ng[0] else None, dcw, dw1 if ng[2] else None, db1 if ng[3] else None,
+                dw2 if ng[4] else None, db2 if ng[5] else None, None, None, None, None)
+
+
+def choose_backend(x: Tensor, T: int, K: int, E: int, D: int, H: int, activation: str) -> str:
+    """Expert-GEMM backend for ``backend="auto"``.  Fixed by shape (never timed at run time) so
+    that results stay bitwise reproducible from run to run."""
+    del T, K, E, D, H, activation
+    return "triton"
+
+
+def fused_moe(
+    x: Tensor,
+    expert_index: Tensor,
+    combine_weight: Tensor,
+    keep: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    activation: str = "gelu_tanh",
+    backend: str = "auto",
+) -> Tensor:
+    """Fused MoE expert path; see the module docstring for the contract.
+
+    ``backend``: "triton" (fused gather/epilogue kernels), "grouped_mm" (torch._grouped_mm expert
+    GEMMs, bf16 on sm90+ only) or "auto" (per-shape choice by :func:`choose_backend`).
+    Slots whose expert index is outside [0, E) are treated as dropped.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError("fused_moe needs triton")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, D], got {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"fused_moe supports {_SUPPORTED_DTYPES}, got {x.dtype}")
+    T, D = x.shape
+    if expert_index.dim() != 2 or expert_index.shape[0] != T:
+        raise ValueError(f"expert_index must be [T, K] with T={T}, got {tuple(expert_index.shape)}")
+    K = expert_index.shape[1]
+    if combine_weight.shape != expert_index.shape or keep.shape != expert_index.shape:
+        raise ValueError("combine_weight and keep must have the shape of expert_index")
+    if w1.dim() != 3 or w2.dim() != 3:
+        raise ValueError("w1 must be [E, D, H|2H] and w2 [E, H, D]")
+    E, Dw, H2 = w1.shape
+    H = w2.shape[1]
+    swiglu = activation == "swiglu"
+    if Dw != D or w2.shape[0] != E or w2.shape[2] != D or H2 != (2 * H if swiglu else H):
+        raise ValueError(f"weight shapes w1 {tuple(w1.shape)} w2 {tuple(w2.shape)} do not match D={D}, "
+                         f"activation={activation}")
+    if b1 is not None and tuple(b1.shape) != (E, H2):
+        raise ValueError(f"b1 must be [{E}, {H2}], got {tuple(b1.shape)}")
+    if b2 is not None and tuple(b2.shape) != (E, D):
+        raise ValueError(f"b2 must be [{E}, {D}], got {tuple(b2.shape)}")
+    if not (x.is_cuda or _interpret()):
+        raise RuntimeError("fused_moe runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    if T == 0 or K == 0:
+        return x.new_zeros(T, D) + 0.0 * (w1.sum() + w2.sum())
+    if backend == "auto":
+        backend = choose_backend(x, T, K, E, D, H, activation)
+        if backend == "grouped_mm" and not grouped_mm_available(x):
+            backend = "triton"
+    if backend not in ("triton", "grouped_mm"):
+        raise ValueError(f"unknown backend {backend!r}")
+    if backend == "grouped_mm" and not (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
+        raise RuntimeError("the grouped_mm backend needs torch._grouped_mm and bf16 inputs")
+    dt = x.dtype
+    x = x.contiguous()
+    w1c = w1.to(dt).contiguous()
+    w2c = w2.to(dt).contiguous()
+    b1c = b1.to(dt).contiguous() if b1 is not None else None
+    b2c = b2.to(dt).contiguous() if b2 is not None else None
+    ei = expert_index.contiguous()
+    if ei.dtype not in (torch.int32, torch.int64):
+        ei = ei.long()
+    valid = (keep.bool() & (ei >= 0) & (ei < E)).to(torch.uint8).contiguous()
+    return _FusedMoEFunction.apply(x, combine_weight, w1c, b1c, w2c, b2c, ei, valid, swiglu, backend)

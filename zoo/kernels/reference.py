@@ -1,0 +1,63 @@
+"""Plain-PyTorch reference of the fused MoE expert contract (per-expert loop).
+
+Used as ground truth by the kernel tests and by the benchmark's error column.  It is
+deliberately simple: no sorting tricks, one masked matmul pair per expert.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("gelu_tanh", "swiglu")
+
+
+def apply_activation(h: Tensor, activation: str) -> Tensor:
+    """gelu_tanh = F.gelu(approximate="tanh"); swiglu(h) = silu(h[:, :H]) * h[:, H:]."""
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def reference_moe(
+    x: Tensor,
+    expert_index: Tensor,
+    combine_weight: Tensor,
+    keep: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    activation: str = "gelu_tanh",
+) -> Tensor:
+    """y[t] = sum_k keep[t,k] * cw[t,k] * (act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]), e = expert_index[t,k].
+
+    Differentiable with respect to every floating-point input.  Computation happens in the
+    dtype of the inputs (pass float64/float32 copies for a high-precision reference).
+    """
+    T, D = x.shape
+    E = w1.shape[0]
+    K = expert_index.shape[1]
+    y = x.new_zeros(T, D)
+    keep = keep.bool()
+    for e in range(E):
+        sel = (expert_index == e) & keep  # [T, K]
+        tok, slot = sel.nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = x[tok] @ w1[e]
+        if b1 is not None:
+            h = h + b1[e]
+        a = apply_activation(h, activation)
+        o = a @ w2[e]
+        if b2 is not None:
+            o = o + b2[e]
+        o = o * combine_weight[tok, slot].to(o.dtype)[:, None]
+        y = y.index_add(0, tok, o)
+    del K
+    return y
