@@ -107,10 +107,30 @@ def build_model(family: str, config: Any) -> nn.Module:
     return fam.build(config)
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def family_of(config: Any) -> str:
+    """Reverse lookup: the registered family whose config class ``config`` is (used to save models)."""
+    for fam in _FAMILIES.values():
+        if type(config) is fam.config_cls:
+            return fam.name
+    raise ConfigError(f"no registered model family uses config class {type(config).__name__}; "
+                      f"known: {sorted(f'{f.name} ({f.config_cls.__name__})' for f in _FAMILIES.values())}")
+
+
+def create_model(name: str, pretrained: Any = None, **overrides: Any) -> nn.Module:
     """Build preset ``name``; keyword overrides change its config, e.g.
     ``create_model("vmoe_s32", num_classes=10, encoder={"moe": {"num_experts": 4}})`` or
     ``create_model("vmoe_s32", **{"encoder.moe.top_k": 1})``. Unknown names or keys raise a
-    :class:`ConfigError` that lists close matches."""
+    :class:`ConfigError` that lists close matches.
+
+    ``pretrained`` (see :mod:`zoo.hub`): ``True`` = the preset's default tag, ``"tag"`` = a tag of the preset's
+    ``pretrained:`` section (from ``weights/`` if present, else the Hugging Face hub), ``"hf-hub:org/repo"`` or
+    ``"local-dir:PATH"`` = weights from there. ``name`` itself may be ``"hf-hub:org/repo"`` or
+    ``"local-dir:PATH"``: the config comes from that folder's ``config.json`` and its weights are loaded unless
+    ``pretrained=False``.
+    """
+    if pretrained not in (None, False) or name.startswith(("hf-hub:", "local-dir:")):
+        from zoo.hub import create_pretrained
+
+        return create_pretrained(name, pretrained, **overrides)
     preset = load_preset(name)
     return build_model(preset["family"], model_config(name, **overrides))
