@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -705,28 +705,38 @@ def _triton_forward(x, cw, w1, b1, w2, b2, meta, valid, K, swiglu, need_grad):
     return y, (hpre, act)
 
 
-def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, K, swiglu, saved, needs):
-    hpre, act = saved
-    T, D = x.shape
+def _launch_bwd_act(dy, w2, b2, act, hpre, cw, meta: RouteMeta, K: int, swiglu: bool, dh: Tensor):
+    """dh = act'(h) * cw * (dy[tok] @ w2[e]^T); returns the d(combine_weight) partials [num_n, TK]."""
+    TK = meta.sorted_slot.numel()
+    D = dy.shape[1]
     H = w2.shape[1]
-    H2 = w1.shape[2]
-    TK = T * K
     E = meta.E
-    cfg = _pick_config("bwd_act", TK / E, H, D, x.dtype, swiglu)
+    cfg = _pick_config("bwd_act", TK / E, H, D, dy.dtype, swiglu)
     num_m = _num_m_tiles(TK, E, cfg.BM)
     num_n = triton.cdiv(H, cfg.BN)
-    dh = torch.empty(TK, H2, dtype=x.dtype, device=x.device)
-    dcw_part = torch.zeros(num_n, TK, dtype=torch.float32, device=x.device)
+    dcw_part = torch.zeros(num_n, TK, dtype=torch.float32, device=dy.device)
     _bwd_act_kernel[(num_m * num_n,)](
         dy, w2, b2 if b2 is not None else dy, act, hpre, cw, dh, dcw_part, meta.sorted_slot, meta.counts,
         meta.starts, D, H, K, E, num_m, TK,
         dy.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0) if b2 is not None else 0,
         act.stride(0), hpre.stride(0), dh.stride(0),
         SWIGLU=swiglu, HAS_B2=b2 is not None,
-        UPCAST=_interpret() and x.dtype != torch.float32, TF32=x.dtype == torch.float32,
+        UPCAST=_interpret() and dy.dtype != torch.float32, TF32=dy.dtype == torch.float32,
         EVEN_K=D % cfg.BK == 0, E_PAD=meta.E_PAD, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return dcw_part
+
+
+def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, K, swiglu, saved, needs):
+    hpre, act = saved
+    T, D = x.shape
+    H = w2.shape[1]
+    H2 = w1.shape[2]
+    TK = T * K
+    dh = torch.empty(TK, H2, dtype=x.dtype, device=x.device)
+    dcw_part = _launch_bwd_act(dy, w2, b2, act, hpre, cw, meta, K, swiglu, dh)
+    num_n = dcw_part.shape[0]
     dcw = dcw_part.sum(0) if num_n > 1 else dcw_part[0]
     dx = dw1 = db1 = dw2 = db2 = None
     if needs["x"]:

@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Tile-configuration sweep of the fused MoE Triton kernels (one kernel at a time), plus whole
+fused_moe forward / forward+backward timings for both expert-GEMM backends.
+
+    python benchmarks/fused_moe_sweep.py --out DIR [--compile-only --worker i/n]
+
+Used to choose the fixed per-shape configurations in ``zoo/kernels/fused_moe.py::_pick_config``
+(configs are fixed by shape, never autotuned at run time, so results stay bitwise reproducible).
+``--compile-only`` launches every (kernel, config) once so Triton's on-disk cache is warm; several
+such workers can run in parallel before the (serial) timing pass.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+fm = importlib.import_module("zoo.kernels.fused_moe")
+GemmConfig = fm.GemmConfig
+
+SHAPES = {
+    "vmoe_B_E8k2": dict(T=12608, D=768, H=3072, E=8, K=2, act="gelu_tanh", bias=True),
+    "mixtral_T8k": dict(T=8192, D=4096, H=14336, E=8, K=2, act="swiglu", bias=False),
+    "olmoe_T16k": dict(T=16384, D=2048, H=1024, E=64, K=8, act="swiglu", bias=False),
+    "finegrained_T16k": dict(T=16384, D=1536, H=256, E=128, K=8, act="swiglu", bias=False),
+}
+GEMM_CFGS = [GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 256, 64, 8, 3),
+             GemmConfig(128, 128, 64, 4, 4), GemmConfig(64, 128, 64, 4, 4), GemmConfig(128, 64, 64, 4, 4),
+             GemmConfig(256, 128, 64, 8, 3)]
+WGRAD_CFGS = [GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 256, 64, 8, 3),
+              GemmConfig(128, 128, 32, 4, 4), GemmConfig(64, 128, 64, 4, 3), GemmConfig(256, 128, 64, 8, 3)]
+KINDS = ["gemm1", "gemm2", "bwd_act", "dx", "dw1", "dw2"]
+
+
+def setup(sh: dict):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, D, H, E, K = sh["T"], sh["D"], sh["H"], sh["E"], sh["K"]
+    swiglu = sh["act"] == "swiglu"
+    H2 = 2 * H if swiglu else H
+    dt = torch.bfloat16
+    x = torch.randn(T, D, device="cuda", dtype=dt, generator=g)
+    w1 = (torch.randn(E, D, H2, device="cuda", generator=g) * D ** -0.5).to(dt)
+    w2 = (torch.randn(E, H, D, device="cuda", generator=g) * H ** -0.5).to(dt)
+    b1 = torch.randn(E, H2, device="cuda", dtype=dt, generator=g) * 0.1 if sh["bias"] else None
+    b2 = torch.randn(E, D, device="cuda", dtype=dt, generator=g) * 0.1 if sh["bias"] else None
+    logits = torch.randn(T, E, device="cuda", generator=g)
+    cw, ei = torch.softmax(logits, -1).topk(K, -1)
+    keep = torch.ones_like(ei, dtype=torch.bool)
+    valid = keep.to(torch.uint8)
+    meta = fm.route(ei, valid, E)
+    cw32 = cw.reshape(-1).float().contiguous()
+    TK = T * K
+    st = dict(x=x, w1=w1, w2=w2, b1=b1, b2=b2, ei=ei, cw=cw, keep=keep, valid=valid, meta=meta, cw32=cw32,
+              swiglu=swiglu, H=H, H2=H2, D=D, K=K, TK=TK)
+    st["hpre"], st["act"] = fm._launch_gemm1(x, w1, b1, meta, K, H, swiglu, True)
+    st["dy"] = torch.randn(T, D, device="cuda", dtype=dt, generator=g)
+    st["dh"] = torch.empty(TK, H2, device="cuda", dtype=dt)
+    st["yslot"] = torch.empty(TK, D, device="cuda", dtype=dt)
+    st["dw1"] = torch.empty_like(w1)
+    st["dw2"] = torch.empty_like(w2)
+    st["db1"] = torch.empty_like(b1) if b1 is not None else None
+    st["db2"] = torch.empty_like(b2) if b2 is not None else None
+    return st
+
+
+def launcher(kind: str, s: dict):
+    m = s["meta"]
+    if kind == "gemm1":
+        return lambda: fm._launch_gemm1(s["x"], s["w1"], s["b1"], m, s["K"], s["H"], s["swiglu"], True), \
+            2 * s["TK"] * s["D"] * s["H2"]
+    if kind == "gemm2":
+        return lambda: fm._launch_gemm_scatter("gemm2", s["act"], s["w2"], s["b2"], s["cw32"], m, s["D"], s["H"],
+                                               s["w2"].stride(1), s["w2"].stride(2), s["yslot"]), 2 * s["TK"] * s["H"] * s["D"]
+    if kind == "bwd_act":
+        return lambda: fm._launch_bwd_act(s["dy"], s["w2"], s["b2"], s["act"], s["hpre"], s["cw32"], m, s["K"],
+                                          s["swiglu"], s["dh"]), 2 * s["TK"] * s["D"] * s["H"]
+    if kind == "dx":
+        return lambda: fm._launch_gemm_scatter("dx", s["dh"], s["w1"], None, None, m, s["D"], s["H2"], s["w1"].stride(2),
+                                               s["w1"].stride(1), s["yslot"]), 2 * s["TK"] * s["H2"] * s["D"]
+    if kind == "dw1":
+        return lambda: fm._launch_wgrad("dw1", s["x"], s["dh"], None, m, s["K"], s["D"], s["H2"], s["dw1"], s["db1"],
+                                        True, False, False), 2 * s["TK"] * s["D"] * s["H2"]
+    if kind == "dw2":
+        return lambda: fm._launch_wgrad("dw2", s["act"], s["dy"], s["cw32"], m, s["K"], s["H"], s["D"], s["dw2"],
+                                        s["db2"], False, True, True), 2 * s["TK"] * s["H"] * s["D"]
+    raise KeyError(kind)
+
+
+def cfgs_for(kind: str, s: dict):
+    if kind in ("dw1", "dw2"):
+        return WGRAD_CFGS
+    if kind == "gemm1" and s["swiglu"]:
+        return [c for c in GEMM_CFGS if c.BN <= 128 and c.BM <= 128]
+    return GEMM_CFGS
+
+
+def main():
+    import triton
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--worker", default="0/1")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    wi, wn = (int(v) for v in args.worker.split("/"))
+    res = {"kernels": {}, "whole": {}}
+    job = 0
+    t0 = time.time()
+    for sname in args.shapes.split(","):
+        sh = SHAPES[sname]
+        s = setup(sh)
+        for kind in KINDS:
+            for cfg in cfgs_for(kind, s):
+                job += 1
+                if args.compile_only and job % wn != wi:
+                    continue
+                fm.CONFIG_OVERRIDE.clear()
+                fm.CONFIG_OVERRIDE[kind] = cfg
+                fn, fl = launcher(kind, s)
+                key = f"{sname}|{kind}|{cfg.BM}x{cfg.BN}x{cfg.BK}w{cfg.num_warps}s{cfg.num_stages}"
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    if not args.compile_only:
+                        ms = triton.testing.do_bench(fn, warmup=25, rep=80, return_mode="median")
+                        res["kernels"][key] = dict(ms=ms, tflops=fl / ms / 1e9)
+                        print(f"{key:60s} {ms:8.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
+                except Exception as ex:
+                    res["kernels"][key] = dict(error=f"{type(ex).__name__}: {str(ex)[:200]}")
+                    print(key, "ERROR", str(ex)[:200], flush=True)
+        fm.CONFIG_OVERRIDE.clear()
+        if not args.compile_only:
+            # whole fused_moe with the current heuristics, both backends
+            for backend in ("triton", "grouped_mm"):
+                ps = [s["x"].clone().requires_grad_(True), s["cw"].clone().requires_grad_(True),
+                      s["w1"].clone().requires_grad_(True), s["w2"].clone().requires_grad_(True)]
+
+                def fwd():
+                    return fm.fused_moe(ps[0], s["ei"], ps[1], s["keep"], ps[2], s["b1"], ps[3], s["b2"], sh["act"],
+                                        backend=backend)
+
+                def fb():
+                    for p in ps:
+                        p.grad = None
+                    fwd().backward(s["dy"])
+
+                try:
+                    with torch.no_grad():
+                        f_ms = triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median")
+                    fb_ms = triton.testing.do_bench(fb, warmup=25, rep=150, return_mode="median")
+                    fl = (6 if s["swiglu"] else 4) * s["TK"] * s["D"] * s["H"]
+                    res["whole"][f"{sname}|{backend}"] = dict(fwd_nograd_ms=f_ms, fwdbwd_ms=fb_ms,
+                                                             fwd_tflops=fl / f_ms / 1e9, fwdbwd_tflops=3 * fl / fb_ms / 1e9)
+                    print(f"{sname} {backend}: fwd(no grad) {f_ms:.3f} ms {fl / f_ms / 1e9:.0f} TF/s, fwd+bwd {fb_ms:.3f} ms "
+                          f"{3 * fl / fb_ms / 1e9:.0f} TF/s", flush=True)
+                except Exception as ex:
+                    res["whole"][f"{sname}|{backend}"] = dict(error=f"{type(ex).__name__}: {str(ex)[:300]}")
+                    print(sname, backend, "ERROR", str(ex)[:300], flush=True)
+        s = None
+        torch.cuda.empty_cache()
+    if not args.compile_only:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fused_moe_sweep.json").write_text(json.dumps(res, indent=1))
+    print(f"done in {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

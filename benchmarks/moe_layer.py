@@ -1,0 +1,521 @@
+#!/usr/bin/env python
+"""MoE layer benchmark: the fused Triton expert path against peer implementations, one GPU run.
+
+    python benchmarks/moe_layer.py --out benchmarks/results        # whole grid, writes moe_layer.{json,md,png}
+    python benchmarks/moe_layer.py --report benchmarks/results/moe_layer.json   # re-render md/png from json
+
+Each case builds one ``zoo.moe.MoELayer`` (bf16 parameters, training mode).  Every implementation runs
+inside that same layer: ours through ``dispatch="fused"`` (the layer's own integration), the peers through
+the layer's ``expert_dispatcher`` hook, so router, grouping, auxiliary losses and combine are identical.
+
+Timed per implementation, CUDA events, warm-up first, median over iterations, a fresh routing every
+iteration (a pool of different inputs, each with its own skew permutation, plus V-MoE's router noise):
+  * layer fwd      y = layer(x)                      (autograd recording, as in training)
+  * layer fwd+bwd  y = layer(x); backward(y, aux)    (grads of x, router, experts)
+  * experts fwd / fwd+bwd: the dispatcher alone on precomputed routings (fast implementations only)
+TFLOP/s use the nominal expert FLOPs 4*T*k*D*H (fwd) and 12*T*k*D*H (fwd+bwd), 6 and 18 for SwiGLU;
+'% dense' divides by the bf16 matmul rate measured in the same run (8192^3, random data).
+Error: max |y - y_ref| / max |y_ref| on one routing, y_ref = zoo's per-expert loop in fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+# ----------------------------------------------------------------------------------------- the grid
+VIT_TOKENS = 197  # 224px / 16 patches + class token
+VMOE_MODELS = {"S": (384, 1536), "B": (768, 3072), "L": (1024, 4096)}
+LLM_MODELS = {
+    "mixtral": dict(D=4096, H=14336, E=8, k=2),
+    "olmoe": dict(D=2048, H=1024, E=64, k=8),
+    "finegrained": dict(D=1536, H=256, E=128, k=8),
+}
+
+
+def build_grid(profile: str) -> list[dict]:
+    """Cases in priority order (the run stops at its deadline; what is left is reported as trimmed)."""
+    cases = []
+
+    def vmoe(model, E, k, cf, load, images):
+        D, H = VMOE_MODELS[model]
+        cases.append(dict(family="vmoe", name=f"V-MoE-{model}/16 E{E} k{k} {'cf' + str(cf) if cf else 'dropless'} "
+                          f"{load} T{images * VIT_TOKENS}", D=D, H=H, E=E, k=k, cf=cf, load=load,
+                          B=images, S=VIT_TOKENS, act="gelu_tanh", bias=True, group=8))
+
+    def llm(model, T, load):
+        m = LLM_MODELS[model]
+        seq = min(T, 2048)
+        cases.append(dict(family="llm", name=f"{model} E{m['E']} k{m['k']} dropless {load} T{T}", D=m["D"], H=m["H"],
+                          E=m["E"], k=m["k"], cf=None, load=load, B=T // seq, S=seq, act="swiglu", bias=False,
+                          group=None))
+
+    if profile == "smoke":
+        vmoe("B", 8, 2, 1.05, "uniform", 64)
+        llm("olmoe", 4096, "uniform")
+        return cases
+    # first pass: one case of every kind, so a trimmed run still covers the grid's breadth
+    vmoe("B", 8, 2, 1.05, "uniform", 64)
+    vmoe("B", 8, 2, None, "uniform", 64)
+    llm("mixtral", 8192, "uniform")
+    llm("olmoe", 16384, "uniform")
+    llm("finegrained", 16384, "uniform")
+    vmoe("B", 8, 2, 1.05, "zipf", 64)
+    vmoe("B", 32, 1, 1.05, "uniform", 64)
+    vmoe("S", 8, 2, 1.05, "uniform", 64)
+    vmoe("L", 8, 2, 1.05, "uniform", 64)
+    llm("mixtral", 8192, "zipf")
+    llm("olmoe", 16384, "zipf")
+    # second pass: token counts 4K..32K and the remaining V-MoE variants
+    vmoe("B", 8, 2, 1.05, "uniform", 160)
+    vmoe("B", 8, 2, None, "uniform", 160)
+    vmoe("B", 8, 2, 1.05, "uniform", 24)
+    vmoe("B", 8, 1, 1.05, "uniform", 64)
+    vmoe("B", 32, 2, 1.05, "uniform", 64)
+    vmoe("B", 32, 1, None, "uniform", 64)
+    vmoe("L", 8, 2, None, "uniform", 64)
+    vmoe("S", 8, 2, None, "uniform", 64)
+    vmoe("L", 32, 2, 1.05, "zipf", 64)
+    llm("mixtral", 4096, "uniform")
+    llm("mixtral", 16384, "uniform")
+    llm("olmoe", 4096, "uniform")
+    llm("olmoe", 32768, "uniform")
+    llm("finegrained", 4096, "uniform")
+    llm("finegrained", 32768, "uniform")
+    llm("finegrained", 16384, "zipf")
+    vmoe("B", 32, 1, None, "zipf", 64)
+    return cases
+
+
+def flops(case: dict, T: int) -> tuple[float, float]:
+    per = (6 if case["act"] == "swiglu" else 4) * T * case["k"] * case["D"] * case["H"]
+    return per, 3 * per
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def cuda_time(fn, n_warm: int, n_iter: int) -> float:
+    """Median milliseconds of fn(i) over n_iter calls, CUDA events around each call."""
+    for i in range(n_warm):
+        fn(i)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(n_iter):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(n_warm + i)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def dense_rate() -> float:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_time(lambda i: a @ b, 5, 30)
+    return 2 * n ** 3 / ms / 1e9
+
+
+def make_layer(case: dict):
+    from zoo.moe import MoEConfig, MoELayer
+
+    vmoe = case["family"] == "vmoe"
+    cfg = MoEConfig(num_experts=case["E"], top_k=case["k"], router="topk", noise_std=1.0 if vmoe else 0.0,
+                    renormalize=not vmoe, batch_priority=vmoe, capacity_factor=case["cf"] or 1.05,
+                    dropless=case["cf"] is None, group_size=case["group"], activation=case["act"],
+                    expert_bias=case["bias"], dispatch="fused")
+    torch.manual_seed(0)
+    layer = MoELayer(case["D"], case["H"], cfg).cuda().to(torch.bfloat16).train()
+    return layer
+
+
+def input_pool(case: dict, layer, n: int, zipf_s: float = 1.2) -> list:
+    """n different inputs [B, S, D]; with load 'zipf' each adds a vector that shifts the router logits by
+    -s*log(rank) for a random permutation of the experts (a Zipf-like skew, fresh per input)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    W = layer.router.proj.weight.float()  # [E, D]
+    pinv = W.T @ torch.linalg.inv(W @ W.T)  # [D, E]
+    E = case["E"]
+    xs = []
+    for i in range(n):
+        x = torch.randn(case["B"], case["S"], case["D"], device="cuda", generator=g)
+        if case["load"] == "zipf":
+            perm = torch.randperm(E, device="cuda", generator=g)
+            shift = -zipf_s * torch.log(torch.arange(1, E + 1, device="cuda", dtype=torch.float32))[perm]
+            x = x + (pinv @ shift)[None, None, :]
+        xs.append(x.to(torch.bfloat16).requires_grad_(True))
+    return xs
+
+
+def routing_flat(layer, x):
+    with torch.no_grad():
+        (xg, vg, _), _ = layer._group(x.detach(), torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), None)
+        cfg = layer.config
+        r = layer.router(xg, vg, cfg.k(True), cfg.capacity_setting(True))
+        K = r.expert_index.shape[-1]
+        return (xg.reshape(-1, xg.shape[-1]), r.expert_index.reshape(-1, K), r.combine_weight.reshape(-1, K).to(x.dtype),
+                r.keep.reshape(-1, K))
+
+
+def peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(0)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+# ----------------------------------------------------------------------------------------- one case
+def peers_for(case: dict, layer, avail: dict) -> dict:
+    import moe_peers as P
+
+    T = case["B"] * case["S"]
+    peers = {"fused (ours, triton)": None, "fused (ours, grouped_mm backend)": P.ours("grouped_mm"),
+             "per-expert loop": P.loop(), "HF-style torch._grouped_mm": P.hf_grouped_mm()}
+    if case["cf"] is not None:
+        from zoo.moe import compute_capacity
+
+        G = T // (case["group"] * case["S"])
+        S = case["group"] * case["S"]
+        C = compute_capacity(S, case["E"], case["k"], case["cf"], layer.config.capacity_multiple_of)
+        peers["V-MoE one-hot einsum"] = P.einsum(G, S, C)
+    if avail.get("moe-ops") is True:
+        peers["moe-ops"] = P.moe_ops()
+    if avail.get("sonic-moe") is True and case["act"] == "swiglu":
+        peers["SonicMoE"] = "sonic"
+    return peers
+
+
+FAST = ("fused (ours, triton)", "fused (ours, grouped_mm backend)", "HF-style torch._grouped_mm", "moe-ops", "SonicMoE")
+
+
+def run_case(case: dict, avail: dict, dense: float, args) -> dict:
+    import moe_peers as P
+    from zoo.moe import loop_dispatch
+
+    T = case["B"] * case["S"]
+    rec = dict(case, T=T, tokens_per_expert=T * case["k"] / case["E"], impls={})
+    layer = make_layer(case)
+    pool = input_pool(case, layer, args.pool)
+    grads = [torch.randn(x.shape, device="cuda", dtype=torch.bfloat16) for x in pool]
+    flat = [routing_flat(layer, x) for x in pool]
+    x0, ei0, cw0, keep0 = flat[0]
+    counts = torch.bincount(ei0[keep0], minlength=case["E"]).float()
+    rec["load_max_over_mean"] = (counts.max() / counts.mean()).item()
+    rec["kept_fraction"] = keep0.float().mean().item()
+    ex32 = copy.deepcopy(layer.experts).float()
+    with torch.no_grad():
+        y_ref = loop_dispatch(x0.float(), ei0, cw0.float(), keep0, ex32)
+    del ex32
+    fwd_flops, fb_flops = flops(case, T)
+    peers = peers_for(case, layer, avail)
+    n_iter = args.iters if fb_flops > 2e12 else args.iters_small
+    for name, disp in peers.items():
+        if time.time() > args.deadline:
+            rec["impls"][name] = {"skipped": "deadline"}
+            continue
+        r = {}
+        try:
+            if disp == "sonic":
+                disp = P.SonicPeer(layer.experts)
+            layer.expert_dispatcher = disp
+
+            params = list(layer.parameters())
+
+            def fwd(i):
+                return layer(pool[i % len(pool)])
+
+            def fwdbwd(i):
+                j = i % len(pool)
+                for p in params:  # fresh grads each step (no accumulation kernels in the timing)
+                    p.grad = None
+                pool[j].grad = None
+                y = layer(pool[j])
+                aux = layer.aux.loss
+                if aux.requires_grad:
+                    torch.autograd.backward([y, aux], [grads[j], torch.ones_like(aux)])
+                else:
+                    y.backward(grads[j])
+
+            # error on a fixed routing (dispatcher level)
+            with torch.no_grad():
+                y = (disp or P.ours("triton"))(x0, ei0, cw0, keep0, layer.experts)
+                r["max_err"] = ((y.float() - y_ref).abs().max() / y_ref.abs().max()).item()
+                r["finite"] = bool(torch.isfinite(y).all())
+            r["layer_fwd_ms"] = cuda_time(fwd, args.warm, n_iter)
+            r["layer_fwdbwd_ms"] = cuda_time(fwdbwd, args.warm, n_iter)
+            r["layer_fwdbwd_peak_mb"] = peak_mb(fwdbwd)
+            if name in FAST:
+                d = disp or P.ours("triton")
+                xs_req = [(f[0].detach().clone().requires_grad_(True), f[1], f[2].clone().requires_grad_(True), f[3])
+                          for f in flat]
+                gflat = [g.reshape(-1, g.shape[-1]) for g in grads]
+
+                def efwd(i):
+                    xx, e, c, k = xs_req[i % len(xs_req)]
+                    return d(xx, e, c, k, layer.experts)
+
+                def efb(i):
+                    j = i % len(xs_req)
+                    xx, e, c, k = xs_req[j]
+                    for p in params:
+                        p.grad = None
+                    xx.grad = c.grad = None
+                    d(xx, e, c, k, layer.experts).backward(gflat[j])
+
+                r["experts_fwd_ms"] = cuda_time(efwd, args.warm, n_iter)
+                r["experts_fwdbwd_ms"] = cuda_time(efb, args.warm, n_iter)
+                r["experts_fwdbwd_peak_mb"] = peak_mb(efb)
+            for key, fl in (("layer_fwd", fwd_flops), ("layer_fwdbwd", fb_flops), ("experts_fwd", fwd_flops),
+                            ("experts_fwdbwd", fb_flops)):
+                if key + "_ms" in r:
+                    r[key + "_tflops"] = fl / r[key + "_ms"] / 1e9
+                    r[key + "_pct_dense"] = 100 * r[key + "_tflops"] / dense
+        except Exception as ex:  # a peer failing must not stop the run
+            r["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+            traceback.print_exc()
+        finally:
+            layer.expert_dispatcher = None
+            for p in layer.parameters():
+                p.grad = None
+            for x in pool:
+                x.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        rec["impls"][name] = r
+        print(f"  {name:34s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+              flush=True)
+    return rec
+
+
+# ----------------------------------------------------------------------------------------- report
+def summarize(rec: dict) -> dict:
+    """Targets of the issue, per case."""
+    im = rec["impls"]
+    ours = im.get("fused (ours, triton)", {})
+    ours_g = im.get("fused (ours, grouped_mm backend)", {})
+    best_ours = min([v for v in (ours.get("layer_fwdbwd_ms"), ours_g.get("layer_fwdbwd_ms")) if v] or [None])
+    peers = {k: v["layer_fwdbwd_ms"] for k, v in im.items() if not k.startswith("fused") and "layer_fwdbwd_ms" in v}
+    out = {}
+    if best_ours and peers:
+        fastest = min(peers, key=peers.get)
+        out["fastest_peer"] = fastest
+        out["speedup_vs_fastest_peer"] = peers[fastest] / best_ours
+    if "V-MoE one-hot einsum" in peers and best_ours:
+        out["speedup_vs_einsum"] = peers["V-MoE one-hot einsum"] / best_ours
+    for key in ("experts_fwdbwd_pct_dense", "layer_fwdbwd_pct_dense"):
+        vals = [v.get(key) for v in (ours, ours_g) if v.get(key)]
+        if vals:
+            out["ours_best_" + key] = max(vals)
+    return out
+
+
+def write_report(data: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = data["env"]
+    lines = ["# MoE layer benchmark", "",
+             f"- device: {env.get('device')} ({env.get('sm_count')} SMs); driver {env.get('driver')}",
+             f"- torch {env.get('torch')}, triton {env.get('triton')}, python {env.get('python')}",
+             f"- date: {env.get('date')}", f"- command: `{env.get('command')}`",
+             f"- dense bf16 matmul (8192^3, random data) measured in this run: {data['dense_tflops']:.0f} TFLOP/s",
+             "- peers not installed: " + ("; ".join(f"{k}: {v}" for k, v in data["peer_status"].items() if v is not True)
+                                            or "none"),
+             "- peers installed: " + (", ".join(k for k, v in data["peer_status"].items() if v is True) or "none"),
+             "", "Times are medians (ms) over iterations with a fresh routing each; bf16 parameters and activations; "
+             "layer = zoo.moe.MoELayer forward (+ backward of output and aux loss); experts = dispatcher alone. "
+             "TFLOP/s use nominal expert FLOPs (4/12 T k D H, SwiGLU 6/18). err = max|y-y_ref|/max|y_ref| vs an fp32 "
+             "per-expert loop. Peers without capacity support (HF-style, moe-ops, SonicMoE) compute dropped slots "
+             "with weight 0.", ""]
+    for rec in data["results"]:
+        s = rec.get("summary", {})
+        lines.append(f"## {rec['name']}")
+        lines.append(f"T={rec['T']} D={rec['D']} H={rec['H']} E={rec['E']} k={rec['k']} act={rec['act']}; "
+                     f"tokens/expert={rec['tokens_per_expert']:.0f}; load max/mean={rec.get('load_max_over_mean', 0):.2f}; "
+                     f"kept={100 * rec.get('kept_fraction', 1):.1f}%")
+        lines.append("")
+        lines.append("| impl | layer fwd ms | layer fwd+bwd ms | TFLOP/s (fwd+bwd) | % dense | experts fwd ms | "
+                     "experts fwd+bwd ms | experts % dense | peak MB (fwd+bwd) | max err |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for name, r in rec["impls"].items():
+            if "error" in r or "skipped" in r:
+                lines.append(f"| {name} | {r.get('error') or 'skipped: ' + r['skipped']} ||||||||| ")
+                continue
+
+            def f(k, fmt="{:.3f}"):
+                return fmt.format(r[k]) if k in r else "-"
+
+            lines.append(f"| {name} | {f('layer_fwd_ms')} | {f('layer_fwdbwd_ms')} | {f('layer_fwdbwd_tflops', '{:.0f}')} | "
+                         f"{f('layer_fwdbwd_pct_dense', '{:.0f}%')} | {f('experts_fwd_ms')} | {f('experts_fwdbwd_ms')} | "
+                         f"{f('experts_fwdbwd_pct_dense', '{:.0f}%')} | {f('layer_fwdbwd_peak_mb', '{:.0f}')} | "
+                         f"{f('max_err', '{:.1e}')} |")
+        if s:
+            lines.append("")
+            lines.append("targets: " + ", ".join(
+                f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
+        lines.append("")
+    lines += ["## Targets", ""] + data.get("targets_text", [])
+    if data.get("trimmed"):
+        lines += ["", "## Trimmed (not run in this GPU run: time)", ""] + [f"- {n}" for n in data["trimmed"]]
+    (out_dir / "moe_layer.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        recs = [r for r in data["results"] if r["impls"]]
+        names = sorted({n for r in recs for n, v in r["impls"].items() if "layer_fwdbwd_ms" in v})
+        fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(recs)), 5))
+        w = 0.8 / max(1, len(names))
+        for i, n in enumerate(names):
+            xs, ys = [], []
+            for j, r in enumerate(recs):
+                v = r["impls"].get(n, {})
+                if "layer_fwdbwd_tflops" in v:
+                    xs.append(j + i * w)
+                    ys.append(v["layer_fwdbwd_tflops"])
+            ax.bar(xs, ys, w, label=n)
+        ax.axhline(data["dense_tflops"], color="k", ls="--", lw=1, label="dense bf16 matmul")
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(recs))])
+        ax.set_xticklabels([r["name"] for r in recs], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("TFLOP/s, layer fwd+bwd (nominal expert FLOPs)")
+        ax.set_yscale("log")
+        ax.set_title(f"MoE layer fwd+bwd, {data['env'].get('device')}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "moe_layer.png", dpi=120)
+    except Exception as ex:
+        print("chart failed:", ex)
+
+
+def targets_text(data: dict) -> list[str]:
+    out = []
+    sp = [(r["name"], r["summary"].get("speedup_vs_fastest_peer"), r["summary"].get("fastest_peer"))
+          for r in data["results"] if r.get("summary", {}).get("speedup_vs_fastest_peer")]
+    if sp:
+        worst = min(sp, key=lambda t: t[1])
+        met = sum(1 for t in sp if t[1] >= 1.25)
+        out.append(f"- fused layer >= 1.25x the fastest peer (fwd+bwd): met in {met}/{len(sp)} cases; "
+                   f"worst {worst[1]:.2f}x ({worst[0]}, vs {worst[2]})" + ("" if met == len(sp) else
+                   f" -> missed by {1.25 / worst[1]:.2f}x in the worst case"))
+    dn = [(r["name"], r["summary"].get("ours_best_experts_fwdbwd_pct_dense"), r["summary"].get("ours_best_layer_fwdbwd_pct_dense"))
+          for r in data["results"] if r["tokens_per_expert"] >= 1024 and r.get("summary", {}).get("ours_best_experts_fwdbwd_pct_dense")]
+    if dn:
+        met = sum(1 for t in dn if t[1] >= 70)
+        worst = min(dn, key=lambda t: t[1])
+        out.append(f"- >= 70% of dense bf16 rate at >= 1024 tokens/expert (experts fwd+bwd): met in {met}/{len(dn)}; "
+                   f"lowest {worst[1]:.0f}% ({worst[0]}; whole layer {worst[2] or 0:.0f}%)")
+    es = [(r["name"], r["summary"]["speedup_vs_einsum"]) for r in data["results"]
+          if r.get("summary", {}).get("speedup_vs_einsum")]
+    if es:
+        met = sum(1 for t in es if t[1] >= 5)
+        worst = min(es, key=lambda t: t[1])
+        out.append(f"- capacity dispatch >= 5x faster than one-hot einsum (layer fwd+bwd): met in {met}/{len(es)}; "
+                   f"lowest {worst[1]:.1f}x ({worst[0]})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- main
+def peer_status() -> dict:
+    st = {"MegaBlocks dMoE": "no wheel on PyPI (source only: its CUDA extensions and grouped_gemm would have to be "
+                             "compiled on the GPU machine, which the lease's time does not allow)"}
+    try:
+        import moe_ops  # noqa: F401
+
+        st["moe-ops"] = True
+    except Exception as ex:
+        st["moe-ops"] = f"import failed: {type(ex).__name__}: {str(ex)[:200]}"
+    try:
+        import sonicmoe  # noqa: F401
+        from sonicmoe.functional import moe_general_routing_inputs  # noqa: F401
+
+        st["sonic-moe"] = True
+    except Exception as ex:
+        st["sonic-moe"] = f"import failed: {type(ex).__name__}: {str(ex)[:200]}"
+    return st
+
+
+def env_info(args) -> dict:
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    try:
+        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip()
+    except Exception:
+        drv = "?"
+    return dict(device=p.name, sm_count=p.multi_processor_count, driver=drv, torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                command="python " + " ".join(sys.argv))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--profile", default="full", choices=["full", "smoke"])
+    ap.add_argument("--only", default="", help="comma-separated substrings of case names to run")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--iters-small", type=int, default=20)
+    ap.add_argument("--warm", type=int, default=2)
+    ap.add_argument("--pool", type=int, default=4)
+    ap.add_argument("--report", default="", help="only re-render md/png from this json")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.report:
+        data = json.loads(Path(args.report).read_text())
+        write_report(data, Path(args.report).parent)
+        return
+    t0 = time.time()
+    args.deadline = t0 + args.budget_s
+    torch.backends.cuda.matmul.allow_tf32 = True
+    cases = build_grid(args.profile)
+    if args.only:
+        keys = args.only.split(",")
+        cases = [c for c in cases if any(k in c["name"] for k in keys)]
+    data = dict(env=env_info(args), peer_status=peer_status(), results=[], trimmed=[])
+    data["dense_tflops"] = dense_rate()
+    print(json.dumps(data["env"]), "dense", data["dense_tflops"], data["peer_status"], flush=True)
+    for case in cases:
+        if time.time() > args.deadline - 20:
+            data["trimmed"].append(case["name"])
+            continue
+        print(f"== {case['name']}  ({time.time() - t0:.0f}s)", flush=True)
+        try:
+            rec = run_case(case, data["peer_status"], data["dense_tflops"], args)
+            rec["summary"] = summarize(rec)
+        except Exception as ex:
+            traceback.print_exc()
+            rec = dict(case, T=case["B"] * case["S"], tokens_per_expert=0, impls={}, error=str(ex)[:300])
+        data["results"].append(rec)
+        data["targets_text"] = targets_text(data)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "moe_layer.json").write_text(json.dumps(data, indent=1))
+        torch.cuda.empty_cache()
+    data["targets_text"] = targets_text(data)
+    data["wall_s"] = time.time() - t0
+    (out / "moe_layer.json").write_text(json.dumps(data, indent=1))
+    write_report(data, out)
+    print("\n".join(data["targets_text"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Peer MoE expert implementations timed against the fused kernel by ``benchmarks/moe_layer.py``.
+
+Every peer is a *dispatcher*: ``fn(x [T, D], expert_index [T, K], combine_weight [T, K], keep [T, K],
+experts: StackedExperts) -> y [T, D]`` so that it plugs into ``zoo.moe.MoELayer.expert_dispatcher``
+and the whole layer (router, grouping, aux losses, combine) is identical for every peer.
+Written for this benchmark (no code copied from the peer projects); the external packages
+(moe-ops, SonicMoE) are called through their public functions.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from zoo.moe.experts import StackedExperts, apply_activation
+from zoo.moe.dispatch import loop_dispatch
+
+
+def ours(backend: str = "triton") -> Callable:
+    from zoo.kernels import fused_moe
+
+    def fn(x, ei, cw, keep, ex: StackedExperts):
+        return fused_moe(x, ei, cw, keep, ex.w1, ex.b1, ex.w2, ex.b2, ex.activation, backend=backend)
+
+    return fn
+
+
+def loop() -> Callable:
+    """The per-expert Python loop (zoo's ground-truth dispatcher)."""
+    return loop_dispatch
+
+
+def einsum(G: int, S: int, capacity: int) -> Callable:
+    """V-MoE style dense one-hot dispatch: dispatch/combine tensors [G, S, E, C] and einsums."""
+
+    def fn(x, ei, cw, keep, ex: StackedExperts):
+        T, D = x.shape
+        K = ei.shape[1]
+        E, C = ex.num_experts, capacity
+        oh = F.one_hot(ei.view(G, S, K), E).to(torch.int32) * keep.view(G, S, K, 1)  # [G, S, K, E]
+        # position of each kept slot in its expert's buffer (k-major, then token order), < C for kept slots
+        flat = oh.transpose(1, 2).reshape(G, K * S, E)
+        pos = ((torch.cumsum(flat, dim=1) - 1) * flat).sum(-1).reshape(G, K, S).transpose(1, 2)  # [G, S, K]
+        dispatch = x.new_zeros(G, S, E, C)
+        combine = x.new_zeros(G, S, E, C)
+        for k in range(K):
+            pk = F.one_hot(pos[:, :, k].clamp(0, C - 1), C).to(x.dtype)  # [G, S, C]
+            d = oh[:, :, k, :, None].to(x.dtype) * pk[:, :, None, :]  # [G, S, E, C]
+            dispatch = dispatch + d
+            combine = combine + d * cw.view(G, S, K)[:, :, k, None, None].to(x.dtype)
+        xin = torch.einsum("gsec,gsd->egcd", dispatch, x.view(G, S, D)).reshape(E, G * C, D)
+        out = ex.forward_dense(xin).reshape(E, G, C, D)
+        return torch.einsum("gsec,egcd->gsd", combine, out).reshape(T, D)
+
+    return fn
+
+
+def hf_grouped_mm() -> Callable:
+    """Hugging Face transformers-style grouped_mm experts: argsort by expert, gather, two
+    torch._grouped_mm calls with per-expert offsets, weight by routing score, index_add back."""
+
+    def fn(x, ei, cw, keep, ex: StackedExperts):
+        # like the transformers implementation it has no capacity: dropped slots are computed, weight 0
+        T, D = x.shape
+        K = ei.shape[1]
+        E = ex.num_experts
+        flat_e = ei.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat_e, torch.ones_like(flat_e, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        tok = order // K
+        e_sorted = flat_e[order]
+        h = torch._grouped_mm(x[tok], ex.w1.to(x.dtype), offs=offs)
+        if ex.b1 is not None:
+            h = h + ex.b1.to(x.dtype)[e_sorted]
+        o = torch._grouped_mm(apply_activation(h, ex.activation), ex.w2.to(x.dtype), offs=offs)
+        if ex.b2 is not None:
+            o = o + ex.b2.to(x.dtype)[e_sorted]
+        w = (cw * keep).reshape(-1)[order].to(x.dtype)
+        return torch.zeros(T, D, dtype=x.dtype, device=x.device).index_add(0, tok, o * w[:, None])
+
+    return fn
+
+
+def moe_ops() -> Callable:
+    """moe-ops (pure Triton): counting-sort permute, Triton grouped GEMMs, weighted unpermute.
+    It has no capacity dropping: dropped slots are computed too, with weight 0."""
+    import moe_ops as mo
+
+    def fn(x, ei, cw, keep, ex: StackedExperts):
+        T, D = x.shape
+        K = ei.shape[1]
+        E = ex.num_experts
+        permuted, row_id_map, offsets = mo.permute(x, ei.to(torch.int32), E=E)
+        ends = offsets[1:]
+        h = mo.grouped_gemm(permuted, ex.w1.to(x.dtype), ends, trans_b=False)
+        if ex.b1 is not None or ex.b2 is not None:
+            e_row = torch.searchsorted(ends, torch.arange(h.shape[0], device=x.device, dtype=torch.int32),
+                                       right=True).clamp(max=E - 1)
+        if ex.b1 is not None:
+            h = h + ex.b1.to(x.dtype)[e_row]
+        a = apply_activation(h, ex.activation)
+        o = mo.grouped_gemm(a.contiguous(), ex.w2.to(x.dtype), ends, trans_b=False)
+        if ex.b2 is not None:
+            o = o + ex.b2.to(x.dtype)[e_row]
+        prob = (cw * keep).float()
+        return mo.unpermute(o, row_id_map, prob, T, K)
+
+    return fn
+
+
+class SonicPeer:
+    """SonicMoE general-routing entry point (QuACK/CUTLASS grouped GEMMs); GLU activations only.
+    Holds its own weight copies in SonicMoE's layout (same values as the layer's experts)."""
+
+    def __init__(self, ex: StackedExperts):
+        from sonicmoe.enums import ActivationType
+
+        if ex.activation != "swiglu":
+            raise RuntimeError("SonicMoE general routing supports GLU activations only")
+        self.act = ActivationType.SWIGLU
+        self.w1 = ex.w1.detach().transpose(1, 2).contiguous().requires_grad_(True)  # [E, 2H, D]
+        self.w2 = ex.w2.detach().transpose(1, 2).contiguous().requires_grad_(True)  # [E, D, H]
+        self.b1 = None if ex.b1 is None else ex.b1.detach().clone().requires_grad_(True)
+        self.b2 = None if ex.b2 is None else ex.b2.detach().clone().requires_grad_(True)
+        self.stream = torch.cuda.current_stream().cuda_stream
+
+    def __call__(self, x, ei, cw, keep, ex: StackedExperts):
+        from sonicmoe.functional import moe_general_routing_inputs
+
+        T, K = ei.shape
+        tok = torch.arange(T, device=x.device, dtype=torch.int32).repeat_interleave(K)
+        scores = (cw * keep).reshape(-1).float()
+        w1 = self.w1.to(x.dtype).permute(1, 2, 0)
+        w2 = self.w2.to(x.dtype).permute(1, 2, 0)
+        b1 = None if self.b1 is None else self.b1.to(x.dtype)
+        b2 = None if self.b2 is None else self.b2.to(x.dtype)
+        y, _ = moe_general_routing_inputs(x, scores, tok, ei.reshape(-1).to(torch.int32), w1, b1, w2, b2,
+                                          ex.num_experts, self.stream, self.act, False, True)
+        return y
