@@ -1,0 +1,58 @@
+"""``python -m zoo.convert vmoe --checkpoint PREFIX --out DIR [--preset NAME | --config official.json] ...``"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional
+
+from zoo.convert.vmoe import PUBLISHED, UNSUPPORTED_PUBLISHED
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zoo.convert", description="Convert external checkpoints "
+                                     "to zoo published folders (config.json + model.safetensors + README.md)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("vmoe", help="official V-MoE checkpoint (PREFIX.index + PREFIX.data-*) -> DIR",
+                       description="Config source: --config, else --preset, else inferred from the checkpoint "
+                                   "(routing settings from the options below / the published-checkpoint table).")
+    v.add_argument("--checkpoint", required=True, help="checkpoint prefix (without .index), e.g. "
+                   "~/vmoe_checkpoints/vmoe_s32_last2_ilsvrc2012_randaug_light1")
+    v.add_argument("--out", required=True, help="output folder; load with zoo.create_model('local-dir:DIR')")
+    src = v.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="zoo preset whose config the checkpoint has (e.g. vmoe_tiny_official)")
+    src.add_argument("--config", help="official VisionTransformerMoe kwargs as JSON/YAML (config.model), or a "
+                     "file with them under 'model_kwargs', or a zoo config.json")
+    v.add_argument("--image-size", type=int, help="convert for this resolution (position embeddings resized)")
+    v.add_argument("--top-k", type=int)
+    v.add_argument("--capacity-factor", type=float)
+    v.add_argument("--group-size", type=int, help="images per routing group (zoo counts images, vmoe tokens)")
+    v.add_argument("--batch-priority", action=argparse.BooleanOptionalAction, default=None)
+    v.add_argument("--tag", help="weights tag recorded in the folder")
+    lst = sub.add_parser("list", help="the published V-MoE checkpoints and how to convert them")
+    del lst
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.cmd == "list":
+        for name, info in PUBLISHED.items():
+            print(f"gs://vmoe_checkpoints/{name}\n    {info['description']}\n    python -m zoo.convert vmoe "
+                  f"--checkpoint PATH/{name} --out weights/converted/{name}")
+        for name, why in UNSUPPORTED_PUBLISHED.items():
+            print(f"gs://vmoe_checkpoints/{name}\n    not supported: {why}")
+        return 0
+    from zoo.convert.vmoe import convert_vmoe
+    from zoo.config import to_dict
+
+    model = convert_vmoe(args.checkpoint, args.out, preset=args.preset, config=args.config,
+                         image_size=args.image_size, top_k=args.top_k, capacity_factor=args.capacity_factor,
+                         group_size=args.group_size, batch_priority=args.batch_priority, tag=args.tag)
+    n = sum(p.numel() for p in model.parameters())
+    print(json.dumps(to_dict(model.config)))
+    print(f"wrote {args.out} ({n:,} parameters); load with zoo.create_model('local-dir:{args.out}')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
