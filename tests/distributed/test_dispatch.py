@@ -1,0 +1,12 @@
+"""The all-to-all expert-parallel dispatcher equals the local sorted dispatcher (2 gloo processes)."""
+
+import _workers
+
+from zoo.distributed import spawn
+
+
+def test_all_to_all_dispatch_matches_sorted_dispatch():
+    # Outputs and gradients (tokens, combine weights, expert shards) for top-k with uneven splits, one
+    # expert per rank, expert-choice slots, a rank whose experts get no token, a rank with no token; Soft
+    # MoE slots; and whole MoELayers (top-k with capacity, expert choice, soft) sharded vs complete.
+    spawn(_workers.dispatch_and_layer_worker, 2, backend="gloo")
