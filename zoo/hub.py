@@ -61,7 +61,7 @@ MANIFEST_NAME = "manifest.json"
 LIBRARY_NAME = "moe-zoo"
 DEFAULT_HUB_ORG = os.environ.get("ZOO_HUB_ORG", "moe-zoo")
 TAG_KEYS = {"hf_hub_id", "revision", "file", "sha256", "size", "local_dir", "license", "input", "metrics",
-            "recipe", "overrides", "default", "description"}
+            "recipe", "overrides", "data", "default", "description"}
 
 PathLike = Union[str, os.PathLike]
 
@@ -569,7 +569,7 @@ def create_pretrained(name: str, pretrained: Any = True, **overrides: Any) -> nn
     notes = load_state_dict_checked(model, state_dict, source=f"{name}.{tag} ({path})",
                                     checkpoint_config=ckpt_config, reset_head=_overrides_num_classes(overrides))
     info = {"preset": name, "tag": tag, "source": source, "file": str(path), "notes": notes}
-    info.update({k: entry[k] for k in ("input", "metrics", "license", "hf_hub_id", "sha256") if k in entry})
+    info.update({k: entry[k] for k in ("input", "metrics", "data", "license", "hf_hub_id", "sha256") if k in entry})
     return _attach(model, info)
 
 
@@ -617,6 +617,35 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
     return {"family": family_of(config), **to_dict(config)}
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:
+    """A deterministic safetensors file (sorted names, sorted metadata): the same weights always give the same bytes
+    and sha256 (``safetensors.torch.save_file`` orders its metadata differently from run to run)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors here")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for data in blobs:
+            f.write(data)
+
+
 def save_pretrained(model: nn.Module, save_directory: PathLike, *, preset: Optional[str] = None,
                     tag: Optional[str] = None, metrics: Optional[Mapping[str, Any]] = None,
                     recipe: Optional[Mapping[str, Any]] = None, routing: Optional[Any] = None,
@@ -629,8 +658,6 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, preset: Optio
     stores floating-point tensors in another precision (they are cast back to the model's dtype on load).
     ``routing``: routing statistics for the card (e.g. from :func:`routing_statistics`).
     """
-    from safetensors.torch import save_file
-
     config = model_config_dict(model)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -649,7 +676,8 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, preset: Optio
     if tag:
         metadata["zoo_tag"] = tag
     tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    write_safetensors(tensors, tmp, metadata)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out / WEIGHTS_NAME)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     meta = {"preset": preset, "tag": tag, "family": config["family"], "file": WEIGHTS_NAME,
@@ -876,7 +904,7 @@ def write_preset_tag(name: str, tag: str, entry: Mapping[str, Any], *, make_defa
                 tags[t] = {**tags[t], "default": False}
     new["default"] = bool(make_default)
     tags[tag] = new
-    block = yaml.safe_dump({"pretrained": _json_safe(tags)}, sort_keys=False, width=110)
+    block = yaml.safe_dump({"pretrained": _json_safe(tags)}, sort_keys=False, width=110, default_flow_style=None)
     spans = _top_level_blocks(text)
     old = [(s, e) for k, s, e in spans if k == "pretrained"]
     if old:
@@ -919,22 +947,82 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+_EVAL_HPARAMS = {"eval_capacity_factor": "encoder.moe.eval_capacity_factor", "eval_top_k": "encoder.moe.eval_top_k",
+                 "eval_dropless": "encoder.moe.eval_dropless"}
+
+
 def _config_from_hparams(hparams: Any, preset: str) -> dict[str, Any]:
-    """Config overrides recorded in the task's hyper-parameters, if any (``model_overrides`` / ``overrides`` /
-    a full ``model_config``)."""
+    """Config overrides recorded in ``ImageClassificationTask``'s hyper-parameters: ``model_overrides``, the data
+    geometry (``num_classes`` / ``in_chans`` / ``image_size``) and eval-time routing (``eval_capacity_factor``,
+    ``eval_top_k``, ``eval_dropless``, which the task applies to the MoE layers), so that the exported config
+    evaluates exactly as the checkpoint did."""
     if not isinstance(hparams, Mapping):
         return {}
+    trained = hparams.get("model")
+    if isinstance(trained, str) and trained != preset:
+        raise ConfigError(f"the checkpoint was trained with model {trained!r}, not --preset {preset!r}")
+    out: dict[str, Any] = {}
     for key in ("model_overrides", "overrides", "model_kwargs"):
         if isinstance(hparams.get(key), Mapping):
-            return dict(hparams[key])
+            out = merge(out, hparams[key])
+    for key in ("num_classes", "in_chans", "image_size"):
+        if hparams.get(key) is not None:
+            out[key] = hparams[key]
+    for key, dotted in _EVAL_HPARAMS.items():
+        if hparams.get(key) is not None:
+            out = merge(out, {dotted: hparams[key]})
     cfg = hparams.get("model_config")
     if is_dataclass(cfg):
         cfg = to_dict(cfg)
     if isinstance(cfg, Mapping):
-        base = to_dict(model_config(preset))
-        flat_base, flat_cfg = _flat(base), _flat(cfg)
-        return {k: v for k, v in flat_cfg.items() if flat_base.get(k) != v}
-    return {}
+        out = merge(out, cfg)
+    return out
+
+
+def minimal_overrides(preset: str, config: Any) -> dict[str, Any]:
+    """Dotted-key overrides that turn preset ``preset``'s config into ``config`` (empty if they are equal)."""
+    base, want = _flat(to_dict(model_config(preset))), _flat(to_dict(config))
+    return {k: v for k, v in want.items() if base.get(k, object()) != v}
+
+
+def _datamodule_input(data: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """mean / std of the recorded datamodule class (``zoo.data`` modules carry them as class attributes)."""
+    if not data or not data.get("class_path"):
+        return {}
+    import importlib
+
+    module, _, name = str(data["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    out = {}
+    for key in ("mean", "std"):
+        value = getattr(cls, key, None)
+        if isinstance(value, (list, tuple)):
+            out[key] = [float(v) for v in value]
+    return out
+
+
+def split_eval_metrics(metrics: Optional[Mapping[str, Any]]) -> tuple[dict[str, Any], Optional[list[dict]]]:
+    """(scalar metrics, routing rows for the card) from ``eval.py``'s JSON, a Lightning test dict, or a list with
+    one of those. Paths and plot lists are dropped."""
+    if isinstance(metrics, list):
+        metrics = metrics[0] if len(metrics) == 1 and isinstance(metrics[0], Mapping) else {"values": metrics}
+    metrics = dict(metrics or {})
+    routing = metrics.pop("routing", None)
+    layers = metrics.pop("layers", None)
+    if routing is None and isinstance(layers, Mapping):
+        routing = []
+        for name, row in layers.items():
+            row = dict(row or {})
+            routing.append({"layer": name, "dropped_fraction": row.get("dropped_fraction"),
+                            "expert_load": [round(float(x), 4) for x in row.get("tokens_per_expert_share") or []],
+                            "capacity": row.get("capacity")})
+    for key in ("checkpoint", "plots", "datamodule", "model"):
+        metrics.pop(key, None)
+    scalars = {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str, bool))}
+    return {k: v for k, v in scalars.items() if v is not None}, routing
 
 
 def export_checkpoint(checkpoint: PathLike, preset: str, tag: str, out: PathLike, *,
@@ -958,18 +1046,27 @@ def export_checkpoint(checkpoint: PathLike, preset: str, tag: str, out: PathLike
     family = load_preset(preset)["family"]
     model = build_model(family, model_config(preset, **ov))
     load_state_dict_checked(model, sd, source=str(checkpoint))
-    recipe = dict(recipe or {})
-    if not recipe and hparams:
-        recipe = {k: v for k, v in _json_safe(hparams).items() if k not in ("model_config",)}
+    ov = minimal_overrides(preset, model.config)
+    given = dict(recipe or {})
+    recipe = {k: v for k, v in _json_safe(hparams).items()
+              if k != "model_config" and not k.startswith("_") and v is not None}
+    recipe.update(given)
     for k in ("epoch", "global_step"):
         if k in info:
             recipe.setdefault(k, int(info[k]))
+    data = None
+    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("zoo_datamodule"), Mapping):
+        data = {k: v for k, v in _json_safe(ckpt["zoo_datamodule"]).items() if k in ("class_path", "init_args")}
+        trained = ckpt.get("zoo_trainer") or {}
+        if trained.get("num_threads"):
+            data["num_threads"] = int(trained["num_threads"])
     cfg = model.config
-    if input is None:
-        input = {"size": [cfg.in_chans, cfg.image_size, cfg.image_size]}
-    metrics = dict(metrics or {})
-    if routing is None and "routing" in metrics:
-        routing = metrics.pop("routing")
+    input = dict(input or {})
+    input.setdefault("size", [cfg.in_chans, cfg.image_size, cfg.image_size])
+    for k, v in _datamodule_input(data).items():
+        input.setdefault(k, v)
+    metrics, eval_routing = split_eval_metrics(metrics)
+    routing = routing if routing is not None else eval_routing
     hf_hub_id = hf_hub_id or f"{DEFAULT_HUB_ORG}/{preset}.{tag}"
     out = Path(out)
     save_pretrained(model, out, preset=preset, tag=tag, metrics=metrics, recipe=recipe, routing=routing,
@@ -982,8 +1079,8 @@ def export_checkpoint(checkpoint: PathLike, preset: str, tag: str, out: PathLike
         logger.warning("%s is not inside %s: the registry entry will only point at the hub", out, weights_dir())
     entry = {"hf_hub_id": hf_hub_id, "file": WEIGHTS_NAME, "sha256": sha256_file(weights),
              "size": weights.stat().st_size, "local_dir": local_dir, "license": license,
-             "input": _json_safe(input), "metrics": _json_safe(metrics) or None, "recipe": _json_safe(recipe) or None,
-             "overrides": _json_safe(ov) or None}
+             "input": _json_safe(input), "metrics": _json_safe(metrics) or None, "data": data,
+             "recipe": _json_safe(recipe) or None, "overrides": _json_safe(ov) or None}
     entry = {k: v for k, v in entry.items() if v is not None}
     if update_registry:
         update_manifest({"name": preset, "tag": tag, **entry}, manifest)
@@ -1032,7 +1129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ex.add_argument("--tag", required=True, help="weights tag, e.g. digits")
     ex.add_argument("--out", required=True, help="output folder, e.g. weights/vmoe_tiny_digits.digits")
     ex.add_argument("--metrics", help="metrics JSON (e.g. written by eval.py); a 'routing' key goes to the card")
-    ex.add_argument("--recipe", help="training recipe JSON/YAML (default: the checkpoint's hyper-parameters)")
+    ex.add_argument("--recipe", help="training recipe JSON/YAML, added to the checkpoint's hyper-parameters")
     ex.add_argument("--hf-hub-id", help=f"hub repo it is published as (default {DEFAULT_HUB_ORG}/PRESET.TAG)")
     ex.add_argument("--license", default="apache-2.0")
     ex.add_argument("--mean", type=float, nargs="+", help="input normalisation mean (per channel)")
@@ -1056,11 +1153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "export":
-        cfg_in = None
-        if args.mean or args.std:
-            cfg_in = {"mean": args.mean, "std": args.std}
-        preset_cfg = model_config(args.preset, **_parse_overrides(args.override))
-        inp = {"size": [preset_cfg.in_chans, preset_cfg.image_size, preset_cfg.image_size], **(cfg_in or {})}
+        inp = {k: v for k, v in (("mean", args.mean), ("std", args.std)) if v}
         entry = export_checkpoint(args.checkpoint, args.preset, args.tag, args.out,
                                   metrics=_load_json_or_yaml(args.metrics), recipe=_load_json_or_yaml(args.recipe),
                                   hf_hub_id=args.hf_hub_id, license=args.license, input=inp,

@@ -4,7 +4,6 @@ or foreign checkpoint, config/weights mismatch. Each error must say what was exp
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -32,8 +31,12 @@ def project(tmp_path, monkeypatch):
     """A private configs/ (copy of two presets) and weights/ root, so tests may add pretrained tags."""
     cfg = tmp_path / "configs" / "models" / "vmoe"
     cfg.mkdir(parents=True)
-    for name in ("vmoe_tiny_test", "vmoe_tiny_digits"):
-        shutil.copy(configs_dir() / "models" / "vmoe" / f"{name}.yaml", cfg / f"{name}.yaml")
+    for name in ("vmoe_tiny_test", "vmoe_tiny_digits"):  # copies without their pretrained: sections
+        text = (configs_dir() / "models" / "vmoe" / f"{name}.yaml").read_text()
+        for key, start, end in reversed(hub._top_level_blocks(text)):
+            if key == "pretrained":
+                text = text[:start] + text[end:]
+        (cfg / f"{name}.yaml").write_text(text)
     monkeypatch.setenv("ZOO_CONFIGS", str(tmp_path / "configs"))
     monkeypatch.setenv("ZOO_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test here may touch the network
