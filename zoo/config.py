@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -74,7 +75,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{where} must be one of {list(allowed)}, got {value!r}")
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
+            raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{where} must be an int, got {value!r}")

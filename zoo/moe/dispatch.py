@@ -13,16 +13,22 @@ from torch import Tensor
 from zoo.moe.experts import StackedExperts
 
 
+def _accumulate_dtype(x: Tensor) -> torch.dtype:
+    """Accumulate in at least fp32 (bf16/fp16 inputs), but never below the input precision (fp64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def loop_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor,
                   experts: StackedExperts) -> Tensor:
     """Ground truth: one pass per expert over the slots routed to it."""
     T, D = x.shape
-    y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    acc = _accumulate_dtype(x)
+    y = torch.zeros(T, D, dtype=acc, device=x.device)
     for e in range(experts.num_experts):
         token, slot = torch.nonzero(keep & (expert_index == e), as_tuple=True)
         if token.numel() == 0:
             continue
-        out = experts.expert(e, x[token]).float() * combine_weight[token, slot].unsqueeze(-1).float()
+        out = experts.expert(e, x[token]).to(acc) * combine_weight[token, slot].unsqueeze(-1).to(acc)
         y = y.index_add(0, token, out)
     return y.to(x.dtype)
 
@@ -42,8 +48,9 @@ def sorted_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Tensor, kee
     token = order // K
     x_sorted = x[token]
     y_sorted = experts.forward_grouped(x_sorted, counts[:E].tolist())
-    y_sorted = y_sorted.float() * combine_weight.reshape(-1)[order].unsqueeze(-1).float()
-    slots = torch.zeros(T * K, D, dtype=torch.float32, device=x.device)
+    acc = _accumulate_dtype(x)
+    y_sorted = y_sorted.to(acc) * combine_weight.reshape(-1)[order].unsqueeze(-1).to(acc)
+    slots = torch.zeros(T * K, D, dtype=acc, device=x.device)
     slots = slots.index_copy(0, order, y_sorted)  # every kept slot written exactly once
     return slots.view(T, K, D).sum(dim=1).to(x.dtype)
 

@@ -19,11 +19,18 @@ def _cv_squared(x: Tensor) -> Tensor:
     return (std / mean.clamp_min(1e-12)) ** 2
 
 
+def _mean_over_groups(per_group: Tensor, valid: Tensor) -> Tensor:
+    """Mean of a per-group value [G] over the groups that hold at least one valid token, so that a fully
+    masked group (e.g. an all-padding sequence routed alone) does not dilute the loss."""
+    has_valid = valid.any(dim=1).to(per_group.dtype)
+    return (per_group * has_valid).sum() / has_valid.sum().clamp_min(1.0)
+
+
 def importance_loss(clean_probs: Tensor, valid: Tensor) -> Tensor:
     """V-MoE importance loss: ``(std/mean)^2`` of each expert's summed clean gate probabilities, per group,
     averaged over groups (Riquelme et al. 2021, App. A.2). [G, S, E] -> scalar."""
     importance = (clean_probs * valid.unsqueeze(-1)).sum(dim=1)  # [G, E]
-    return _cv_squared(importance).mean()
+    return _mean_over_groups(_cv_squared(importance), valid)
 
 
 def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, top_k: int, valid: Tensor) -> Tensor:
@@ -38,7 +45,7 @@ def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, top_k: int
     p = 1.0 - normal.cdf((threshold - logits) / noise_std)  # [G, S, E]
     w = valid.unsqueeze(-1).to(p.dtype)
     p_mean = (p * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # [G, E]
-    return _cv_squared(p_mean).mean()
+    return _mean_over_groups(_cv_squared(p_mean), valid)
 
 
 def switch_loss(probs: Tensor, expert_index: Tensor, valid: Tensor) -> Tensor:
@@ -50,7 +57,7 @@ def switch_loss(probs: Tensor, expert_index: Tensor, valid: Tensor) -> Tensor:
     top1 = torch.nn.functional.one_hot(expert_index[..., 0], E).to(probs.dtype)
     frac = (top1 * w).sum(dim=1) / n
     mean_prob = (probs * w).sum(dim=1) / n
-    return (E * (frac * mean_prob).sum(dim=-1)).mean()
+    return _mean_over_groups(E * (frac * mean_prob).sum(dim=-1), valid)
 
 
 def z_loss(logits: Tensor, valid: Tensor) -> Tensor:
