@@ -1,0 +1,527 @@
+"""Image-text datamodules for contrastive training (LIMoE): real captions and class-name captions.
+
+Batches are dicts:
+
+- training: ``{"image": float32 [B, C, H, W], "text": int64 [B, L], "label": int64 [B]}`` - one caption per
+  image (a random template / a random one of the image's captions, drawn anew every epoch);
+- evaluation (val / test): the same, except that caption datasets give every caption of an image,
+  ``"text": [B, K, L]`` with ``"num_captions": [B]`` (rows past it are all padding), for retrieval.
+
+``label`` is the class id for class-caption data and the image's index for caption data (two items with the
+same label are positives for ``ContrastiveTask(positives="labels")``).
+
+Text is tokenized with open_clip's BPE tokenizer (:class:`CaptionTokenizer`; its vocabulary ships with the
+open_clip package, so no download is needed): ``<start_of_text> ... <end_of_text>`` then padding id 0, cut to
+``context_length`` (the end token is kept when truncating).
+
+Datamodules (attributes read by :class:`zoo.tasks.contrastive.ContrastiveTask` / the model config:
+``image_size``, ``in_chans``, ``context_length``, ``tokenizer``, and for zero-shot ``class_names`` +
+``zero_shot_templates``):
+
+- :class:`ClassCaptionDataModule`: MNIST / CIFAR-10 sprites / scikit-learn digits images (the image
+  classification datamodules of :mod:`zoo.data.image_classification` load them) with captions made from the
+  class name and caption templates. Training uses ``train_templates``; zero-shot evaluation uses a DISJOINT
+  set of held-out templates (checked).
+- :class:`ImageTextCSVDataModule`: a user's CSV of ``image,caption`` rows (several rows per image allowed),
+  split BY IMAGE into train / test (seeded), images resized once and kept in memory.
+- :class:`Flickr8kDataModule`: the shared Flickr8k 1k subset (``<data root>/flickr8k_1k_subset``: 1000
+  photos x 5 human captions) via the CSV datamodule: 800 train / 200 test images, seeded.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from zoo.data.base import InMemoryImageDataset, check_positive_int, random_crop_flip
+from zoo.data.paths import HOW_TO_POINT_ELSEWHERE, find_dataset_dir
+
+PathLike = str | os.PathLike[str]
+
+# ---------------------------------------------------------------------------------------------- templates
+DIGIT_WORDS: list[str] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+# Templates are lists of strings with one "{}" for the class name. Train and held-out sets are disjoint.
+MNIST_TRAIN_TEMPLATES: list[str] = [
+    "a photo of the number {}.",
+    "a handwritten {}.",
+    "the digit {}.",
+    "an image of a {}.",
+    "a drawing of the number {}.",
+    "a black and white photo of a {}.",
+    "a scan of a handwritten {}.",
+    "{}.",
+]
+MNIST_HELDOUT_TEMPLATES: list[str] = [
+    "a picture of the digit {}.",
+    "a close-up photo of a {}.",
+    "this is a {}.",
+    "a blurry image of the number {}.",
+    "someone wrote the digit {}.",
+    "a low resolution photo of the number {}.",
+]
+# From CLIP's ImageNet / CIFAR prompt list, split in two.
+CIFAR10_TRAIN_TEMPLATES: list[str] = [
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a photo of the {}.",
+    "a low resolution photo of the {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a photo of a big {}.",
+    "a pixelated photo of the {}.",
+]
+CIFAR10_HELDOUT_TEMPLATES: list[str] = [
+    "a black and white photo of the {}.",
+    "a photo of the small {}.",
+    "a good photo of the {}.",
+    "a cropped photo of a {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a photo of my {}.",
+]
+
+# CLIP's image normalisation (used for photos: Flickr8k, user CSVs).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def check_templates(train: Sequence[str], heldout: Sequence[str]) -> None:
+    """Raise a ValueError unless both lists are non-empty, every template has exactly one ``{}``, and no
+    held-out template appears among the training templates (compared case- and space-insensitively)."""
+    for name, group in (("train_templates", train), ("zero_shot_templates", heldout)):
+        if not group:
+            raise ValueError(f"{name} must not be empty")
+        bad = [t for t in group if not isinstance(t, str) or t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"every template needs exactly one '{{}}' for the class name; bad in {name}: {bad}")
+    norm = {" ".join(t.lower().split()) for t in train}
+    overlap = [t for t in heldout if " ".join(t.lower().split()) in norm]
+    if overlap:
+        raise ValueError(f"zero-shot templates must not be seen in training; these are in both: {overlap}")
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+@lru_cache(maxsize=8)
+def _simple_tokenizer(context_length: int):
+    from open_clip.tokenizer import SimpleTokenizer  # its BPE vocabulary ships inside the package
+
+    return SimpleTokenizer(context_length=context_length)
+
+
+class CaptionTokenizer:
+    """open_clip's BPE tokenizer at a given ``context_length``: ``tokenizer(list of str) -> int64 [N, L]``.
+
+    ``<start_of_text>`` = 49406, ``<end_of_text>`` = 49407, padding 0, vocabulary size 49408 (the LIMoE
+    config's defaults). Captions are lower-cased and whitespace-cleaned by open_clip; long ones are cut with
+    the end token kept.
+    """
+
+    vocab_size = 49408
+    sot_token_id, eot_token_id, pad_token_id = 49406, 49407, 0
+
+    def __init__(self, context_length: int = 16) -> None:
+        self.context_length = check_positive_int("context_length", context_length, minimum=3)
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if any(not isinstance(t, str) for t in texts):
+            raise TypeError("captions must be strings")
+        if not texts:
+            return torch.zeros(0, self.context_length, dtype=torch.long)
+        return _simple_tokenizer(self.context_length)(texts).to(torch.long)
+
+    def mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Valid positions: up to and including the end token (padding after it is False)."""
+        from zoo.models.limoe import text_mask_from_tokens
+
+        return text_mask_from_tokens(tokens, self.eot_token_id, self.pad_token_id)
+
+    def __repr__(self) -> str:
+        return f"CaptionTokenizer(open_clip BPE, context_length={self.context_length})"
+
+
+# ------------------------------------------------------------------------------------ shared datamodule
+class _ImageTextDataModule(L.LightningDataModule):
+    """Loaders and the attributes every image-text datamodule shares (see the module docstring)."""
+
+    image_size: int
+    in_chans: int
+    class_names: Optional[list[str]] = None
+    zero_shot_templates: Optional[list[str]] = None
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int, context_length: int,
+                 pin_memory: bool = False) -> None:
+        super().__init__()
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.num_workers = check_positive_int("num_workers", num_workers, minimum=0)
+        self.seed = check_positive_int("seed", seed, minimum=0)
+        self.context_length = check_positive_int("context_length", context_length, minimum=3)
+        self.pin_memory = bool(pin_memory)
+        self.tokenizer = CaptionTokenizer(self.context_length)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self._generator: torch.Generator | None = None
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set, self.test_set = self.build_splits()
+            self._generator = torch.Generator().manual_seed(self.seed)
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called before using the dataloaders")
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                          generator=self._generator if shuffle else None, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                          drop_last=shuffle and len(dataset) > self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+# ---------------------------------------------------------------------------------- class captions
+class ClassCaptionDataset(Dataset):
+    """Images of a classification dataset, each paired with a caption ``template.format(class name)``.
+
+    Every (class, template) caption is tokenized once: ``table [num_classes, T, L]``. ``train=True`` draws a
+    random template per access (torch's global RNG, seeded by Lightning / the loader workers);
+    ``train=False`` uses template ``i % T`` for item ``i`` (deterministic).
+    """
+
+    def __init__(self, images: Dataset, class_names: Sequence[str], templates: Sequence[str],
+                 tokenizer: CaptionTokenizer, train: bool) -> None:
+        self.images = images
+        self.templates = list(templates)
+        captions = [t.format(c) for c in class_names for t in self.templates]
+        self.table = tokenizer(captions).reshape(len(class_names), len(self.templates), -1)
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, label = self.images[i]
+        T = len(self.templates)
+        t = int(torch.randint(T, ())) if self.train else i % T
+        return {"image": image, "text": self.table[int(label), t], "label": torch.as_tensor(label, dtype=torch.long)}
+
+
+class ClassCaptionDataModule(_ImageTextDataModule):
+    """Class-name captions for an image-classification dataset, for contrastive training + zero-shot eval.
+
+    Args:
+        dataset: "mnist", "cifar10_sprites" or "digits" (one of ``zoo.data.IMAGE_CLASSIFICATION_DATAMODULES``
+            except "image_folder"); its datamodule loads the images and gives the train / val / test split.
+        data_dir: data root (None: ``$ZOO_DATA``, then ``<repo>/../shared/data``; see :mod:`zoo.data.paths`).
+        class_names: the words put into captions; default: digit words ("zero" .. "nine") for MNIST / digits,
+            the dataset's class names otherwise.
+        train_templates / zero_shot_templates: caption templates with one ``{}``; defaults per dataset
+            (``MNIST_*`` / ``CIFAR10_*`` in this module). They must be disjoint: zero-shot accuracy is measured
+            with templates never seen in training.
+        context_length: text length in tokens.
+        dataset_kwargs: extra arguments of the classification datamodule (e.g. ``val_size``, ``augment``).
+
+    Val / test items carry captions from the held-out templates (for a val contrastive loss); the zero-shot
+    classifier itself is built by the task from ``class_names`` x ``zero_shot_templates``.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        data_dir: PathLike | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        context_length: int = 16,
+        class_names: Optional[Sequence[str]] = None,
+        train_templates: Optional[Sequence[str]] = None,
+        zero_shot_templates: Optional[Sequence[str]] = None,
+        dataset_kwargs: Optional[dict[str, Any]] = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, context_length, pin_memory)
+        from zoo.data import IMAGE_CLASSIFICATION_DATAMODULES
+
+        choices = sorted(k for k in IMAGE_CLASSIFICATION_DATAMODULES if k != "image_folder")
+        if dataset not in choices:
+            raise ValueError(f"dataset must be one of {choices}, got {dataset!r} "
+                             "(for your own photos with captions use ImageTextCSVDataModule)")
+        kwargs = dict(dataset_kwargs or {})
+        if dataset != "digits":
+            kwargs.setdefault("data_dir", data_dir)
+        self.source = IMAGE_CLASSIFICATION_DATAMODULES[dataset](batch_size=batch_size, seed=seed, **kwargs)
+        self.dataset = dataset
+        digit_like = dataset in ("mnist", "digits")
+        self.class_names = list(class_names) if class_names is not None else (
+            list(DIGIT_WORDS) if digit_like else list(self.source.class_names))
+        if len(self.class_names) != self.source.num_classes:
+            raise ValueError(f"{dataset} has {self.source.num_classes} classes, got {len(self.class_names)} class_names")
+        default_train, default_heldout = ((MNIST_TRAIN_TEMPLATES, MNIST_HELDOUT_TEMPLATES) if digit_like
+                                          else (CIFAR10_TRAIN_TEMPLATES, CIFAR10_HELDOUT_TEMPLATES))
+        self.train_templates = list(train_templates) if train_templates is not None else list(default_train)
+        self.zero_shot_templates = (list(zero_shot_templates) if zero_shot_templates is not None
+                                    else list(default_heldout))
+        check_templates(self.train_templates, self.zero_shot_templates)
+        self.image_size = int(self.source.image_size)
+        self.in_chans = int(self.source.in_chans)
+        self.num_classes = int(self.source.num_classes)
+        self.save_hyperparameters()
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        train, val, test = self.source.build_splits()
+        return (ClassCaptionDataset(train, self.class_names, self.train_templates, self.tokenizer, train=True),
+                ClassCaptionDataset(val, self.class_names, self.zero_shot_templates, self.tokenizer, train=False),
+                ClassCaptionDataset(test, self.class_names, self.zero_shot_templates, self.tokenizer, train=False))
+
+
+# ------------------------------------------------------------------------------------- real captions
+def read_caption_csv(path: PathLike) -> "OrderedDict[str, list[str]]":
+    """``image,caption`` CSV (header required) -> {image file name: [captions]} in first-seen order.
+
+    Raises FileNotFoundError for a missing file and ValueError (naming the file and row) for a missing
+    header column, an empty image name or caption, or a file without rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption CSV not found: {path}. It needs a header 'image,caption' and one row "
+                                "per caption; several rows may share an image.")
+    groups: OrderedDict[str, list[str]] = OrderedDict()
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in (reader.fieldnames or [])]
+        if "image" not in fields or "caption" not in fields:
+            raise ValueError(f"{path}: header must have columns 'image' and 'caption', got {fields}")
+        reader.fieldnames = fields
+        for row_no, row in enumerate(reader, start=2):
+            image, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
+            if not image or not caption:
+                raise ValueError(f"{path} line {row_no}: empty image name or caption ({row})")
+            groups.setdefault(image, []).append(caption)
+    if not groups:
+        raise ValueError(f"{path} has a header but no rows")
+    return groups
+
+
+def load_images(paths: Sequence[Path], image_size: int) -> torch.Tensor:
+    """Decode, resize the shorter side to ``image_size`` and centre-crop: -> uint8 [N, 3, S, S]."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as img:
+                img = img.convert("RGB")
+                w, h = img.size
+                scale = image_size / min(w, h)
+                nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+                img = img.resize((nw, nh), Image.BICUBIC)
+                left, top = (nw - image_size) // 2, (nh - image_size) // 2
+                img = img.crop((left, top, left + image_size, top + image_size))
+                out[i] = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"cannot read image {p}: {type(err).__name__}: {err}") from err
+    return torch.from_numpy(out)
+
+
+class CaptionedImageDataset(Dataset):
+    """Images (an :class:`InMemoryImageDataset` whose labels are image indices) with their tokenized captions.
+
+    ``captions [N_images, K, L]`` (rows past ``num_captions[i]`` are padding). ``train=True``: one random
+    caption of the image per access, ``"text" [L]``; ``train=False``: all, ``"text" [K, L]`` and
+    ``"num_captions"``.
+    """
+
+    def __init__(self, images: InMemoryImageDataset, captions: torch.Tensor, num_captions: torch.Tensor,
+                 train: bool) -> None:
+        self.images, self.captions, self.num_captions, self.train = images, captions, num_captions, train
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, index = self.images[i]
+        row = int(index)
+        n = int(self.num_captions[row])
+        if self.train:
+            return {"image": image, "text": self.captions[row, int(torch.randint(n, ()))], "label": index}
+        return {"image": image, "text": self.captions[row], "label": index,
+                "num_captions": torch.as_tensor(n, dtype=torch.long)}
+
+
+class ImageTextCSVDataModule(_ImageTextDataModule):
+    """A CSV of ``image,caption`` rows + an image folder, split BY IMAGE (seeded) into train and test.
+
+    Args:
+        csv_path: the CSV (header ``image,caption``; an image may have several rows).
+        image_root: folder the ``image`` column is relative to; default: ``<csv folder>/images`` if it
+            exists, else the CSV's folder.
+        image_size: images are resized (shorter side) and centre-cropped to this once, kept in memory as uint8.
+        num_train / num_test: images per split (ints) - together at most the number of images; None for
+            ``num_test`` = all images not in train; None for ``num_train`` = 80 % of the images.
+        num_val: images held out of train for validation; 0 = validate on the test split (monitoring only;
+            nothing is selected on it).
+        augment: random crop (zero padding ``image_size // 8``) + horizontal flip on train images.
+        max_captions: captions kept per image (first ones); None = all (eval pads to the largest count).
+        mean, std: normalisation (default CLIP's).
+    """
+
+    def __init__(
+        self,
+        csv_path: PathLike = "captions.csv",
+        image_root: PathLike | None = None,
+        image_size: int = 64,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        context_length: int = 32,
+        num_train: Optional[int] = None,
+        num_test: Optional[int] = None,
+        num_val: int = 0,
+        augment: bool = True,
+        max_captions: Optional[int] = None,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, context_length, pin_memory)
+        self.csv_path = csv_path
+        self.image_root = image_root
+        self.image_size = check_positive_int("image_size", image_size, minimum=4)
+        self.in_chans = 3
+        self.num_train, self.num_test = num_train, num_test
+        self.num_val = check_positive_int("num_val", num_val, minimum=0)
+        self.augment = bool(augment)
+        self.max_captions = max_captions
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.image_names: list[str] = []
+        self.split_indices: dict[str, np.ndarray] = {}
+        self.save_hyperparameters()
+
+    def resolve_paths(self) -> tuple[Path, Path]:
+        """(CSV file, image folder); FileNotFoundError when either is missing."""
+        csv_file = Path(self.csv_path).expanduser()
+        if not csv_file.is_file():
+            raise FileNotFoundError(f"caption CSV not found: {csv_file}. Pass csv_path (CLI: --data.csv_path).")
+        if self.image_root is not None:
+            root = Path(self.image_root).expanduser()
+        else:
+            root = csv_file.parent / "images" if (csv_file.parent / "images").is_dir() else csv_file.parent
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}. Pass image_root (CLI: --data.image_root).")
+        return csv_file, root
+
+    def _split_counts(self, n: int) -> tuple[int, int]:
+        n_train = int(round(0.8 * n)) if self.num_train is None else int(self.num_train)
+        n_test = n - n_train if self.num_test is None else int(self.num_test)
+        if n_train < 1 or n_test < 1 or n_train + n_test > n:
+            raise ValueError(f"num_train={self.num_train} / num_test={self.num_test} do not fit the {n} images "
+                             "of the CSV (need >= 1 each and at most the total)")
+        if self.num_val >= n_train:
+            raise ValueError(f"num_val={self.num_val} must be smaller than the {n_train} train images")
+        return n_train, n_test
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        csv_file, root = self.resolve_paths()
+        groups = read_caption_csv(csv_file)
+        names = list(groups)
+        paths = [root / name for name in names]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise FileNotFoundError(f"{len(missing)} image(s) named in {csv_file} are missing under {root}: "
+                                    f"{', '.join(missing[:5])}{more}")
+        n_train, n_test = self._split_counts(len(names))
+        order = np.random.default_rng(self.seed).permutation(len(names))
+        train_idx, test_idx = np.sort(order[:n_train]), np.sort(order[n_train:n_train + n_test])
+        val_idx = test_idx
+        if self.num_val:
+            perm = np.random.default_rng(self.seed + 1).permutation(train_idx)
+            val_idx, train_idx = np.sort(perm[:self.num_val]), np.sort(perm[self.num_val:])
+        self.image_names = names
+        self.split_indices = {"train": train_idx, "val": val_idx, "test": test_idx}
+        K = max(len(c) for c in groups.values())
+        if self.max_captions is not None:
+            K = min(K, check_positive_int("max_captions", self.max_captions))
+        counts = torch.tensor([min(len(groups[n]), K) for n in names])
+        flat = [c for n in names for c in (groups[n][:K] + [""] * (K - min(len(groups[n]), K)))]
+        captions = self.tokenizer(flat).reshape(len(names), K, -1)
+        captions[torch.arange(K).expand(len(names), K) >= counts[:, None]] = self.tokenizer.pad_token_id
+        used = np.concatenate([train_idx, val_idx, test_idx])
+        keep = np.zeros(len(names), dtype=bool)
+        keep[used] = True
+        pixels = torch.zeros(len(names), 3, self.image_size, self.image_size, dtype=torch.uint8)
+        pixels[torch.from_numpy(keep)] = load_images([paths[i] for i in np.flatnonzero(keep)], self.image_size)
+        ids = torch.arange(len(names))
+        augment = random_crop_flip(max(1, self.image_size // 8)) if self.augment else None
+
+        def split(idx: np.ndarray, train: bool) -> CaptionedImageDataset:
+            images = InMemoryImageDataset(pixels, ids, self.mean, self.std, pixel_max=255.0, indices=idx,
+                                          augment=augment if train else None)
+            return CaptionedImageDataset(images, captions, counts, train)
+
+        return split(train_idx, True), split(val_idx, False), split(test_idx, False)
+
+
+class Flickr8kDataModule(ImageTextCSVDataModule):
+    """The shared Flickr8k 1k subset: ``<data root>/flickr8k_1k_subset/{captions.txt, images/}``, 1000 photos
+    with 5 human captions each, split by image into ``num_train`` (800) / ``num_test`` (200), seeded.
+
+    Args:
+        data_dir: data root (or the subset folder itself); None -> ``$ZOO_DATA``, then
+            ``<repo root>/../shared/data`` (see :mod:`zoo.data.paths`).
+        Other arguments as :class:`ImageTextCSVDataModule`.
+    """
+
+    FOLDER = "flickr8k_1k_subset"
+    CAPTIONS = "captions.txt"
+
+    def __init__(
+        self,
+        data_dir: PathLike | None = None,
+        image_size: int = 64,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        context_length: int = 32,
+        num_train: int = 800,
+        num_test: int = 200,
+        num_val: int = 0,
+        augment: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(csv_path=self.CAPTIONS, image_root=None, image_size=image_size, batch_size=batch_size,
+                         num_workers=num_workers, seed=seed, context_length=context_length, num_train=num_train,
+                         num_test=num_test, num_val=num_val, augment=augment, pin_memory=pin_memory)
+        self.data_dir = data_dir
+        self.save_hyperparameters()
+
+    def resolve_paths(self) -> tuple[Path, Path]:
+        folder = find_dataset_dir(self.FOLDER, self.data_dir, marker_files=[self.CAPTIONS])
+        csv_file, images = folder / self.CAPTIONS, folder / "images"
+        missing = [p.name for p in (csv_file, images) if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"Flickr8k folder {folder} lacks {', '.join(missing)}; it needs captions.txt "
+                                    f"(CSV image,caption) and images/. {HOW_TO_POINT_ELSEWHERE}")
+        return csv_file, images

@@ -1,0 +1,603 @@
+"""Contrastive image-text training (LIMoE, or any dual encoder with the same interface) as a LightningModule.
+
+    batch {"image", "text", "label"} -> model(images, text) -> normalised image / text embeddings
+    loss = symmetric InfoNCE (softmax, CLIP; open_clip's ClipLoss) or sigmoid (SigLIP) + model aux loss
+
+The loss kind and the learned temperature (and SigLIP bias) belong to the model (``model.config.loss``,
+``model.scale_and_bias()``). ``positives="labels"`` treats every pair of items with the same ``label`` as
+positive (multi-positive InfoNCE / sigmoid targets): class-caption data has many captions of one class per
+batch, which plain InfoNCE would push apart as negatives.
+
+Evaluation (val / test), from the datamodule (:mod:`zoo.data.image_text`):
+
+- zero-shot classification when it has ``class_names`` and ``zero_shot_templates``: class embedding = the
+  normalised mean of the normalised prompt embeddings (CLIP prompt ensembling); top-1 accuracy
+  (torchmetrics) of ``argmax_c image . class_c`` -> ``<split>/zero_shot_acc`` (+ ``_top5`` with > 5 classes);
+- retrieval when batches carry all captions of each image (``"text" [B, K, L]`` + ``"num_captions"``):
+  image->text and text->image recall@K -> ``<split>/i2t_R@K``, ``<split>/t2i_R@K`` (an image->text hit is
+  any of the image's captions in the top K);
+- the contrastive loss on single-caption batches -> ``<split>/loss``;
+- routing by modality (:class:`ModalityRoutingSummary`): per MoE layer, how many image / text tokens each
+  expert got, the router's mean per-token entropy per modality, how many experts each modality effectively
+  uses and how differently the two modalities route (Jensen-Shannon divergence). PNG plots (``zoo.plots``)
+  after every test and, with ``plot_val``, every validation.
+
+Evaluation gathers embeddings in one process (retrieval needs all of them); run it on one device.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from zoo.moe import MoELayer
+from zoo.registry import create_model
+from zoo.tasks.optim import DecayName, OptimizerName, build_optimizer, build_scheduler
+
+MODALITY_NAMES = ("image", "text")
+# Model config keys the datamodule decides (the task takes them in setup()).
+DATA_DIMS = ("in_chans", "image_size", "context_length")
+
+
+# -------------------------------------------------------------------------------------------- losses
+def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor,
+                     logit_bias: Optional[Tensor] = None, kind: Literal["softmax", "sigmoid"] = "softmax",
+                     positives: Optional[Tensor] = None) -> Tensor:
+    """Contrastive loss of N normalised image / text embedding pairs ([N, D] each).
+
+    ``kind="softmax"``: symmetric InfoNCE ``(CE(logits, y) + CE(logits.T, y)) / 2`` with
+    ``logits = scale * img @ txt.T``, via open_clip's ``ClipLoss`` when the pairs are the only positives;
+    with a ``positives`` [N, N] bool matrix the targets of each row / column are uniform over its positives.
+    ``kind="sigmoid"``: SigLIP, ``-sum log sigmoid(z_ij * (scale * img_i . txt_j + bias)) / N`` with
+    ``z = +1`` for positives, ``-1`` otherwise (open_clip's ``SigLipLoss`` without ``positives``).
+    """
+    if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
+        raise ValueError(f"need image and text embeddings of equal shape [N, D], got {tuple(image_embeds.shape)} "
+                         f"and {tuple(text_embeds.shape)}")
+    N = image_embeds.shape[0]
+    if positives is not None:
+        positives = positives.to(torch.bool)
+        if positives.shape != (N, N) or not positives.diagonal().all():
+            raise ValueError("positives must be an [N, N] bool matrix with a true diagonal")
+        if bool((positives.sum(1) == 1).all()):
+            positives = None  # only the pairs: the standard losses
+    img, txt = image_embeds.float(), text_embeds.float()
+    scale = logit_scale.float()
+    if kind == "softmax":
+        if positives is None:
+            from open_clip.loss import ClipLoss
+
+            return ClipLoss()(img, txt, scale)
+        logits = scale * img @ txt.t()
+        t = positives.float()
+        return (F.cross_entropy(logits, t / t.sum(1, keepdim=True))
+                + F.cross_entropy(logits.t(), t.t() / t.t().sum(1, keepdim=True))) / 2
+    if kind == "sigmoid":
+        if logit_bias is None:
+            raise ValueError("the sigmoid loss needs the model's logit_bias (config loss='sigmoid')")
+        if positives is None:
+            from open_clip.loss import SigLipLoss
+
+            return SigLipLoss()(img, txt, scale, logit_bias.float())
+        logits = scale * img @ txt.t() + logit_bias.float()
+        z = positives.float() * 2 - 1
+        return -F.logsigmoid(z * logits).sum() / N
+    raise ValueError(f"unknown contrastive loss {kind!r}; expected 'softmax' or 'sigmoid'")
+
+
+# ----------------------------------------------------------------------------------------- metrics
+def retrieval_recall(similarity: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@K both ways from ``similarity [N_images, N_texts]`` and each text's image ``text_to_image
+    [N_texts]``. image->text: an image is a hit when ANY of its texts is among its K most similar texts;
+    text->image: a text is a hit when its image is among its K most similar images. Ties count against
+    (strictly-greater scores rank ahead). Returns ``{"i2t_R@K": %, "t2i_R@K": %}`` in percent."""
+    n_img, n_txt = similarity.shape
+    sim = similarity.float()
+    owner = text_to_image.long()
+    # text -> image: rank of the true image = number of images scoring strictly higher.
+    true_t2i = sim[owner, torch.arange(n_txt)]  # [N_txt]
+    rank_t2i = (sim > true_t2i.unsqueeze(0)).sum(0)  # [N_txt]
+    # image -> text: best rank among the image's own texts.
+    is_own = owner.unsqueeze(0) == torch.arange(n_img).unsqueeze(1)  # [N_img, N_txt]
+    best_own = torch.where(is_own, sim, torch.full_like(sim, -float("inf"))).max(1).values  # [N_img]
+    rank_i2t = (sim > best_own.unsqueeze(1)).sum(1)
+    has_text = is_own.any(1)
+    out = {}
+    for k in ks:
+        out[f"i2t_R@{k}"] = 100.0 * float((rank_i2t[has_text] < k).float().mean()) if has_text.any() else float("nan")
+        out[f"t2i_R@{k}"] = 100.0 * float((rank_t2i < k).float().mean()) if n_txt else float("nan")
+    return out
+
+
+def retrieval_chance(num_images: int, captions_per_image: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Expected recall@K (percent) of a random ranking: t2i ``K / N_images``; i2t ``1 - C(T - c, K) / C(T, K)``
+    with T texts of which c belong to the image."""
+    T, c = num_images * captions_per_image, captions_per_image
+    out = {}
+    for k in ks:
+        miss = math.comb(T - c, k) / math.comb(T, k) if T - c >= k else 0.0
+        out[f"i2t_R@{k}"] = 100.0 * (1 - miss)
+        out[f"t2i_R@{k}"] = 100.0 * min(1.0, k / num_images)
+    return out
+
+
+@torch.no_grad()
+def zero_shot_classifier(model: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
+                         batch_size: int = 256) -> Tensor:
+    """``[C, D]`` class embeddings: the normalised mean over ``templates`` of the normalised prompt
+    embeddings ``model.encode_text(tokenizer(template.format(class)))`` (CLIP prompt ensembling)."""
+    prompts = [t.format(c) for c in class_names for t in templates]
+    tokens = tokenizer(prompts).to(next(model.parameters()).device)
+    embeds = torch.cat([model(text=chunk).text_embeds for chunk in tokens.split(batch_size)])
+    embeds = embeds.reshape(len(class_names), len(templates), -1).mean(1)
+    return F.normalize(embeds, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------ routing
+def moe_layer_names(model: nn.Module) -> list[str]:
+    """``"block<i>"`` per MoE layer of ``model`` in forward order."""
+    import re
+
+    names = []
+    for path, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            m = re.search(r"blocks\.(\d+)", path)
+            names.append(f"block{m.group(1)}" if m else path.replace(".", "_"))
+    return names
+
+
+def _entropy(p: Tensor, dim: int = -1) -> Tensor:
+    return -(p * p.clamp_min(1e-20).log()).sum(dim)
+
+
+@dataclass
+class ModalityRoutingSummary:
+    """How each MoE layer routed each modality during one evaluation pass (index l of ``layer_names``).
+
+    counts [L, M, E]: kept top-k assignments of modality m's tokens to expert e.
+    mean_probs [L, M, E]: the router's mean (clean) probability per expert over modality m's valid tokens.
+    token_entropy [L, M]: mean per-token router entropy (nats) over modality m's valid tokens (the LIMoE
+        local entropy).
+    tokens [L, M]: valid tokens seen.
+    """
+
+    layer_names: list[str]
+    counts: Tensor
+    mean_probs: Tensor
+    token_entropy: Tensor
+    tokens: Tensor
+    modality_names: tuple[str, ...] = MODALITY_NAMES
+
+    def usage(self) -> Tensor:
+        """[L, M, E]: each modality's distribution of kept assignments over experts."""
+        return self.counts / self.counts.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    def effective_experts(self) -> Tensor:
+        """[L, M]: ``exp(H(usage))``, the number of experts a modality effectively uses (1..E)."""
+        return _entropy(self.usage()).exp()
+
+    def global_entropy(self) -> Tensor:
+        """[L, M]: entropy of the mean router distribution (the LIMoE global entropy), nats."""
+        return _entropy(self.mean_probs)
+
+    def js_divergence(self) -> Tensor:
+        """[L]: Jensen-Shannon divergence (bits, 0..1) between the image and the text usage."""
+        u = self.usage()
+        p, q = u[:, 0], u[:, 1]
+        m = (p + q) / 2
+        kl = lambda a, b: (a * (a.clamp_min(1e-20) / b.clamp_min(1e-20)).log()).sum(-1)  # noqa: E731
+        return ((kl(p, m) + kl(q, m)) / 2) / math.log(2)
+
+    def image_share(self) -> Tensor:
+        """[L, E]: of an expert's (modality-balanced) load, the image part: ``u_img / (u_img + u_txt)``; NaN
+        for unused experts. 1 = image-only expert, 0 = text-only."""
+        u = self.usage()
+        total = u[:, 0] + u[:, 1]
+        return torch.where(total > 0, u[:, 0] / total.clamp_min(1e-12), torch.full_like(total, float("nan")))
+
+    def specialised_experts(self, threshold: float = 0.9, min_usage: float = 0.01) -> dict[str, list[int]]:
+        """Per layer, how many experts are image-specific (image share >= threshold), text-specific
+        (<= 1 - threshold) or shared, among experts that receive >= ``min_usage`` of either modality."""
+        share, u = self.image_share(), self.usage()
+        used = (u[:, 0] >= min_usage) | (u[:, 1] >= min_usage)
+        img = ((share >= threshold) & used).sum(-1).tolist()
+        txt = ((share <= 1 - threshold) & used).sum(-1).tolist()
+        both = (used.sum(-1) - torch.tensor(img) - torch.tensor(txt)).tolist()
+        return {"image_only": img, "text_only": txt, "shared": both}
+
+    def as_dict(self) -> dict[str, Any]:
+        eff, ent, glob, js = self.effective_experts(), self.token_entropy, self.global_entropy(), self.js_divergence()
+        spec = self.specialised_experts()
+        out: dict[str, Any] = {}
+        for i, name in enumerate(self.layer_names):
+            out[name] = {
+                "js_divergence_bits": round(float(js[i]), 4),
+                "image_only_experts": spec["image_only"][i],
+                "text_only_experts": spec["text_only"][i],
+                "shared_experts": spec["shared"][i],
+                "image_share_per_expert": [None if math.isnan(v) else round(v, 3) for v in self.image_share()[i].tolist()],
+            }
+            for m, mod in enumerate(self.modality_names):
+                out[name][mod] = {
+                    "usage": [round(v, 4) for v in self.usage()[i, m].tolist()],
+                    "effective_experts": round(float(eff[i, m]), 3),
+                    "token_entropy": round(float(ent[i, m]), 4),
+                    "global_entropy": round(float(glob[i, m]), 4),
+                    "tokens": int(self.tokens[i, m]),
+                }
+        return out
+
+    def means(self) -> dict[str, float]:
+        """Layer-averaged headline numbers (for logging and reports)."""
+        eff, ent = self.effective_experts().mean(0), self.token_entropy.mean(0)
+        spec = self.specialised_experts()
+        out = {"js_divergence_bits": float(self.js_divergence().mean()),
+               "image_only_experts": float(sum(spec["image_only"])) / max(1, len(self.layer_names)),
+               "text_only_experts": float(sum(spec["text_only"])) / max(1, len(self.layer_names))}
+        for m, mod in enumerate(self.modality_names):
+            out[f"effective_experts_{mod}"] = float(eff[m])
+            out[f"token_entropy_{mod}"] = float(ent[m])
+        return out
+
+
+class ModalityRoutingAccumulator:
+    """Sums routing statistics per layer and modality over evaluation batches.
+
+    Counts come from :class:`~zoo.moe.RoutingStats` (``tokens_per_expert_by_modality``); the router's
+    probabilities (for the entropies) from hooks on each :class:`MoELayer` while :meth:`attach` -ed.
+    """
+
+    def __init__(self, model: nn.Module, num_modalities: int = 2) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        self.layer_names = moe_layer_names(model)
+        L_, M = len(self.layers), num_modalities
+        E = self.layers[0].config.num_experts if self.layers else 1
+        self.counts = torch.zeros(L_, M, E, dtype=torch.float64)
+        self.prob_sum = torch.zeros(L_, M, E, dtype=torch.float64)
+        self.entropy_sum = torch.zeros(L_, M, dtype=torch.float64)
+        self.tokens = torch.zeros(L_, M, dtype=torch.float64)
+        self._handles: list = []
+        self._modality: dict[int, Optional[Tensor]] = {}
+
+    def attach(self) -> "ModalityRoutingAccumulator":
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            self._handles.append(layer.router.register_forward_hook(self._router_hook(i)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pre_hook(self, i: int):
+        def hook(module, args, kwargs):  # noqa: ANN001
+            mod = kwargs.get("modality", args[2] if len(args) > 2 else None)
+            self._modality[i] = None if mod is None else mod.detach()
+        return hook
+
+    def _router_hook(self, i: int):
+        def hook(module, args, output):  # noqa: ANN001
+            probs = getattr(output, "clean_probs", None)
+            if probs is None:
+                return
+            valid = args[1].reshape(-1)
+            p = probs.detach().reshape(-1, probs.shape[-1]).double()
+            mod = self._modality.get(i)
+            flat_mod = torch.zeros_like(valid, dtype=torch.long)
+            if mod is not None:  # grouping pads whole sequences at the end of the batch
+                m = mod.reshape(-1)
+                flat_mod[: m.numel()] = m
+            ent = _entropy(p)
+            for m_id in range(self.counts.shape[1]):
+                sel = (valid & (flat_mod == m_id)).cpu()
+                if sel.any():
+                    self.prob_sum[i, m_id] += p.cpu()[sel].sum(0)
+                    self.entropy_sum[i, m_id] += ent.cpu()[sel].sum()
+                    self.tokens[i, m_id] += float(sel.sum())
+        return hook
+
+    def update(self, routing: Sequence) -> None:
+        for i, stats in enumerate(routing[: len(self.layers)]):
+            self.counts[i] += stats.tokens_per_expert_by_modality.detach().cpu().double()
+
+    def summary(self) -> ModalityRoutingSummary:
+        tok = self.tokens.clamp_min(1)
+        return ModalityRoutingSummary(self.layer_names, self.counts.clone(), self.prob_sum / tok.unsqueeze(-1),
+                                      self.entropy_sum / tok, self.tokens.clone())
+
+
+def write_modality_routing_plots(summary: ModalityRoutingSummary, out_dir: str | Path, prefix: str = "routing",
+                                 title: str = "") -> list[Path]:
+    """PNG plots (``zoo.plots``) of one :class:`ModalityRoutingSummary`:
+
+    - ``<prefix>_by_modality.png``: rows = (layer, modality), columns = experts, each row the modality's share
+      of tokens per expert (which experts image vs text tokens use, per layer);
+    - ``<prefix>_expert_mix.png``: each expert's balanced image / text mix per layer (1 = image-only);
+    - ``<prefix>_utilisation_<modality>.png``: per-layer bars of each modality's expert shares.
+    """
+    from zoo.plots import plot_expert_utilisation, plot_routing_matrix
+
+    out_dir = Path(out_dir)
+    if not summary.layer_names:
+        return []
+    L_, M, E = summary.counts.shape
+    rows = [f"{name}/{mod}" for name in summary.layer_names for mod in summary.modality_names[:M]]
+    paths = [plot_routing_matrix(summary.counts.reshape(L_ * M, E), rows, out_dir / f"{prefix}_by_modality.png",
+                                 title=(title + ": " if title else "") + "share of each modality's tokens per expert",
+                                 normalize="row", row_label="layer / modality")]
+    if M >= 2:  # image share of each expert's modality-balanced load; NaN = unused expert
+        paths.append(plot_routing_matrix(summary.image_share(), summary.layer_names, out_dir / f"{prefix}_expert_mix.png",
+                                         title=(title + ": " if title else "") + "image share of each expert (1 = image only)",
+                                         normalize=None, row_label="layer", col_label="expert"))
+    for m, mod in enumerate(summary.modality_names[:M]):
+        paths.append(plot_expert_utilisation([summary.counts[i, m] for i in range(L_)], summary.layer_names,
+                                             out_dir / f"{prefix}_utilisation_{mod}.png",
+                                             title=(title + ": " if title else "") + f"{mod} tokens per expert"))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- task
+@dataclass
+class _EvalState:
+    image_embeds: list[Tensor] = field(default_factory=list)
+    labels: list[Tensor] = field(default_factory=list)
+    text_embeds: list[Tensor] = field(default_factory=list)
+    text_owner: list[Tensor] = field(default_factory=list)
+    num_images: int = 0
+    classifier: Optional[Tensor] = None
+    routing: Optional[ModalityRoutingAccumulator] = None
+
+
+class ContrastiveTask(L.LightningModule):
+    """Contrastive image-text training of a zoo dual encoder (LIMoE) with zero-shot / retrieval evaluation.
+
+    Args:
+        model: preset name for :func:`zoo.create_model` (e.g. ``"limoe_tiny_mnist"``).
+        model_overrides: changes to the preset's config (nested dicts or dotted keys, e.g.
+            ``{"encoder.moe.local_entropy_weight": 0.0}``).
+            The input geometry (``in_chans``, ``image_size``, ``context_length``) is taken from the datamodule
+            in :meth:`setup` unless given here.
+        positives: "pairs" (each image's own caption is its only positive) or "labels" (items with equal
+            ``batch["label"]`` are positives).
+        optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps: as
+            :class:`zoo.tasks.ImageClassificationTask` (AdamW; no decay on norms, biases, embeddings, position
+            embeddings, temperature).
+        aux_loss_weight: multiplies the model's auxiliary (MoE) loss; the per-loss weights live in the model
+            config (``encoder.moe.*_weight``).
+        retrieval_ks: the K of recall@K.
+        plot_val: also write routing plots after every validation (always after test).
+        plot_dir: where plots go; None = ``<trainer.log_dir or default_root_dir>/plots``.
+    """
+
+    def __init__(
+        self,
+        model: str = "limoe_tiny_test",
+        model_overrides: Optional[dict[str, Any]] = None,
+        positives: Literal["pairs", "labels"] = "pairs",
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        lr_decay: DecayName = "cosine",
+        min_lr_ratio: float = 0.0,
+        total_steps: Optional[int] = None,
+        aux_loss_weight: float = 1.0,
+        retrieval_ks: Sequence[int] = (1, 5, 10),
+        plot_val: bool = False,
+        plot_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if positives not in ("pairs", "labels"):
+            raise ValueError(f"positives must be 'pairs' or 'labels', got {positives!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.model = self._build_model()
+        self._eval: dict[str, _EvalState] = {}
+        self.val_routing: Optional[ModalityRoutingSummary] = None
+        self.test_routing: Optional[ModalityRoutingSummary] = None
+        self.last_metrics: dict[str, dict[str, float]] = {}
+        self.start_global_step: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------ model
+    def _build_model(self) -> nn.Module:
+        hp = self.hparams
+        model = create_model(hp.model, **dict(hp.model_overrides or {}))
+        for attr in ("scale_and_bias", "encode_text", "encode_image"):
+            if not hasattr(model, attr):
+                raise TypeError(f"model {hp.model!r} ({type(model).__name__}) is not a dual encoder: no {attr}()")
+        self.layer_names = moe_layer_names(model)
+        return model
+
+    def setup(self, stage: str) -> None:
+        """Take ``in_chans`` / ``image_size`` / ``context_length`` from the datamodule unless ``model_overrides``
+        sets them (then they must agree). They are recorded in ``hparams.model_overrides`` (so a checkpoint
+        rebuilds the same model); the model is rebuilt, before any weights load or optimiser exists, only when
+        the preset differs."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        overrides = dict(self.hparams.model_overrides or {})
+        rebuild = False
+        for key in DATA_DIMS:
+            want = getattr(dm, key, None)
+            if want is None:
+                continue
+            if overrides.get(key) is None:
+                rebuild |= getattr(self.model.config, key) != want
+                overrides[key] = int(want)
+            elif int(overrides[key]) != int(want):
+                raise ValueError(f"model_overrides {key}={overrides[key]} but the datamodule {type(dm).__name__} has "
+                                 f"{key}={want}; drop the override (it is taken from the data) or change the data")
+        self.hparams.model_overrides = overrides
+        if rebuild:
+            self.model = self._build_model()
+
+    def forward(self, images: Optional[Tensor] = None, text: Optional[Tensor] = None, text_mask: Optional[Tensor] = None):
+        return self.model(images=images, text=text, text_mask=text_mask)
+
+    def on_fit_start(self) -> None:
+        self.start_global_step = int(self.trainer.global_step)
+
+    # ----------------------------------------------------------------------------------------- losses
+    def _positives(self, batch: dict) -> Optional[Tensor]:
+        if self.hparams.positives == "labels" and "label" in batch:
+            labels = batch["label"]
+            return labels.unsqueeze(0) == labels.unsqueeze(1)
+        return None
+
+    def _loss(self, out, batch: dict) -> Tensor:
+        scale, bias = out.logit_scale, out.logit_bias
+        return contrastive_loss(out.image_embeds, out.text_embeds, scale, bias, self.model.config.loss,
+                                self._positives(batch))
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self(batch["image"], batch["text"], batch.get("text_mask"))
+        con = self._loss(out, batch)
+        aux = out.aux_loss.to(con.dtype)
+        loss = con + self.hparams.aux_loss_weight * aux
+        B = batch["image"].shape[0]
+        log = dict(on_step=True, on_epoch=False, batch_size=B)
+        self.log("train/loss", loss, prog_bar=True, **log)
+        self.log("train/contrastive", con, **log)
+        self.log("train/aux_loss", aux, **log)
+        self.log("train/logit_scale", out.logit_scale.detach(), **log)
+        for name, value in out.aux_losses.items():
+            self.log(f"train/aux/{name}", value.detach().float(), **log)
+        for name, img, txt in zip(self.layer_names, out.image_routing, out.text_routing):
+            self.log(f"train/moe/{name}/dropped_image", img.dropped_fraction.float(), **log)
+            self.log(f"train/moe/{name}/dropped_text", txt.dropped_fraction.float(), **log)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
+        return loss
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def _datamodule(self):
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def _start_eval(self, split: str) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            warnings.warn("ContrastiveTask evaluates per process (zero-shot / retrieval over the local shard)")
+        state = _EvalState()
+        state.routing = ModalityRoutingAccumulator(self.model).attach()
+        dm = self._datamodule()
+        names, templates = getattr(dm, "class_names", None), getattr(dm, "zero_shot_templates", None)
+        tokenizer = getattr(dm, "tokenizer", None)
+        if names and templates and tokenizer is not None:
+            state.classifier = zero_shot_classifier(self.model, tokenizer, names, templates)
+        self._eval[split] = state
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        state = self._eval[split]
+        images, text = batch["image"], batch.get("text")
+        out = self(images)
+        state.routing.update(out.routing)
+        state.image_embeds.append(out.image_embeds.float().cpu())
+        state.labels.append(batch["label"].cpu() if "label" in batch else torch.full((images.shape[0],), -1))
+        B = images.shape[0]
+        if text is not None and text.ndim == 3:  # all captions of each image: retrieval
+            n = batch.get("num_captions")
+            K = text.shape[1]
+            n = torch.full((B,), K, device=text.device) if n is None else n
+            keep = torch.arange(K, device=text.device).unsqueeze(0) < n.unsqueeze(1)  # [B, K]
+            owner = (torch.arange(B, device=text.device) + state.num_images).unsqueeze(1).expand(B, K)[keep]
+            tout = self(text=text[keep])
+            state.routing.update(tout.routing)
+            state.text_embeds.append(tout.text_embeds.float().cpu())
+            state.text_owner.append(owner.cpu())
+        elif text is not None:  # one caption per image: the contrastive loss
+            tout = self(text=text, text_mask=batch.get("text_mask"))
+            state.routing.update(tout.routing)
+            out.text_embeds, out.logit_scale, out.logit_bias = tout.text_embeds, tout.logit_scale, tout.logit_bias
+            loss = self._loss(out, batch)
+            self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=B, prog_bar=True)
+        state.num_images += B
+
+    def _finish_eval(self, split: str) -> dict[str, float]:
+        state = self._eval.pop(split)
+        state.routing.detach()
+        metrics: dict[str, float] = {}
+        if state.image_embeds:
+            img = torch.cat(state.image_embeds)
+            labels = torch.cat(state.labels)
+            if state.classifier is not None and (labels >= 0).all():
+                logits = img @ state.classifier.float().cpu().t()
+                C = logits.shape[1]
+                metrics["zero_shot_acc"] = 100.0 * float(MulticlassAccuracy(C, top_k=1, average="micro")(logits, labels))
+                if C > 5:
+                    metrics["zero_shot_acc_top5"] = 100.0 * float(
+                        MulticlassAccuracy(C, top_k=5, average="micro")(logits, labels))
+            if state.text_embeds:
+                txt, owner = torch.cat(state.text_embeds), torch.cat(state.text_owner)
+                metrics.update(retrieval_recall(img @ txt.t(), owner, self.hparams.retrieval_ks))
+        summary = state.routing.summary()
+        if summary.layer_names:
+            for k, v in summary.means().items():
+                metrics[f"routing/{k}"] = v
+        for k, v in metrics.items():
+            self.log(f"{split}/{k}", v, prog_bar=k in ("zero_shot_acc", "i2t_R@10"))
+        self.last_metrics[split] = dict(metrics)
+        setattr(self, f"{split}_routing", summary)
+        if summary.layer_names and (split == "test" or self.hparams.plot_val):
+            epoch = self.current_epoch if self._trainer is not None else 0
+            prefix = f"routing_{split}" + (f"_epoch{epoch}" if split == "val" else "")
+            try:
+                write_modality_routing_plots(summary, self.plot_dir(), prefix, title=f"{self.hparams.model} ({split})")
+            except (ValueError, OSError) as err:  # plots are a convenience, never fail a run
+                warnings.warn(f"routing plots skipped: {err}")
+        return metrics
+
+    def plot_dir(self) -> Path:
+        if self.hparams.plot_dir:
+            return Path(self.hparams.plot_dir)
+        if self._trainer is not None:
+            base = self.trainer.log_dir or self.trainer.default_root_dir
+            return Path(base) / "plots"
+        return Path("plots")
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    # ----------------------------------------------------------------------------------- optimiser
+    def schedule_total_steps(self) -> int:
+        if self.hparams.total_steps is not None:
+            return int(self.hparams.total_steps)
+        est = self.trainer.estimated_stepping_batches
+        if est is None or est == float("inf"):
+            raise ValueError("cannot infer the LR schedule length: set trainer max_steps or max_epochs, "
+                             "or the task's total_steps")
+        return max(1, int(est))
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        optimizer = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps)
+        scheduler = build_scheduler(optimizer, hp.warmup_steps, self.schedule_total_steps(), hp.lr_decay,
+                                    hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
