@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -61,7 +62,7 @@ MANIFEST_NAME = "manifest.json"
 LIBRARY_NAME = "moe-zoo"
 DEFAULT_HUB_ORG = os.environ.get("ZOO_HUB_ORG", "moe-zoo")
 TAG_KEYS = {"hf_hub_id", "revision", "file", "sha256", "size", "local_dir", "license", "input", "metrics",
-            "recipe", "overrides", "data", "default", "description"}
+            "recipe", "overrides", "data", "check", "default", "description"}
 
 PathLike = Union[str, os.PathLike]
 
@@ -679,7 +680,7 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, preset: Optio
     write_safetensors(tensors, tmp, metadata)
     os.chmod(tmp, 0o644)
     os.replace(tmp, out / WEIGHTS_NAME)
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    (out / CONFIG_NAME).write_text(dumps_json(config))
     meta = {"preset": preset, "tag": tag, "family": config["family"], "file": WEIGHTS_NAME,
             "sha256": sha256_file(out / WEIGHTS_NAME), "size": (out / WEIGHTS_NAME).stat().st_size,
             "license": license, "input": _json_safe(input) if input else None,
@@ -687,7 +688,7 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, preset: Optio
             "routing": _json_safe(routing) if routing else None, "hf_hub_id": hf_hub_id,
             "num_params": sum(t.numel() for t in tensors.values()), "zoo_version": zoo.__version__}
     meta = {k: v for k, v in meta.items() if v is not None}
-    (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / META_NAME).write_text(dumps_json(meta))
     if model_card:
         (out / CARD_NAME).write_text(model_card_text(config, meta))
     return out
@@ -842,6 +843,15 @@ def push_to_hub(model: nn.Module, repo_id: str, *, token: Optional[str] = None, 
 
 
 # ------------------------------------------------------------------------------------- manifest, export
+_SCALAR_LIST = re.compile(r"\[\s*((?:-?[\d.eE+-]+|true|false|null)(?:,\s*(?:-?[\d.eE+-]+|true|false|null))*)\s*\]")
+
+
+def dumps_json(obj: Any) -> str:
+    """Indented JSON with lists of numbers on one line (compact manifests and pretrained.json)."""
+    text = json.dumps(obj, indent=2)
+    return _SCALAR_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
+
+
 def manifest_path() -> Path:
     return weights_dir() / MANIFEST_NAME
 
@@ -864,7 +874,7 @@ def update_manifest(entry: Mapping[str, Any], path: Optional[PathLike] = None) -
     rows.append(dict(entry))
     data["weights"] = sorted(rows, key=lambda w: (w["name"], w["tag"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(dumps_json(data))
     return path
 
 
@@ -1025,6 +1035,41 @@ def split_eval_metrics(metrics: Optional[Mapping[str, Any]]) -> tuple[dict[str, 
     return {k: v for k, v in scalars.items() if v is not None}, routing
 
 
+def build_datamodule(data: Mapping[str, Any]) -> Any:
+    """The datamodule recorded in a tag's ``data`` (``class_path`` + ``init_args``), unknown arguments dropped."""
+    import importlib
+    import inspect
+
+    module, _, name = str(data["class_path"]).rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in dict(data.get("init_args") or {}).items() if k in params})
+
+
+@torch.no_grad()
+def prediction_check(model: nn.Module, data: Mapping[str, Any], max_images: int = 256) -> dict[str, Any]:
+    """Predictions on the first ``max_images`` test images (recorded datamodule, batch size and threads, fp32, CPU):
+    a fast reproducibility check stored with the weights, next to the full-split metrics."""
+    dm = build_datamodule(data)
+    dm.setup("test")
+    threads = torch.get_num_threads()
+    if data.get("num_threads"):
+        torch.set_num_threads(int(data["num_threads"]))
+    preds: list[int] = []
+    correct = 0
+    try:
+        model.eval()
+        for images, labels in dm.test_dataloader():
+            p = model(images).logits.argmax(-1)
+            preds += p.tolist()
+            correct += int((p == labels).sum())
+            if len(preds) >= max_images:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return {"split": "test", "first_n": len(preds), "correct": correct, "predictions": preds}
+
+
 def export_checkpoint(checkpoint: PathLike, preset: str, tag: str, out: PathLike, *,
                       metrics: Optional[Mapping[str, Any]] = None, recipe: Optional[Mapping[str, Any]] = None,
                       routing: Optional[Any] = None, hf_hub_id: Optional[str] = None,
@@ -1065,6 +1110,12 @@ def export_checkpoint(checkpoint: PathLike, preset: str, tag: str, out: PathLike
     input.setdefault("size", [cfg.in_chans, cfg.image_size, cfg.image_size])
     for k, v in _datamodule_input(data).items():
         input.setdefault(k, v)
+    check = None
+    if data:
+        try:
+            check = prediction_check(model, data)
+        except Exception as err:  # noqa: BLE001 - data not available here: the check is optional
+            logger.warning("no prediction check recorded (%s: %s)", type(err).__name__, err)
     metrics, eval_routing = split_eval_metrics(metrics)
     routing = routing if routing is not None else eval_routing
     hf_hub_id = hf_hub_id or f"{DEFAULT_HUB_ORG}/{preset}.{tag}"
@@ -1080,11 +1131,11 @@ def export_checkpoint(checkpoint: PathLike, preset: str, tag: str, out: PathLike
     entry = {"hf_hub_id": hf_hub_id, "file": WEIGHTS_NAME, "sha256": sha256_file(weights),
              "size": weights.stat().st_size, "local_dir": local_dir, "license": license,
              "input": _json_safe(input), "metrics": _json_safe(metrics) or None, "data": data,
-             "recipe": _json_safe(recipe) or None, "overrides": _json_safe(ov) or None}
+             "recipe": _json_safe(recipe) or None, "overrides": _json_safe(ov) or None, "check": check}
     entry = {k: v for k, v in entry.items() if v is not None}
     if update_registry:
         update_manifest({"name": preset, "tag": tag, **entry}, manifest)
-        write_preset_tag(preset, tag, entry, make_default=make_default)
+        write_preset_tag(preset, tag, {k: v for k, v in entry.items() if k != "check"}, make_default=make_default)
     return entry
 
 

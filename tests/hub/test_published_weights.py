@@ -4,8 +4,6 @@ accuracy (same datamodule, batch size and thread count as recorded)."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 
 import pytest
@@ -51,38 +49,38 @@ def test_manifest_entry_matches_preset_and_files(entry):
     assert (folder / "README.md").read_text().startswith("---\n")
 
 
-def _datamodule(data: dict):
-    module, _, name = data["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    params = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in (data.get("init_args") or {}).items() if k in params})
-
-
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
-def test_pretrained_true_offline_reproduces_accuracy(entry, offline):
+def test_pretrained_true_offline_reproduces_predictions(entry, offline):
+    """Fast check for every entry: the first test images' predictions recorded at export time."""
     model = zoo.create_model(entry["name"], pretrained=entry["tag"]).eval()
     assert model.pretrained_cfg["source"].startswith("local-dir:")
-    metrics, data = entry.get("metrics") or {}, entry.get("data")
-    if "accuracy" not in metrics or not data:
-        pytest.skip("no recorded accuracy / datamodule")
+    check, data = entry.get("check"), entry.get("data")
+    if not check or not data:
+        pytest.skip("no recorded prediction check / datamodule")
     try:
-        dm = _datamodule(data)
-        dm.setup("test")
+        got = hub.prediction_check(model, data, max_images=check["first_n"])
     except FileNotFoundError as err:
         pytest.skip(f"dataset not available here: {err}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(data.get("num_threads") or threads))
+    flips = sum(a != b for a, b in zip(got["predictions"], check["predictions"]))
+    assert got["first_n"] == check["first_n"] and flips <= 1, f"{flips} predictions differ"
+
+
+SMALL = [e for e in ENTRIES if (e.get("metrics") or {}).get("n_examples", 1 << 30) <= 2000]
+
+
+@pytest.mark.parametrize("entry", SMALL, ids=[f"{w['name']}.{w['tag']}" for w in SMALL])
+def test_pretrained_true_offline_reproduces_accuracy(entry, offline):
+    """Small test splits (digits): the full recorded test accuracy (large ones: eval.py --model ... --pretrained)."""
+    model = zoo.create_model(entry["name"], pretrained=entry["tag"]).eval()
+    metrics, data = entry["metrics"], entry["data"]
     try:
-        correct = n = 0
-        with torch.no_grad():
-            for images, labels in dm.test_dataloader():
-                correct += int((model(images).logits.argmax(-1) == labels).sum())
-                n += len(labels)
-    finally:
-        torch.set_num_threads(threads)
-    assert n == metrics.get("n_examples", n)
+        got = hub.prediction_check(model, data, max_images=1 << 30)
+    except FileNotFoundError as err:
+        pytest.skip(f"dataset not available here: {err}")
+    n = got["first_n"]
+    assert n == metrics["n_examples"]
     # same batches, same thread count: the same predictions; allow one flipped example for other BLAS builds
-    assert abs(correct / n - metrics["accuracy"]) <= 1.0 / n + 1e-9, (correct / n, metrics["accuracy"])
+    assert abs(got["correct"] / n - metrics["accuracy"]) <= 1.0 / n + 1e-9, (got["correct"] / n, metrics["accuracy"])
 
 
 def test_default_tag_is_used_by_pretrained_true(offline):
