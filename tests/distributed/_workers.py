@@ -105,6 +105,36 @@ def dispatch_worker(rank: int, world: int) -> None:
         for name, p in sharded.to_full().named_parameters():
             torch.testing.assert_close(p, getattr(full, name))
 
+    # The fused-kernel branch of the local expert computation (GPU only): run it on CPU with the kernel's
+    # plain-PyTorch reference standing in for the Triton kernel (same contract).
+    import zoo.moe.layer as layer_mod
+    from zoo.kernels import reference_moe
+    original = layer_mod._fused_moe_or_none
+    calls = []
+    layer_mod._fused_moe_or_none = lambda x, act: calls.append(act) or reference_moe
+    try:
+        g = torch.Generator().manual_seed(11)
+        full = StackedExperts(4, D, H, "swiglu", False)
+        with torch.no_grad():
+            for p in full.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        T = [10, 6]
+        xs = [torch.randn(t, D, generator=g) for t in T]
+        slots = _routing_case("topk", T, 4, 2, g)
+        ref = copy.deepcopy(full)
+        ref_y = [sorted_dispatch(x, *s, ref) for x, s in zip(xs, slots)]
+        sum(y.square().sum() for y in ref_y).backward()
+        sharded = ShardedExperts.from_full(copy.deepcopy(full), ep, grad_scale=1.0)
+        assert sharded.dispatch == "auto"
+        y = expert_parallel_dispatch(xs[rank], *slots[rank], sharded)
+        y.square().sum().backward()
+        assert calls == ["swiglu"], calls
+        torch.testing.assert_close(y, ref_y[rank].detach(), **TOL)
+        for name, p in sharded.named_parameters():
+            torch.testing.assert_close(p.grad, sharded.local_slice(getattr(ref, name).grad), **TOL)
+    finally:
+        layer_mod._fused_moe_or_none = original
+
     # Soft MoE slots: [E, N_r, D] with N differing between ranks.
     torch.manual_seed(5)
     g = torch.Generator().manual_seed(5)
@@ -158,6 +188,11 @@ def layer_worker(rank: int, world: int) -> None:
         torch.testing.assert_close(x.grad, ref_out[rank][1], **TOL, msg=lambda m, _w=cfg.router: f"{_w}: {m}")
         for name, p in ep_layer.experts.named_parameters():  # summed over both ranks' batches
             torch.testing.assert_close(p.grad, ep_layer.experts.local_slice(getattr(ref.experts, name).grad), **TOL)
+        # bf16 autocast (tokens travel in bf16): same result as the complete layer under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = ep_layer(xs[rank])
+            ref16 = ref(xs[rank])
+        torch.testing.assert_close(y16.float(), ref16.float(), rtol=2e-2, atol=2e-2)
         # deepcopy of a sharded layer works (EMA callbacks copy models) and keeps scaling expert gradients
         ep_layer.aux = None
         twin = copy.deepcopy(ep_layer)

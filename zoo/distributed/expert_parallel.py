@@ -68,6 +68,7 @@ class ShardedExperts(StackedExperts):
         self.dim, self.hidden_dim, self.activation = full.dim, full.hidden_dim, full.activation
         self.num_experts, self.num_global_experts, self.offset = local, E, ep.rank * local
         self.ep, self.grad_scale = ep, grad_scale
+        self.dispatch = "auto"  # the layer's MoEConfig.dispatch, set by shard_experts (fused kernel on CUDA)
         sl = slice(self.offset, self.offset + local)
         for name in _param_order(full):  # the full module's registration order: optimizer state ids match
             p = getattr(full, name)
@@ -128,6 +129,25 @@ class ShardedExperts(StackedExperts):
             setattr(full, name, None if p is None else nn.Parameter(self.gather(p), requires_grad=p.requires_grad))
         return full
 
+    def forward_local(self, x: Tensor, expert_ids: Tensor, counts: list[int]) -> Tensor:
+        """This rank's experts on rows sorted by local expert (``expert_ids`` [N], ``counts[e]`` rows each):
+        the fused GPU kernel where the layer's dispatch setting allows it (as ``MoELayer`` does), else
+        one matmul pair per expert."""
+        if self.dispatch in ("auto", "fused"):
+            from zoo.moe.layer import _fused_moe_or_none
+
+            fused = _fused_moe_or_none(x, self.activation)
+            if fused is not None:
+                n = x.shape[0]
+                ones = torch.ones(n, 1, dtype=x.dtype, device=x.device)
+                keep = torch.ones(n, 1, dtype=torch.bool, device=x.device)
+                return fused(x, expert_ids.view(n, 1), ones, keep, self.w1, self.b1, self.w2, self.b2,
+                             self.activation)
+            if self.dispatch == "fused":
+                raise RuntimeError("dispatch='fused' needs a CUDA tensor, Triton and activation 'gelu_tanh' or "
+                                   f"'swiglu'; got device={x.device}, activation={self.activation!r}")
+        return self.forward_grouped(x, counts)
+
     # ----------------------------------------------------------------------------------- Soft MoE slots
     def forward_dense(self, x: Tensor) -> Tensor:
         """Slots of every expert ``[E_global, N, D]`` (N may differ between ranks) -> ``[E_global, N, D]``."""
@@ -163,13 +183,15 @@ def expert_parallel_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Te
     order = order[:int(send_mat.sum())]
     token = order // K
     x_sorted = x[token]  # kept slots, sorted by global expert = grouped by owner rank
+    if torch.is_autocast_enabled(x.device.type):  # the experts' matmuls cast to it anyway: send half the bytes
+        x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))
     input_splits, output_splits = send_mat.sum(1).tolist(), recv_mat.sum(1).tolist()
     x_recv = all_to_all_autograd(x_sorted, output_splits, input_splits, group) if W > 1 else x_sorted
     # Arrived rows are ordered (source rank, local expert); the experts want them expert-major.
     local_expert = torch.repeat_interleave(torch.arange(El).repeat(W), recv_mat.reshape(-1)).to(x.device)
     perm = torch.argsort(local_expert, stable=True)
     if int(recv_mat.sum()) > 0:
-        y_local = experts.forward_grouped(x_recv[perm], recv_mat.sum(0).tolist())
+        y_local = experts.forward_local(x_recv[perm], local_expert[perm], recv_mat.sum(0).tolist())
     else:
         # No token reached this rank's experts. Keep the received (empty) rows in the graph so that the
         # backward all-to-all runs on every rank (collectives must match), and give the experts a zero
@@ -235,6 +257,7 @@ def shard_experts(model: nn.Module, expert_parallel_size: Optional[int] = None,
                 if p is not None:
                     dist.broadcast(p.data, src=0)
         layer.experts = ShardedExperts.from_full(full, ep, scale)
+        layer.experts.dispatch = layer.config.dispatch
         if layer.config.router != "soft":  # Soft MoE goes through ShardedExperts.forward_dense
             layer.expert_dispatcher = expert_parallel_dispatch
     return ep
