@@ -62,7 +62,7 @@ MANIFEST_NAME = "manifest.json"
 LIBRARY_NAME = "moe-zoo"
 DEFAULT_HUB_ORG = os.environ.get("ZOO_HUB_ORG", "moe-zoo")
 TAG_KEYS = {"hf_hub_id", "revision", "file", "sha256", "size", "local_dir", "license", "input", "metrics",
-            "recipe", "overrides", "data", "check", "default", "description"}
+            "recipe", "overrides", "data", "check", "weights_dtype", "default", "description"}
 
 PathLike = Union[str, os.PathLike]
 
@@ -1110,6 +1110,12 @@ def export_checkpoint(checkpoint: PathLike, preset: str, tag: str, out: PathLike
     input.setdefault("size", [cfg.in_chans, cfg.image_size, cfg.image_size])
     for k, v in _datamodule_input(data).items():
         input.setdefault(k, v)
+    if dtype is not None and dtype != torch.float32:
+        # round the weights to the stored precision now, so the check below sees exactly what loading gives
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.to(dtype).to(t.dtype))
     check = None
     if data:
         try:
@@ -1131,7 +1137,8 @@ def export_checkpoint(checkpoint: PathLike, preset: str, tag: str, out: PathLike
     entry = {"hf_hub_id": hf_hub_id, "file": WEIGHTS_NAME, "sha256": sha256_file(weights),
              "size": weights.stat().st_size, "local_dir": local_dir, "license": license,
              "input": _json_safe(input), "metrics": _json_safe(metrics) or None, "data": data,
-             "recipe": _json_safe(recipe) or None, "overrides": _json_safe(ov) or None, "check": check}
+             "recipe": _json_safe(recipe) or None, "overrides": _json_safe(ov) or None, "check": check,
+             "weights_dtype": str(dtype).replace("torch.", "") if dtype not in (None, torch.float32) else None}
     entry = {k: v for k, v in entry.items() if v is not None}
     if update_registry:
         update_manifest({"name": preset, "tag": tag, **entry}, manifest)

@@ -96,6 +96,20 @@ def test_other_resolution_resizes_position_embeddings(images):
     torch.testing.assert_close(model.pos_embed[:, 0], same.pos_embed[:, 0])
 
 
+def test_official_vit_zoom_resize_matches_scipy(official_params):
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    from zoo.convert.vmoe import vit_zoom_pos_embed
+
+    pos = official_params["Encoder/posembed_input/pos_embedding"]  # [1, 17, 32]: CLS + 4x4
+    ours = vit_zoom_pos_embed(pos, 8)
+    grid = pos[:, 1:].reshape(1, 4, 4, 32)
+    ref = scipy_ndimage.zoom(grid, (1, 2, 2, 1), order=1).reshape(1, 64, 32)
+    np.testing.assert_allclose(ours[:, 1:], ref, atol=1e-6)
+    np.testing.assert_array_equal(ours[:, :1], pos[:, :1])
+    model = convert_vmoe(PREFIX, config=FIXTURE / "config.json", image_size=64, pos_embed_resize="vmoe")
+    np.testing.assert_allclose(model.pos_embed.detach().numpy(), ours, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- bad checkpoints fail loudly
 def _write_checkpoint(prefix: Path, flat: dict[str, np.ndarray], num_shards: int = 1) -> None:
     """Our own writer of the vmoe partitioned format (see zoo/convert/vmoe_checkpoint.py for the layout); big
@@ -239,3 +253,15 @@ def test_official_config_mapping_errors():
         config_from_official({**kw, "frobnicate": 1}, image_size=32)
     with pytest.raises(ConfigError, match="image size"):
         config_from_official(kw)
+
+
+def test_published_list_and_unsupported(capsys):
+    from zoo.convert.__main__ import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("vmoe_s32_last2_ilsvrc2012_randaug_light1", "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012",
+                 "eee_s32_last2_ilsvrc2012"):
+        assert name in out
+    with pytest.raises(ConfigError, match="E\\^3"):
+        convert_vmoe(Path("/nonexistent/eee_s32_last2_ilsvrc2012"))

@@ -26,6 +26,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     src.add_argument("--config", help="official VisionTransformerMoe kwargs as JSON/YAML (config.model), or a "
                      "file with them under 'model_kwargs', or a zoo config.json")
     v.add_argument("--image-size", type=int, help="convert for this resolution (position embeddings resized)")
+    v.add_argument("--pos-embed-resize", choices=("zoo", "vmoe"), default="zoo",
+                   help="for --image-size: zoo.layers.resize_pos_embed (bilinear, align_corners=False) or as the "
+                        "official vit_zoom rule (scipy.ndimage.zoom order 1 = align_corners=True)")
     v.add_argument("--top-k", type=int)
     v.add_argument("--capacity-factor", type=float)
     v.add_argument("--group-size", type=int, help="images per routing group (zoo counts images, vmoe tokens)")
@@ -47,7 +50,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     model = convert_vmoe(args.checkpoint, args.out, preset=args.preset, config=args.config,
                          image_size=args.image_size, top_k=args.top_k, capacity_factor=args.capacity_factor,
-                         group_size=args.group_size, batch_priority=args.batch_priority, tag=args.tag)
+                         group_size=args.group_size, batch_priority=args.batch_priority, tag=args.tag,
+                         pos_embed_resize=args.pos_embed_resize)
     n = sum(p.numel() for p in model.parameters())
     print(json.dumps(to_dict(model.config)))
     print(f"wrote {args.out} ({n:,} parameters); load with zoo.create_model('local-dir:{args.out}')")

@@ -318,6 +318,22 @@ def map_vmoe_params(params: Mapping[str, np.ndarray], config: VMoEConfig) -> dic
     return sd
 
 
+def vit_zoom_pos_embed(pos: np.ndarray, new_grid: int, num_prefix_tokens: int = 1) -> np.ndarray:
+    """Resize ``[1, prefix + g*g, D]`` like the official ``vit_zoom`` initialisation rule
+    (``scipy.ndimage.zoom(order=1)`` on the grid, prefix token kept): bilinear with ``align_corners=True``.
+    ``zoo.layers.resize_pos_embed`` (the zoo default) uses ``align_corners=False``."""
+    prefix, grid = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
+    g = math.isqrt(grid.shape[1])
+    if g * g != grid.shape[1]:
+        raise VMoECheckpointError(f"position embedding grid of {grid.shape[1]} tokens is not square")
+    if g == new_grid:
+        return pos
+    t = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32)).reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    t = torch.nn.functional.interpolate(t, size=(new_grid, new_grid), mode="bilinear", align_corners=True)
+    out = t.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).numpy()
+    return np.concatenate([prefix.astype(np.float32), out], axis=1)
+
+
 # ---------------------------------------------------------------------------------------------- convert
 def load_official_config(path: PathLike) -> dict[str, Any]:
     text = Path(path).read_text()
@@ -333,17 +349,24 @@ def convert_vmoe(checkpoint: PathLike, out: Optional[PathLike] = None, *, preset
                  image_size: Optional[int] = None, overrides: Optional[Mapping[str, Any]] = None,
                  top_k: Optional[int] = None, capacity_factor: Optional[float] = None,
                  group_size: Optional[int] = None, batch_priority: Optional[bool] = None,
-                 tag: Optional[str] = None, metrics: Optional[Mapping[str, Any]] = None) -> VMoE:
+                 tag: Optional[str] = None, metrics: Optional[Mapping[str, Any]] = None,
+                 pos_embed_resize: str = "zoo") -> VMoE:
     """Read an official checkpoint, build the zoo model, load the mapped weights (strict) and, if ``out`` is given,
-    write a published folder that ``zoo.create_model("local-dir:OUT")`` loads. Returns the model (eval mode)."""
+    write a published folder that ``zoo.create_model("local-dir:OUT")`` loads. Returns the model (eval mode).
+
+    ``pos_embed_resize`` for another resolution: ``"zoo"`` = :func:`zoo.layers.resize_pos_embed` (bilinear,
+    align_corners=False), ``"vmoe"`` = as the official ``vit_zoom`` rule (scipy zoom order 1 = align_corners=True).
+    """
+    if pos_embed_resize not in ("zoo", "vmoe"):
+        raise ConfigError(f"pos_embed_resize must be 'zoo' or 'vmoe', got {pos_embed_resize!r}")
     from zoo import hub
     from zoo.registry import model_config
 
-    params = read_checkpoint(checkpoint)
     name = Path(str(checkpoint)).name
     known = PUBLISHED.get(name, {})
     if name in UNSUPPORTED_PUBLISHED:
         raise ConfigError(f"{name}: {UNSUPPORTED_PUBLISHED[name]}; not convertible to a zoo V-MoE")
+    params = read_checkpoint(checkpoint)
     in_chans = int(params["embedding/kernel"].shape[2]) if "embedding/kernel" in params else 3
     routing = {k: v for k, v in {"encoder.moe.top_k": top_k, "encoder.moe.capacity_factor": capacity_factor,
                                  "encoder.moe.group_size": group_size,
@@ -373,6 +396,11 @@ def convert_vmoe(checkpoint: PathLike, out: Optional[PathLike] = None, *, preset
         if extra:
             cfg = from_dict(VMoEConfig, merge(to_dict(cfg), extra))
     model = VMoE(cfg).eval()
+    pos_key = "Encoder/posembed_input/pos_embedding"
+    if pos_embed_resize == "vmoe" and pos_key in params:
+        params = dict(params)
+        params[pos_key] = vit_zoom_pos_embed(params[pos_key], cfg.image_size // cfg.patch_size,
+                                             1 if cfg.classifier == "token" else 0)
     sd = map_vmoe_params(params, cfg)
     hub.load_state_dict_checked(model, sd, source=f"official V-MoE checkpoint {checkpoint}")
     if out is not None:
