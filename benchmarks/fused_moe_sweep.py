@@ -35,9 +35,8 @@ SHAPES = {
 GEMM_CFGS = [GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 256, 64, 8, 3),
              GemmConfig(128, 128, 64, 4, 4), GemmConfig(64, 128, 64, 4, 4), GemmConfig(128, 64, 64, 4, 4),
              GemmConfig(256, 128, 64, 8, 3)]
-WGRAD_CFGS = [GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 256, 64, 8, 3),
-              GemmConfig(128, 128, 32, 4, 4), GemmConfig(64, 128, 64, 4, 3), GemmConfig(256, 128, 64, 8, 3)]
-KINDS = ["gemm1", "gemm2", "bwd_act", "dx", "dw1", "dw2"]
+WGRAD_CFGS = [GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 256, 64, 8, 3)]
+KINDS = ["gemm1", "gemm2", "bwd_act", "dx", "dw1", "dw2", "dw1_pre", "dw2_pre"]
 
 
 def setup(sh: dict):
@@ -64,6 +63,9 @@ def setup(sh: dict):
     st["dy"] = torch.randn(T, D, device="cuda", dtype=dt, generator=g)
     st["dh"] = torch.empty(TK, H2, device="cuda", dtype=dt)
     st["yslot"] = torch.empty(TK, D, device="cuda", dtype=dt)
+    e_row = fm._sorted_expert(meta, ei, valid.reshape(-1))
+    st["xs"], _ = fm._gather_rows(x, meta, e_row, K)
+    _, st["d_o"] = fm._gather_rows(st["dy"], meta, e_row, K, cw32, unscaled=False, scaled=True)
     st["dw1"] = torch.empty_like(w1)
     st["dw2"] = torch.empty_like(w2)
     st["db1"] = torch.empty_like(b1) if b1 is not None else None
@@ -91,11 +93,17 @@ def launcher(kind: str, s: dict):
     if kind == "dw2":
         return lambda: fm._launch_wgrad("dw2", s["act"], s["dy"], s["cw32"], m, s["K"], s["H"], s["D"], s["dw2"],
                                         s["db2"], False, True, True), 2 * s["TK"] * s["H"] * s["D"]
+    if kind == "dw1_pre":  # operands first gathered in sorted order (WGRAD_PREGATHER)
+        return lambda: fm._launch_wgrad("dw1", s["xs"], s["dh"], None, m, s["K"], s["D"], s["H2"], s["dw1"], s["db1"],
+                                        False, False, False), 2 * s["TK"] * s["D"] * s["H2"]
+    if kind == "dw2_pre":
+        return lambda: fm._launch_wgrad("dw2", s["act"], s["d_o"], None, m, s["K"], s["H"], s["D"], s["dw2"],
+                                        s["db2"], False, False, False), 2 * s["TK"] * s["H"] * s["D"]
     raise KeyError(kind)
 
 
 def cfgs_for(kind: str, s: dict):
-    if kind in ("dw1", "dw2"):
+    if kind in ("dw1", "dw2", "dw1_pre", "dw2_pre"):
         return WGRAD_CFGS
     if kind == "gemm1" and s["swiglu"]:
         return [c for c in GEMM_CFGS if c.BN <= 128 and c.BM <= 128]
@@ -110,6 +118,8 @@ def main():
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--worker", default="0/1")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--no-whole", action="store_true")
     args = ap.parse_args()
     wi, wn = (int(v) for v in args.worker.split("/"))
     res = {"kernels": {}, "whole": {}}
@@ -118,13 +128,13 @@ def main():
     for sname in args.shapes.split(","):
         sh = SHAPES[sname]
         s = setup(sh)
-        for kind in KINDS:
+        for kind in args.kinds.split(","):
             for cfg in cfgs_for(kind, s):
                 job += 1
                 if args.compile_only and job % wn != wi:
                     continue
                 fm.CONFIG_OVERRIDE.clear()
-                fm.CONFIG_OVERRIDE[kind] = cfg
+                fm.CONFIG_OVERRIDE[kind.replace("_pre", "")] = cfg
                 fn, fl = launcher(kind, s)
                 key = f"{sname}|{kind}|{cfg.BM}x{cfg.BN}x{cfg.BK}w{cfg.num_warps}s{cfg.num_stages}"
                 try:
@@ -138,9 +148,9 @@ def main():
                     res["kernels"][key] = dict(error=f"{type(ex).__name__}: {str(ex)[:200]}")
                     print(key, "ERROR", str(ex)[:200], flush=True)
         fm.CONFIG_OVERRIDE.clear()
-        if not args.compile_only:
+        if not args.compile_only and not args.no_whole:
             # whole fused_moe with the current heuristics, both backends
-            for backend in ("triton", "grouped_mm"):
+            for backend in ("triton", "hybrid", "grouped_mm"):
                 ps = [s["x"].clone().requires_grad_(True), s["cw"].clone().requires_grad_(True),
                       s["w1"].clone().requires_grad_(True), s["w2"].clone().requires_grad_(True)]
 

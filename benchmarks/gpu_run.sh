@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One GPU lease call: install carried peer wheels, run the kernel tests, warm Triton's cache in parallel,
-# sweep kernel configs and run the layer benchmark. Usage: bash benchmarks/gpu_run.sh STAGES BENCH_ARGS...
-#   STAGES: comma list of  test,sweep,bench   ($OUT must be set; logs and json land there)
+# One GPU lease call: install carried peer wheels, run the kernel tests (warming Triton's cache in parallel),
+# sweep kernel configs, run the layer benchmark and the SonicMoE peer (its CuTe JIT is slow: own time limit).
+# Usage: bash benchmarks/gpu_run.sh STAGES   with STAGES a comma list of test,sweep,bench,sonic
+# Env: BENCH_ARGS, SWEEP_ARGS, SONIC_CASE, SONIC_TIMEOUT.  $OUT must be set; logs and json land there.
 set -u
-STAGES=$1; shift
+STAGES=$1
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
@@ -17,23 +18,29 @@ if [ -d .whl ]; then
   log "wheels installed"
 fi
 if [[ ,$STAGES, == *,test,* ]]; then
-  (python3 -m pytest tests/kernels -q -x -p no:cacheprovider > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.log") &
+  (python3 -m pytest tests/kernels -q -x -n 4 -p no:cacheprovider > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.log") &
   TP=$!
 fi
 if [[ ,$STAGES, == *,sweep,* ]]; then
   CP=()
-  for i in 0 1 2 3; do python3 benchmarks/fused_moe_sweep.py --compile-only --worker $i/4 > "/tmp/compile$i.log" 2>&1 & CP+=($!); done
+  for i in 0 1 2 3; do python3 benchmarks/fused_moe_sweep.py --compile-only --worker $i/4 ${SWEEP_ARGS:-} > "/tmp/compile$i.log" 2>&1 & CP+=($!); done
   wait "${CP[@]}"
   cat /tmp/compile*.log >> "$OUT/run.log"
   log "compile warm-up done"
 fi
-if [ -n "${TP:-}" ]; then wait $TP; log "tests done: $(tail -1 $OUT/pytest.log)"; tail -5 "$OUT/pytest.log" | tee -a "$OUT/run.log"; fi
+if [ -n "${TP:-}" ]; then wait $TP; log "tests done: $(tail -1 $OUT/pytest.log)"; tail -4 "$OUT/pytest.log" | tee -a "$OUT/run.log"; fi
 if [[ ,$STAGES, == *,sweep,* ]]; then
-  python3 benchmarks/fused_moe_sweep.py --out "$OUT" > "$OUT/sweep.log" 2>&1
+  python3 benchmarks/fused_moe_sweep.py --out "$OUT" ${SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
   log "sweep done"; grep -E "fwd\+bwd|ERROR" "$OUT/sweep.log" | tee -a "$OUT/run.log"
 fi
 if [[ ,$STAGES, == *,bench,* ]]; then
-  python3 benchmarks/moe_layer.py --out "$OUT" "$@" > "$OUT/bench.log" 2>&1
-  log "bench done rc=$?"; tail -25 "$OUT/bench.log"
+  python3 benchmarks/moe_layer.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  log "bench done rc=$?"
 fi
+if [[ ,$STAGES, == *,sonic,* ]]; then
+  RES=""; [ -f "$OUT/moe_layer.json" ] && RES="--resume $OUT/moe_layer.json"
+  timeout ${SONIC_TIMEOUT:-150} python3 benchmarks/moe_layer.py --out "$OUT" --impls sonic --only "${SONIC_CASE:-olmoe E64 k8 dropless uniform T16384}" $RES >> "$OUT/bench.log" 2>&1
+  log "sonic done rc=$?"
+fi
+grep -E "^==|^- " "$OUT/bench.log" | tail -40
 log "end"

@@ -183,35 +183,65 @@ def peak_mb(fn) -> float:
 
 
 # ----------------------------------------------------------------------------------------- one case
-def peers_for(case: dict, layer, avail: dict) -> dict:
+IMPLS = [  # key, name, runs the whole layer, runs the experts alone
+    ("auto", "fused (ours, auto)", True, True),
+    ("triton", "fused (ours, triton fwd+bwd)", False, True),
+    ("hybrid", "fused (ours, triton fwd + grouped_mm bwd)", False, True),
+    ("gmm", "fused (ours, grouped_mm fwd+bwd)", False, True),
+    ("loop", "per-expert loop", True, False),
+    ("hf", "HF-style torch._grouped_mm", True, True),
+    ("einsum", "V-MoE one-hot einsum", True, True),
+    ("moeops", "moe-ops", True, True),
+    ("sonic", "SonicMoE", True, True),
+]
+OURS = "fused (ours, auto)"
+
+
+def make_impl(key: str, case: dict, layer, avail: dict):
+    """(dispatcher for the layer hook or None for the layer's own fused path, dispatcher for experts-only)."""
     import moe_peers as P
 
     T = case["B"] * case["S"]
-    peers = {"fused (ours, triton)": None, "fused (ours, grouped_mm backend)": P.ours("grouped_mm"),
-             "per-expert loop": P.loop(), "HF-style torch._grouped_mm": P.hf_grouped_mm()}
-    if case["cf"] is not None:
+    if key == "auto":
+        return None, P.ours("auto")
+    if key in ("triton", "hybrid"):
+        return None, P.ours(key)
+    if key == "gmm":
+        return None, P.ours("grouped_mm")
+    if key == "loop":
+        return P.loop(), None
+    if key == "hf":
+        d = P.hf_grouped_mm()
+        return d, d
+    if key == "einsum":
+        if case["cf"] is None:
+            return "skip", "dropless: the one-hot dispatch needs a capacity"
         from zoo.moe import compute_capacity
 
-        G = T // (case["group"] * case["S"])
         S = case["group"] * case["S"]
-        C = compute_capacity(S, case["E"], case["k"], case["cf"], layer.config.capacity_multiple_of)
-        peers["V-MoE one-hot einsum"] = P.einsum(G, S, C)
-    if avail.get("moe-ops") is True:
-        peers["moe-ops"] = P.moe_ops()
-    if avail.get("sonic-moe") is True and case["act"] == "swiglu":
-        peers["SonicMoE"] = "sonic"
-    return peers
-
-
-FAST = ("fused (ours, triton)", "fused (ours, grouped_mm backend)", "HF-style torch._grouped_mm", "moe-ops", "SonicMoE")
+        G = T // S
+        d = P.einsum(G, S, compute_capacity(S, case["E"], case["k"], case["cf"], layer.config.capacity_multiple_of))
+        return d, d
+    if key == "moeops":
+        if avail.get("moe-ops") is not True:
+            return "skip", "not installed"
+        d = P.MoeOpsPeer(layer.experts)
+        return d, d
+    if key == "sonic":
+        if avail.get("sonic-moe") is not True:
+            return "skip", "not installed"
+        if case["act"] != "swiglu":
+            return "skip", "SonicMoE general routing supports GLU activations only"
+        d = P.SonicPeer(layer.experts)
+        return d, d
+    raise KeyError(key)
 
 
 def run_case(case: dict, avail: dict, dense: float, args) -> dict:
-    import moe_peers as P
     from zoo.moe import loop_dispatch
 
     T = case["B"] * case["S"]
-    rec = dict(case, T=T, tokens_per_expert=T * case["k"] / case["E"], impls={})
+    rec = dict(case, T=T, tokens_per_expert=T * case["k"] / case["E"], impls={}, dense_tflops=dense)
     layer = make_layer(case)
     pool = input_pool(case, layer, args.pool)
     grads = [torch.randn(x.shape, device="cuda", dtype=torch.bfloat16) for x in pool]
@@ -225,48 +255,51 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
         y_ref = loop_dispatch(x0.float(), ei0, cw0.float(), keep0, ex32)
     del ex32
     fwd_flops, fb_flops = flops(case, T)
-    peers = peers_for(case, layer, avail)
     n_iter = args.iters if fb_flops > 2e12 else args.iters_small
-    for name, disp in peers.items():
+    params = list(layer.parameters())
+    xs_req = [(f[0].detach().clone().requires_grad_(True), f[1], f[2].clone().requires_grad_(True), f[3]) for f in flat]
+    gflat = [g.reshape(-1, g.shape[-1]) for g in grads]
+    keys = [k for k in args.impls.split(",") if k]
+    for key, name, do_layer, do_experts in IMPLS:
+        if key not in keys:
+            continue
         if time.time() > args.deadline:
-            rec["impls"][name] = {"skipped": "deadline"}
+            rec["impls"][name] = {"skipped": "time"}
             continue
         r = {}
         try:
-            if disp == "sonic":
-                disp = P.SonicPeer(layer.experts)
-            layer.expert_dispatcher = disp
-
-            params = list(layer.parameters())
-
-            def fwd(i):
-                return layer(pool[i % len(pool)])
-
-            def fwdbwd(i):
-                j = i % len(pool)
-                for p in params:  # fresh grads each step (no accumulation kernels in the timing)
-                    p.grad = None
-                pool[j].grad = None
-                y = layer(pool[j])
-                aux = layer.aux.loss
-                if aux.requires_grad:
-                    torch.autograd.backward([y, aux], [grads[j], torch.ones_like(aux)])
-                else:
-                    y.backward(grads[j])
-
+            disp, edisp = make_impl(key, case, layer, avail)
+            if disp == "skip":
+                rec["impls"][name] = {"skipped": edisp}
+                continue
             # error on a fixed routing (dispatcher level)
             with torch.no_grad():
-                y = (disp or P.ours("triton"))(x0, ei0, cw0, keep0, layer.experts)
+                y = (edisp or disp)(x0, ei0, cw0, keep0, layer.experts)
                 r["max_err"] = ((y.float() - y_ref).abs().max() / y_ref.abs().max()).item()
                 r["finite"] = bool(torch.isfinite(y).all())
-            r["layer_fwd_ms"] = cuda_time(fwd, args.warm, n_iter)
-            r["layer_fwdbwd_ms"] = cuda_time(fwdbwd, args.warm, n_iter)
-            r["layer_fwdbwd_peak_mb"] = peak_mb(fwdbwd)
-            if name in FAST:
-                d = disp or P.ours("triton")
-                xs_req = [(f[0].detach().clone().requires_grad_(True), f[1], f[2].clone().requires_grad_(True), f[3])
-                          for f in flat]
-                gflat = [g.reshape(-1, g.shape[-1]) for g in grads]
+            if do_layer:
+                layer.expert_dispatcher = disp
+
+                def fwd(i):
+                    return layer(pool[i % len(pool)])
+
+                def fwdbwd(i):
+                    j = i % len(pool)
+                    for p in params:  # fresh grads each step (no accumulation kernels in the timing)
+                        p.grad = None
+                    pool[j].grad = None
+                    y = layer(pool[j])
+                    aux = layer.aux.loss
+                    if aux.requires_grad:
+                        torch.autograd.backward([y, aux], [grads[j], torch.ones_like(aux)])
+                    else:
+                        y.backward(grads[j])
+
+                r["layer_fwd_ms"] = cuda_time(fwd, args.warm, n_iter)
+                r["layer_fwdbwd_ms"] = cuda_time(fwdbwd, args.warm, n_iter)
+                r["layer_fwdbwd_peak_mb"] = peak_mb(fwdbwd)
+            if do_experts:
+                d = edisp
 
                 def efwd(i):
                     xx, e, c, k = xs_req[i % len(xs_req)]
@@ -283,61 +316,66 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
                 r["experts_fwd_ms"] = cuda_time(efwd, args.warm, n_iter)
                 r["experts_fwdbwd_ms"] = cuda_time(efb, args.warm, n_iter)
                 r["experts_fwdbwd_peak_mb"] = peak_mb(efb)
-            for key, fl in (("layer_fwd", fwd_flops), ("layer_fwdbwd", fb_flops), ("experts_fwd", fwd_flops),
-                            ("experts_fwdbwd", fb_flops)):
-                if key + "_ms" in r:
-                    r[key + "_tflops"] = fl / r[key + "_ms"] / 1e9
-                    r[key + "_pct_dense"] = 100 * r[key + "_tflops"] / dense
+            for k2, fl in (("layer_fwd", fwd_flops), ("layer_fwdbwd", fb_flops), ("experts_fwd", fwd_flops),
+                           ("experts_fwdbwd", fb_flops)):
+                if k2 + "_ms" in r:
+                    r[k2 + "_tflops"] = fl / r[k2 + "_ms"] / 1e9
+                    r[k2 + "_pct_dense"] = 100 * r[k2 + "_tflops"] / dense
         except Exception as ex:  # a peer failing must not stop the run
             r["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
             traceback.print_exc()
         finally:
             layer.expert_dispatcher = None
-            for p in layer.parameters():
+            for p in params:
                 p.grad = None
             for x in pool:
                 x.grad = None
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
         rec["impls"][name] = r
-        print(f"  {name:34s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
-              flush=True)
+        print(f"  {name:42s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                                          if not k.endswith("pct_dense")), flush=True)
     return rec
 
 
 # ----------------------------------------------------------------------------------------- report
 def summarize(rec: dict) -> dict:
-    """Targets of the issue, per case."""
+    """Targets of the issue, per case (whole layer fwd+bwd for speedups; experts alone for % dense)."""
     im = rec["impls"]
-    ours = im.get("fused (ours, triton)", {})
-    ours_g = im.get("fused (ours, grouped_mm backend)", {})
-    best_ours = min([v for v in (ours.get("layer_fwdbwd_ms"), ours_g.get("layer_fwdbwd_ms")) if v] or [None])
-    peers = {k: v["layer_fwdbwd_ms"] for k, v in im.items() if not k.startswith("fused") and "layer_fwdbwd_ms" in v}
+    ours = im.get(OURS, {})
     out = {}
-    if best_ours and peers:
-        fastest = min(peers, key=peers.get)
-        out["fastest_peer"] = fastest
-        out["speedup_vs_fastest_peer"] = peers[fastest] / best_ours
-    if "V-MoE one-hot einsum" in peers and best_ours:
-        out["speedup_vs_einsum"] = peers["V-MoE one-hot einsum"] / best_ours
-    for key in ("experts_fwdbwd_pct_dense", "layer_fwdbwd_pct_dense"):
-        vals = [v.get(key) for v in (ours, ours_g) if v.get(key)]
-        if vals:
-            out["ours_best_" + key] = max(vals)
+    for level in ("layer", "experts"):
+        key = f"{level}_fwdbwd_ms"
+        peers = {k: v[key] for k, v in im.items() if not k.startswith("fused") and key in v}
+        if ours.get(key) and peers:
+            fastest = min(peers, key=peers.get)
+            out[f"{level}_fastest_peer"] = fastest
+            out[f"{level}_speedup_vs_fastest_peer"] = peers[fastest] / ours[key]
+            if "V-MoE one-hot einsum" in peers:
+                out[f"{level}_speedup_vs_einsum"] = peers["V-MoE one-hot einsum"] / ours[key]
+    vals = [v.get("experts_fwdbwd_pct_dense") for k, v in im.items() if k.startswith("fused") and v.get("experts_fwdbwd_pct_dense")]
+    if vals:
+        out["ours_best_experts_fwdbwd_pct_dense"] = max(vals)
+    if ours.get("experts_fwdbwd_pct_dense"):
+        out["ours_auto_experts_fwdbwd_pct_dense"] = ours["experts_fwdbwd_pct_dense"]
+    if ours.get("layer_fwdbwd_pct_dense"):
+        out["ours_layer_fwdbwd_pct_dense"] = ours["layer_fwdbwd_pct_dense"]
     return out
 
 
 def write_report(data: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = data["env"]
-    lines = ["# MoE layer benchmark", "",
-             f"- device: {env.get('device')} ({env.get('sm_count')} SMs); driver {env.get('driver')}",
-             f"- torch {env.get('torch')}, triton {env.get('triton')}, python {env.get('python')}",
-             f"- date: {env.get('date')}", f"- command: `{env.get('command')}`",
-             f"- dense bf16 matmul (8192^3, random data) measured in this run: {data['dense_tflops']:.0f} TFLOP/s",
-             "- peers not installed: " + ("; ".join(f"{k}: {v}" for k, v in data["peer_status"].items() if v is not True)
-                                            or "none"),
-             "- peers installed: " + (", ".join(k for k, v in data["peer_status"].items() if v is True) or "none"),
+    lines = ["# MoE layer benchmark", ""]
+    for i, run in enumerate(data.get("runs") or [dict(env=env, dense_tflops=data["dense_tflops"])]):
+        e = run["env"]
+        lines += [f"- GPU run {i + 1}: {e.get('device')} ({e.get('sm_count')} SMs), driver {e.get('driver')}; torch "
+                  f"{e.get('torch')}, triton {e.get('triton')}, python {e.get('python')}; {e.get('date')}; "
+                  f"`{e.get('command')}`; dense bf16 matmul (8192^3, random data) measured in that run: "
+                  f"{run['dense_tflops']:.0f} TFLOP/s"]
+    lines += ["- peers not installed: " + ("; ".join(f"{k}: {v}" for k, v in data["peer_status"].items() if v is not True)
+                                           or "none"),
+              "- peers installed: " + (", ".join(k for k, v in data["peer_status"].items() if v is True) or "none"),
              "", "Times are medians (ms) over iterations with a fresh routing each; bf16 parameters and activations; "
              "layer = zoo.moe.MoELayer forward (+ backward of output and aux loss); experts = dispatcher alone. "
              "TFLOP/s use nominal expert FLOPs (4/12 T k D H, SwiGLU 6/18). err = max|y-y_ref|/max|y_ref| vs an fp32 "
@@ -407,28 +445,34 @@ def write_report(data: dict, out_dir: Path) -> None:
 
 def targets_text(data: dict) -> list[str]:
     out = []
-    sp = [(r["name"], r["summary"].get("speedup_vs_fastest_peer"), r["summary"].get("fastest_peer"))
-          for r in data["results"] if r.get("summary", {}).get("speedup_vs_fastest_peer")]
-    if sp:
-        worst = min(sp, key=lambda t: t[1])
-        met = sum(1 for t in sp if t[1] >= 1.25)
-        out.append(f"- fused layer >= 1.25x the fastest peer (fwd+bwd): met in {met}/{len(sp)} cases; "
-                   f"worst {worst[1]:.2f}x ({worst[0]}, vs {worst[2]})" + ("" if met == len(sp) else
-                   f" -> missed by {1.25 / worst[1]:.2f}x in the worst case"))
-    dn = [(r["name"], r["summary"].get("ours_best_experts_fwdbwd_pct_dense"), r["summary"].get("ours_best_layer_fwdbwd_pct_dense"))
-          for r in data["results"] if r["tokens_per_expert"] >= 1024 and r.get("summary", {}).get("ours_best_experts_fwdbwd_pct_dense")]
+    res = [r for r in data["results"] if r.get("summary")]
+    for level in ("layer", "experts"):
+        sp = [(r["name"], r["summary"][f"{level}_speedup_vs_fastest_peer"], r["summary"][f"{level}_fastest_peer"])
+              for r in res if r["summary"].get(f"{level}_speedup_vs_fastest_peer")]
+        if sp:
+            worst = min(sp, key=lambda t: t[1])
+            met = sum(1 for t in sp if t[1] >= 1.25)
+            out.append(f"- {level}: fused >= 1.25x the fastest peer (fwd+bwd): met in {met}/{len(sp)} cases; worst "
+                       f"{worst[1]:.2f}x ({worst[0]}, vs {worst[2]})" +
+                       ("" if met == len(sp) else f"; missed by a factor {1.25 / worst[1]:.2f} in the worst case"))
+    dn = [(r["name"], r["summary"].get("ours_best_experts_fwdbwd_pct_dense"), r["summary"].get("ours_layer_fwdbwd_pct_dense"))
+          for r in res if r["tokens_per_expert"] >= 1024 and r["summary"].get("ours_best_experts_fwdbwd_pct_dense")]
     if dn:
         met = sum(1 for t in dn if t[1] >= 70)
         worst = min(dn, key=lambda t: t[1])
-        out.append(f"- >= 70% of dense bf16 rate at >= 1024 tokens/expert (experts fwd+bwd): met in {met}/{len(dn)}; "
-                   f"lowest {worst[1]:.0f}% ({worst[0]}; whole layer {worst[2] or 0:.0f}%)")
-    es = [(r["name"], r["summary"]["speedup_vs_einsum"]) for r in data["results"]
-          if r.get("summary", {}).get("speedup_vs_einsum")]
-    if es:
-        met = sum(1 for t in es if t[1] >= 5)
-        worst = min(es, key=lambda t: t[1])
-        out.append(f"- capacity dispatch >= 5x faster than one-hot einsum (layer fwd+bwd): met in {met}/{len(es)}; "
-                   f"lowest {worst[1]:.1f}x ({worst[0]})")
+        best = max(dn, key=lambda t: t[1])
+        out.append(f"- >= 70% of the dense bf16 rate at >= 1024 tokens/expert (experts fwd+bwd, best of ours): met in "
+                   f"{met}/{len(dn)}; lowest {worst[1]:.0f}% ({worst[0]}; whole layer {worst[2] or 0:.0f}%), highest "
+                   f"{best[1]:.0f}% ({best[0]})")
+    for level in ("layer", "experts"):
+        es = [(r["name"], r["summary"][f"{level}_speedup_vs_einsum"]) for r in res
+              if r["summary"].get(f"{level}_speedup_vs_einsum")]
+        if es:
+            met = sum(1 for t in es if t[1] >= 5)
+            worst = min(es, key=lambda t: t[1])
+            best = max(es, key=lambda t: t[1])
+            out.append(f"- {level}: capacity dispatch >= 5x faster than the one-hot einsum (fwd+bwd): met in "
+                       f"{met}/{len(es)}; lowest {worst[1]:.2f}x ({worst[0]}), highest {best[1]:.2f}x ({best[0]})")
     return out
 
 
@@ -472,6 +516,9 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--profile", default="full", choices=["full", "smoke"])
     ap.add_argument("--only", default="", help="comma-separated substrings of case names to run")
+    ap.add_argument("--impls", default="auto,triton,hybrid,gmm,loop,hf,einsum,moeops,sonic",
+                    help="comma list of: " + ",".join(k for k, *_ in IMPLS))
+    ap.add_argument("--resume", default="", help="json of an earlier run: keep its results, run only what is missing")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--iters-small", type=int, default=20)
@@ -482,6 +529,9 @@ def main():
     out = Path(args.out)
     if args.report:
         data = json.loads(Path(args.report).read_text())
+        for r in data["results"]:
+            r["summary"] = summarize(r)
+        data["targets_text"] = targets_text(data)
         write_report(data, Path(args.report).parent)
         return
     t0 = time.time()
@@ -491,27 +541,55 @@ def main():
     if args.only:
         keys = args.only.split(",")
         cases = [c for c in cases if any(k in c["name"] for k in keys)]
-    data = dict(env=env_info(args), peer_status=peer_status(), results=[], trimmed=[])
+    data = dict(env=env_info(args), peer_status=peer_status(), results=[], trimmed=[], runs=[])
+    done = {}
+    if args.resume and Path(args.resume).exists():
+        old = json.loads(Path(args.resume).read_text())
+        data["runs"] = old.get("runs", [])
+        for k in ("peer_status",):
+            for n, v in old.get(k, {}).items():
+                if data[k].get(n) is not True:
+                    data[k][n] = v
+        done = {r["name"]: r for r in old["results"]}
+        data["results"] = list(old["results"])
     data["dense_tflops"] = dense_rate()
+    data["runs"].append(dict(env=data["env"], dense_tflops=data["dense_tflops"]))
     print(json.dumps(data["env"]), "dense", data["dense_tflops"], data["peer_status"], flush=True)
+    all_keys = [k for k in args.impls.split(",") if k]
     for case in cases:
-        if time.time() > args.deadline - 20:
-            data["trimmed"].append(case["name"])
+        prev = done.get(case["name"])
+        todo = [k for k, n, *_ in IMPLS if k in all_keys and (prev is None or n not in prev["impls"]
+                                                                 or prev["impls"][n].get("skipped") == "time")]
+        if not todo:
             continue
-        print(f"== {case['name']}  ({time.time() - t0:.0f}s)", flush=True)
+        if time.time() > args.deadline - 20:
+            if prev is None:
+                data["trimmed"].append(case["name"])
+            continue
+        print(f"== {case['name']}  ({time.time() - t0:.0f}s) {todo}", flush=True)
+        args.impls_run = ",".join(todo)
         try:
-            rec = run_case(case, data["peer_status"], data["dense_tflops"], args)
-            rec["summary"] = summarize(rec)
+            a2 = argparse.Namespace(**{**vars(args), "impls": args.impls_run})
+            rec = run_case(case, data["peer_status"], data["dense_tflops"], a2)
         except Exception as ex:
             traceback.print_exc()
             rec = dict(case, T=case["B"] * case["S"], tokens_per_expert=0, impls={}, error=str(ex)[:300])
-        data["results"].append(rec)
+        if prev is not None:
+            prev["impls"].update(rec["impls"])
+            rec = prev
+        else:
+            data["results"].append(rec)
+        rec["summary"] = summarize(rec)
+        data["trimmed"] = [n for n in data["trimmed"] if n not in {r["name"] for r in data["results"]}]
         data["targets_text"] = targets_text(data)
         out.mkdir(parents=True, exist_ok=True)
         (out / "moe_layer.json").write_text(json.dumps(data, indent=1))
         torch.cuda.empty_cache()
+    names = {r["name"] for r in data["results"]}
+    data["trimmed"] = [c["name"] for c in build_grid(args.profile) if c["name"] not in names]
     data["targets_text"] = targets_text(data)
     data["wall_s"] = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)
     (out / "moe_layer.json").write_text(json.dumps(data, indent=1))
     write_report(data, out)
     print("\n".join(data["targets_text"]))

@@ -84,31 +84,36 @@ def hf_grouped_mm() -> Callable:
     return fn
 
 
-def moe_ops() -> Callable:
-    """moe-ops (pure Triton): counting-sort permute, Triton grouped GEMMs, weighted unpermute.
-    It has no capacity dropping: dropped slots are computed too, with weight 0."""
-    import moe_ops as mo
+class MoeOpsPeer:
+    """moe-ops (pure Triton): counting-sort permute, Triton grouped GEMMs (TMA on sm90), weighted unpermute.
+    Its weight gradient needs the [E, N, K] (nn.Linear) layout, so it holds weight copies in that layout
+    (same values as the layer's experts).  It has no capacity dropping: dropped slots are computed with
+    weight 0."""
 
-    def fn(x, ei, cw, keep, ex: StackedExperts):
+    def __init__(self, ex: StackedExperts):
+        self.w1 = ex.w1.detach().transpose(1, 2).contiguous().requires_grad_(True)  # [E, H', D]
+        self.w2 = ex.w2.detach().transpose(1, 2).contiguous().requires_grad_(True)  # [E, D, H]
+
+    def __call__(self, x, ei, cw, keep, ex: StackedExperts):
+        import moe_ops as mo
+
         T, D = x.shape
         K = ei.shape[1]
         E = ex.num_experts
         permuted, row_id_map, offsets = mo.permute(x, ei.to(torch.int32), E=E)
         ends = offsets[1:]
-        h = mo.grouped_gemm(permuted, ex.w1.to(x.dtype), ends, trans_b=False)
+        h = mo.grouped_gemm(permuted, self.w1, ends, trans_b=True)
         if ex.b1 is not None or ex.b2 is not None:
             e_row = torch.searchsorted(ends, torch.arange(h.shape[0], device=x.device, dtype=torch.int32),
                                        right=True).clamp(max=E - 1)
         if ex.b1 is not None:
             h = h + ex.b1.to(x.dtype)[e_row]
         a = apply_activation(h, ex.activation)
-        o = mo.grouped_gemm(a.contiguous(), ex.w2.to(x.dtype), ends, trans_b=False)
+        o = mo.grouped_gemm(a.contiguous(), self.w2, ends, trans_b=True)
         if ex.b2 is not None:
             o = o + ex.b2.to(x.dtype)[e_row]
         prob = (cw * keep).float()
         return mo.unpermute(o, row_id_map, prob, T, K)
-
-    return fn
 
 
 class SonicPeer:

@@ -8,6 +8,7 @@ kernels they launch are really Triton's interpreted functions.  Worker results c
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -42,11 +43,19 @@ CASES = {
     "gmm_gelu_bf16": dict(T=37, D=64, H=32, E=4, K=2, act="gelu_tanh", dtype="bfloat16", backend="grouped_mm"),
     "gmm_swiglu_bf16_subset": dict(T=30, D=32, H=32, E=5, K=2, act="swiglu", dtype="bfloat16",
                                    backend="grouped_mm", pattern="subset"),
+    "hybrid_swiglu_bf16_bias": dict(T=37, D=32, H=48, E=4, K=2, act="swiglu", dtype="bfloat16", backend="hybrid"),
+    "hybrid_gelu_bf16_subset": dict(T=30, D=40, H=24, E=5, K=2, act="gelu_tanh", dtype="bfloat16", backend="hybrid",
+                                    pattern="subset"),
+    "triton_wgrad_in_kernel_gather": dict(T=37, D=48, H=40, E=4, K=2, act="gelu_tanh", dtype="float32",
+                                          pregather={"dw1": False, "dw2": False}),
+    "triton_wgrad_pregathered": dict(T=37, D=48, H=40, E=4, K=2, act="swiglu", dtype="float32",
+                                     pregather={"dw1": True, "dw2": True}),
     "gmm_all_masked": dict(T=9, D=32, H=32, E=3, K=1, act="gelu_tanh", dtype="bfloat16", backend="grouped_mm",
                            pattern="all_masked"),
 }
 DETERMINISM_CASES = {
     "det_swiglu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="swiglu", dtype="bfloat16"),
+    "det_hybrid_swiglu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="swiglu", dtype="bfloat16", backend="hybrid"),
     "det_gmm_gelu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="gelu_tanh", dtype="bfloat16", backend="grouped_mm"),
 }
 GPU_CASES = {
@@ -64,12 +73,19 @@ GPU_CASES = {
                               backend="grouped_mm"),
     "gpu_gmm_swiglu_bf16_subset": dict(T=999, D=256, H=256, E=32, K=2, act="swiglu", dtype="bfloat16",
                                        backend="grouped_mm", pattern="subset"),
+    "gpu_hybrid_gelu_bf16": dict(T=1000, D=256, H=512, E=8, K=2, act="gelu_tanh", dtype="bfloat16", backend="hybrid"),
+    "gpu_hybrid_swiglu_subset": dict(T=999, D=256, H=256, E=32, K=2, act="swiglu", dtype="bfloat16",
+                                     backend="hybrid", pattern="subset"),
+    "gpu_auto_bf16": dict(T=2048, D=512, H=1024, E=8, K=2, act="swiglu", dtype="bfloat16", backend="auto"),
+    "gpu_triton_pregather_bf16": dict(T=1000, D=256, H=512, E=8, K=2, act="gelu_tanh", dtype="bfloat16",
+                                      pregather={"dw1": True, "dw2": False}),
     "gpu_gmm_skewed": dict(T=3000, D=256, H=512, E=16, K=2, act="swiglu", dtype="bfloat16", pattern="skewed",
                            backend="grouped_mm", bias=False),
 }
 GPU_DETERMINISM_CASES = {
     "gpu_det_big_bf16": dict(T=4096, D=512, H=1024, E=8, K=2, act="swiglu", dtype="bfloat16"),
     "gpu_det_gmm_bf16": dict(T=4096, D=512, H=1024, E=8, K=2, act="swiglu", dtype="bfloat16", backend="grouped_mm"),
+    "gpu_det_hybrid_bf16": dict(T=4096, D=512, H=1024, E=8, K=2, act="gelu_tanh", dtype="bfloat16", backend="hybrid"),
     "gpu_det_f32": dict(T=2048, D=256, H=512, E=8, K=2, act="gelu_tanh", dtype="float32"),
 }
 
@@ -133,22 +149,28 @@ def run_case(case: dict, device: str, seed: int = 0) -> dict:
     for p, w in zip(params, want):
         if w:
             p.requires_grad_(True)
-    y = fused_moe(x, ei, cw, keep, w1, b1, w2, b2, act, backend=backend)
-    assert y.dtype == x.dtype and y.shape == x.shape
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y.dtype).to(device)
-    got = torch.autograd.grad(y, [p for p, w in zip(params, want) if w], dy, allow_unused=False)
-    ref_params = [None if p is None else p.detach().double().cpu().requires_grad_(w) for p, w in zip(params, want)]
-    yr = reference_moe(ref_params[0], ei.cpu(), ref_params[1], keep.cpu(), *ref_params[2:4], *ref_params[4:6], act)
+    fm = importlib.import_module("zoo.kernels.fused_moe")
+    saved_flags = dict(fm.WGRAD_PREGATHER)
+    fm.WGRAD_PREGATHER.update(case.get("pregather", {}))
+    try:
+        y = fused_moe(x, ei, cw, keep, w1, b1, w2, b2, act, backend=backend)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y.dtype).to(device)
+        got = torch.autograd.grad(y, [p for p, w in zip(params, want) if w], dy, allow_unused=False)
+    finally:
+        fm.WGRAD_PREGATHER.update(saved_flags)
+    ref_params = [None if p is None else p.detach().double().requires_grad_(w) for p, w in zip(params, want)]
+    yr = reference_moe(ref_params[0], ei, ref_params[1], keep, *ref_params[2:4], *ref_params[4:6], act)
     ref_inputs = [p for p, w in zip(ref_params, want) if w]
     if yr.requires_grad:
-        refg = torch.autograd.grad(yr, ref_inputs, dy.double().cpu(), allow_unused=True)
+        refg = torch.autograd.grad(yr, ref_inputs, dy.double(), allow_unused=True)
     else:  # nothing kept: the reference output is a constant zero
         refg = [None] * len(ref_inputs)
     out = {}
 
     def rel(a, b):
         a = a.detach().double().cpu()
-        b = torch.zeros_like(a) if b is None else b.detach().double()
+        b = torch.zeros_like(a) if b is None else b.detach().double().cpu()
         if not torch.isfinite(a).all():
             return float("inf")
         nb = b.norm().item()
@@ -191,8 +213,6 @@ def _gmm_ok(device: str) -> bool:
 
 # ------------------------------------------------------------------ CPU: interpreter worker
 def _worker(names: list[str]) -> dict:
-    import importlib
-
     fm = importlib.import_module("zoo.kernels.fused_moe")
 
     assert type(fm._gemm1_kernel).__name__ == "InterpretedFunction", "kernels are not interpreted"
@@ -206,13 +226,13 @@ def _worker(names: list[str]) -> dict:
                 continue
             if name in DETERMINISM_CASES:
                 case = DETERMINISM_CASES[name]
-                if case.get("backend") == "grouped_mm" and not _gmm_ok("cpu"):
+                if case.get("backend") in ("grouped_mm", "hybrid") and not _gmm_ok("cpu"):
                     res[name] = {"skip": "torch._grouped_mm missing"}
                     continue
                 res[name] = {"det": run_determinism(case, "cpu"), "sec": time.time() - t0}
                 continue
             case = CASES[name]
-            if case.get("backend") == "grouped_mm" and not _gmm_ok("cpu"):
+            if case.get("backend") in ("grouped_mm", "hybrid") and not _gmm_ok("cpu"):
                 res[name] = {"skip": "torch._grouped_mm missing"}
                 continue
             res[name] = {"errs": run_case(case, "cpu"), "sec": time.time() - t0}
@@ -290,7 +310,7 @@ def test_interpreted_route(interp_results):
 @pytest.mark.parametrize("name", list(CASES) + list(GPU_CASES))
 def test_cuda_case(name):
     case = {**CASES, **GPU_CASES}[name]
-    if case.get("backend") == "grouped_mm" and not _gmm_ok("cuda"):
+    if case.get("backend") in ("grouped_mm", "hybrid") and not _gmm_ok("cuda"):
         pytest.skip("torch._grouped_mm backend needs sm90+")
     _check(name, case, run_case(case, "cuda"), "cuda")
 
@@ -299,7 +319,7 @@ def test_cuda_case(name):
 @pytest.mark.parametrize("name", list(DETERMINISM_CASES) + list(GPU_DETERMINISM_CASES))
 def test_cuda_determinism(name):
     case = {**DETERMINISM_CASES, **GPU_DETERMINISM_CASES}[name]
-    if case.get("backend") == "grouped_mm" and not _gmm_ok("cuda"):
+    if case.get("backend") in ("grouped_mm", "hybrid") and not _gmm_ok("cuda"):
         pytest.skip("torch._grouped_mm backend needs sm90+")
     assert run_determinism(case, "cuda"), f"{name}: two runs differ"
 

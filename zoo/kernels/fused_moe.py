@@ -415,13 +415,12 @@ if _HAS_TRITON:
 
     # ---------------- combine: y[t] = sum_k valid[t,k] * (src[row(t,k)] (+ b[e]) ) (* w[t,k]) ----------------
     @triton.jit
-    def _combine_kernel(src_ptr, idx_ptr, valid_ptr, w_ptr, e_ptr, bias_ptr, out_ptr, dw_ptr, dy_ptr,
-                        T, D, stride_sr, stride_be, stride_ot, stride_dyt,
-                        K_TOP: tl.constexpr, HAS_IDX: tl.constexpr, HAS_W: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, DOT_DY: tl.constexpr,
+    def _combine_kernel(src_ptr, idx_ptr, valid_ptr, w_ptr, e_ptr, bias_ptr, out_ptr,
+                        T, D, stride_sr, stride_be, stride_ot,
+                        K_TOP: tl.constexpr, HAS_IDX: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BT: tl.constexpr, BD: tl.constexpr):
-        """Fixed-order reduction over the K slots of each token.  With DOT_DY it instead writes
-        dw[t,k] = valid * <dy[t], src[row] + b[e]> (d(combine_weight) of the grouped_mm backend)."""
+        """y[t] = sum over k = 0..K-1 (fixed order, fp32) of valid[t,k] * (src[row(t,k)] (+ b[e])) (* w[t,k]);
+        row(t,k) = t*K+k, or idx[t*K+k] (rows in sorted order).  Invalid slots are never read."""
         pid_t = tl.program_id(0)
         pid_d = tl.program_id(1)
         toks = pid_t * BT + tl.arange(0, BT)
@@ -429,9 +428,6 @@ if _HAS_TRITON:
         toks64 = toks.to(tl.int64)
         cols = pid_d * BD + tl.arange(0, BD)
         cm = cols < D
-        if DOT_DY:
-            dy = tl.load(dy_ptr + toks64[:, None] * stride_dyt + cols[None, :], mask=tm[:, None] & cm[None, :],
-                         other=0.0).to(tl.float32)
         acc = tl.zeros((BT, BD), dtype=tl.float32)
         for k in tl.static_range(K_TOP):
             s = toks64 * K_TOP + k
@@ -445,16 +441,12 @@ if _HAS_TRITON:
             if HAS_BIAS:
                 ee = tl.load(e_ptr + s, mask=tm & v, other=0).to(tl.int64)
                 val += tl.load(bias_ptr + ee[:, None] * stride_be + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            if DOT_DY:
-                tl.store(dw_ptr + pid_d.to(tl.int64) * T * K_TOP + s, tl.sum(val * dy, axis=1), mask=tm)
-            else:
-                if HAS_W:
-                    wv = tl.load(w_ptr + s, mask=tm & v, other=0.0).to(tl.float32)
-                    val = val * wv[:, None]
-                acc += val
-        if not DOT_DY:
-            tl.store(out_ptr + toks64[:, None] * stride_ot + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=tm[:, None] & cm[None, :])
+            if HAS_W:
+                wv = tl.load(w_ptr + s, mask=tm & v, other=0.0).to(tl.float32)
+                val = val * wv[:, None]
+            acc += val
+        tl.store(out_ptr + toks64[:, None] * stride_ot + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=tm[:, None] & cm[None, :])
 
     # ---------------- grouped_mm backend helpers ----------------
     @triton.jit
@@ -486,42 +478,70 @@ if _HAS_TRITON:
         tl.store(act_ptr + rows64[:, None] * stride_ar + cols[None, :], out.to(act_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _gather_scale_kernel(dy_ptr, slot_ptr, cw_ptr, e_ptr, out_ptr, R, D, K_TOP, E,
-                             stride_dyt, stride_or, BR: tl.constexpr, BD: tl.constexpr):
-        """out[r] = cw[slot_r] * dy[slot_r // K] for kept sorted rows (zeros elsewhere)."""
+    def _gather_rows_kernel(src_ptr, slot_ptr, cw_ptr, e_ptr, out_u_ptr, out_s_ptr, R, D, K_TOP, E,
+                            stride_src, stride_u, stride_s,
+                            WRITE_U: tl.constexpr, WRITE_S: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+        """Sorted row r: out_u[r] = src[slot_r // K], out_s[r] = cw[slot_r] * src[slot_r // K] for kept rows,
+        zeros for the rows past the kept ones (so that no garbage reaches a GEMM)."""
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         cols = tl.program_id(1) * BD + tl.arange(0, BD)
         ee = tl.load(e_ptr + rows, mask=rows < R, other=E)
         rm = (rows < R) & (ee < E)
         slot = tl.load(slot_ptr + rows, mask=rm, other=0)
         tok = (slot // K_TOP).to(tl.int64)
-        cw = tl.load(cw_ptr + slot, mask=rm, other=0.0).to(tl.float32)
         m = rm[:, None] & (cols < D)[None, :]
-        v = tl.load(dy_ptr + tok[:, None] * stride_dyt + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + cols[None, :],
-                 (v * cw[:, None]).to(out_ptr.dtype.element_ty), mask=(rows < R)[:, None] & (cols < D)[None, :])
+        sm = (rows < R)[:, None] & (cols < D)[None, :]
+        v = tl.load(src_ptr + tok[:, None] * stride_src + cols[None, :], mask=m, other=0.0)
+        rows64 = rows.to(tl.int64)
+        if WRITE_U:
+            tl.store(out_u_ptr + rows64[:, None] * stride_u + cols[None, :], v.to(out_u_ptr.dtype.element_ty), mask=sm)
+        if WRITE_S:
+            cw = tl.load(cw_ptr + slot, mask=rm, other=0.0).to(tl.float32)
+            tl.store(out_s_ptr + rows64[:, None] * stride_s + cols[None, :],
+                     (v.to(tl.float32) * cw[:, None]).to(out_s_ptr.dtype.element_ty), mask=sm)
 
     @triton.jit
-    def _act_bwd_kernel(dA_ptr, h_ptr, e_ptr, dh_ptr, R, H, E, stride_ar, stride_hr, stride_dr,
-                        SWIGLU: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):
+    def _dact_rows_kernel(dA_ptr, act_ptr, hpre_ptr, du_ptr, b2_ptr, cw_ptr, slot_ptr, e_ptr, dh_ptr, dcw_ptr,
+                          R, H, D, E, stride_dA, stride_act, stride_h, stride_du, stride_be, stride_dh,
+                          SWIGLU: tl.constexpr, HAS_B2: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):
+        """Row-wise backward of combine weight and activation from the unweighted dA = dy[tok] @ w2[e]^T:
+        dcw[slot] = <dA, act> + <dy[tok], b2[e]> (whole row per program: fixed order), dh = cw * dA * act'(h).
+        Rows past the kept ones get dh = 0."""
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
-        cols = tl.program_id(1) * BH + tl.arange(0, BH)
         ee = tl.load(e_ptr + rows, mask=rows < R, other=E)
         rm = (rows < R) & (ee < E)
-        m = rm[:, None] & (cols < H)[None, :]
+        slot = tl.load(slot_ptr + rows, mask=rm, other=0)
+        cw = tl.load(cw_ptr + slot, mask=rm, other=0.0).to(tl.float32)
         rows64 = rows.to(tl.int64)
-        g = tl.load(dA_ptr + rows64[:, None] * stride_ar + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        hp = h_ptr + rows64[:, None] * stride_hr + cols[None, :]
-        hg = tl.load(hp, mask=m, other=0.0).to(tl.float32)
-        dp = dh_ptr + rows64[:, None] * stride_dr + cols[None, :]
-        sm = (rows < R)[:, None] & (cols < H)[None, :]  # write zeros in unused rows (no NaN garbage)
-        if SWIGLU:
-            hu = tl.load(hp + H, mask=m, other=0.0).to(tl.float32)
-            sg = tl.sigmoid(hg)
-            tl.store(dp, (g * hu * sg * (1.0 + hg * (1.0 - sg))).to(dh_ptr.dtype.element_ty), mask=sm)
-            tl.store(dp + H, (g * hg * sg).to(dh_ptr.dtype.element_ty), mask=sm)
-        else:
-            tl.store(dp, (g * _gelu_tanh_grad(hg)).to(dh_ptr.dtype.element_ty), mask=sm)
+        dot = tl.zeros((BR,), dtype=tl.float32)
+        for h0 in range(0, H, BH):
+            cols = h0 + tl.arange(0, BH)
+            cm = (cols < H)[None, :]
+            m = rm[:, None] & cm
+            g = tl.load(dA_ptr + rows64[:, None] * stride_dA + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            a = tl.load(act_ptr + rows64[:, None] * stride_act + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            dot += tl.sum(g * a, axis=1)
+            g = g * cw[:, None]
+            hp = hpre_ptr + rows64[:, None] * stride_h + cols[None, :]
+            hg = tl.load(hp, mask=m, other=0.0).to(tl.float32)
+            dp = dh_ptr + rows64[:, None] * stride_dh + cols[None, :]
+            sm = (rows < R)[:, None] & cm
+            if SWIGLU:
+                hu = tl.load(hp + H, mask=m, other=0.0).to(tl.float32)
+                sg = tl.sigmoid(hg)
+                tl.store(dp, (g * hu * sg * (1.0 + hg * (1.0 - sg))).to(dh_ptr.dtype.element_ty), mask=sm)
+                tl.store(dp + H, (g * hg * sg).to(dh_ptr.dtype.element_ty), mask=sm)
+            else:
+                tl.store(dp, (g * _gelu_tanh_grad(hg)).to(dh_ptr.dtype.element_ty), mask=sm)
+        if HAS_B2:
+            e64 = ee.to(tl.int64)
+            for d0 in range(0, D, BH):
+                cols = d0 + tl.arange(0, BH)
+                m = rm[:, None] & (cols < D)[None, :]
+                u = tl.load(du_ptr + rows64[:, None] * stride_du + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                bb = tl.load(b2_ptr + e64[:, None] * stride_be + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                dot += tl.sum(u * bb, axis=1)
+        tl.store(dcw_ptr + slot, dot, mask=rm)
 
     @triton.jit
     def _segsum_kernel(src_ptr, counts_ptr, starts_ptr, out_ptr, N, stride_sr, stride_oe,
@@ -561,26 +581,28 @@ CONFIG_OVERRIDE: Dict[str, GemmConfig] = {}
 
 
 def _pick_config(kind: str, rows_per_expert: float, n: int, k: int, dtype: torch.dtype, swiglu: bool) -> GemmConfig:
+    """Fixed tile configuration per kernel and shape class (from the H100 sweep of
+    benchmarks/fused_moe_sweep.py; results in benchmarks/results/fused_moe_sweep.md)."""
     if kind in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE[kind]
     if _interpret():
         return GemmConfig(32, 32, 32, 4, 1, 4)
-    fp32 = dtype == torch.float32
-    bk = 32 if fp32 else 64
-    if kind in ("dw1", "dw2"):
-        # M = feature dim, N = feature dim, K = rows of the expert
-        if fp32:
+    if dtype == torch.float32:  # tf32: half the K tile to fit shared memory
+        if kind in ("dw1", "dw2"):
             return GemmConfig(64, 128, 32, 4, 3, 8)
-        return GemmConfig(128, 128, 64, 8, 3, 8)
-    small_m = rows_per_expert < 96
-    bm = 64 if small_m else 128
-    if fp32:
-        return GemmConfig(bm, 64 if swiglu and kind == "gemm1" else 128, bk, 4, 3, 8)
-    if kind == "gemm1" and swiglu:
-        return GemmConfig(bm, 128, bk, 8, 3, 8)
-    bn = 128 if n <= 1024 or small_m else 256
-    warps = 8 if bm * bn >= 128 * 256 else 4
-    return GemmConfig(bm, bn, bk, warps, 3, 8)
+        bm = 64 if rows_per_expert < 96 else 128
+        return GemmConfig(bm, 64 if swiglu and kind == "gemm1" else 128, 32, 4, 3, 8)
+    if kind in ("dw1", "dw2"):  # M, N = feature dims, K = the expert's rows
+        return GemmConfig(128, 128, 64, 8 if swiglu else 4, 3, 8)
+    bm = 64 if rows_per_expert < 96 else 128
+    if kind == "gemm1":
+        if swiglu:  # two accumulators (gate, up)
+            return GemmConfig(bm, 128, 64, 8, 3, 8)
+        return GemmConfig(bm, 256, 64, 8, 3, 8) if n >= 256 and bm == 128 else GemmConfig(bm, 128, 64, 4, 3, 8)
+    if kind == "bwd_act":  # heavy epilogue: 128x256 tiles spill
+        return GemmConfig(bm, 128, 64, 8 if swiglu else 4, 3, 8)
+    # gemm2, dx
+    return GemmConfig(bm, 256, 64, 8, 3, 8) if n >= 256 and bm == 128 else GemmConfig(bm, 128, 64, 4, 3, 8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -670,10 +692,9 @@ def _combine(src: Tensor, valid: Tensor, T: int, K: int, out_dtype: torch.dtype,
     grid = (triton.cdiv(T, BT), triton.cdiv(D, BD))
     _combine_kernel[grid](
         src, idx if idx is not None else valid, valid, w if w is not None else src, e if e is not None else valid,
-        bias if bias is not None else src, out, src, src,
-        T, D, src.stride(0), bias.stride(0) if bias is not None else 0, out.stride(0), 0,
-        K_TOP=K, HAS_IDX=idx is not None, HAS_W=w is not None, HAS_BIAS=bias is not None, DOT_DY=False,
-        BT=BT, BD=BD,
+        bias if bias is not None else src, out,
+        T, D, src.stride(0), bias.stride(0) if bias is not None else 0, out.stride(0),
+        K_TOP=K, HAS_IDX=idx is not None, HAS_W=w is not None, HAS_BIAS=bias is not None, BT=BT, BD=BD,
     )
     return out
 
@@ -693,7 +714,50 @@ def _launch_wgrad(kind, a, b, cw, meta: RouteMeta, K: int, M: int, N: int, out: 
     )
 
 
-# ---------------------------------- Triton backend ----------------------------------
+# ---------------------------------- shared helpers ----------------------------------
+def _rows_grid(R, N):
+    BR, BH = (8, 32) if _interpret() else (16, 128)
+    return (triton.cdiv(R, BR), triton.cdiv(N, BH)), BR, BH
+
+
+def _sorted_expert(meta: RouteMeta, e_flat: Tensor, valid_flat: Tensor) -> Tensor:
+    """Expert of each sorted row (int32), E for the rows past the kept ones."""
+    slot = meta.sorted_slot.long()
+    return torch.where(valid_flat[slot] != 0, e_flat.reshape(-1)[slot], meta.E).to(torch.int32)
+
+
+def _gather_rows(src: Tensor, meta: RouteMeta, e_row: Tensor, K: int, cw: Optional[Tensor] = None,
+                 unscaled: bool = True, scaled: bool = False):
+    """Rows of src [T, D] in sorted-slot order (and/or scaled by the combine weight); zero tail rows."""
+    R = meta.sorted_slot.numel()
+    D = src.shape[1]
+    out_u = torch.empty(R, D, dtype=src.dtype, device=src.device) if unscaled else None
+    out_s = torch.empty(R, D, dtype=src.dtype, device=src.device) if scaled else None
+    grid, BR, BD = _rows_grid(R, D)
+    _gather_rows_kernel[grid](src, meta.sorted_slot, cw if cw is not None else src, e_row,
+                              out_u if unscaled else src, out_s if scaled else src, R, D, K, meta.E,
+                              src.stride(0), out_u.stride(0) if unscaled else 0, out_s.stride(0) if scaled else 0,
+                              WRITE_U=unscaled, WRITE_S=scaled, BR=BR, BD=BD)
+    return out_u, out_s
+
+
+def _segsum(src: Tensor, meta: RouteMeta, dtype) -> Tensor:
+    N = src.shape[1]
+    out = torch.empty(meta.E, N, dtype=dtype, device=src.device)
+    BR, BN = (16, 32) if _interpret() else (32, 128)
+    _segsum_kernel[(meta.E, triton.cdiv(N, BN))](src, meta.counts, meta.starts, out, N, src.stride(0), out.stride(0),
+                                                 BR=BR, BN=BN)
+    return out
+
+
+def _inverse_perm(meta: RouteMeta) -> Tensor:
+    slot = meta.sorted_slot.long()
+    inv = torch.empty_like(meta.sorted_slot)
+    inv[slot] = torch.arange(slot.numel(), dtype=torch.int32, device=slot.device)
+    return inv
+
+
+# ---------------------------------- Triton expert GEMMs ----------------------------------
 def _triton_forward(x, cw, w1, b1, w2, b2, meta, valid, K, swiglu, need_grad):
     T, D = x.shape
     H = w2.shape[1]
@@ -702,7 +766,7 @@ def _triton_forward(x, cw, w1, b1, w2, b2, meta, valid, K, swiglu, need_grad):
     yslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
     _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot)
     y = _combine(yslot, valid, T, K, x.dtype)
-    return y, (hpre, act)
+    return y, hpre, act
 
 
 def _launch_bwd_act(dy, w2, b2, act, hpre, cw, meta: RouteMeta, K: int, swiglu: bool, dh: Tensor):
@@ -728,49 +792,47 @@ def _launch_bwd_act(dy, w2, b2, act, hpre, cw, meta: RouteMeta, K: int, swiglu: 
     return dcw_part
 
 
-def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, K, swiglu, saved, needs):
-    hpre, act = saved
+# Weight-gradient operands: gathered/scaled inside the kernel (False) or first copied in sorted order by a
+# small gather kernel (True).  Fixed defaults, chosen from GPU sweeps; the sweep script flips them.
+WGRAD_PREGATHER = {"dw1": False, "dw2": True}
+
+
+def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, hpre, act, needs):
     T, D = x.shape
     H = w2.shape[1]
     H2 = w1.shape[2]
     TK = T * K
     dh = torch.empty(TK, H2, dtype=x.dtype, device=x.device)
     dcw_part = _launch_bwd_act(dy, w2, b2, act, hpre, cw, meta, K, swiglu, dh)
-    num_n = dcw_part.shape[0]
-    dcw = dcw_part.sum(0) if num_n > 1 else dcw_part[0]
+    dcw = dcw_part.sum(0) if dcw_part.shape[0] > 1 else dcw_part[0]
     dx = dw1 = db1 = dw2 = db2 = None
     if needs["x"]:
         dxslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
         _launch_gemm_scatter("dx", dh, w1, None, None, meta, D, H2, w1.stride(2), w1.stride(1), dxslot)
         dx = _combine(dxslot, valid, T, K, x.dtype)
+    e_row = None
+    if (needs["w1"] or needs["b1"] or needs["w2"] or needs["b2"]) and any(WGRAD_PREGATHER.values()):
+        e_row = _sorted_expert(meta, e_flat, valid.reshape(-1))
     if needs["w1"] or needs["b1"]:
         dw1 = torch.empty_like(w1)
         db1 = torch.empty_like(b1) if b1 is not None else None
-        _launch_wgrad("dw1", x, dh, None, meta, K, D, H2, dw1, db1, gather_a=True, gather_b=False, scale_b=False)
+        if WGRAD_PREGATHER["dw1"]:
+            xs, _ = _gather_rows(x, meta, e_row, K)
+            _launch_wgrad("dw1", xs, dh, None, meta, K, D, H2, dw1, db1, gather_a=False, gather_b=False, scale_b=False)
+        else:
+            _launch_wgrad("dw1", x, dh, None, meta, K, D, H2, dw1, db1, gather_a=True, gather_b=False, scale_b=False)
     if needs["w2"] or needs["b2"]:
         dw2 = torch.empty_like(w2)
         db2 = torch.empty_like(b2) if b2 is not None else None
-        _launch_wgrad("dw2", act, dy, cw, meta, K, H, D, dw2, db2, gather_a=False, gather_b=True, scale_b=True)
+        if WGRAD_PREGATHER["dw2"]:
+            _, d_o = _gather_rows(dy, meta, e_row, K, cw, unscaled=False, scaled=True)
+            _launch_wgrad("dw2", act, d_o, None, meta, K, H, D, dw2, db2, gather_a=False, gather_b=False, scale_b=False)
+        else:
+            _launch_wgrad("dw2", act, dy, cw, meta, K, H, D, dw2, db2, gather_a=False, gather_b=True, scale_b=True)
     return dx, dcw, dw1, db1, dw2, db2
 
 
-# ---------------------------------- torch._grouped_mm backend ----------------------------------
-def _gmm_prep(meta: RouteMeta, e_flat: Tensor, valid_flat: Tensor, K: int):
-    slot = meta.sorted_slot.long()
-    e_flat = e_flat.reshape(-1)
-    tok = slot // K
-    e_row = torch.where(valid_flat[slot] != 0, e_flat[slot], meta.E).to(torch.int32)  # E for dropped rows
-    inv = torch.empty_like(meta.sorted_slot)
-    inv[slot] = torch.arange(slot.numel(), dtype=torch.int32, device=slot.device)
-    offs = torch.cumsum(meta.counts, 0, dtype=torch.int32)
-    return tok, e_row, inv, offs
-
-
-def _rows_grid(R, N):
-    BR, BH = (8, 32) if _interpret() else (16, 128)
-    return (triton.cdiv(R, BR), triton.cdiv(N, BH)), BR, BH
-
-
+# ---------------------------------- torch._grouped_mm expert GEMMs ----------------------------------
 def _zero_empty_groups(w: Tensor, counts: Tensor) -> Tensor:
     # groups with no rows: make sure their gradient is exactly zero whatever the GEMM left there
     return torch.where((counts > 0)[:, None, None], w, torch.zeros((), dtype=w.dtype, device=w.device))
@@ -779,9 +841,10 @@ def _zero_empty_groups(w: Tensor, counts: Tensor) -> Tensor:
 def _gmm_forward(x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, need_grad):
     T, D = x.shape
     H = w2.shape[1]
-    tok, e_row, inv, offs = _gmm_prep(meta, e_flat, valid.reshape(-1), K)
-    xs = x.index_select(0, tok)
-    h = torch._grouped_mm(xs, w1, offs=offs)
+    e_row = _sorted_expert(meta, e_flat, valid.reshape(-1))
+    offs = torch.cumsum(meta.counts, 0, dtype=torch.int32)
+    xs, _ = _gather_rows(x, meta, e_row, K)
+    h = torch._grouped_mm(xs, w1, offs=offs)  # rows past the kept ones: unspecified, never used
     R = h.shape[0]
     act = torch.empty(R, H, dtype=x.dtype, device=x.device)
     grid, BR, BH = _rows_grid(R, H)
@@ -789,108 +852,98 @@ def _gmm_forward(x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, need_gra
                            b1.stride(0) if b1 is not None else 0, act.stride(0),
                            SWIGLU=swiglu, HAS_BIAS=b1 is not None, E=meta.E, BR=BR, BH=BH)
     o = torch._grouped_mm(act, w2, offs=offs)
-    e_pos = e_flat.reshape(-1)
-    y = _combine(o, valid.reshape(-1), T, K, x.dtype, idx=inv, w=cw, e=e_pos if b2 is not None else None, bias=b2)
-    return y, (xs, h, act, o, tok, e_row, inv, offs)
+    y = _combine(o, valid.reshape(-1), T, K, x.dtype, idx=_inverse_perm(meta), w=cw,
+                 e=e_flat.reshape(-1) if b2 is not None else None, bias=b2)
+    return y, h, act
 
 
-def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, saved, needs):
-    xs, h, act, o, tok, e_row, inv, offs = saved
+def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, hpre, act, needs):
     T, D = x.shape
     H = w2.shape[1]
     H2 = w1.shape[2]
     E = meta.E
-    R = xs.shape[0]
-    v_flat = valid.reshape(-1)
-    # d(combine_weight)[t,k] = <dy[t], o[inv] + b2[e]>   (fixed order over D blocks)
-    BD = min(256, _next_pow2(D))
-    BT = 4 if _interpret() else max(1, min(16, 2048 // BD))
-    nd = triton.cdiv(D, BD)
-    dcw_part = torch.zeros(nd, T * K, dtype=torch.float32, device=x.device)
-    _combine_kernel[(triton.cdiv(T, BT), nd)](
-        o, inv, v_flat, cw, e_flat.reshape(-1), b2 if b2 is not None else o, o, dcw_part, dy,
-        T, D, o.stride(0), b2.stride(0) if b2 is not None else 0, 0, dy.stride(0),
-        K_TOP=K, HAS_IDX=True, HAS_W=False, HAS_BIAS=b2 is not None, DOT_DY=True, BT=BT, BD=BD)
-    dcw = dcw_part.sum(0) if nd > 1 else dcw_part[0]
-    # d_o[r] = cw[slot] * dy[tok]
-    d_o = torch.empty(R, D, dtype=x.dtype, device=x.device)
-    grid, BR, BH = _rows_grid(R, D)
-    _gather_scale_kernel[grid](dy, meta.sorted_slot, cw, e_row, d_o, R, D, K, E, dy.stride(0), d_o.stride(0),
-                               BR=BR, BD=BH)
-    dA = torch._grouped_mm(d_o, w2.transpose(-2, -1), offs=offs)
+    R = meta.sorted_slot.numel()
+    e_row = _sorted_expert(meta, e_flat, valid.reshape(-1))
+    offs = torch.cumsum(meta.counts, 0, dtype=torch.int32)
+    need_w2 = needs["w2"] or needs["b2"]
+    d_u, d_o = _gather_rows(dy, meta, e_row, K, cw, unscaled=True, scaled=need_w2)
+    dA = torch._grouped_mm(d_u, w2.transpose(-2, -1), offs=offs)  # unweighted dy[tok] @ w2[e]^T
     dh = torch.empty(R, H2, dtype=x.dtype, device=x.device)
-    grid, BR, BH = _rows_grid(R, H)
-    _act_bwd_kernel[grid](dA, h, e_row, dh, R, H, E, dA.stride(0), h.stride(0), dh.stride(0),
-                          SWIGLU=swiglu, BR=BR, BH=BH)
+    dcw = torch.zeros(R, dtype=torch.float32, device=x.device)
+    BR, BH = (8, 32) if _interpret() else (8, 256)
+    _dact_rows_kernel[(triton.cdiv(R, BR),)](
+        dA, act, hpre, d_u, b2 if b2 is not None else d_u, cw, meta.sorted_slot, e_row, dh, dcw,
+        R, H, D, E, dA.stride(0), act.stride(0), hpre.stride(0), d_u.stride(0),
+        b2.stride(0) if b2 is not None else 0, dh.stride(0),
+        SWIGLU=swiglu, HAS_B2=b2 is not None, BR=BR, BH=BH)
     dx = dw1 = db1 = dw2 = db2 = None
     if needs["x"]:
         dxs = torch._grouped_mm(dh, w1.transpose(-2, -1), offs=offs)
-        dx = _combine(dxs, v_flat, T, K, x.dtype, idx=inv)
+        dx = _combine(dxs, valid.reshape(-1), T, K, x.dtype, idx=_inverse_perm(meta))
     if needs["w1"] or needs["b1"]:
+        xs, _ = _gather_rows(x, meta, e_row, K)
         dw1 = _zero_empty_groups(torch._grouped_mm(xs.t(), dh, offs=offs), meta.counts)
         if b1 is not None:
             db1 = _segsum(dh, meta, b1.dtype)
-    if needs["w2"] or needs["b2"]:
+    if need_w2:
         dw2 = _zero_empty_groups(torch._grouped_mm(act.t(), d_o, offs=offs), meta.counts)
         if b2 is not None:
             db2 = _segsum(d_o, meta, b2.dtype)
     return dx, dcw, dw1, db1, dw2, db2
 
 
-def _segsum(src: Tensor, meta: RouteMeta, dtype) -> Tensor:
-    N = src.shape[1]
-    out = torch.empty(meta.E, N, dtype=dtype, device=src.device)
-    BR, BN = (16, 32) if _interpret() else (32, 128)
-    _segsum_kernel[(meta.E, triton.cdiv(N, BN))](src, meta.counts, meta.starts, out, N, src.stride(0), out.stride(0),
-                                                 BR=BR, BN=BN)
-    return out
-
-
 # ---------------------------------- autograd ----------------------------------
 class _FusedMoEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cw, w1, b1, w2, b2, expert_index, valid, swiglu, backend):
-        T, D = x.shape
+    def forward(ctx, x, cw, w1, b1, w2, b2, expert_index, valid, swiglu, fwd_backend, bwd_backend):
         K = expert_index.shape[1]
         E = w1.shape[0]
         need_grad = any(ctx.needs_input_grad[:6])
         meta = route(expert_index, valid, E)
         cw32 = cw.reshape(-1).float().contiguous()
-        if backend == "grouped_mm":
-            y, saved = _gmm_forward(x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K, swiglu, need_grad)
+        if fwd_backend == "grouped_mm":
+            y, hpre, act = _gmm_forward(x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K, swiglu, need_grad)
         else:
-            y, saved = _triton_forward(x, cw32, w1, b1, w2, b2, meta, valid, K, swiglu, need_grad)
+            y, hpre, act = _triton_forward(x, cw32, w1, b1, w2, b2, meta, valid, K, swiglu, need_grad)
         if need_grad:
             ctx.save_for_backward(x, cw32, w1, b1, w2, b2, expert_index, valid, meta.sorted_slot, meta.counts,
-                                  meta.starts, *saved)
-            ctx.meta_static = (K, E, meta.E_PAD, swiglu, backend, cw.dtype, cw.shape)
+                                  meta.starts, hpre, act)
+            ctx.meta_static = (K, E, meta.E_PAD, swiglu, bwd_backend, cw.dtype, cw.shape)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x, cw32, w1, b1, w2, b2, expert_index, valid, sorted_slot, counts, starts, *saved) = ctx.saved_tensors
-        K, E, E_PAD, swiglu, backend, cw_dtype, cw_shape = ctx.meta_static
+        (x, cw32, w1, b1, w2, b2, expert_index, valid, sorted_slot, counts, starts, hpre, act) = ctx.saved_tensors
+        K, E, E_PAD, swiglu, bwd_backend, cw_dtype, cw_shape = ctx.meta_static
         meta = RouteMeta(sorted_slot, counts, starts, E, E_PAD)
         dy = dy.to(x.dtype).contiguous()
         ng = ctx.needs_input_grad
         needs = {"x": ng[0], "w1": ng[2], "b1": ng[3], "w2": ng[4], "b2": ng[5]}
-        if backend == "grouped_mm":
-            dx, dcw, dw1, db1, dw2, db2 = _gmm_backward(dy, x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K,
-                                                        swiglu, saved, needs)
-        else:
-            dx, dcw, dw1, db1, dw2, db2 = _triton_backward(dy, x, cw32, w1, b1, w2, b2, meta, valid, K, swiglu,
-                                                           tuple(saved), needs)
+        bwd = _gmm_backward if bwd_backend == "grouped_mm" else _triton_backward
+        dx, dcw, dw1, db1, dw2, db2 = bwd(dy, x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K, swiglu,
+                                          hpre, act, needs)
         dcw = torch.where(valid.reshape(-1) != 0, dcw, torch.zeros((), dtype=dcw.dtype, device=dcw.device))
         dcw = dcw.reshape(cw_shape).to(cw_dtype) if ng[1] else None
         return (dx if ng[0] else None, dcw, dw1 if ng[2] else None, db1 if ng[3] else None,
-                dw2 if ng[4] else None, db2 if ng[5] else None, None, None, None, None)
+                dw2 if ng[4] else None, db2 if ng[5] else None, None, None, None, None, None)
+
+
+BACKENDS = {"triton": ("triton", "triton"), "grouped_mm": ("grouped_mm", "grouped_mm"),
+            "hybrid": ("triton", "grouped_mm")}
 
 
 def choose_backend(x: Tensor, T: int, K: int, E: int, D: int, H: int, activation: str) -> str:
-    """Expert-GEMM backend for ``backend="auto"``.  Fixed by shape (never timed at run time) so
-    that results stay bitwise reproducible from run to run."""
-    del T, K, E, D, H, activation
-    return "triton"
+    """Expert-GEMM backend for ``backend="auto"``, fixed by shape (never timed at run time, so results
+    stay bitwise reproducible).  torch._grouped_mm's CUTLASS GEMMs win the backward on H100 for every
+    measured shape (the Triton weight-gradient GEMMs reach ~300 TFLOP/s against ~550); the fused Triton
+    forward (gather in the GEMM, activation/combine weight in the epilogues) wins when experts are small
+    or few rows each, CUTLASS when both the per-expert row count and the width are large (Mixtral)."""
+    if not grouped_mm_available(x):
+        return "triton"
+    rows = T * K / max(E, 1)
+    if rows >= 1024 and D * H >= 2048 * 4096:
+        return "grouped_mm"
+    return "hybrid"
 
 
 def fused_moe(
@@ -907,8 +960,9 @@ def fused_moe(
 ) -> Tensor:
     """Fused MoE expert path; see the module docstring for the contract.
 
-    ``backend``: "triton" (fused gather/epilogue kernels), "grouped_mm" (torch._grouped_mm expert
-    GEMMs, bf16 on sm90+ only) or "auto" (per-shape choice by :func:`choose_backend`).
+    ``backend``: "triton" (fused gather/epilogue Triton kernels, forward and backward), "grouped_mm"
+    (torch._grouped_mm expert GEMMs + small Triton gather/epilogue kernels, bf16 only), "hybrid" (Triton
+    forward, grouped_mm backward) or "auto" (per-shape choice by :func:`choose_backend`).
     Slots whose expert index is outside [0, E) are treated as dropped.
     """
     if not _HAS_TRITON:
@@ -943,12 +997,11 @@ def fused_moe(
         return x.new_zeros(T, D) + 0.0 * (w1.sum() + w2.sum())
     if backend == "auto":
         backend = choose_backend(x, T, K, E, D, H, activation)
-        if backend == "grouped_mm" and not grouped_mm_available(x):
-            backend = "triton"
-    if backend not in ("triton", "grouped_mm"):
-        raise ValueError(f"unknown backend {backend!r}")
-    if backend == "grouped_mm" and not (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
-        raise RuntimeError("the grouped_mm backend needs torch._grouped_mm and bf16 inputs")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {tuple(BACKENDS)}")
+    fwd_backend, bwd_backend = BACKENDS[backend]
+    if "grouped_mm" in (fwd_backend, bwd_backend) and not (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
+        raise RuntimeError(f"backend {backend!r} needs torch._grouped_mm and bf16 inputs")
     dt = x.dtype
     x = x.contiguous()
     w1c = w1.to(dt).contiguous()
@@ -959,4 +1012,5 @@ def fused_moe(
     if ei.dtype not in (torch.int32, torch.int64):
         ei = ei.long()
     valid = (keep.bool() & (ei >= 0) & (ei < E)).to(torch.uint8).contiguous()
-    return _FusedMoEFunction.apply(x, combine_weight, w1c, b1c, w2c, b2c, ei, valid, swiglu, backend)
+    return _FusedMoEFunction.apply(x, combine_weight, w1c, b1c, w2c, b2c, ei, valid, swiglu, fwd_backend,
+                                   bwd_backend)
