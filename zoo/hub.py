@@ -708,9 +708,11 @@ def model_card_text(config: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
 
     family, preset, tag = config["family"], meta.get("preset"), meta.get("tag")
     title = preset + (f".{tag}" if tag else "") if preset else f"{family} model"
+    task = {"vmoe": "image-classification", "limoe": "zero-shot-image-classification"}.get(family)
     front = {"library_name": LIBRARY_NAME, "license": meta.get("license") or "apache-2.0",
-             "tags": ["image-classification", "mixture-of-experts", family, "moe-zoo"],
-             "pipeline_tag": "image-classification"}
+             "tags": [t for t in (task, "mixture-of-experts", family, "moe-zoo") if t]}
+    if task:
+        front["pipeline_tag"] = task
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", ""]
     desc = None
     if preset:
@@ -728,8 +730,10 @@ def model_card_text(config: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
         lines += [f"model = zoo.create_model({preset!r}, pretrained={tag!r})"]
     if hub_id:
         lines += [f"model = zoo.create_model('hf-hub:{hub_id}')"]
-    lines += ["model = zoo.create_model('local-dir:path/to/this/folder')", "model.eval()",
-              "logits = model(images).logits  # images [B, C, H, W], normalised as below", "```", ""]
+    lines += ["model = zoo.create_model('local-dir:path/to/this/folder')", "model.eval()"]
+    if family == "vmoe":
+        lines += ["logits = model(images).logits  # images [B, C, H, W], normalised as below"]
+    lines += ["```", ""]
     inp = meta.get("input")
     if inp:
         lines += ["## Input", ""] + [f"- {k}: {_md_value(v)}" for k, v in inp.items()] + [""]
@@ -747,7 +751,7 @@ def model_card_text(config: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
             lines.append(f"| moe.{k} | {_md_value(moe[k])} |")
     if "num_params" in meta:
         lines.append(f"| parameters | {meta['num_params']:,} |")
-    lines += ["", f"The full config is `config.json` (`zoo.create_model('local-dir:...')` rebuilds the model from it).", ""]
+    lines += ["", "The full config is `config.json` (`zoo.create_model('local-dir:...')` rebuilds the model from it).", ""]
     if meta.get("recipe"):
         lines += ["## Training recipe", ""] + [f"- {k}: {_md_value(v)}" for k, v in _flat(meta["recipe"]).items()]
         lines += [""]
