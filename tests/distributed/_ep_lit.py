@@ -50,6 +50,10 @@ class Recorder(L.Callback):
         self.losses: list[float] = []
         self.logits: list = []
 
+    def setup(self, trainer, pl_module, stage) -> None:
+        if trainer.world_size > 1:  # forked workers: one intra-op thread (GNU OpenMP is not fork-safe)
+            torch.set_num_threads(1)
+
     def on_fit_start(self, trainer, pl_module) -> None:
         W, r = trainer.world_size, trainer.global_rank
         images = eval_images()

@@ -2,7 +2,7 @@
 
 import json
 
-import _workers
+import _ep_workers
 import pytest
 
 from zoo.distributed import spawn
@@ -14,7 +14,7 @@ def test_expert_parallel_training_matches_single_process(tmp_path):
     # clipping active; 5 steps of 4 images per rank vs one process with the 8 images. Checked in the workers:
     # loss curve, final parameters (experts gathered), Adam state (gathered and re-cut), for experts sharded
     # over both ranks and for replicated experts (expert_parallel_size=1, gradients summed over replicas).
-    spawn(_workers.train_worker, 2, 5, 4, str(tmp_path), backend="gloo", start_method="fork")
+    spawn(_ep_workers.train_worker, 2, 5, 4, str(tmp_path), backend="gloo", start_method="fork")
     report = json.loads((tmp_path / "train.json").read_text())
     ref = report["reference"]
     assert len(ref) == 5 and ref[0] != ref[-1]

@@ -3,7 +3,7 @@ loss curve == single process; checkpoints hold full experts and resume on 1 and 
 
 import json
 
-import _lit
+import _ep_lit
 import lightning as L
 import pytest
 import torch
@@ -15,7 +15,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _trainer(tmp_path, tag, devices, ckpt_dir=None):
-    callbacks = [_lit.Recorder(str(tmp_path), tag)]
+    callbacks = [_ep_lit.Recorder(str(tmp_path), tag)]
     if ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=str(tmp_path / ckpt_dir), filename="{epoch}-{step}", save_top_k=-1,
                                          every_n_epochs=1))
@@ -42,16 +42,16 @@ def _logits(task, images):
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # a hung collective fails instead of stalling CI
 def test_expert_parallel_strategy_matches_single_process_and_reshards(tmp_path):
-    images = _lit.eval_images()
+    images = _ep_lit.eval_images()
     # Single process: 6 steps (2 epochs of 3 batches of 8 images), gradient clipping active.
-    ref_task = _lit.make_task()
-    _trainer(tmp_path, "ref", 1, "ckpt_ref").fit(ref_task, datamodule=_lit.RankSlices())
+    ref_task = _ep_lit.make_task()
+    _trainer(tmp_path, "ref", 1, "ckpt_ref").fit(ref_task, datamodule=_ep_lit.RankSlices())
     ref_losses, ref_logits0, _ = _read(tmp_path, "ref", 1)
     ref_final = _logits(ref_task, images)
 
     # Expert parallel on 2 processes: each rank 4 of the 8 images, 2 of the 4 experts of each MoE layer.
-    task = _lit.make_task()
-    _trainer(tmp_path, "ep", 2, "ckpt_ep").fit(task, datamodule=_lit.RankSlices())
+    task = _ep_lit.make_task()
+    _trainer(tmp_path, "ep", 2, "ckpt_ep").fit(task, datamodule=_ep_lit.RankSlices())
     ep_losses, ep_logits0, runs = _read(tmp_path, "ep", 2)
     assert all(r["sharded_layers"] == 2 for r in runs)  # really expert parallel
     torch.testing.assert_close(ep_logits0, ref_logits0, **TOL)  # same initial model, EP forward
@@ -71,22 +71,22 @@ def test_expert_parallel_strategy_matches_single_process_and_reshards(tmp_path):
     assert moments.count((4, 32, 64)) == 2 and moments.count((4, 64, 32)) == 2 and moments.count((4, 64)) == 2
 
     # Load on 1: the final EP checkpoint gives the single-process model's logits.
-    one = _lit.make_task()
+    one = _ep_lit.make_task()
     one.load_state_dict(ckpt["state_dict"])
     torch.testing.assert_close(_logits(one, images), ref_final, **TOL)
 
     # Resume on 1 process from the EP checkpoint after epoch 0: steps 4-6 == the single-process run's.
-    resumed = _lit.make_task()
-    _trainer(tmp_path, "resume1", 1).fit(resumed, datamodule=_lit.RankSlices(), ckpt_path=str(mid))
+    resumed = _ep_lit.make_task()
+    _trainer(tmp_path, "resume1", 1).fit(resumed, datamodule=_ep_lit.RankSlices(), ckpt_path=str(mid))
     r1_losses, _, _ = _read(tmp_path, "resume1", 1)
     torch.testing.assert_close(r1_losses, ref_losses[3:], **TOL)
 
     # Resume on 2 processes (experts and Adam state cut again): logits at the start (EP forward of the loaded
     # step-3 weights) == the step-3 model on one process, and steps 4-6 == the single-process run's.
-    step3 = _lit.make_task()
+    step3 = _ep_lit.make_task()
     step3.load_state_dict(torch.load(mid, map_location="cpu", weights_only=False)["state_dict"])
-    resumed2 = _lit.make_task()
-    _trainer(tmp_path, "resume2", 2).fit(resumed2, datamodule=_lit.RankSlices(), ckpt_path=str(mid))
+    resumed2 = _ep_lit.make_task()
+    _trainer(tmp_path, "resume2", 2).fit(resumed2, datamodule=_ep_lit.RankSlices(), ckpt_path=str(mid))
     r2_losses, r2_logits0, _ = _read(tmp_path, "resume2", 2)
     torch.testing.assert_close(r2_logits0, _logits(step3, images), **TOL)
     torch.testing.assert_close(r2_losses, ref_losses[3:], **TOL)
