@@ -2,7 +2,8 @@
 expert-parallel group, tokens exchanged with ``all_to_all_single``.
 
     routing (local, per rank, as single-process) -> sort kept slots by expert -> exchange counts
-    -> all-to-all tokens to the experts' owners -> local experts -> all-to-all back -> combine
+    -> all-to-all tokens to the experts' owners -> local experts (the fused kernel on GPU, as MoELayer)
+    -> all-to-all back -> combine
 
 Nothing about routing changes: groups are formed per rank from its own images (as V-MoE does per device),
 so routing and capacity are exactly those of a single process that sees the same images in the same
@@ -129,23 +130,26 @@ class ShardedExperts(StackedExperts):
             setattr(full, name, None if p is None else nn.Parameter(self.gather(p), requires_grad=p.requires_grad))
         return full
 
-    def forward_local(self, x: Tensor, expert_ids: Tensor, counts: list[int]) -> Tensor:
-        """This rank's experts on rows sorted by local expert (``expert_ids`` [N], ``counts[e]`` rows each):
-        the fused GPU kernel where the layer's dispatch setting allows it (as ``MoELayer`` does), else
-        one matmul pair per expert."""
-        if self.dispatch in ("auto", "fused"):
-            from zoo.moe.layer import _fused_moe_or_none
+    def fused_kernel(self, x: Tensor):
+        """The fused GPU kernel if the layer's dispatch setting and ``x`` allow it (as in ``MoELayer``), else None."""
+        if self.dispatch not in ("auto", "fused"):
+            return None
+        from zoo.moe.layer import _fused_moe_or_none
 
-            fused = _fused_moe_or_none(x, self.activation)
-            if fused is not None:
-                n = x.shape[0]
-                ones = torch.ones(n, 1, dtype=x.dtype, device=x.device)
-                keep = torch.ones(n, 1, dtype=torch.bool, device=x.device)
-                return fused(x, expert_ids.view(n, 1), ones, keep, self.w1, self.b1, self.w2, self.b2,
-                             self.activation)
-            if self.dispatch == "fused":
-                raise RuntimeError("dispatch='fused' needs a CUDA tensor, Triton and activation 'gelu_tanh' or "
-                                   f"'swiglu'; got device={x.device}, activation={self.activation!r}")
+        fused = _fused_moe_or_none(x, self.activation)
+        if fused is None and self.dispatch == "fused":
+            raise RuntimeError("dispatch='fused' needs a CUDA tensor, Triton and activation 'gelu_tanh' or 'swiglu'; "
+                               f"got device={x.device}, dtype={x.dtype}, activation={self.activation!r}")
+        return fused
+
+    def forward_local(self, x: Tensor, expert_ids: Tensor, counts: list[int], fused=None) -> Tensor:
+        """This rank's experts on rows sorted by local expert (``expert_ids`` [N], ``counts[e]`` rows each):
+        the ``fused`` kernel when given, else one matmul pair per expert."""
+        if fused is not None:
+            n = x.shape[0]
+            ones = torch.ones(n, 1, dtype=x.dtype, device=x.device)
+            keep = torch.ones(n, 1, dtype=torch.bool, device=x.device)
+            return fused(x, expert_ids.view(n, 1), ones, keep, self.w1, self.b1, self.w2, self.b2, self.activation)
         return self.forward_grouped(x, counts)
 
     # ----------------------------------------------------------------------------------- Soft MoE slots
@@ -183,15 +187,16 @@ def expert_parallel_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Te
     order = order[:int(send_mat.sum())]
     token = order // K
     x_sorted = x[token]  # kept slots, sorted by global expert = grouped by owner rank
-    if torch.is_autocast_enabled(x.device.type):  # the experts' matmuls cast to it anyway: send half the bytes
-        x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))
+    fused = experts.fused_kernel(x)  # decided on x, as MoELayer does (the kernel ignores autocast)
+    if fused is None and torch.is_autocast_enabled(x.device.type):
+        x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))  # the matmuls cast anyway: half the bytes
     input_splits, output_splits = send_mat.sum(1).tolist(), recv_mat.sum(1).tolist()
     x_recv = all_to_all_autograd(x_sorted, output_splits, input_splits, group) if W > 1 else x_sorted
     # Arrived rows are ordered (source rank, local expert); the experts want them expert-major.
     local_expert = torch.repeat_interleave(torch.arange(El).repeat(W), recv_mat.reshape(-1)).to(x.device)
     perm = torch.argsort(local_expert, stable=True)
     if int(recv_mat.sum()) > 0:
-        y_local = experts.forward_local(x_recv[perm], local_expert[perm], recv_mat.sum(0).tolist())
+        y_local = experts.forward_local(x_recv[perm], local_expert[perm], recv_mat.sum(0).tolist(), fused)
     else:
         # No token reached this rank's experts. Keep the received (empty) rows in the graph so that the
         # backward all-to-all runs on every rank (collectives must match), and give the experts a zero

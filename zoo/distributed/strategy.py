@@ -64,6 +64,10 @@ class ExpertParallelStrategy(DDPStrategy):
         self._ddp_ignore_before = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
         ignore_experts_in_ddp(module)
         self._use_global_norm_clipping()
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            rank_zero_warn("ExpertParallelStrategy with a gradient scaler (precision '16-mixed'): each rank checks "
+                           "its own expert gradients for inf/NaN, so ranks may disagree on skipping a step. "
+                           "Prefer 'bf16-mixed' (no scaler).")
         super().configure_ddp()
 
     def _use_global_norm_clipping(self) -> None:
