@@ -1,0 +1,218 @@
+"""train.py / eval.py end to end (subprocesses on tiny digits runs) and their error messages (in-process).
+
+The whole file takes about a minute on 2 CPU cores: every training run is a few optimiser steps on digits.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from zoo.data import CIFAR10SpriteDataModule, DigitsDataModule, ImageFolderDataModule, MNISTDataModule
+from zoo.tasks import ImageClassificationTask
+from zoo.tasks.cli import build_cli, default_config_path, main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs" / "train").glob("vmoe_*.yaml"))  # the image-classification recipes
+DIGITS = str(REPO / "configs" / "train" / "vmoe_digits.yaml")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A few optimiser steps, full val/test splits are cheap on digits (180 / 360 images).
+TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", "--model.warmup_steps=1"]
+
+
+def run(script: str, *args: str, cwd: Path = REPO, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def last_json(stdout: str) -> dict:
+    lines = [line for line in stdout.strip().splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def assert_png(path) -> None:
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+def test_train_then_eval_reproduces_test_accuracy(tmp_path):
+    train = run("train.py", "--config", DIGITS, *TINY, f"--trainer.default_root_dir={tmp_path}", "--run_name=tiny")
+    summary = last_json(train.stdout)
+    run_dir = tmp_path / "runs" / "tiny"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert summary["checkpoint"] == str(ckpt) and ckpt.is_file()
+    assert summary["global_step"] == 3 and summary["start_global_step"] == 0
+    assert (run_dir / "metrics.csv").is_file() and (run_dir / "config.yaml").is_file()
+    assert json.loads((run_dir / "test_metrics.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+    for p in summary["plots"]:
+        assert_png(p)
+    assert {Path(p).name for p in summary["plots"]} >= {"training_curves.png", "expert_utilisation.png"}
+
+    out_json = tmp_path / "metrics.json"
+    ev = run("eval.py", "--checkpoint", str(ckpt), "--output", str(out_json), "--no-progress-bar")
+    result = last_json(ev.stdout)
+    assert json.loads(out_json.read_text()) == result
+    assert result["accuracy"] == summary["test_accuracy"]  # same weights, same batches: exactly equal
+    assert result["n_examples"] == 360 and result["split"] == "test"
+    assert result["checkpoint"] == str(ckpt.resolve())
+    assert set(result["layers"]) == {"block1", "block3"}
+    for layer in result["layers"].values():
+        assert 0.0 <= layer["dropped_fraction"] <= 1.0
+        assert sum(layer["tokens_per_expert_share"]) == pytest.approx(1.0)
+    plots = [Path(p) for p in result["plots"]]
+    assert {p.name for p in plots} == {"expert_utilisation.png", "routing_matrix_block1.png",
+                                       "routing_matrix_block3.png"}
+    assert all(p.parent == ckpt.parent / "last_test_plots" for p in plots)  # default: next to the checkpoint
+    for p in plots:
+        assert_png(p)
+
+    # eval-time overrides: a large capacity factor drops nothing, top-1 keeps one slot per token
+    ev2 = run("eval.py", "--checkpoint", str(ckpt), "--split", "val", "--eval-capacity-factor", "4",
+              "--eval-top-k", "1", "--no-plots", "--no-progress-bar")
+    r2 = last_json(ev2.stdout)
+    assert r2["split"] == "val" and r2["n_examples"] == 180
+    assert r2["eval_capacity_factor"] == 4.0 and r2["eval_top_k"] == 1
+    assert all(layer["dropped_fraction"] == 0.0 for layer in r2["layers"].values())
+    assert all(sum(layer["tokens_per_expert"]) == 180 * 17 for layer in r2["layers"].values())
+    assert "plots" not in r2
+
+
+def test_resume_after_sigkill_continues_the_global_step(tmp_path):
+    args = ["--config", DIGITS, f"--trainer.default_root_dir={tmp_path}", "--run_name=killed",
+            "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+            "--checkpoint.every_n_train_steps=2", "--test=false"]
+    run_dir = tmp_path / "runs" / "killed"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--trainer.max_steps=100000"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.time() + 180
+        # wait until a checkpoint past the first CSV flush (every 10 steps) exists, then kill at a random moment
+        while not (ckpt.is_file() and torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] >= 12):
+            assert proc.poll() is None, f"training died early:\n{proc.stderr.read().decode()[-3000:]}"
+            assert time.time() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]  # loadable after a kill
+    assert killed_at >= 12 and killed_at % 2 == 0
+
+    resumed = run("train.py", *args, "--ckpt_path=last", f"--trainer.max_steps={killed_at + 4}")
+    summary = last_json(resumed.stdout)
+    assert summary["start_global_step"] == killed_at  # continued, not from 0
+    assert summary["global_step"] == killed_at + 4
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == killed_at + 4
+    assert not list(ckpt.parent.glob(".*.partial"))
+    # the CSV log kept the rows flushed before the kill and appended the resumed ones
+    with open(run_dir / "metrics.csv", newline="") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f)]
+    assert min(steps) < 10 and max(steps) >= killed_at
+
+
+def test_default_recipe_is_found_from_any_working_directory(tmp_path):
+    proc = run("train.py", "--print_config", cwd=tmp_path)
+    assert "model: vmoe_tiny_digits" in proc.stdout
+    assert "class_path: zoo.data.DigitsDataModule" in proc.stdout or "DigitsDataModule" in proc.stdout
+    assert default_config_path() == REPO / "configs" / "train" / "vmoe_digits.yaml"
+
+
+# ------------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_train_config_parses_and_instantiates(config, tmp_path):
+    extra = []
+    if config.stem == "vmoe_imagefolder":
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / cls).mkdir(parents=True)
+            for i in range(5):
+                Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
+        extra = [f"--data.root={tmp_path / 'imgs'}"]
+    cli = build_cli(["--config", str(config), f"--trainer.default_root_dir={tmp_path}", *extra])
+    assert isinstance(cli.model, ImageClassificationTask)
+    dm = cli.datamodule
+    expected = {"vmoe_digits": DigitsDataModule, "vmoe_mnist": MNISTDataModule,
+                "vmoe_cifar": CIFAR10SpriteDataModule, "vmoe_imagefolder": ImageFolderDataModule}[config.stem]
+    assert type(dm) is expected
+    # geometry linked from the data to the model
+    cfg = cli.model.model.config
+    assert (cfg.num_classes, cfg.in_chans, cfg.image_size) == (dm.num_classes, dm.in_chans, dm.image_size)
+    assert cli.run_name == config.stem
+    assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "runs" / config.stem / "checkpoints")
+    assert cli.trainer.gradient_clip_val == 1.0
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def _error(capsys, args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_config_key_is_named(capsys, tmp_path):
+    err = _error(capsys, ["--config", DIGITS, "--model.lrr=0.1"])
+    assert "--model.lrr" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(DIGITS).read_text().replace("  lr: 0.002", "  lrr: 0.002"))
+    err = _error(capsys, ["--config", str(bad)])
+    assert "Group 'model' does not accept option 'lrr'" in err
+    bad.write_text(Path(DIGITS).read_text().replace("batch_size:", "batch_sise:"))
+    err = _error(capsys, ["--config", str(bad)])
+    assert "Option 'batch_sise' is not accepted" in err
+
+
+def test_unknown_model_name(capsys, tmp_path):
+    err = _error(capsys, ["--config", DIGITS, "--model.model=vmoe_tiny_digit", f"--trainer.default_root_dir={tmp_path}"])
+    assert "unknown model 'vmoe_tiny_digit'; did you mean 'vmoe_tiny_digits'" in err
+
+
+def test_unknown_model_override_key(capsys, tmp_path):
+    err = _error(capsys, ["--config", DIGITS, "--model.model_overrides={encoder: {depht: 2}}",
+                          f"--trainer.default_root_dir={tmp_path}"])
+    assert "unknown key 'depht'" in err and "'depth'" in err
+
+
+def test_empty_image_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    err = _error(capsys, ["--config", str(REPO / "configs/train/vmoe_imagefolder.yaml"),
+                          f"--data.root={tmp_path / 'empty'}", f"--trainer.default_root_dir={tmp_path}"])
+    assert "No images found under ImageFolder tree" in err and str(tmp_path / "empty") in err
+
+
+def test_missing_mnist_folder(capsys, tmp_path):
+    (tmp_path / "nodata").mkdir()
+    err = _error(capsys, ["--config", str(REPO / "configs/train/vmoe_mnist.yaml"),
+                          f"--data.data_dir={tmp_path / 'nodata'}", "--data.num_workers=0",
+                          f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    assert "Dataset folder 'mnist' not found" in err and str(tmp_path / "nodata") in err
+
+
+def test_eval_without_a_checkpoint_says_to_train_first(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "run `python train.py` first" in proc.stderr
+    assert str(tmp_path / "runs" / "vmoe_digits" / "checkpoints" / "last.ckpt") in proc.stderr

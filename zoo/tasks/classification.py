@@ -1,0 +1,368 @@
+"""Image classification with any zoo model: the V-MoE training recipe as a LightningModule.
+
+    images [B, C, H, W] -> model (a preset from ``zoo.create_model``) -> ModelOutput(logits [B, K], aux_loss, routing)
+    loss = cross_entropy(logits, labels, label_smoothing) + aux_loss
+
+Logged (``/``-separated names, one CSV column each):
+
+- ``{train,val,test}/loss`` (total), ``/ce``, ``/aux_loss``, ``/aux/<name>`` (each auxiliary loss summed over
+  layers), ``val|test/acc`` and ``/acc_top5`` (when there are more than 5 classes), ``train/acc`` (batch top-1);
+- per MoE layer ``<split>/moe/<layer>/dropped`` (fraction of token slots over capacity), ``/max_share`` and
+  ``/min_share`` (largest / smallest expert's share of the kept assignments; uniform = 1/E) and ``/capacity``.
+
+``test`` also fills :attr:`ImageClassificationTask.test_routing` (see :class:`RoutingSummary`): per MoE layer the
+[num_classes, E] count of tokens whose top-1 expert is e among images of class c, the tokens each expert kept,
+and the dropped fraction, for :mod:`zoo.plots`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from zoo.models.output import ModelOutput
+from zoo.moe import MoELayer, RoutingStats, set_eval_overrides
+from zoo.registry import create_model
+from zoo.tasks.optim import DecayName, OptimizerName, build_optimizer, build_scheduler
+
+# Model config keys the datamodule decides (so one recipe works on any dataset).
+DATA_DIMS = ("num_classes", "in_chans", "image_size")
+
+
+def moe_layer_names(model: nn.Module) -> list[str]:
+    """Short names of the MoE layers of ``model`` in forward order: ``"block<i>"`` for ``...blocks.<i>.mlp``
+    (else the module path with dots replaced by ``_``)."""
+    names = []
+    for path, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            m = re.search(r"blocks\.(\d+)", path)
+            names.append(f"block{m.group(1)}" if m else path.replace(".", "_"))
+    return names
+
+
+def tokens_by_image(top1: Tensor, batch: int, seq_len: Optional[int] = None) -> Tensor:
+    """``RoutingStats.top1_expert`` as ``[B, S]``. The MoE layer routes groups of images (padding the batch to a
+    multiple of the group size with invalid sequences), so the stats come as ``[G, group * S]``; they are cut
+    back to images here (``seq_len`` = S, needed unless ``top1`` is already ``[B, S]``)."""
+    if seq_len is None:
+        if top1.ndim == 2 and top1.shape[0] == batch:
+            return top1
+        raise ValueError(f"need seq_len to split top1_expert of shape {tuple(top1.shape)} into {batch} images")
+    flat = top1.reshape(-1)
+    if flat.numel() % seq_len or flat.numel() // seq_len < batch:
+        raise ValueError(f"top1_expert of shape {tuple(top1.shape)} does not hold {batch} images of {seq_len} tokens")
+    return flat.reshape(-1, seq_len)[:batch]
+
+
+@dataclass
+class RoutingSummary:
+    """Routing of one evaluation pass, per MoE layer (index l in ``layer_names``).
+
+    class_by_expert [L][num_classes, E]: tokens of images of class c whose top-1 (clean) expert is e.
+    tokens_per_expert [L][E]: kept (token, expert) assignments per expert (all k choices, after capacity).
+    dropped_fraction [L]: fraction of token slots dropped by capacity, weighted by tokens.
+    capacity [L]: the largest per-group capacity seen (None when dropless).
+    """
+
+    layer_names: list[str]
+    class_by_expert: list[Tensor] = field(default_factory=list)
+    tokens_per_expert: list[Tensor] = field(default_factory=list)
+    dropped_fraction: list[float] = field(default_factory=list)
+    capacity: list[Optional[int]] = field(default_factory=list)
+    num_examples: int = 0
+
+    def shares(self) -> list[list[float]]:
+        """Each layer's tokens-per-expert normalised to sum 1."""
+        return [(t / t.sum().clamp_min(1e-12)).tolist() for t in self.tokens_per_expert]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            name: {
+                "dropped_fraction": self.dropped_fraction[i],
+                "tokens_per_expert_share": self.shares()[i],
+                "tokens_per_expert": self.tokens_per_expert[i].tolist(),
+                "capacity": self.capacity[i],
+            }
+            for i, name in enumerate(self.layer_names)
+        }
+
+
+class _RoutingAccumulator:
+    """Sums routing statistics over the batches of one pass (single process; summed across ranks at the end)."""
+
+    def __init__(self, layer_names: list[str], num_classes: int) -> None:
+        self.layer_names, self.num_classes = layer_names, num_classes
+        self.class_by_expert: list[Optional[Tensor]] = [None] * len(layer_names)
+        self.tokens: list[Optional[Tensor]] = [None] * len(layer_names)
+        self.dropped = torch.zeros(len(layer_names), dtype=torch.float64)
+        self.valid_tokens = torch.zeros(len(layer_names), dtype=torch.float64)
+        self.capacity: list[Optional[int]] = [None] * len(layer_names)
+        self.num_examples = 0
+
+    def update(self, routing: list[RoutingStats], labels: Tensor, seq_len: Optional[int]) -> None:
+        B = labels.shape[0]
+        self.num_examples += B
+        labels = labels.detach().cpu()
+        for i, stats in enumerate(routing):
+            top1 = tokens_by_image(stats.top1_expert.detach().cpu(), B, seq_len)  # [B, S], -1 = masked
+            E = stats.tokens_per_expert.shape[0]
+            valid = top1 >= 0
+            cls = labels.unsqueeze(1).expand_as(top1)[valid]
+            counts = torch.bincount(cls * E + top1[valid], minlength=self.num_classes * E)
+            counts = counts.reshape(self.num_classes, E).double()
+            tpe = stats.tokens_per_expert.detach().cpu().double()
+            self.class_by_expert[i] = counts if self.class_by_expert[i] is None else self.class_by_expert[i] + counts
+            self.tokens[i] = tpe if self.tokens[i] is None else self.tokens[i] + tpe
+            n_valid = float(valid.sum())
+            self.dropped[i] += float(stats.dropped_fraction) * n_valid
+            self.valid_tokens[i] += n_valid
+            if stats.capacity is not None:
+                self.capacity[i] = max(self.capacity[i] or 0, int(stats.capacity))
+
+    def summary(self, reduce=None) -> RoutingSummary:
+        """``reduce`` (tensor -> summed tensor across processes) is applied to every count."""
+        red = reduce or (lambda t: t)
+        cbe = [red(c) if c is not None else torch.zeros(0) for c in self.class_by_expert]
+        tok = [red(t) if t is not None else torch.zeros(0) for t in self.tokens]
+        dropped, valid = red(self.dropped.clone()), red(self.valid_tokens.clone())
+        n = int(red(torch.tensor(float(self.num_examples), dtype=torch.float64)))
+        frac = (dropped / valid.clamp_min(1)).tolist()
+        return RoutingSummary(self.layer_names, cbe, tok, frac, list(self.capacity), n)
+
+
+class ImageClassificationTask(L.LightningModule):
+    """Train / evaluate a zoo model on image classification (the V-MoE recipe).
+
+    Args:
+        model: preset name for :func:`zoo.create_model` (e.g. ``"vmoe_tiny_digits"``, ``"vmoe_s32"``).
+        model_overrides: changes to the preset's config, nested dicts or dotted keys
+            (``{"encoder": {"moe": {"num_experts": 8}}}`` or ``{"encoder.depth": 6}``).
+        num_classes, in_chans, image_size: the input/output geometry. ``None`` = taken from the datamodule in
+            :meth:`setup` (``train.py`` links them from ``--data`` automatically), else the preset's values.
+        optimizer: ``"adamw"`` (decoupled weight decay) or ``"adam"`` (L2). Norms, biases and position / class
+            embeddings never get weight decay (see :func:`zoo.tasks.optim.is_no_decay`).
+        lr: peak learning rate. betas, eps, weight_decay: optimiser settings.
+        warmup_steps: linear warmup (in optimiser steps), then ``lr_decay`` ("cosine", "linear", "constant") to
+            ``min_lr_ratio * lr`` at the end of training; stepped every optimiser step.
+        total_steps: steps of the schedule; ``None`` = the Trainer's estimate (``max_steps`` / ``max_epochs``).
+        label_smoothing: of the cross entropy.
+        eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing, via :func:`zoo.moe.set_eval_overrides`
+            (``None`` = as in training).
+    """
+
+    def __init__(
+        self,
+        model: str = "vmoe_tiny_digits",
+        model_overrides: Optional[dict[str, Any]] = None,
+        num_classes: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        image_size: Optional[int] = None,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 100,
+        lr_decay: DecayName = "cosine",
+        min_lr_ratio: float = 0.0,
+        total_steps: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        eval_capacity_factor: Optional[float] = None,
+        eval_top_k: Optional[int] = None,
+        eval_dropless: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.model = self._build_model()
+        self._init_metrics()
+        self.test_routing: Optional[RoutingSummary] = None
+        self._routing_acc: Optional[_RoutingAccumulator] = None
+        self.start_global_step: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------ model
+    def _build_model(self) -> nn.Module:
+        hp = self.hparams
+        overrides = dict(hp.model_overrides or {})
+        for key in DATA_DIMS:
+            if hp.get(key) is not None:
+                overrides[key] = hp[key]
+        model = create_model(hp.model, **overrides)
+        set_eval_overrides(model, capacity_factor=hp.eval_capacity_factor, top_k=hp.eval_top_k,
+                           dropless=hp.eval_dropless)
+        self._layer_names = moe_layer_names(model)
+        return model
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self._layer_names
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.config.num_classes)
+
+    def set_eval_overrides(self, capacity_factor: Optional[float] = None, top_k: Optional[int] = None,
+                           dropless: Optional[bool] = None) -> None:
+        """Change eval-time routing after construction (e.g. on a loaded checkpoint); recorded in hparams."""
+        set_eval_overrides(self.model, capacity_factor=capacity_factor, top_k=top_k, dropless=dropless)
+        for key, value in (("eval_capacity_factor", capacity_factor), ("eval_top_k", top_k),
+                           ("eval_dropless", dropless)):
+            if value is not None:
+                self.hparams[key] = value
+
+    def setup(self, stage: str) -> None:
+        """Take ``num_classes`` / ``in_chans`` / ``image_size`` from the datamodule where they were not given.
+
+        A value given explicitly that disagrees with the datamodule is an error. The model is rebuilt (before any
+        weights are loaded or optimisers made) only when the datamodule needs other values than the preset's."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        config = self.model.config
+        rebuild = False
+        for key in DATA_DIMS:
+            want = getattr(dm, key, None)
+            if want is None:
+                continue
+            have = getattr(config, key, None)
+            if self.hparams.get(key) is None:
+                if have != want:
+                    rebuild = True
+                self.hparams[key] = int(want)
+            elif int(self.hparams[key]) != int(want):
+                raise ValueError(
+                    f"model {key}={self.hparams[key]} but the datamodule {type(dm).__name__} has {key}={want}; "
+                    f"drop the explicit {key} (it is taken from the data) or change the data settings"
+                )
+        if rebuild:
+            self.model = self._build_model()
+            self._init_metrics()
+
+    def forward(self, images: Tensor) -> ModelOutput:
+        return self.model(images)
+
+    # ---------------------------------------------------------------------------------------- steps
+    def on_train_start(self) -> None:
+        # after a resumed checkpoint's loop state is restored: the step training (re)starts from
+        self.start_global_step = int(self.trainer.global_step)
+
+    def _init_metrics(self) -> None:
+        def make() -> nn.ModuleDict:
+            metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
+            if self.num_classes > 5:
+                metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
+            return nn.ModuleDict(metrics)
+
+        self.val_metrics, self.test_metrics = make(), make()
+
+    def _metrics(self, split: str) -> nn.ModuleDict:
+        return self.val_metrics if split == "val" else self.test_metrics
+
+    def _shared_step(self, batch: Any, split: str) -> tuple[Tensor, ModelOutput, Tensor]:
+        images, labels = batch
+        out = self(images)
+        ce = F.cross_entropy(out.logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
+        aux = out.aux_loss.to(ce.dtype)
+        loss = ce + aux
+        on_step = split == "train"
+        log = dict(on_step=on_step, on_epoch=not on_step, batch_size=labels.shape[0], sync_dist=not on_step)
+        self.log(f"{split}/loss", loss, prog_bar=True, **log)
+        self.log(f"{split}/ce", ce, **log)
+        self.log(f"{split}/aux_loss", aux, **log)
+        for name, value in out.aux_losses.items():
+            self.log(f"{split}/aux/{name}", value.detach().float(), **log)
+        self._log_routing(out.routing, split, log)
+        return loss, out, labels
+
+    def _log_routing(self, routing: list[RoutingStats], split: str, log: dict) -> None:
+        for name, stats in zip(self.layer_names, routing):
+            tpe = stats.tokens_per_expert.float()
+            share = tpe / tpe.sum().clamp_min(1e-12)
+            prefix = f"{split}/moe/{name}"
+            self.log(f"{prefix}/dropped", stats.dropped_fraction.float(), **log)
+            self.log(f"{prefix}/max_share", share.max(), **log)
+            self.log(f"{prefix}/min_share", share.min(), **log)
+            if stats.capacity is not None:
+                self.log(f"{prefix}/capacity", float(stats.capacity), **log)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, out, labels = self._shared_step(batch, "train")
+        acc = (out.logits.detach().argmax(-1) == labels).float().mean()
+        self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=labels.shape[0])
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch: Any, split: str) -> ModelOutput:
+        _, out, labels = self._shared_step(batch, split)
+        for key, metric in self._metrics(split).items():
+            metric(out.logits.detach(), labels)
+            self.log(f"{split}/{key}", metric, on_step=False, on_epoch=True, prog_bar=key == "acc")
+        return out
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self._routing_acc = _RoutingAccumulator(self.layer_names, self.num_classes)
+        self.test_routing = None
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        out = self._eval_step(batch, "test")
+        if self._routing_acc is not None:
+            seq_len = out.hidden_states.shape[1] if out.hidden_states is not None else None
+            self._routing_acc.update(out.routing, batch[1], seq_len)
+
+    def on_test_epoch_end(self) -> None:
+        if self._routing_acc is None:
+            return
+        strategy = self.trainer.strategy
+        if self.trainer.world_size > 1:
+            def reduce(t: Tensor) -> Tensor:
+                return strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
+        else:
+            reduce = None
+        self.test_routing = self._routing_acc.summary(reduce)
+        self._routing_acc = None
+
+    # ----------------------------------------------------------------------------------- optimiser
+    def schedule_total_steps(self) -> int:
+        if self.hparams.total_steps is not None:
+            return int(self.hparams.total_steps)
+        est = self.trainer.estimated_stepping_batches
+        if est is None or est == float("inf"):
+            raise ValueError("cannot infer the LR schedule length: set trainer max_steps or max_epochs, "
+                             "or the task's total_steps")
+        return max(1, int(est))
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        optimizer = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps)
+        scheduler = build_scheduler(optimizer, hp.warmup_steps, self.schedule_total_steps(), hp.lr_decay,
+                                    hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record how to rebuild the datamodule and the precision, so ``eval.py`` needs only the checkpoint."""
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if dm is not None:
+            init_args = {k: v for k, v in dict(getattr(dm, "hparams", {}) or {}).items() if not k.startswith("_")}
+            checkpoint["zoo_datamodule"] = {
+                "class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
+                "init_args": init_args,
+                "class_names": list(getattr(dm, "class_names", []) or []),
+            }
+        if trainer is not None:
+            checkpoint["zoo_trainer"] = {"precision": str(trainer.precision), "num_threads": torch.get_num_threads()}

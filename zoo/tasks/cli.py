@@ -1,0 +1,283 @@
+"""The training command line (``train.py``): LightningCLI with the zoo's run layout.
+
+    python train.py                                    # the default recipe, configs/train/vmoe_digits.yaml
+    python train.py --config configs/train/vmoe_mnist.yaml --trainer.max_epochs=5 --data.batch_size=256
+    python train.py --ckpt_path last                   # resume the run from runs/<run_name>/checkpoints/last.ckpt
+
+A run writes ``<root>/runs/<run_name>/`` (root = ``--trainer.default_root_dir``, else the working directory):
+``checkpoints/last.ckpt`` (atomic writes), ``metrics.csv`` + ``hparams.yaml`` (CSVLogger), ``config.yaml`` (the full
+resolved config), ``test_metrics.json`` and ``plots/``. The last stdout line is one JSON object with the test metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from zoo.config import ConfigError
+from zoo.data import ImageClassificationDataModule
+from zoo.registry import configs_dir
+from zoo.tasks.classification import DATA_DIMS, ImageClassificationTask
+
+DEFAULT_RECIPE = "vmoe_digits"
+
+
+def default_config_path() -> Path:
+    """``configs/train/vmoe_digits.yaml`` of the project (found from the package, so any cwd works)."""
+    return configs_dir() / "train" / f"{DEFAULT_RECIPE}.yaml"
+
+
+def run_dir(root: Optional[str | os.PathLike], run_name: str) -> Path:
+    """``<root>/runs/<run_name>`` (root None = the working directory)."""
+    return Path(root if root else os.getcwd()) / "runs" / run_name
+
+
+def default_checkpoint(root: Optional[str | os.PathLike] = None, run_name: str = DEFAULT_RECIPE) -> Path:
+    return run_dir(root, run_name) / "checkpoints" / "last.ckpt"
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose writes are atomic: each checkpoint goes to a hidden temp file in the same folder,
+    is fsync'ed, then ``os.replace``-d over the target, so a run killed at any moment leaves the previous complete
+    ``last.ckpt`` (the temp name never matches Lightning's ``last*.ckpt`` lookup). Defaults: ``save_last=True``,
+    ``save_top_k=0`` (only ``last.ckpt``; set ``monitor=val/acc``, ``mode=max``, ``save_top_k=1`` to also keep the
+    best), and no ``last-v1.ckpt`` versions (a rerun overwrites its own run folder)."""
+
+    def __init__(self, dirpath: Optional[str] = None, filename: Optional[str] = None, monitor: Optional[str] = None,
+                 verbose: bool = False, save_last: Optional[bool] = True, save_top_k: int = 0,
+                 save_weights_only: bool = False, mode: str = "min", auto_insert_metric_name: bool = True,
+                 every_n_train_steps: Optional[int] = None, every_n_epochs: Optional[int] = None,
+                 save_on_train_epoch_end: Optional[bool] = None, enable_version_counter: bool = False) -> None:
+        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, verbose=verbose, save_last=save_last,
+                         save_top_k=save_top_k, save_weights_only=save_weights_only, mode=mode,
+                         auto_insert_metric_name=auto_insert_metric_name, every_n_train_steps=every_n_train_steps,
+                         every_n_epochs=every_n_epochs, save_on_train_epoch_end=save_on_train_epoch_end,
+                         enable_version_counter=enable_version_counter)
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        fs = get_filesystem(filepath)
+        if "file" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+            return super()._save_checkpoint(trainer, filepath)  # remote storage: its own transactions
+        folder, name = os.path.split(os.fspath(filepath))
+        tmp = os.path.join(folder, f".{name}.step{trainer.global_step}.partial")  # same name on every rank
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("atomic_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            from weakref import proxy
+
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:  # noqa: ANN001
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
+            for stale in Path(self.dirpath).glob(".*.partial"):  # left by a run killed mid-write
+                stale.unlink(missing_ok=True)
+
+
+class _AppendingExperimentWriter(ExperimentWriter):
+    """Keeps an existing metrics.csv (and its columns) instead of deleting it: used when resuming a run."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            import csv
+
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = list(next(csv.reader(f), []))
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger writing ``<save_dir>/<name>/metrics.csv``; ``append=True`` (resume) keeps the earlier rows."""
+
+    def __init__(self, save_dir: str | os.PathLike, name: str, append: bool = False,
+                 flush_logs_every_n_steps: int = 10) -> None:
+        super().__init__(save_dir=save_dir, name=name, version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
+        self._append = append
+
+    @property
+    def log_dir(self) -> str:
+        return self.root_dir
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and self._append:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+        return super().experiment
+
+
+class ZooCLI(LightningCLI):
+    """LightningCLI for the zoo's tasks: ``--config``, ``--trainer.*``, ``--model.*``, ``--data`` (any
+    :class:`~zoo.data.ImageClassificationDataModule` by class path), ``--checkpoint.*`` (the atomic checkpoint
+    callback) and top-level ``--run_name``, ``--ckpt_path``, ``--num_threads``, ``--test``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_name", type=Optional[str], default=None,
+                            help="Run folder name: <root>/runs/<run_name>. Default: the config file's stem.")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="Resume training: 'last' (this run's last.ckpt) or a checkpoint path.")
+        parser.add_argument("--num_threads", type=Optional[int], default=None,
+                            help="torch.set_num_threads (CPU intra-op threads); default: torch's choice.")
+        parser.add_argument("--test", type=bool, default=True, help="Evaluate on the test split after training.")
+        parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
+        for key in DATA_DIMS:
+            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+    def _run_name(self) -> str:
+        name = self.config.get("run_name")
+        if name:
+            return name
+        configs = self.config.get("config") or []
+        return Path(str(configs[-1])).stem if configs else "run"
+
+    def before_instantiate_classes(self) -> None:
+        if self.config.get("num_threads"):
+            torch.set_num_threads(int(self.config.num_threads))
+        self.run_name = self._run_name()
+        self.run_dir = run_dir(self.config.trainer.get("default_root_dir"), self.run_name)
+        if self.config.checkpoint.get("dirpath") is None:
+            self.config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        logger = self.config_init.trainer.get("logger")
+        if logger is None or logger is True:
+            resuming = bool(self.config.get("ckpt_path"))
+            kwargs["logger"] = RunCSVLogger(self.run_dir.parent, self.run_name, append=resuming)
+        if self.config_init.trainer.get("default_root_dir") is None:
+            kwargs["default_root_dir"] = str(self.run_dir)
+        return super().instantiate_trainer(**kwargs)
+
+
+def _has_config_flag(args: list[str]) -> bool:
+    return any(a in ("--config", "-c") or a.startswith("--config=") for a in args)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
+
+
+def write_routing_plots(task: ImageClassificationTask, class_names: list[str], out_dir: Path,
+                        title: str = "") -> list[str]:
+    """Expert utilisation + class-by-expert matrices of ``task.test_routing`` into ``out_dir``."""
+    from zoo.plots import plot_expert_utilisation, plot_routing_matrices
+
+    routing = task.test_routing
+    if routing is None or not routing.layer_names:
+        return []
+    names = class_names if len(class_names) == task.num_classes else [str(i) for i in range(task.num_classes)]
+    paths = [plot_expert_utilisation(routing.tokens_per_expert, routing.layer_names,
+                                     out_dir / "expert_utilisation.png", title=title or None)]
+    paths += plot_routing_matrices(routing.class_by_expert, names, routing.layer_names, out_dir)
+    return [str(p) for p in paths]
+
+
+def build_cli(args: Optional[list[str]] = None) -> ZooCLI:
+    """Parse ``args`` (default ``sys.argv[1:]``; the default recipe when no ``--config`` is given) and instantiate
+    the model, datamodule and trainer (nothing runs)."""
+    args = list(sys.argv[1:] if args is None else args)
+    if not _has_config_flag(args):
+        args = ["--config", str(default_config_path())] + args
+    # We pass sys.argv on as `args` (to prepend the default config); LightningCLI warns about that combination.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python")
+    return ZooCLI(
+        ImageClassificationTask,
+        ImageClassificationDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "Train a zoo model (LightningCLI), then test it. Without --config the default "
+                                      f"recipe {default_config_path()} is used."},
+    )
+
+
+def main(args: Optional[list[str]] = None) -> dict[str, Any]:
+    """Train, test, write plots, and print the summary JSON as the last stdout line.
+
+    User errors (unknown preset / config key, missing data) print ``train.py: error: ...`` and exit with status 2;
+    set ``ZOO_DEBUG=1`` for the traceback."""
+    try:
+        return _main(args)
+    except (ConfigError, FileNotFoundError) as err:
+        if os.environ.get("ZOO_DEBUG"):
+            raise
+        print(f"train.py: error: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(args: Optional[list[str]]) -> dict[str, Any]:
+    start = time.time()
+    cli = build_cli(args)
+    trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    ckpt_path = cli.config.get("ckpt_path")
+    ckpt_cb = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+    if ckpt_path == "last" and ckpt_cb is not None and ckpt_cb.dirpath:
+        if not (Path(ckpt_cb.dirpath) / "last.ckpt").is_file():
+            print(f"[train.py] --ckpt_path last: no last.ckpt in {ckpt_cb.dirpath}; starting from scratch",
+                  file=sys.stderr)
+            ckpt_path = None
+    elif ckpt_path and ckpt_path not in ("best", "hpc", "registry") and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+
+    summary: dict[str, Any] = {
+        "run_dir": str(cli.run_dir),
+        "global_step": int(trainer.global_step),
+        "start_global_step": model.start_global_step,
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
+    }
+    last = ckpt_cb.last_model_path if ckpt_cb is not None else ""
+    summary["checkpoint"] = last if last and Path(last).is_file() else None
+    if cli.config.get("test") and not trainer.interrupted:
+        results = trainer.test(model, datamodule=dm, ckpt_path=summary["checkpoint"], verbose=True)
+        test = {k: _plain(v) for k, v in (results[0] if results else {}).items()}
+        summary["test"] = test
+        summary["test_accuracy"] = test.get("test/acc")
+        if model.test_routing is not None:
+            summary["routing"] = model.test_routing.as_dict()
+    summary["wall_time_s"] = round(time.time() - start, 2)
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        out = cli.run_dir
+        out.mkdir(parents=True, exist_ok=True)
+        plots: list[str] = []
+        try:
+            for lg in trainer.loggers:
+                lg.save()
+            metrics_csv = out / "metrics.csv"
+            if metrics_csv.is_file():
+                from zoo.plots import plot_training_curves
+
+                plots.append(str(plot_training_curves(metrics_csv, out / "plots" / "training_curves.png",
+                                                      title=cli.run_name)))
+            if "test" in summary:
+                plots += write_routing_plots(model, list(getattr(dm, "class_names", []) or []), out / "plots",
+                                             title=f"{cli.run_name}: expert utilisation (test)")
+        except ValueError as err:  # e.g. no metrics logged: plots are a convenience, never fail the run
+            print(f"[train.py] plots skipped: {err}", file=sys.stderr)
+        summary["plots"] = plots
+        (out / "test_metrics.json").write_text(json.dumps(summary, indent=2))
+    if trainer.is_global_zero:
+        print(json.dumps(summary), flush=True)
+    return summary

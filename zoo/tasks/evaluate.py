@@ -1,0 +1,185 @@
+"""Evaluate a checkpoint written by ``train.py`` (``eval.py``): metrics JSON + routing plots.
+
+    python eval.py                                         # runs/vmoe_digits/checkpoints/last.ckpt, test split
+    python eval.py --checkpoint runs/x/checkpoints/last.ckpt --split val --eval-capacity-factor 2.0 --output m.json
+
+The datamodule (class and arguments) comes from the checkpoint; ``--data`` picks another one (a short name from
+``zoo.data.IMAGE_CLASSIFICATION_DATAMODULES`` or a class path), ``--data-dir`` / ``--batch-size`` /
+``--data-arg key=value`` change its arguments. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from zoo.tasks.classification import ImageClassificationTask
+
+
+def _import_class(path: str) -> type:
+    from zoo.data import IMAGE_CLASSIFICATION_DATAMODULES
+
+    if path in IMAGE_CLASSIFICATION_DATAMODULES:
+        return IMAGE_CLASSIFICATION_DATAMODULES[path]
+    module, _, name = path.rpartition(".")
+    if not module:
+        import zoo.data
+
+        if hasattr(zoo.data, name):
+            return getattr(zoo.data, name)
+        raise ValueError(f"unknown datamodule {path!r}; use one of {sorted(IMAGE_CLASSIFICATION_DATAMODULES)} "
+                         "or a class path such as zoo.data.MNISTDataModule")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import datamodule {path!r}: {err}") from err
+
+
+def saved_datamodule(checkpoint: dict[str, Any]) -> tuple[Optional[str], dict[str, Any]]:
+    """``(class path, init args)`` of the datamodule a checkpoint was trained with (None if not recorded)."""
+    info = checkpoint.get("zoo_datamodule")
+    if info:
+        return info.get("class_path"), dict(info.get("init_args") or {})
+    hp = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    cls = hp.pop("_class_path", None)
+    return cls, {k: v for k, v in hp.items() if not k.startswith("_")}
+
+
+def build_datamodule(checkpoint: dict[str, Any], data: Optional[str] = None, overrides: Optional[dict] = None):
+    """The checkpoint's datamodule (or ``data``), with ``overrides`` applied to its init args."""
+    saved_cls, saved_args = saved_datamodule(checkpoint)
+    cls_path = data or saved_cls
+    if not cls_path:
+        raise ValueError("the checkpoint does not record its datamodule; pass --data (e.g. --data digits)")
+    cls = _import_class(cls_path)
+    args = saved_args if saved_cls and _import_class(saved_cls) is cls else {}
+    params = inspect.signature(cls.__init__).parameters
+    args = {k: v for k, v in args.items() if k in params}
+    args.update(overrides or {})
+    unknown = [k for k in args if k not in params]
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no argument(s) {unknown}; it takes {sorted(set(params) - {'self'})}")
+    return cls(**args)
+
+
+def _parse_data_args(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--data-arg expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    from zoo.tasks.cli import DEFAULT_RECIPE
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help=f"checkpoint to evaluate (default: runs/{DEFAULT_RECIPE}/checkpoints/last.ckpt under --root)")
+    p.add_argument("--root", default=None, help="folder holding runs/ (default: the working directory)")
+    p.add_argument("--data", default=None, help="datamodule short name or class path (default: the checkpoint's)")
+    p.add_argument("--data-dir", default=None, help="data root for file-backed datamodules (MNIST, CIFAR, ...)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's (changes MoE groups)")
+    p.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other datamodule argument (YAML value), repeatable")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--eval-capacity-factor", type=float, default=None)
+    p.add_argument("--eval-top-k", type=int, default=None)
+    p.add_argument("--eval-dropless", action="store_true", help="no capacity limit at eval")
+    p.add_argument("--output", default=None, help="write the metrics JSON here too")
+    p.add_argument("--plots-dir", default=None,
+                   help="PNG folder (default: <checkpoint folder>/<checkpoint stem>_<split>_plots)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--precision", default=None, help="default: the precision the checkpoint was trained with")
+    p.add_argument("--num-threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--no-progress-bar", action="store_true")
+    return p.parse_args(argv)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    import lightning as L
+
+    from zoo.tasks.cli import default_checkpoint, write_routing_plots
+
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.root)
+    if not ckpt_path.is_file():
+        hint = ("run `python train.py` first (it trains the default recipe and writes that checkpoint), "
+                "or pass --checkpoint PATH") if not args.checkpoint else "check the path"
+        raise FileNotFoundError(f"no checkpoint at {ckpt_path}: {hint}")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    trained = checkpoint.get("zoo_trainer") or {}
+    # Same CPU thread count as the run by default (when it used fewer): faster on a shared CPU and the same
+    # reduction order, so the test accuracy is reproduced exactly.
+    threads = args.num_threads or (trained.get("num_threads") if trained.get("num_threads", 1 << 30)
+                                   < torch.get_num_threads() else None)
+    if threads:
+        torch.set_num_threads(int(threads))
+    task = ImageClassificationTask.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    task.set_eval_overrides(capacity_factor=args.eval_capacity_factor, top_k=args.eval_top_k,
+                            dropless=True if args.eval_dropless else None)
+    overrides = _parse_data_args(args.data_arg)
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    dm = build_datamodule(checkpoint, args.data, overrides)
+    precision = args.precision or trained.get("precision") or "32-true"
+    trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=not args.no_progress_bar)
+    if args.split == "test":
+        results = trainer.test(task, datamodule=dm, verbose=False)
+    else:
+        dm.setup("validate")
+        results = trainer.test(task, dataloaders=dm.val_dataloader(), verbose=False)
+    metrics = results[0] if results else {}
+    routing = task.test_routing
+    out: dict[str, Any] = {
+        "checkpoint": str(ckpt_path.resolve()),
+        "split": args.split,
+        "datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}",
+        "model": task.hparams.model,
+        "n_examples": routing.num_examples if routing else None,
+        "accuracy": metrics.get("test/acc"),
+        "accuracy_top5": metrics.get("test/acc_top5"),
+        "loss": metrics.get("test/loss"),
+        "ce": metrics.get("test/ce"),
+        "aux_loss": metrics.get("test/aux_loss"),
+        "eval_capacity_factor": task.hparams.get("eval_capacity_factor"),
+        "eval_top_k": task.hparams.get("eval_top_k"),
+        "eval_dropless": task.hparams.get("eval_dropless"),
+        "global_step": checkpoint.get("global_step"),
+        "layers": routing.as_dict() if routing else {},
+    }
+    if not args.no_plots:
+        plots_dir = Path(args.plots_dir) if args.plots_dir else ckpt_path.parent / f"{ckpt_path.stem}_{args.split}_plots"
+        names = list(getattr(dm, "class_names", []) or (checkpoint.get("zoo_datamodule") or {}).get("class_names", []))
+        out["plots"] = write_routing_plots(task, names, plots_dir,
+                                           title=f"{task.hparams.model} on {type(dm).__name__} ({args.split})")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    try:
+        out = evaluate(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"eval.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.stdout.flush()
+    print(json.dumps(out), flush=True)
+    return out
