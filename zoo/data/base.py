@@ -124,9 +124,10 @@ class InMemoryImageDataset(Dataset):
         return self.labels[self.source_indices]
 
 
-def random_crop_flip(padding: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def random_crop_flip(padding: int, flip: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """Augmentation for one ``[C, H, W]`` image: zero-pad by ``padding``, random crop back to H x W, and
-    horizontal flip with probability 1/2. Uses torch's global RNG, which Lightning / DataLoader workers seed."""
+    (if ``flip``) horizontal flip with probability 1/2. Uses torch's global RNG, which Lightning / DataLoader
+    workers seed."""
 
     def augment(image: torch.Tensor) -> torch.Tensor:
         _, h, w = image.shape
@@ -134,7 +135,7 @@ def random_crop_flip(padding: int) -> Callable[[torch.Tensor], torch.Tensor]:
             padded = torch.nn.functional.pad(image, (padding, padding, padding, padding))
             top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
             image = padded[:, top : top + h, left : left + w]
-        if torch.rand(()) < 0.5:
+        if flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return image
 

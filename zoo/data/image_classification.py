@@ -127,6 +127,8 @@ class MNISTDataModule(ImageClassificationDataModule):
     Args:
         data_dir: the data root holding ``mnist/`` (or the mnist folder itself); None -> ``$ZOO_DATA``, then
             ``<repo root>/../shared/data``, then ``./data``.
+        augment: random translation of train images by up to 2 pixels (zero padding 2 + random 28x28 crop;
+            no flips: they change digits). Val/test are never augmented.
     """
 
     num_classes = 10
@@ -151,10 +153,12 @@ class MNISTDataModule(ImageClassificationDataModule):
         seed: int = 0,
         val_size: int | float = 5000,
         pin_memory: bool = False,
+        augment: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         self.data_dir = data_dir
         self.val_size = val_size
+        self.augment = bool(augment)
         self.save_hyperparameters()
 
     def find_files(self) -> dict[str, Path]:
@@ -198,7 +202,8 @@ class MNISTDataModule(ImageClassificationDataModule):
         n_val = holdout_count("val_size", self.val_size, len(train_y))
         train_idx, val_idx = holdout_split(train_y.numpy(), n_val, self.seed)
         return (
-            InMemoryImageDataset(train_x, train_y, self.mean, self.std, pixel_max=255.0, indices=train_idx),
+            InMemoryImageDataset(train_x, train_y, self.mean, self.std, pixel_max=255.0, indices=train_idx,
+                                 augment=random_crop_flip(padding=2, flip=False) if self.augment else None),
             InMemoryImageDataset(train_x, train_y, self.mean, self.std, pixel_max=255.0, indices=val_idx),
             InMemoryImageDataset(test_x, test_y, self.mean, self.std, pixel_max=255.0),
         )
