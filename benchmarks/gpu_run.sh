@@ -37,6 +37,15 @@ if [[ ,$STAGES, == *,bench,* ]]; then
   python3 benchmarks/moe_layer.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   log "bench done rc=$?"
 fi
+if [[ ,$STAGES, == *,moeops,* ]]; then
+  # moe-ops' backward crashed the CUDA context (illegal memory access) in an earlier run: own process, forward only
+  RES=""; [ -f "$OUT/moe_layer.json" ] && RES="--resume $OUT/moe_layer.json"
+  timeout ${MOEOPS_TIMEOUT:-90} python3 benchmarks/moe_layer.py --out "$OUT" --impls moeops --fwd-only moeops \
+    --fwd-only-reason "its backward hit an illegal memory access (trans_b=True) or an assertion (trans_b=False) on H100" \
+    --only "${MOEOPS_CASES:-V-MoE-B/16 E8 k2 cf1.05 uniform T12608,mixtral E8 k2 dropless uniform T8192,olmoe E64 k8 dropless uniform T16384}" \
+    $RES >> "$OUT/bench.log" 2>&1
+  log "moe-ops done rc=$?"
+fi
 if [[ ,$STAGES, == *,sonic,* ]]; then
   RES=""; [ -f "$OUT/moe_layer.json" ] && RES="--resume $OUT/moe_layer.json"
   timeout ${SONIC_TIMEOUT:-150} python3 benchmarks/moe_layer.py --out "$OUT" --impls sonic --only "${SONIC_CASE:-olmoe E64 k8 dropless uniform T16384}" $RES >> "$OUT/bench.log" 2>&1

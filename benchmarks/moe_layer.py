@@ -267,6 +267,7 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
             rec["impls"][name] = {"skipped": "time"}
             continue
         r = {}
+        fwd_only = key in args.fwd_only.split(",")
         try:
             disp, edisp = make_impl(key, case, layer, avail)
             if disp == "skip":
@@ -296,8 +297,11 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
                         y.backward(grads[j])
 
                 r["layer_fwd_ms"] = cuda_time(fwd, args.warm, n_iter)
-                r["layer_fwdbwd_ms"] = cuda_time(fwdbwd, args.warm, n_iter)
-                r["layer_fwdbwd_peak_mb"] = peak_mb(fwdbwd)
+                if fwd_only:
+                    r["note"] = "forward only: " + args.fwd_only_reason
+                else:
+                    r["layer_fwdbwd_ms"] = cuda_time(fwdbwd, args.warm, n_iter)
+                    r["layer_fwdbwd_peak_mb"] = peak_mb(fwdbwd)
             if do_experts:
                 d = edisp
 
@@ -314,8 +318,9 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
                     d(xx, e, c, k, layer.experts).backward(gflat[j])
 
                 r["experts_fwd_ms"] = cuda_time(efwd, args.warm, n_iter)
-                r["experts_fwdbwd_ms"] = cuda_time(efb, args.warm, n_iter)
-                r["experts_fwdbwd_peak_mb"] = peak_mb(efb)
+                if not fwd_only:
+                    r["experts_fwdbwd_ms"] = cuda_time(efb, args.warm, n_iter)
+                    r["experts_fwdbwd_peak_mb"] = peak_mb(efb)
             for k2, fl in (("layer_fwd", fwd_flops), ("layer_fwdbwd", fb_flops), ("experts_fwd", fwd_flops),
                            ("experts_fwdbwd", fb_flops)):
                 if k2 + "_ms" in r:
@@ -392,6 +397,8 @@ def write_report(data: dict, out_dir: Path) -> None:
                      "experts fwd+bwd ms | experts % dense | peak MB (fwd+bwd) | max err |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for name, r in rec["impls"].items():
+            if "note" in r:
+                name = f"{name} ({r['note']})"
             if "error" in r or "skipped" in r:
                 lines.append(f"| {name} | {r.get('error') or 'skipped: ' + r['skipped']} ||||||||| ")
                 continue
@@ -518,6 +525,8 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated substrings of case names to run")
     ap.add_argument("--impls", default="auto,triton,hybrid,gmm,loop,hf,einsum,moeops,sonic",
                     help="comma list of: " + ",".join(k for k, *_ in IMPLS))
+    ap.add_argument("--fwd-only", default="", help="comma list of impl keys timed forward only")
+    ap.add_argument("--fwd-only-reason", default="its backward failed on this GPU")
     ap.add_argument("--resume", default="", help="json of an earlier run: keep its results, run only what is missing")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--iters", type=int, default=8)
