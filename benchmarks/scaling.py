@@ -247,7 +247,7 @@ def _env(device: str, backend: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--world-sizes", "--gpus", type=int, nargs="+", default=None,
                    help="process counts to run (default: 1 2 4 8 up to the GPUs present; smoke: 1 2)")
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
