@@ -932,18 +932,27 @@ BACKENDS = {"triton": ("triton", "triton"), "grouped_mm": ("grouped_mm", "groupe
             "hybrid": ("triton", "grouped_mm")}
 
 
+def auto_backend(T: int, K: int, E: int, D: int, H: int, activation: str, grouped_mm_ok: bool) -> str:
+    """The rule behind ``backend="auto"`` (pure function of the shape).
+
+    From the H100 benchmark (benchmarks/results/moe_layer.md, experts fwd+bwd): the all-Triton path
+    (gather fused into the GEMMs, activation / combine weight in the epilogues, deterministic weight
+    gradients) is fastest for V-MoE-sized experts (D <= 1024 GELU, any E, k, load) and for small LLM
+    experts; torch._grouped_mm's CUTLASS GEMMs win once an expert's work rows*D*H is large, earlier for
+    SwiGLU (its two-accumulator Triton kernels are slower): OLMoE at >= 16K tokens, Mixtral.
+    """
+    if not grouped_mm_ok:
+        return "triton"
+    work = (T * K / max(E, 1)) * D * H
+    if work >= (4e9 if activation == "swiglu" else 4e10):
+        return "grouped_mm"
+    return "triton"
+
+
 def choose_backend(x: Tensor, T: int, K: int, E: int, D: int, H: int, activation: str) -> str:
     """Expert-GEMM backend for ``backend="auto"``, fixed by shape (never timed at run time, so results
-    stay bitwise reproducible).  torch._grouped_mm's CUTLASS GEMMs win the backward on H100 for every
-    measured shape (the Triton weight-gradient GEMMs reach ~300 TFLOP/s against ~550); the fused Triton
-    forward (gather in the GEMM, activation/combine weight in the epilogues) wins when experts are small
-    or few rows each, CUTLASS when both the per-expert row count and the width are large (Mixtral)."""
-    if not grouped_mm_available(x):
-        return "triton"
-    rows = T * K / max(E, 1)
-    if rows >= 1024 and D * H >= 2048 * 4096:
-        return "grouped_mm"
-    return "hybrid"
+    stay bitwise reproducible from run to run); see :func:`auto_backend`."""
+    return auto_backend(T, K, E, D, H, activation, grouped_mm_available(x))
 
 
 def fused_moe(
