@@ -221,21 +221,27 @@ class MoELayer(nn.Module):
         importance = importance / importance.sum().clamp_min(1e-12)
         top1 = torch.where(vg, clean_probs.argmax(-1), torch.full_like(vg, -1, dtype=torch.long))
         mods = torch.zeros_like(vg, dtype=torch.long) if mg is None else mg
-        by_mod = torch.zeros(M, E, device=vg.device)
-        dropped_by_mod = torch.zeros(M, device=vg.device)
+        # [G, S, M] one-hot of each valid token's modality; ids outside [0, M) belong to none. Everything below
+        # stays on the device: no host sync in the forward pass.
+        sel = (vg.unsqueeze(-1) & (mods.unsqueeze(-1) == torch.arange(M, device=vg.device))).float()
         if keep is not None:
-            slots = vg.sum() * keep.shape[-1]
+            K = keep.shape[-1]
+            by_mod = torch.einsum("gsm,gse->me", sel, per_token)
             # Expert choice has K = E slots of which only some are ever meant to be used: no "drops".
-            is_topk = self.config.router == "topk"
-            dropped = (1 - keep.sum() / slots.clamp_min(1)) if is_topk else torch.zeros((), device=vg.device)
-            for m in range(M):
-                sel = vg & (mods == m)
-                by_mod[m] = (per_token * sel.unsqueeze(-1)).sum((0, 1))
-                if is_topk:
-                    n = sel.sum() * keep.shape[-1]
-                    dropped_by_mod[m] = 1 - (keep & sel.unsqueeze(-1)).sum() / n.clamp_min(1) if n > 0 else 0.0
+            if self.config.router == "topk":
+                slots = vg.sum() * K
+                dropped = 1 - keep.sum() / slots.clamp_min(1)
+                kept_by_mod = torch.einsum("gsm,gs->m", sel, keep.sum(-1).float())
+                slots_by_mod = sel.sum((0, 1)) * K
+                dropped_by_mod = torch.where(slots_by_mod > 0, 1 - kept_by_mod / slots_by_mod.clamp_min(1),
+                                             torch.zeros_like(slots_by_mod))
+            else:
+                dropped = torch.zeros((), device=vg.device)
+                dropped_by_mod = torch.zeros(M, device=vg.device)
         else:
             dropped = torch.zeros((), device=vg.device)
+            dropped_by_mod = torch.zeros(M, device=vg.device)
+            by_mod = torch.zeros(M, E, device=vg.device)
             by_mod[0] = tokens_per_expert
         return RoutingStats(tokens_per_expert.float(), dropped.float(), importance, by_mod, dropped_by_mod,
                             top1, capacity)

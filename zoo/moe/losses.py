@@ -73,9 +73,8 @@ def _entropy(p: Tensor) -> Tensor:
 def local_entropy_loss(probs: Tensor, valid: Tensor) -> Tensor:
     """LIMoE local entropy: mean over the given tokens of the entropy of each token's routing
     distribution. Minimising it makes every token confident in few experts. [N, E], [N] -> scalar."""
-    n = valid.sum()
-    if n == 0:
-        return probs.new_zeros(())
+    # No data-dependent branch (it would sync the host every step): 0 tokens give 0 / 1 = 0.
+    n = valid.sum().clamp_min(1)
     return (_entropy(probs) * valid).sum() / n
 
 
@@ -86,11 +85,10 @@ def global_entropy_loss(probs: Tensor, valid: Tensor, min_experts: float = 1.0) 
     the threshold switches the loss off once it effectively uses at least ``min_experts`` experts.
     [N, E], [N] -> scalar."""
     n = valid.sum()
-    if n == 0:
-        return probs.new_zeros(())
-    mean_p = (probs * valid.unsqueeze(-1)).sum(dim=0) / n
+    mean_p = (probs * valid.unsqueeze(-1)).sum(dim=0) / n.clamp_min(1)
     tau = math.log(min_experts)
-    return torch.clamp(tau - _entropy(mean_p), min=0.0)
+    loss = torch.clamp(tau - _entropy(mean_p), min=0.0)
+    return torch.where(n > 0, loss, torch.zeros_like(loss))  # a modality absent from the batch adds nothing
 
 
 def per_modality(loss_fn, probs: Tensor, valid: Tensor, modality: Optional[Tensor], num_modalities: int,
