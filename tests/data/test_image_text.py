@@ -132,3 +132,9 @@ def test_flickr8k_split_800_200_by_image():
     assert len(dm.image_names) == 1000
     b = next(iter(dm.test_dataloader()))
     assert b["text"].shape == (50, 5, 32) and (b["num_captions"] == 5).all()
+
+
+def test_cifar10_class_captions_config():
+    dm = ClassCaptionDataModule("cifar10_sprites", batch_size=8)
+    assert dm.class_names[0] == "airplane" and dm.image_size == 32 and dm.in_chans == 3
+    assert dm.train_templates == CIFAR10_TRAIN_TEMPLATES and dm.zero_shot_templates == CIFAR10_HELDOUT_TEMPLATES

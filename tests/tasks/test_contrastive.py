@@ -162,3 +162,42 @@ def test_tiny_contrastive_run_zero_shot_and_plots(tmp_path):
     pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}
     assert {"routing_test_by_modality.png", "routing_test_expert_mix.png", "routing_test_utilisation_image.png",
             "routing_test_utilisation_text.png"} <= pngs
+
+
+def test_sigmoid_loss_through_the_task_trains_the_bias():
+    task = ContrastiveTask("limoe_tiny_test", model_overrides={"loss": "sigmoid"})
+    from zoo.data.image_text import CaptionTokenizer
+
+    batch = {"image": torch.randn(3, 3, 16, 16), "text": CaptionTokenizer(16)(["a cat", "two dogs", "a red car"]),
+             "label": torch.arange(3)}
+    out = task(batch["image"], batch["text"])
+    loss = task._loss(out, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and task.model.logit_bias.grad is not None and task.model.logit_scale.grad is not None
+
+
+def test_several_captions_per_image_rectangular_loss():
+    img, _ = _embeds(3)
+    txt = F.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    owner = torch.tensor([0, 0, 1, 2, 2])
+    pos = torch.arange(3).unsqueeze(1) == owner.unsqueeze(0)
+    scale = torch.tensor(4.0)
+    logits = scale * img @ txt.t()
+    t = pos.float()
+    expected = (-(t / t.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+                + F.cross_entropy(logits.t(), owner)) / 2
+    torch.testing.assert_close(contrastive_loss(img, txt, scale, positives=pos), expected)
+    with pytest.raises(ValueError, match="positives"):
+        contrastive_loss(img, txt, scale)
+    # the task flattens [B, K, L] captions with num_captions and builds the same positives
+    from zoo.data.image_text import CaptionTokenizer
+
+    tok = CaptionTokenizer(16)
+    text = torch.stack([tok(["a", "b", "c"]), tok(["d", "e", "f"])])  # [2, 3, 16]
+    batch = {"image": torch.randn(2, 3, 16, 16), "text": text, "num_captions": torch.tensor([3, 1])}
+    flat, own = ContrastiveTask.flatten_captions(batch)
+    assert flat.shape == (4, 16) and own.tolist() == [0, 0, 0, 1]
+    task = ContrastiveTask("limoe_tiny_test")
+    assert task._positives(batch, own).tolist() == [[True, True, True, False], [False, False, False, True]]
+    out = task(batch["image"], flat)
+    assert torch.isfinite(task._loss(out, batch, own))

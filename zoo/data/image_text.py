@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data.base import InMemoryImageDataset, check_positive_int, random_crop_flip
+from zoo.data.base import InMemoryImageDataset, check_positive_int
 from zoo.data.paths import HOW_TO_POINT_ELSEWHERE, find_dataset_dir
 
 PathLike = str | os.PathLike[str]
@@ -345,17 +345,44 @@ def load_images(paths: Sequence[Path], image_size: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def random_resized_crop_flip(scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    """Augmentation for one ``[C, H, W]`` image (any dtype, output same dtype and size): crop a random area
+    fraction in ``scale`` with aspect ratio in ``ratio`` (log-uniform), resize it back bilinearly, flip
+    horizontally with probability 1/2 (torch's global RNG, seeded by Lightning / the loader workers)."""
+    lo, hi = float(scale[0]), float(scale[1])
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {scale}")
+    log_r = (np.log(ratio[0]), np.log(ratio[1]))
+
+    def augment(image: torch.Tensor) -> torch.Tensor:
+        _, h, w = image.shape
+        area = h * w * (lo + (hi - lo) * float(torch.rand(())))
+        r = float(np.exp(log_r[0] + (log_r[1] - log_r[0]) * float(torch.rand(()))))
+        ch = int(round(min(h, max(1.0, (area / r) ** 0.5))))
+        cw = int(round(min(w, max(1.0, (area * r) ** 0.5))))
+        top = int(torch.randint(h - ch + 1, ()))
+        left = int(torch.randint(w - cw + 1, ()))
+        crop = image[:, top:top + ch, left:left + cw].float().unsqueeze(0)
+        out = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+        if torch.rand(()) < 0.5:
+            out = out.flip(-1)
+        return out.round().clamp(0, 255).to(image.dtype) if not image.is_floating_point() else out.to(image.dtype)
+
+    return augment
+
+
 class CaptionedImageDataset(Dataset):
     """Images (an :class:`InMemoryImageDataset` whose labels are image indices) with their tokenized captions.
 
     ``captions [N_images, K, L]`` (rows past ``num_captions[i]`` are padding). ``train=True``: one random
-    caption of the image per access, ``"text" [L]``; ``train=False``: all, ``"text" [K, L]`` and
-    ``"num_captions"``.
+    caption of the image per access, ``"text" [L]``; ``train=False`` or ``all_captions=True``: all of them,
+    ``"text" [K, L]`` and ``"num_captions"``.
     """
 
     def __init__(self, images: InMemoryImageDataset, captions: torch.Tensor, num_captions: torch.Tensor,
-                 train: bool) -> None:
-        self.images, self.captions, self.num_captions, self.train = images, captions, num_captions, train
+                 train: bool, all_captions: bool = False) -> None:
+        self.images, self.captions, self.num_captions = images, captions, num_captions
+        self.train = train and not all_captions
 
     def __len__(self) -> int:
         return len(self.images)
@@ -382,7 +409,10 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
             ``num_test`` = all images not in train; None for ``num_train`` = 80 % of the images.
         num_val: images held out of train for validation; 0 = validate on the test split (monitoring only;
             nothing is selected on it).
-        augment: random crop (zero padding ``image_size // 8``) + horizontal flip on train images.
+        augment: random resized crop (area ``crop_scale``, aspect 3/4..4/3) + horizontal flip on train images.
+        crop_scale: the area range of the random crop.
+        train_all_captions: training items carry ALL captions of the image (``"text" [K, L]``; the task then
+            uses every caption as a positive of its image in one step) instead of one random caption.
         max_captions: captions kept per image (first ones); None = all (eval pads to the largest count).
         mean, std: normalisation (default CLIP's).
     """
@@ -400,6 +430,8 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
         num_test: Optional[int] = None,
         num_val: int = 0,
         augment: bool = True,
+        crop_scale: Sequence[float] = (0.5, 1.0),
+        train_all_captions: bool = False,
         max_captions: Optional[int] = None,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
@@ -413,6 +445,8 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
         self.num_train, self.num_test = num_train, num_test
         self.num_val = check_positive_int("num_val", num_val, minimum=0)
         self.augment = bool(augment)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.train_all_captions = bool(train_all_captions)
         self.max_captions = max_captions
         self.mean, self.std = tuple(mean), tuple(std)
         self.image_names: list[str] = []
@@ -474,12 +508,12 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
         pixels = torch.zeros(len(names), 3, self.image_size, self.image_size, dtype=torch.uint8)
         pixels[torch.from_numpy(keep)] = load_images([paths[i] for i in np.flatnonzero(keep)], self.image_size)
         ids = torch.arange(len(names))
-        augment = random_crop_flip(max(1, self.image_size // 8)) if self.augment else None
+        augment = random_resized_crop_flip(self.crop_scale) if self.augment else None
 
         def split(idx: np.ndarray, train: bool) -> CaptionedImageDataset:
             images = InMemoryImageDataset(pixels, ids, self.mean, self.std, pixel_max=255.0, indices=idx,
                                           augment=augment if train else None)
-            return CaptionedImageDataset(images, captions, counts, train)
+            return CaptionedImageDataset(images, captions, counts, train, self.train_all_captions)
 
         return split(train_idx, True), split(val_idx, False), split(test_idx, False)
 
@@ -509,11 +543,14 @@ class Flickr8kDataModule(ImageTextCSVDataModule):
         num_test: int = 200,
         num_val: int = 0,
         augment: bool = True,
+        crop_scale: Sequence[float] = (0.5, 1.0),
+        train_all_captions: bool = False,
         pin_memory: bool = False,
     ) -> None:
         super().__init__(csv_path=self.CAPTIONS, image_root=None, image_size=image_size, batch_size=batch_size,
                          num_workers=num_workers, seed=seed, context_length=context_length, num_train=num_train,
-                         num_test=num_test, num_val=num_val, augment=augment, pin_memory=pin_memory)
+                         num_test=num_test, num_val=num_val, augment=augment, crop_scale=crop_scale,
+                         train_all_captions=train_all_captions, pin_memory=pin_memory)
         self.data_dir = data_dir
         self.save_hyperparameters()
 

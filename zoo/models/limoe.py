@@ -28,6 +28,15 @@ Where the paper leaves a choice open, this implementation chooses (each also not
 - Temperature: learned, stored as a log scale clamped to ``max_logit_scale`` (CLIP init 1/0.07); with the
   SigLIP sigmoid loss a learned bias too (SigLIP init: scale 10, bias -10).
 - Noise: V-MoE's router noise (std 1/E) is kept.
+- Auxiliary losses: the paper's per-modality local entropy (mean per-token router entropy, minimised: confident
+  routing) and thresholded global entropy (``max(0, tau + Omega_global)`` with ``tau = log(S)``: a modality
+  must spread over at least ~S experts), computed by the shared :class:`zoo.moe.MoELayer` on each modality's
+  valid tokens. Weights and thresholds may differ per modality
+  (``MoEConfig.{local,global}_entropy_weight_by_modality``, ``global_entropy_min_experts_by_modality``); the
+  paper does not pin the values in the main text, so the presets choose 0.01 / 0.01 with ``tau = log(E)`` for
+  images (always active) and ``log(E/4)`` for text, the minority modality that the threshold lets concentrate.
+  V-MoE's importance / load losses can be used on top (``importance_loss_weight`` / ``load_loss_weight``, per
+  modality batch since each modality is its own pass); the presets switch them off.
 """
 
 from __future__ import annotations

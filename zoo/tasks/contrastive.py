@@ -52,23 +52,28 @@ DATA_DIMS = ("in_chans", "image_size", "context_length")
 def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor,
                      logit_bias: Optional[Tensor] = None, kind: Literal["softmax", "sigmoid"] = "softmax",
                      positives: Optional[Tensor] = None) -> Tensor:
-    """Contrastive loss of N normalised image / text embedding pairs ([N, D] each).
+    """Contrastive loss of normalised image embeddings [N, D] and text embeddings [M, D].
+
+    ``positives`` [N, M] bool marks matching pairs; None means M = N and text i belongs to image i. Every row
+    and column needs at least one positive (several captions per image: M > N).
 
     ``kind="softmax"``: symmetric InfoNCE ``(CE(logits, y) + CE(logits.T, y)) / 2`` with
     ``logits = scale * img @ txt.T``, via open_clip's ``ClipLoss`` when the pairs are the only positives;
-    with a ``positives`` [N, N] bool matrix the targets of each row / column are uniform over its positives.
+    otherwise the targets of each row / column are uniform over its positives.
     ``kind="sigmoid"``: SigLIP, ``-sum log sigmoid(z_ij * (scale * img_i . txt_j + bias)) / N`` with
-    ``z = +1`` for positives, ``-1`` otherwise (open_clip's ``SigLipLoss`` without ``positives``).
+    ``z = +1`` for positives, ``-1`` otherwise (open_clip's ``SigLipLoss`` for the pairs-only case).
     """
-    if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
-        raise ValueError(f"need image and text embeddings of equal shape [N, D], got {tuple(image_embeds.shape)} "
+    if image_embeds.ndim != 2 or text_embeds.ndim != 2 or image_embeds.shape[1] != text_embeds.shape[1]:
+        raise ValueError(f"need image [N, D] and text [M, D] embeddings, got {tuple(image_embeds.shape)} "
                          f"and {tuple(text_embeds.shape)}")
-    N = image_embeds.shape[0]
+    N, M = image_embeds.shape[0], text_embeds.shape[0]
+    if positives is None and N != M:
+        raise ValueError(f"{N} images and {M} texts: pass positives [N, M] saying which text belongs to which image")
     if positives is not None:
         positives = positives.to(torch.bool)
-        if positives.shape != (N, N) or not positives.diagonal().all():
-            raise ValueError("positives must be an [N, N] bool matrix with a true diagonal")
-        if bool((positives.sum(1) == 1).all()):
+        if positives.shape != (N, M) or not positives.any(1).all() or not positives.any(0).all():
+            raise ValueError(f"positives must be an [N={N}, M={M}] bool matrix with a positive in every row and column")
+        if N == M and bool(positives.diagonal().all()) and int(positives.sum()) == N:
             positives = None  # only the pairs: the standard losses
     img, txt = image_embeds.float(), text_embeds.float()
     scale = logit_scale.float()
@@ -316,6 +321,36 @@ class ModalityRoutingAccumulator:
                                       self.entropy_sum / tok, self.tokens.clone())
 
 
+def plot_image_share(summary: ModalityRoutingSummary, path: str | Path, title: str = "") -> Path:
+    """Heatmap [layers, experts] of :meth:`ModalityRoutingSummary.image_share` (1 = image-only expert,
+    0 = text-only, grey = unused), annotated."""
+    from zoo.plots import plt  # Agg backend set there
+
+    share = summary.image_share().numpy()
+    L_, E = share.shape
+    fig, ax = plt.subplots(figsize=(min(2.5 + 0.5 * E, 16), 1.4 + 0.4 * L_))
+    cmap = plt.get_cmap("coolwarm").copy()
+    cmap.set_bad("lightgrey")
+    im = ax.imshow(share, vmin=0, vmax=1, cmap=cmap, aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="image share (modality-balanced)")
+    for i in range(L_):
+        for e in range(E):
+            if share[i, e] == share[i, e]:  # not NaN
+                ax.text(e, i, f"{share[i, e]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(E))
+    ax.set_yticks(range(L_), labels=summary.layer_names)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def write_modality_routing_plots(summary: ModalityRoutingSummary, out_dir: str | Path, prefix: str = "routing",
                                  title: str = "") -> list[Path]:
     """PNG plots (``zoo.plots``) of one :class:`ModalityRoutingSummary`:
@@ -335,10 +370,9 @@ def write_modality_routing_plots(summary: ModalityRoutingSummary, out_dir: str |
     paths = [plot_routing_matrix(summary.counts.reshape(L_ * M, E), rows, out_dir / f"{prefix}_by_modality.png",
                                  title=(title + ": " if title else "") + "share of each modality's tokens per expert",
                                  normalize="row", row_label="layer / modality")]
-    if M >= 2:  # image share of each expert's modality-balanced load; NaN = unused expert
-        paths.append(plot_routing_matrix(summary.image_share(), summary.layer_names, out_dir / f"{prefix}_expert_mix.png",
-                                         title=(title + ": " if title else "") + "image share of each expert (1 = image only)",
-                                         normalize=None, row_label="layer", col_label="expert"))
+    if M >= 2:
+        paths.append(plot_image_share(summary, out_dir / f"{prefix}_expert_mix.png",
+                                      (title + ": " if title else "") + "image share of each expert (1 = image only)"))
     for m, mod in enumerate(summary.modality_names[:M]):
         paths.append(plot_expert_utilisation([summary.counts[i, m] for i in range(L_)], summary.layer_names,
                                              out_dir / f"{prefix}_utilisation_{mod}.png",
@@ -452,20 +486,40 @@ class ContrastiveTask(L.LightningModule):
         self.start_global_step = int(self.trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- losses
-    def _positives(self, batch: dict) -> Optional[Tensor]:
+    @staticmethod
+    def flatten_captions(batch: dict) -> tuple[Tensor, Optional[Tensor]]:
+        """``batch["text"]`` as ``[T, L]`` plus each caption's image index in the batch: ``[B, L]`` -> (text,
+        None); ``[B, K, L]`` (+ ``num_captions``) -> (the valid captions, their owners ``[T]``)."""
+        text = batch["text"]
+        if text.ndim == 2:
+            return text, None
+        B, K = text.shape[:2]
+        n = batch.get("num_captions")
+        n = torch.full((B,), K, device=text.device) if n is None else n.to(text.device)
+        keep = torch.arange(K, device=text.device).unsqueeze(0) < n.unsqueeze(1)
+        owner = torch.arange(B, device=text.device).unsqueeze(1).expand(B, K)[keep]
+        return text[keep], owner
+
+    def _positives(self, batch: dict, owner: Optional[Tensor] = None) -> Optional[Tensor]:
+        """[B, T] positives: a caption matches its own image, or (``positives="labels"``) any image of its label."""
+        B = batch["image"].shape[0]
         if self.hparams.positives == "labels" and "label" in batch:
             labels = batch["label"]
-            return labels.unsqueeze(0) == labels.unsqueeze(1)
-        return None
+            text_labels = labels if owner is None else labels[owner]
+            return labels.unsqueeze(1) == text_labels.unsqueeze(0)
+        if owner is None:
+            return None
+        return torch.arange(B, device=owner.device).unsqueeze(1) == owner.unsqueeze(0)
 
-    def _loss(self, out, batch: dict) -> Tensor:
+    def _loss(self, out, batch: dict, owner: Optional[Tensor] = None) -> Tensor:
         scale, bias = out.logit_scale, out.logit_bias
         return contrastive_loss(out.image_embeds, out.text_embeds, scale, bias, self.model.config.loss,
-                                self._positives(batch))
+                                self._positives(batch, owner))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self(batch["image"], batch["text"], batch.get("text_mask"))
-        con = self._loss(out, batch)
+        text, owner = self.flatten_captions(batch)
+        out = self(batch["image"], text, batch.get("text_mask") if owner is None else None)
+        con = self._loss(out, batch, owner)
         aux = out.aux_loss.to(con.dtype)
         loss = con + self.hparams.aux_loss_weight * aux
         B = batch["image"].shape[0]
@@ -508,12 +562,9 @@ class ContrastiveTask(L.LightningModule):
         state.labels.append(batch["label"].cpu() if "label" in batch else torch.full((images.shape[0],), -1))
         B = images.shape[0]
         if text is not None and text.ndim == 3:  # all captions of each image: retrieval
-            n = batch.get("num_captions")
-            K = text.shape[1]
-            n = torch.full((B,), K, device=text.device) if n is None else n
-            keep = torch.arange(K, device=text.device).unsqueeze(0) < n.unsqueeze(1)  # [B, K]
-            owner = (torch.arange(B, device=text.device) + state.num_images).unsqueeze(1).expand(B, K)[keep]
-            tout = self(text=text[keep])
+            flat, owner = self.flatten_captions(batch)
+            owner = owner + state.num_images
+            tout = self(text=flat)
             state.routing.update(tout.routing)
             state.text_embeds.append(tout.text_embeds.float().cpu())
             state.text_owner.append(owner.cpu())
