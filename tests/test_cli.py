@@ -27,7 +27,8 @@ CONFIGS = sorted((REPO / "configs" / "train").glob("vmoe_*.yaml"))  # the image-
 DIGITS = str(REPO / "configs" / "train" / "vmoe_digits.yaml")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A few optimiser steps, full val/test splits are cheap on digits (180 / 360 images).
-TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+# (limits are batch counts >= 2: jsonargparse reads "1" as the float 1.0 = 100 %)
+TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
         "--trainer.enable_progress_bar=false", "--model.warmup_steps=1"]
 
 
@@ -216,3 +217,22 @@ def test_eval_without_a_checkpoint_says_to_train_first(tmp_path):
     assert proc.returncode == 2
     assert "run `python train.py` first" in proc.stderr
     assert str(tmp_path / "runs" / "vmoe_digits" / "checkpoints" / "last.ckpt") in proc.stderr
+
+
+def test_mnist_recipe_smoke_on_real_data(tmp_path):
+    """vmoe_mnist.yaml on the real MNIST files for 2 steps on the CPU (skips when the data is not there)."""
+    from zoo.data import find_dataset_dir
+
+    try:
+        mnist = find_dataset_dir("mnist")
+    except FileNotFoundError as err:
+        pytest.skip(f"MNIST not available: {err}")
+    summary = main(["--config", str(REPO / "configs/train/vmoe_mnist.yaml"), f"--data.data_dir={mnist.parent}",
+                    "--data.num_workers=0", "--data.batch_size=32", "--trainer.accelerator=cpu",
+                    "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
+                    "--trainer.limit_test_batches=2", "--trainer.num_sanity_val_steps=0",
+                    "--trainer.enable_progress_bar=false", "--model.warmup_steps=1", "--num_threads=1",
+                    f"--trainer.default_root_dir={tmp_path}"])
+    assert summary["global_step"] == 2
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert set(summary["routing"]) == {"block1", "block3", "block5"}
