@@ -236,3 +236,33 @@ def test_mnist_recipe_smoke_on_real_data(tmp_path):
     assert summary["global_step"] == 2
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     assert set(summary["routing"]) == {"block1", "block3", "block5"}
+
+
+def test_eval_published_weights_reproduce_recorded_accuracy():
+    """`eval.py --model NAME --pretrained` loads weights/ offline and re-measures the recorded test accuracy."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "eval.py", "--model", "vmoe_tiny_digits", "--pretrained", "--no-progress-bar"],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["pretrained"] == "digits" and out["n_examples"] == 360
+    assert out["reproduced"] is True, out
+    assert out["accuracy"] >= 0.95
+
+
+def test_eval_pretrained_needs_a_model():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "eval.py", "--pretrained"], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "--model and --pretrained go together" in proc.stderr

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Union, Any, Optional
 
 import lightning as L
 import torch
@@ -155,6 +155,8 @@ class ImageClassificationTask(L.LightningModule):
         label_smoothing: of the cross entropy.
         eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing, via :func:`zoo.moe.set_eval_overrides`
             (``None`` = as in training).
+        pretrained: start from published weights: ``True`` (the preset's default tag), a tag, ``"hf-hub:ORG/REPO"``
+            or ``"local-dir:PATH"`` (see :func:`zoo.create_model`); fine-tune with ``--model.pretrained mnist``.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class ImageClassificationTask(L.LightningModule):
         eval_capacity_factor: Optional[float] = None,
         eval_top_k: Optional[int] = None,
         eval_dropless: Optional[bool] = None,
+        pretrained: Optional[Union[bool, str]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -197,7 +200,7 @@ class ImageClassificationTask(L.LightningModule):
         for key in DATA_DIMS:
             if hp.get(key) is not None:
                 overrides[key] = hp[key]
-        model = create_model(hp.model, **overrides)
+        model = create_model(hp.model, pretrained=hp.get("pretrained"), **overrides)
         set_eval_overrides(model, capacity_factor=hp.eval_capacity_factor, top_k=hp.eval_top_k,
                            dropless=hp.eval_dropless)
         self._layer_names = moe_layer_names(model)

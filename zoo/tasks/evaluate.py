@@ -87,6 +87,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None,
                    help=f"checkpoint to evaluate (default: runs/{DEFAULT_RECIPE}/checkpoints/last.ckpt under --root)")
     p.add_argument("--root", default=None, help="folder holding runs/ (default: the working directory)")
+    p.add_argument("--model", default=None,
+                   help="evaluate published weights of this preset instead of a checkpoint (with --pretrained)")
+    p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="TAG",
+                   help="with --model: the weights tag (default: the preset's default), hf-hub:ORG/REPO or "
+                        "local-dir:PATH; the recorded datamodule, batch size and threads are used, and the result "
+                        "is compared with the recorded accuracy")
     p.add_argument("--data", default=None, help="datamodule short name or class path (default: the checkpoint's)")
     p.add_argument("--data-dir", default=None, help="data root for file-backed datamodules (MNIST, CIFAR, ...)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's (changes MoE groups)")
@@ -112,6 +118,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     from zoo.tasks.cli import default_checkpoint, write_routing_plots
 
+    if args.model is not None or args.pretrained is not None:
+        return _evaluate_pretrained(args)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.root)
     if not ckpt_path.is_file():
         hint = ("run `python train.py` first (it trains the default recipe and writes that checkpoint), "
@@ -167,6 +175,73 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         names = list(getattr(dm, "class_names", []) or (checkpoint.get("zoo_datamodule") or {}).get("class_names", []))
         out["plots"] = write_routing_plots(task, names, plots_dir,
                                            title=f"{task.hparams.model} on {type(dm).__name__} ({args.split})")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _evaluate_pretrained(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model NAME --pretrained [TAG]``: published weights on the data they were recorded on."""
+    import lightning as L
+
+    from zoo.hub import build_datamodule as build_recorded_datamodule
+    from zoo.tasks.cli import write_routing_plots
+
+    if args.model is None or args.pretrained is None:
+        raise ValueError("--model and --pretrained go together: e.g. eval.py --model vmoe_small_mnist --pretrained")
+    if args.checkpoint:
+        raise ValueError("give either --checkpoint or --model/--pretrained, not both")
+    task = ImageClassificationTask(model=args.model, pretrained=args.pretrained)
+    task.set_eval_overrides(capacity_factor=args.eval_capacity_factor, top_k=args.eval_top_k,
+                            dropless=True if args.eval_dropless else None)
+    info = getattr(task.model, "pretrained_cfg", None) or {}
+    overrides = _parse_data_args(args.data_arg)
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    recorded = info.get("data")
+    if args.data:
+        dm = build_datamodule({}, args.data, overrides)
+    elif recorded:
+        recorded = {**recorded, "init_args": {**recorded.get("init_args", {}), **overrides}}
+        dm = build_recorded_datamodule(recorded)
+    else:
+        raise ValueError(f"the weights of {args.model} do not record their datamodule; pass --data")
+    threads = args.num_threads or (recorded or {}).get("num_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision or "32-true", logger=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=not args.no_progress_bar)
+    split_loader = None
+    if args.split == "val":
+        dm.setup("validate")
+        split_loader = dm.val_dataloader()
+    results = trainer.test(task, datamodule=None if split_loader else dm, dataloaders=split_loader, verbose=False)
+    metrics = results[0] if results else {}
+    routing = task.test_routing
+    want = (info.get("metrics") or {}).get("accuracy") if args.split == (info.get("metrics") or {}).get("split", "test") else None
+    acc = metrics.get("test/acc")
+    out: dict[str, Any] = {
+        "model": args.model,
+        "pretrained": info.get("tag", args.pretrained),
+        "source": info.get("source"),
+        "split": args.split,
+        "datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}",
+        "n_examples": routing.num_examples if routing else None,
+        "accuracy": acc,
+        "accuracy_top5": metrics.get("test/acc_top5"),
+        "loss": metrics.get("test/loss"),
+        "recorded_accuracy": want,
+        "reproduced": None if want is None or acc is None else abs(acc - want) < 1e-6,
+        "layers": routing.as_dict() if routing else {},
+    }
+    if not args.no_plots and args.plots_dir:
+        names = list(getattr(dm, "class_names", []) or [])
+        out["plots"] = write_routing_plots(task, names, Path(args.plots_dir),
+                                           title=f"{args.model} ({out['pretrained']}) on {type(dm).__name__}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=2))
