@@ -203,3 +203,16 @@ def test_pooling_options_and_sigmoid_parameters():
         assert out.logit_bias is not None and float(out.logit_bias) == -10.0
         assert float(out.logit_scale) == pytest.approx(10.0)
         assert torch.isfinite(out.logits).all()
+
+
+def test_patch_and_text_token_dropout_only_in_training():
+    m = tiny(patch_dropout=0.5, text_token_dropout=0.5).train()
+    text = captions([10, 12], 16)
+    out = m(images=torch.randn(2, 3, 16, 16), text=text)
+    assert out.image_routing[0].top1_expert.shape == (2, 8)  # 16 patches -> 8 kept
+    routed = out.text_routing[0].top1_expert >= 0
+    assert routed[:, 0].all() and routed[0, 9] and routed[1, 11]  # SOT and EOT are never dropped
+    assert int(routed.sum()) < 22
+    m.eval()
+    out = m(images=torch.randn(2, 3, 16, 16), text=text)
+    assert out.image_routing[0].top1_expert.shape == (2, 16) and int((out.text_routing[0].top1_expert >= 0).sum()) == 22

@@ -88,6 +88,10 @@ class LIMoEConfig:
         logit_scale_init: initial temperature scale (not log); None = 1/0.07 (softmax) or 10 (sigmoid).
         logit_bias_init: SigLIP bias init (sigmoid only).
         max_logit_scale: the learned scale is clamped to this (CLIP: 100).
+        patch_dropout: training only: the fraction of image patches dropped at random per image before the
+            encoder (FLIP-style regulariser that also saves compute; not in the paper; 0 = off).
+        text_token_dropout: training only: the fraction of caption word tokens (not SOT / EOT) masked out at
+            random (a regulariser for small caption sets; not in the paper; 0 = off).
         encoder: the shared transformer; ``encoder.moe.num_modalities`` must be >= 2 when it has MoE layers.
     """
 
@@ -106,6 +110,8 @@ class LIMoEConfig:
     logit_scale_init: Optional[float] = None
     logit_bias_init: float = -10.0
     max_logit_scale: float = 100.0
+    patch_dropout: float = 0.0
+    text_token_dropout: float = 0.0
     encoder: TransformerConfig = field(default_factory=_default_encoder)
 
     def __post_init__(self) -> None:
@@ -119,6 +125,9 @@ class LIMoEConfig:
                              f"got {self.encoder.moe.num_modalities}")
         if self.encoder.causal:
             raise ValueError("LIMoE's shared encoder is bidirectional; set encoder.causal=false")
+        for name in ("patch_dropout", "text_token_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.logit_scale_init is not None and self.logit_scale_init <= 0:
             raise ValueError(f"logit_scale_init must be > 0, got {self.logit_scale_init}")
 
@@ -300,6 +309,12 @@ class LIMoE(nn.Module):
         """[B, C, H, W] -> (final tokens [B, N, D], aux loss, aux losses, routing stats)."""
         validate_images(images, self.config.in_chans, self.config.image_size)
         x = self.patch_embed(images) + self.image_pos_embed.to(images.dtype)
+        p = self.config.patch_dropout
+        if self.training and p > 0:
+            B, N, D = x.shape
+            keep = max(1, int(round(N * (1 - p))))
+            idx = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :keep].sort(dim=1).values
+            x = torch.gather(x, 1, idx.unsqueeze(-1).expand(B, keep, D))
         return self._run_encoder(x, None, IMAGE)
 
     def text_tokens(self, tokens: Tensor, mask: Optional[Tensor] = None):
@@ -310,6 +325,10 @@ class LIMoE(nn.Module):
             keep = int(mask.any(dim=0).nonzero().max().item()) + 1
             tokens, mask = tokens[:, :keep], mask[:, :keep]
         L = tokens.shape[1]
+        p = self.config.text_token_dropout
+        if self.training and p > 0:
+            special = (tokens == self.config.eot_token_id) | (torch.arange(L, device=tokens.device) == 0)
+            mask = mask & (special | (torch.rand(tokens.shape, device=tokens.device) >= p))
         x = self.token_embed(tokens) + self.text_pos_embed[:, :L]
         out, aux, losses, stats = self._run_encoder(x, mask, TEXT)
         return out, mask, aux, losses, stats

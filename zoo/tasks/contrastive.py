@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.moe import MoELayer
+from zoo.moe import MoELayer, set_eval_overrides
 from zoo.registry import create_model
 from zoo.tasks.optim import DecayName, OptimizerName, build_optimizer, build_scheduler
 
@@ -406,6 +406,8 @@ class ContrastiveTask(L.LightningModule):
         optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps: as
             :class:`zoo.tasks.ImageClassificationTask` (AdamW; no decay on norms, biases, embeddings, position
             embeddings, temperature).
+        eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing via :func:`zoo.moe.set_eval_overrides`
+            (None = as in training).
         aux_loss_weight: multiplies the model's auxiliary (MoE) loss; the per-loss weights live in the model
             config (``encoder.moe.*_weight``).
         retrieval_ks: the K of recall@K.
@@ -428,6 +430,9 @@ class ContrastiveTask(L.LightningModule):
         min_lr_ratio: float = 0.0,
         total_steps: Optional[int] = None,
         aux_loss_weight: float = 1.0,
+        eval_capacity_factor: Optional[float] = None,
+        eval_top_k: Optional[int] = None,
+        eval_dropless: Optional[bool] = None,
         retrieval_ks: Sequence[int] = (1, 5, 10),
         plot_val: bool = False,
         plot_dir: Optional[str] = None,
@@ -449,6 +454,8 @@ class ContrastiveTask(L.LightningModule):
     def _build_model(self) -> nn.Module:
         hp = self.hparams
         model = create_model(hp.model, **dict(hp.model_overrides or {}))
+        set_eval_overrides(model, capacity_factor=hp.get("eval_capacity_factor"), top_k=hp.get("eval_top_k"),
+                           dropless=hp.get("eval_dropless"))
         for attr in ("scale_and_bias", "encode_text", "encode_image"):
             if not hasattr(model, attr):
                 raise TypeError(f"model {hp.model!r} ({type(model).__name__}) is not a dual encoder: no {attr}()")
