@@ -7,20 +7,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("gelu_tanh", "swiglu")
+from zoo.moe.experts import apply_activation  # the one activation implementation, shared with the experts
 
-
-def apply_activation(h: Tensor, activation: str) -> Tensor:
-    """gelu_tanh = F.gelu(approximate="tanh"); swiglu(h) = silu(h[:, :H]) * h[:, H:]."""
-    if activation == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+ACTIVATIONS = ("gelu_tanh", "swiglu")  # what the fused kernels implement
 
 
 def reference_moe(
