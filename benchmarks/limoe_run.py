@@ -84,6 +84,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, Any]:
         "machine": machine(),
         "versions": versions(),
         "run_dir": str(cli.run_dir.relative_to(REPO)),
+        "seed": cli.config.get("seed_everything"),
         "global_step": int(trainer.global_step),
         "epochs": int(trainer.current_epoch),
         "train_wall_time_s": round(fit_s, 1),
