@@ -28,6 +28,7 @@ def _one_thread():
 
 def _trainer(**kw) -> L.Trainer:
     kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)  # no checkpoints/ folder left in the working directory
     return L.Trainer(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
