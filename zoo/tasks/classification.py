@@ -30,7 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from zoo.models.output import ModelOutput
 from zoo.moe import MoELayer, RoutingStats, set_eval_overrides
 from zoo.registry import create_model
-from zoo.tasks.optim import DecayName, OptimizerName, build_optimizer, build_scheduler
+from zoo.tasks.optim import DecayName, OptimizerName, RecipeOptimizerMixin
 
 # Model config keys the datamodule decides (so one recipe works on any dataset).
 DATA_DIMS = ("num_classes", "in_chans", "image_size")
@@ -137,7 +137,7 @@ class _RoutingAccumulator:
         return RoutingSummary(self.layer_names, cbe, tok, frac, list(self.capacity), n)
 
 
-class ImageClassificationTask(L.LightningModule):
+class ImageClassificationTask(RecipeOptimizerMixin, L.LightningModule):
     """Train / evaluate a zoo model on image classification (the V-MoE recipe).
 
     Args:
@@ -338,22 +338,7 @@ class ImageClassificationTask(L.LightningModule):
         self.test_routing = self._routing_acc.summary(reduce)
         self._routing_acc = None
 
-    # ----------------------------------------------------------------------------------- optimiser
-    def schedule_total_steps(self) -> int:
-        if self.hparams.total_steps is not None:
-            return int(self.hparams.total_steps)
-        est = self.trainer.estimated_stepping_batches
-        if est is None or est == float("inf"):
-            raise ValueError("cannot infer the LR schedule length: set trainer max_steps or max_epochs, "
-                             "or the task's total_steps")
-        return max(1, int(est))
-
-    def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        optimizer = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps)
-        scheduler = build_scheduler(optimizer, hp.warmup_steps, self.schedule_total_steps(), hp.lr_decay,
-                                    hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    # optimiser and LR schedule: RecipeOptimizerMixin (zoo/tasks/optim.py), shared with every task
 
     # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

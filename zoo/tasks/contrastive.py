@@ -41,7 +41,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.moe import MoELayer, set_eval_overrides
 from zoo.registry import create_model
-from zoo.tasks.optim import DecayName, OptimizerName, build_optimizer, build_scheduler
+from zoo.tasks.optim import DecayName, OptimizerName, RecipeOptimizerMixin
 
 MODALITY_NAMES = ("image", "text")
 # Model config keys the datamodule decides (the task takes them in setup()).
@@ -392,7 +392,7 @@ class _EvalState:
     routing: Optional[ModalityRoutingAccumulator] = None
 
 
-class ContrastiveTask(L.LightningModule):
+class ContrastiveTask(RecipeOptimizerMixin, L.LightningModule):
     """Contrastive image-text training of a zoo dual encoder (LIMoE) with zero-shot / retrieval evaluation.
 
     Args:
@@ -643,19 +643,4 @@ class ContrastiveTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish_eval("test")
 
-    # ----------------------------------------------------------------------------------- optimiser
-    def schedule_total_steps(self) -> int:
-        if self.hparams.total_steps is not None:
-            return int(self.hparams.total_steps)
-        est = self.trainer.estimated_stepping_batches
-        if est is None or est == float("inf"):
-            raise ValueError("cannot infer the LR schedule length: set trainer max_steps or max_epochs, "
-                             "or the task's total_steps")
-        return max(1, int(est))
-
-    def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        optimizer = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps)
-        scheduler = build_scheduler(optimizer, hp.warmup_steps, self.schedule_total_steps(), hp.lr_decay,
-                                    hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    # optimiser and LR schedule: RecipeOptimizerMixin (zoo/tasks/optim.py), shared with every task

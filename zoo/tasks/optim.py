@@ -117,3 +117,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, decay, min_lr_ratio)
     )
+
+
+class RecipeOptimizerMixin:
+    """``configure_optimizers`` of every task: :func:`build_optimizer` + the per-step warmup/decay schedule.
+
+    Mixed into a LightningModule whose hyper-parameters hold ``optimizer, lr, weight_decay, betas, eps,
+    warmup_steps, lr_decay, min_lr_ratio, total_steps`` and whose network is ``self.model``.
+    """
+
+    def schedule_total_steps(self) -> int:
+        if self.hparams.total_steps is not None:
+            return int(self.hparams.total_steps)
+        est = self.trainer.estimated_stepping_batches
+        if est is None or est == float("inf"):
+            raise ValueError("cannot infer the LR schedule length: set trainer max_steps or max_epochs, "
+                             "or the task's total_steps")
+        return max(1, int(est))
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        optimizer = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps)
+        scheduler = build_scheduler(optimizer, hp.warmup_steps, self.schedule_total_steps(), hp.lr_decay,
+                                    hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
