@@ -354,6 +354,34 @@ def test_argument_errors():
             fused_moe(x, ei, cw, keep, w1, b1, w2, b2, "gelu_tanh")
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend_case", ["vmoe_capacity", "llm_dropless"])
+def test_cuda_layer_training_step_never_syncs_the_host(backend_case):
+    """The whole MoELayer training step (noisy BPR routing, capacity, every loss, statistics, fused experts,
+    backward) must queue GPU work without waiting for it: a host sync stalls the launch queue every layer."""
+    from zoo.moe import MoEConfig, MoELayer
+
+    vmoe = backend_case == "vmoe_capacity"
+    cfg = MoEConfig(num_experts=8, top_k=2, router="topk", noise_std=1.0 if vmoe else 0.0, renormalize=not vmoe,
+                    batch_priority=vmoe, capacity_factor=1.05, dropless=not vmoe, group_size=4,
+                    activation="gelu_tanh" if vmoe else "swiglu", expert_bias=vmoe, dispatch="fused",
+                    importance_loss_weight=0.01, load_loss_weight=0.01 if vmoe else 0.0,
+                    switch_loss_weight=0.0 if vmoe else 0.01, z_loss_weight=1e-3)
+    layer = MoELayer(64, 128, cfg).cuda().to(torch.bfloat16).train()
+    x = torch.randn(8, 50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)  # warm-up: Triton compiles (and may sync) on first use
+    torch.autograd.backward([y, layer.aux.loss], [torch.ones_like(y), torch.ones_like(layer.aux.loss)])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = layer(x)
+        torch.autograd.backward([y, layer.aux.loss], [torch.ones_like(y), torch.ones_like(layer.aux.loss)])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.grad.float()).all()
+
+
 if __name__ == "__main__":  # interpreter worker: python test_fused_moe.py --worker name1,name2
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         torch.set_num_threads(1)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.moe import losses as L
@@ -208,7 +207,9 @@ class MoELayer(nn.Module):
         total = torch.stack(weighted).sum() if weighted else r.logits.new_zeros(())
         with torch.no_grad():
             E = cfg.num_experts
-            onehot_kept = F.one_hot(r.expert_index, E) * r.keep.unsqueeze(-1)  # [G, S, K, E]
+            # A comparison, not F.one_hot: one_hot checks the index range with a host read on CPU.
+            experts = torch.arange(E, device=r.expert_index.device)
+            onehot_kept = (r.expert_index.unsqueeze(-1) == experts) & r.keep.unsqueeze(-1)  # [G, S, K, E]
             per_token = onehot_kept.sum(2).float()  # [G, S, E]
             stats = self._stats(per_token.sum((0, 1)), r.clean_probs, vg, mg, r.keep, per_token, r.capacity)
         return MoEAux(loss=total, losses=losses, stats=stats)

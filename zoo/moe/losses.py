@@ -41,8 +41,8 @@ def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, top_k: int
     if noise_std <= 0:
         return logits.new_zeros(())
     threshold = torch.topk(noisy_logits, top_k, dim=-1).values[..., -1:]  # [G, S, 1]
-    normal = torch.distributions.Normal(logits.new_zeros(()), logits.new_ones(()))
-    p = 1.0 - normal.cdf((threshold - logits) / noise_std)  # [G, S, E]
+    # ndtr = standard normal CDF. Not torch.distributions.Normal: its argument validation syncs the host.
+    p = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)  # [G, S, E]
     w = valid.unsqueeze(-1).to(p.dtype)
     p_mean = (p * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # [G, E]
     return _mean_over_groups(_cv_squared(p_mean), valid)
@@ -54,7 +54,7 @@ def switch_loss(probs: Tensor, expert_index: Tensor, valid: Tensor) -> Tensor:
     E = probs.shape[-1]
     w = valid.unsqueeze(-1).to(probs.dtype)
     n = w.sum(dim=1).clamp_min(1.0)  # [G, 1]
-    top1 = torch.nn.functional.one_hot(expert_index[..., 0], E).to(probs.dtype)
+    top1 = (expert_index[..., 0:1] == torch.arange(E, device=probs.device)).to(probs.dtype)  # one-hot, no host read
     frac = (top1 * w).sum(dim=1) / n
     mean_prob = (probs * w).sum(dim=1) / n
     return _mean_over_groups(E * (frac * mean_prob).sum(dim=-1), valid)
