@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU lease call: install carried peer wheels, run the kernel tests (warming Triton's cache in parallel),
 # sweep kernel configs, run the layer benchmark and the SonicMoE peer (its CuTe JIT is slow: own time limit).
-# Usage: bash benchmarks/gpu_run.sh STAGES   with STAGES a comma list of test,sweep,bench,sonic
-# Env: BENCH_ARGS, SWEEP_ARGS, SONIC_CASE, SONIC_TIMEOUT.  $OUT must be set; logs and json land there.
+# Usage: bash benchmarks/gpu_run.sh STAGES   with STAGES a comma list of trainstep,test,sweep,bench,sonic
+# (trainstep runs first, alone on the GPU, before the tests start)
+# Env: STEP_ARGS, BENCH_ARGS, SWEEP_ARGS, SONIC_CASE, SONIC_TIMEOUT.  $OUT must be set; logs and json land there.
 set -u
 STAGES=$1
 export PYTHONUNBUFFERED=1
@@ -16,6 +17,10 @@ if [ -d .whl ]; then
   if [ -f .whl/cutl.tar.xz ]; then tar xJf .whl/cutl.tar.xz -C /tmp/site >> "$OUT/run.log" 2>&1 || log "cutlass unpack failed"; fi
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages
   log "wheels installed"
+fi
+if [[ ,$STAGES, == *,trainstep,* ]]; then
+  python3 benchmarks/train_step.py --out "$OUT" --profile ${STEP_ARGS:-} > "$OUT/train_step.log" 2>&1
+  log "train_step done rc=$?"; grep -E "Target|^\| " "$OUT/train_step.md" | head -8 | tee -a "$OUT/run.log"
 fi
 if [[ ,$STAGES, == *,test,* ]]; then
   (python3 -m pytest tests/kernels -q -x -n 4 -p no:cacheprovider > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.log") &

@@ -382,6 +382,21 @@ def test_cuda_layer_training_step_never_syncs_the_host(backend_case):
     assert torch.isfinite(x.grad.float()).all()
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_autocast_runs_the_experts_in_bf16():
+    """Under bf16 autocast with fp32 weights (Lightning's bf16-mixed), the fused path computes what it computes
+    on bf16 inputs and weights, returns bf16 like a matmul would, and gives fp32 weight gradients."""
+    (x, cw, w1, b1, w2, b2), ei, keep = make_inputs(CASES["gelu_f32"], "cuda")
+    params = [p.detach().clone().requires_grad_(True) for p in (w1, b1, w2, b2)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = fused_moe(x, ei, cw, keep, *params, "gelu_tanh")
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    expected = fused_moe(x.bfloat16(), ei, cw.bfloat16(), keep, *(p.detach().bfloat16() for p in params), "gelu_tanh")
+    assert torch.equal(y, expected)
+
+
 if __name__ == "__main__":  # interpreter worker: python test_fused_moe.py --worker name1,name2
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         torch.set_num_threads(1)

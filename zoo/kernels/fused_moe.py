@@ -1002,6 +1002,13 @@ def fused_moe(
         raise ValueError(f"b2 must be [{E}, {D}], got {tuple(b2.shape)}")
     if not (x.is_cuda or _interpret()):
         raise RuntimeError("fused_moe runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast does not reach into custom kernels: cast as it would cast a matmul's inputs, so that
+        # mixed-precision training (fp32 master weights, bf16 autocast) runs the expert GEMMs in bf16 too.
+        with torch.autocast(x.device.type, enabled=False):
+            amp = torch.get_autocast_dtype(x.device.type)
+            return fused_moe(x.to(amp), expert_index, combine_weight.to(amp), keep, w1, b1, w2, b2, activation,
+                             backend)
     if T == 0 or K == 0:
         return x.new_zeros(T, D) + 0.0 * (w1.sum() + w2.sum())
     if backend == "auto":

@@ -227,12 +227,13 @@ class MoELayer(nn.Module):
         sel = (vg.unsqueeze(-1) & (mods.unsqueeze(-1) == torch.arange(M, device=vg.device))).float()
         if keep is not None:
             K = keep.shape[-1]
-            by_mod = torch.einsum("gsm,gse->me", sel, per_token)
+            # Products summed elementwise, not einsum: bookkeeping should not launch (or count as) GEMMs.
+            by_mod = (sel.unsqueeze(-1) * per_token.unsqueeze(-2)).sum((0, 1))  # [M, E]
             # Expert choice has K = E slots of which only some are ever meant to be used: no "drops".
             if self.config.router == "topk":
                 slots = vg.sum() * K
                 dropped = 1 - keep.sum() / slots.clamp_min(1)
-                kept_by_mod = torch.einsum("gsm,gs->m", sel, keep.sum(-1).float())
+                kept_by_mod = (sel * keep.sum(-1, keepdim=True).float()).sum((0, 1))
                 slots_by_mod = sel.sum((0, 1)) * K
                 dropped_by_mod = torch.where(slots_by_mod > 0, 1 - kept_by_mod / slots_by_mod.clamp_min(1),
                                              torch.zeros_like(slots_by_mod))

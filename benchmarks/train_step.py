@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Training step of V-MoE-B/16 (E=8, k=2, MoE every 2nd block) against the dense ViT-B/16, one GPU run.
+
+    python benchmarks/train_step.py --out benchmarks/results          # writes train_step.{json,md}
+    python benchmarks/train_step.py --report benchmarks/results/train_step.json   # re-render the md
+
+Both models are zoo models built from the ``vmoe_b16`` preset (the dense one with ``encoder.moe_every=None``),
+so they share patch embedding, attention, heads and the training loop; timm's ``vit_base_patch16_224`` is timed
+too as an outside reference for the dense step. A step = forward (bf16 autocast, fp32 master weights), cross
+entropy + MoE auxiliary loss, backward, AdamW update, on the same batch of random 224px images (a pool of
+inputs, so routing changes every step). CUDA events, warm-up, median over steps.
+
+Target (issue 4): ``t_moe <= 1.15 * t_dense * F_moe / F_dense``, F = training FLOPs per image (3x forward),
+counted by :func:`forward_flops` (checked against ``torch.utils.flop_counter`` in the tests). Expert FLOPs
+are nominal: every token reaches its k experts (capacity 1.05 drops a few; the count does not subtract them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+TARGET = 1.15
+MOE_OVERRIDES = {"encoder.moe.num_experts": 8, "encoder.moe.top_k": 2, "encoder.moe_every": 2}
+DENSE_OVERRIDES = {"encoder.moe_every": None}
+
+
+def forward_flops(config) -> dict:
+    """Forward FLOPs per image of a zoo V-MoE / ViT config (multiply-add = 2), by part.
+
+    Matmuls only (as ``torch.utils.flop_counter``): patch embedding, qkv/out projections, attention scores
+    and values, dense MLPs, routers, experts (k per token, nominal), pre-logits and head."""
+    enc = config.encoder
+    D, H, depth = enc.dim, enc.mlp_dim, enc.depth
+    n_patch = (config.image_size // config.patch_size) ** 2
+    T = n_patch + (1 if config.classifier == "token" else 0)
+    moe_layers = set(enc.moe_layer_indices)
+    mlp_mult = 3 if enc.activation == "swiglu" else 2
+    parts = {
+        "patch_embed": 2 * n_patch * config.in_chans * config.patch_size ** 2 * D,
+        "attention_proj": depth * 2 * T * 4 * D * D,
+        "attention_scores": depth * 2 * 2 * T * T * D,
+        "dense_mlp": (depth - len(moe_layers)) * 2 * T * mlp_mult * D * H,
+        "router": len(moe_layers) * 2 * T * D * enc.moe.num_experts,
+        "experts": len(moe_layers) * enc.moe.top_k * 2 * T * mlp_mult * D * H,
+    }
+    rep = config.representation_size or 0
+    parts["head"] = 2 * D * rep + 2 * (rep or D) * config.num_classes
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def make_step(model, batch: int, pool: int, lr: float = 1e-4):
+    """A closure ``step(i)`` running one optimisation step on input ``i % pool``."""
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    images = [torch.randn(batch, 3, 224, 224, device=dev, generator=g) for _ in range(pool)]
+    labels = [torch.randint(0, 1000, (batch,), device=dev, generator=g) for _ in range(pool)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+
+    def step(i: int) -> None:
+        j = i % pool
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            out = model(images[j])
+            logits = out.logits if hasattr(out, "logits") else out
+            loss = F.cross_entropy(logits.float(), labels[j])
+            aux = getattr(out, "aux_loss", None)
+            if aux is not None:
+                loss = loss + aux
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_steps(step, warm: int, iters: int) -> dict:
+    for i in range(warm):
+        step(i)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step(warm + i)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "peak_gb": torch.cuda.max_memory_allocated() / 2 ** 30, "iters": iters}
+
+
+def build_models(which: list[str]) -> dict:
+    import zoo
+
+    models = {}
+    for name in which:
+        torch.manual_seed(0)
+        if name == "dense":
+            m = zoo.create_model("vmoe_b16", **DENSE_OVERRIDES)
+        elif name == "moe":
+            m = zoo.create_model("vmoe_b16", **MOE_OVERRIDES)
+        elif name == "moe_sorted":  # the plain-PyTorch reference dispatcher, for scale
+            m = zoo.create_model("vmoe_b16", **MOE_OVERRIDES, **{"encoder.moe.dispatch": "sorted"})
+        elif name == "timm_dense":
+            import timm
+
+            m = timm.create_model("vit_base_patch16_224", num_classes=1000)
+        else:
+            raise KeyError(name)
+        models[name] = m
+    return models
+
+
+def profile_step(step, out: Path, name: str) -> dict:
+    """Kernel count and CPU vs GPU time of one step (is the step launch-bound?)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step(1)
+        cpu_ms = (time.perf_counter() - t0) * 1e3
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    averages = prof.key_averages()
+    table = (averages.table(sort_by="self_cuda_time_total", row_limit=40) + "\n\n"
+             + averages.table(sort_by="self_cpu_time_total", row_limit=40))
+    (out / f"train_step_profile_{name}.txt").write_text(table)
+    return {"kernels": len(kernels), "cpu_launch_ms": cpu_ms,
+            "gpu_busy_ms": sum(e.device_time for e in kernels) / 1e3}
+
+
+def write_report(data: dict, out: Path) -> None:
+    env = data["env"]
+    r = data["results"]
+    lines = ["# Training step: V-MoE-B/16 (E=8, k=2, every 2) vs dense ViT-B/16", "",
+             f"- {env['device']}, torch {env['torch']}, triton {env['triton']}, python {env['python']}; {env['date']}",
+             f"- command: `{env['command']}`",
+             f"- batch {data['batch']} images 224px, bf16 autocast, fp32 AdamW (fused), median of {data['iters']} "
+             f"steps after {data['warm']} warm-up steps", ""]
+    fm, fd = data["flops"]["moe"]["total"], data["flops"]["dense"]["total"]
+    ratio = fm / fd
+    lines += [f"Training FLOPs per image (3x forward): V-MoE {3 * fm / 1e9:.1f} G, dense {3 * fd / 1e9:.1f} G, "
+              f"ratio {ratio:.3f}.", ""]
+    if "moe" in r and "dense" in r:
+        t_m, t_d = r["moe"]["median_ms"], r["dense"]["median_ms"]
+        scaled = t_m / (t_d * ratio)
+        ok = scaled <= TARGET
+        lines += [f"**Target** `t_moe <= {TARGET} x t_dense x FLOP ratio`: {t_m:.1f} ms vs {TARGET} x {t_d:.1f} x "
+                  f"{ratio:.3f} = {TARGET * t_d * ratio:.1f} ms -> FLOP-scaled time ratio **{scaled:.3f}**, "
+                  + ("**met**." if ok else f"**NOT met** (over by a factor {scaled / TARGET:.3f})."), ""]
+    lines += ["| model | median ms/step | min | max | images/s | TFLOP/s (nominal) | peak GB | kernels/step | "
+              "host launch ms/step | GPU busy ms/step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"moe": "V-MoE-B/16 E8 k2 (fused experts)", "moe_sorted": "V-MoE-B/16 E8 k2 (sorted reference dispatch)",
+             "dense": "ViT-B/16 dense (zoo)", "timm_dense": "ViT-B/16 dense (timm)"}
+    for key, res in r.items():
+        fl = data["flops"]["moe" if key.startswith("moe") else "dense"]["total"] * 3 * data["batch"]
+        p = data.get("profile", {}).get(key, {})
+        lines.append(f"| {names.get(key, key)} | {res['median_ms']:.2f} | {res['min_ms']:.2f} | {res['max_ms']:.2f} | "
+                     f"{data['batch'] / res['median_ms'] * 1e3:.0f} | {fl / res['median_ms'] / 1e9:.0f} | "
+                     f"{res['peak_gb']:.1f} | {p.get('kernels', '')} | "
+                     f"{p['cpu_launch_ms']:.1f} | {p['gpu_busy_ms']:.1f} |" if p else
+                     f"| {names.get(key, key)} | {res['median_ms']:.2f} | {res['min_ms']:.2f} | {res['max_ms']:.2f} | "
+                     f"{data['batch'] / res['median_ms'] * 1e3:.0f} | {fl / res['median_ms'] / 1e9:.0f} | "
+                     f"{res['peak_gb']:.1f} | | | |")
+    lines += ["", "FLOPs per image by part (forward, G):", "", "| part | V-MoE | dense |", "|---|---|---|"]
+    for part in data["flops"]["moe"]:
+        lines.append(f"| {part} | {data['flops']['moe'][part] / 1e9:.3f} | {data['flops']['dense'][part] / 1e9:.3f} |")
+    (out / "train_step.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warm", type=int, default=5)
+    ap.add_argument("--pool", type=int, default=4)
+    ap.add_argument("--models", default="dense,moe,timm_dense,moe_sorted")
+    ap.add_argument("--profile", action="store_true", help="also profile one step of each model")
+    ap.add_argument("--report", default="", help="only re-render the md from this json")
+    args = ap.parse_args()
+    if args.report:
+        write_report(json.loads(Path(args.report).read_text()), Path(args.report).parent)
+        return
+    from moe_layer import env_info
+
+    import zoo
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    data = dict(env=env_info(args), batch=args.batch, iters=args.iters, warm=args.warm, results={}, profile={},
+                flops={"moe": forward_flops(zoo.model_config("vmoe_b16", **MOE_OVERRIDES)),
+                       "dense": forward_flops(zoo.model_config("vmoe_b16", **DENSE_OVERRIDES))})
+    for name in args.models.split(","):
+        try:
+            model = build_models([name])[name].cuda().train()
+        except ImportError as ex:
+            data["results_skipped"] = {**data.get("results_skipped", {}), name: str(ex)}
+            continue
+        step = make_step(model, args.batch, args.pool)
+        data["results"][name] = time_steps(step, args.warm, args.iters)
+        if args.profile:
+            data["profile"][name] = profile_step(step, out, name)
+        print(name, json.dumps(data["results"][name]), json.dumps(data["profile"].get(name)), flush=True)
+        del model, step
+        torch.cuda.empty_cache()
+        (out / "train_step.json").write_text(json.dumps(data, indent=1))
+    write_report(data, out)
+    print((out / "train_step.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
