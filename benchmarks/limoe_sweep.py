@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Run several LIMoE recipe variants in parallel (one process each) and tabulate them: a small hyperparameter
+search for a recipe, made on a VALIDATION split carved out of the training photos (the test split stays unseen).
+
+    python benchmarks/limoe_sweep.py --config configs/train/limoe_flickr8k.yaml --variants flickr8k_gpu \\
+        --out /tmp/sweep --jobs 8 -- --trainer.accelerator=gpu --data.init_args.num_val=100
+
+Each variant is ``benchmarks/limoe_run.py --config CONFIG --run_name NAME --out OUT/NAME.json`` plus the common
+arguments after ``--`` plus the variant's own arguments. Writes ``OUT/sweep.json`` and ``OUT/sweep.md`` (val and,
+when tested, test recall per variant, sorted by the selection metric).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _model(overrides: dict) -> str:
+    return "--model.init_args.model_overrides=" + json.dumps(overrides)
+
+
+# Flickr8k on one GPU: larger inputs and widths than the CPU recipe (32 px, width 64, 4 blocks). Every variant
+# keeps LIMoE's routing (8 experts, top-1, BPR, per-modality entropy losses) and changes size / schedule only.
+_W128 = {"image_size": 64, "patch_size": 8, "embed_dim": 128, "encoder.dim": 128, "encoder.depth": 6,
+         "encoder.num_heads": 4, "encoder.mlp_dim": 512}
+VARIANTS = {
+    "flickr8k_gpu": {
+        "base_32px_w64": [_model({"in_chans": 3, "image_size": 32})],
+        "w128_64px_e200": [_model(_W128), "--data.init_args.image_size=64", "--trainer.max_epochs=200"],
+        "w192_64px_e200": [_model({**_W128, "embed_dim": 192, "encoder.dim": 192, "encoder.num_heads": 6,
+                                   "encoder.mlp_dim": 768}), "--data.init_args.image_size=64",
+                           "--trainer.max_epochs=200"],
+        "w128_64px_e400": [_model(_W128), "--data.init_args.image_size=64", "--trainer.max_epochs=400"],
+        "w128_64px_e200_b128": [_model(_W128), "--data.init_args.image_size=64", "--trainer.max_epochs=200",
+                                "--data.init_args.batch_size=128"],
+        "w128_64px_e200_lr5e-4": [_model(_W128), "--data.init_args.image_size=64", "--trainer.max_epochs=200",
+                                  "--model.init_args.lr=0.0005"],
+        "w128_64px_e200_pdrop0.25": [_model({**_W128, "patch_dropout": 0.25}), "--data.init_args.image_size=64",
+                                     "--trainer.max_epochs=200"],
+        "w128_64px_e200_depth4": [_model({**_W128, "encoder.depth": 4}), "--data.init_args.image_size=64",
+                                  "--trainer.max_epochs=200"],
+    },
+}
+
+
+def metric(res: dict, split: str, key: str):
+    m = (res or {}).get(split) or {}
+    return m.get(key)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    common = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, common = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--variants", required=True, choices=sorted(VARIANTS))
+    ap.add_argument("--only", default="", help="comma list of variant names")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--jobs", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=540, help="seconds per variant")
+    ap.add_argument("--select", default="val_mean_r10", help="column to sort by")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = VARIANTS[args.variants]
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
+    pending = list(variants.items())
+    running: list[tuple[str, subprocess.Popen, float, object]] = []
+    status: dict[str, dict] = {}
+    t0 = time.time()
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name, extra = pending.pop(0)
+            cmd = [sys.executable, str(HERE / "limoe_run.py"), "--config", args.config, "--run_name", name,
+                   "--out", str(out / f"{name}.json"), *common, *extra]
+            log = open(out / f"{name}.log", "w")
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time(), log))
+            status[name] = {"command": " ".join(cmd[1:])}
+        time.sleep(2)
+        for item in list(running):
+            name, proc, start, log = item
+            rc = proc.poll()
+            if rc is None and time.time() - start > args.timeout:
+                proc.kill()
+                rc = "timeout"
+            if rc is not None:
+                log.close()
+                running.remove(item)
+                status[name].update(rc=rc, wall_s=round(time.time() - start, 1))
+                print(f"[{time.time() - t0:.0f}s] {name}: rc={rc}", flush=True)
+    rows = []
+    for name, st in status.items():
+        path = out / f"{name}.json"
+        res = json.loads(path.read_text()) if path.exists() else {}
+        row = {"variant": name, "rc": st["rc"], "wall_s": st["wall_s"], "command": st["command"],
+               "num_params": res.get("num_params")}
+        for split in ("val", "test"):
+            for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
+                row[f"{split}_{key}"] = metric(res, split, key)
+            a, b = row[f"{split}_i2t_R@10"], row[f"{split}_t2i_R@10"]
+            row[f"{split}_mean_r10"] = (a + b) / 2 if a is not None and b is not None else None
+        rows.append(row)
+    rows.sort(key=lambda r: -(r.get(args.select) or -1))
+    (out / "sweep.json").write_text(json.dumps({"config": args.config, "common": common, "rows": rows}, indent=1))
+    cols = ["variant", "rc", "wall_s", "num_params", "val_i2t_R@10", "val_t2i_R@10", "val_mean_r10",
+            "test_i2t_R@10", "test_t2i_R@10"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
