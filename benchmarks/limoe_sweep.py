@@ -29,9 +29,10 @@ def _model(overrides: dict) -> str:
 # keeps LIMoE's routing (8 experts, top-1, BPR, per-modality entropy losses) and changes size / schedule only.
 _W128 = {"image_size": 64, "patch_size": 8, "embed_dim": 128, "encoder.dim": 128, "encoder.depth": 6,
          "encoder.num_heads": 4, "encoder.mlp_dim": 512}
+_BASE = {"in_chans": 3, "image_size": 32}
 VARIANTS = {
     "flickr8k_gpu": {
-        "base_32px_w64": [_model({"in_chans": 3, "image_size": 32})],
+        "base_32px_w64": [_model(_BASE)],
         "w128_64px_e200": [_model(_W128), "--data.init_args.image_size=64", "--trainer.max_epochs=200"],
         "w192_64px_e200": [_model({**_W128, "embed_dim": 192, "encoder.dim": 192, "encoder.num_heads": 6,
                                    "encoder.mlp_dim": 768}), "--data.init_args.image_size=64",
@@ -45,6 +46,19 @@ VARIANTS = {
                                      "--trainer.max_epochs=200"],
         "w128_64px_e200_depth4": [_model({**_W128, "encoder.depth": 4}), "--data.init_args.image_size=64",
                                   "--trainer.max_epochs=200"],
+    },
+    # Round 2 (after round 1 showed size and resolution barely matter at 800 photos): caption use, schedule,
+    # loss, regularisation, and seeds to see the noise of a 100-photo validation split.
+    "flickr8k_gpu2": {
+        "base_seed1": [_model(_BASE), "--seed_everything=1"],
+        "base_seed2": [_model(_BASE), "--seed_everything=2"],
+        "base_allcaps": [_model(_BASE), "--data.init_args.train_all_captions=true"],
+        "base_allcaps_e240": [_model(_BASE), "--data.init_args.train_all_captions=true", "--trainer.max_epochs=240"],
+        "base_e240": [_model(_BASE), "--trainer.max_epochs=240"],
+        "base_sigmoid": [_model({**_BASE, "loss": "sigmoid"})],
+        "base_wd0.5": [_model(_BASE), "--model.init_args.weight_decay=0.5"],
+        "w128_64px_allcaps": [_model(_W128), "--data.init_args.image_size=64", "--trainer.max_epochs=200",
+                              "--data.init_args.train_all_captions=true"],
     },
 }
 

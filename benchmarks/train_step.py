@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,6 @@ def time_steps(step, warm: int, iters: int) -> dict:
     for i in range(warm):
         step(i)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -126,6 +126,7 @@ def time_steps(step, warm: int, iters: int) -> dict:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            # Process peak (model, optimizer state, graph capture, steps): each run is its own process.
             "peak_gb": torch.cuda.max_memory_allocated() / 2 ** 30, "iters": iters}
 
 
@@ -194,7 +195,7 @@ def write_report(data: dict, out: Path) -> None:
                       f"**{scaled:.3f}**, " + ("**met**." if ok else f"**NOT met** (over by a factor "
                                                                    f"{scaled / TARGET:.3f})."), ""]
     lines += ["| model | median ms/step | min | max | images/s | TFLOP/s (nominal) | peak GB | kernels/step | "
-              "host launch ms/step | GPU busy ms/step |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "host ms/step (profiled) | GPU busy ms/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     names = {"moe": "V-MoE-B/16 E8 k2 (fused experts)", "moe_sorted": "V-MoE-B/16 E8 k2 (sorted reference dispatch)",
              "dense": "ViT-B/16 dense (zoo)", "timm_dense": "ViT-B/16 dense (timm)"}
     for key, res in r.items():
@@ -217,6 +218,18 @@ def write_report(data: dict, out: Path) -> None:
     (out / "train_step.md").write_text("\n".join(lines) + "\n")
 
 
+def run_worker(args) -> None:
+    name = args.worker.removesuffix(GRAPH_SUFFIX)
+    graphed = args.worker.endswith(GRAPH_SUFFIX)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_models([name])[name].cuda().train()
+    step = make_step(model, args.batch, args.pool, cuda_graph=graphed)
+    result = {"timing": time_steps(step, args.warm, args.iters)}
+    if args.profile and not graphed:
+        result["profile"] = profile_step(step, Path(args.out), name)
+    print(json.dumps(result), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -229,9 +242,13 @@ def main() -> None:
     ap.add_argument("--cuda-graph", default="both", choices=["no", "only", "both"],
                     help="time eager steps, CUDA-graph-captured steps, or both")
     ap.add_argument("--report", default="", help="only re-render the md from this json")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one run, JSON on stdout
     args = ap.parse_args()
     if args.report:
         write_report(json.loads(Path(args.report).read_text()), Path(args.report).parent)
+        return
+    if args.worker:
+        run_worker(args)
         return
     from moe_layer import env_info
 
@@ -247,19 +264,23 @@ def main() -> None:
     for graphed in modes:
         for name in args.models.split(","):
             key = name + (GRAPH_SUFFIX if graphed else "")
-            try:
-                model = build_models([name])[name].cuda().train()
-                step = make_step(model, args.batch, args.pool, cuda_graph=graphed)
-            except Exception as ex:  # e.g. timm missing, or a model that cannot be captured: say so, go on
-                data.setdefault("results_skipped", {})[key] = f"{type(ex).__name__}: {str(ex)[:300]}"
-                print(key, "skipped:", data["results_skipped"][key], flush=True)
+            # One process per run: a failed graph capture leaves the CUDA context and RNG unusable for the rest.
+            cmd = [sys.executable, __file__, "--worker", key, "--out", str(out), "--batch", str(args.batch),
+                   "--iters", str(args.iters), "--warm", str(args.warm), "--pool", str(args.pool)]
+            if args.profile:
+                cmd.append("--profile")
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                data.setdefault("results_skipped", {})[key] = f"rc={proc.returncode}: {err[:300]}"
+                print(key, "failed:", proc.stderr[-3000:], flush=True)
                 continue
-            data["results"][key] = time_steps(step, args.warm, args.iters)
-            if args.profile and not graphed:
-                data["profile"][key] = profile_step(step, out, key)
-            print(key, json.dumps(data["results"][key]), json.dumps(data["profile"].get(key)), flush=True)
-            del model, step
-            torch.cuda.empty_cache()
+            res = json.loads(lines[-1])
+            data["results"][key] = res["timing"]
+            if res.get("profile"):
+                data["profile"][key] = res["profile"]
+            print(key, lines[-1], flush=True)
             (out / "train_step.json").write_text(json.dumps(data, indent=1))
     write_report(data, out)
     print((out / "train_step.md").read_text())

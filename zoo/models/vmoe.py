@@ -57,7 +57,9 @@ def validate_images(images: Tensor, in_chans: int, image_size: int) -> None:
                          f"the model with image_size={H} (position embeddings are resized when loading weights)")
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating-point tensor, got {images.dtype}; normalise them first")
-    if not torch.isfinite(images).all():
+    # The NaN/Inf check reads a value back from the device (one sync per forward); that is not allowed while a
+    # CUDA graph is being captured, so it is skipped there (the graph replays whatever was checked eagerly).
+    if not (images.is_cuda and torch.cuda.is_current_stream_capturing()) and not torch.isfinite(images).all():
         raise ValueError("images contain NaN or Inf values; check the data pipeline / normalisation")
 
 

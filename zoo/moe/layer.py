@@ -267,8 +267,9 @@ def collect_moe_aux(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[R
         for k, v in layer.aux.losses.items():
             losses[k] = v if k not in losses else losses[k] + v
         stats.append(layer.aux.stats)
-    if total is None:
-        total = torch.zeros(())
+    if total is None:  # no MoE layer ran: a zero on the model's device (a CPU scalar would need a copy per step)
+        param = next(model.parameters(), None)
+        total = torch.zeros((), device=None if param is None else param.device)
     return total, losses, stats
 
 
