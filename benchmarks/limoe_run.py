@@ -1,16 +1,16 @@
 """Train + test one LIMoE recipe (``configs/train/limoe_*.yaml``) and write a results JSON.
 
-The recipes are LightningCLI configs (``model: {class_path: zoo.tasks.contrastive.ContrastiveTask, ...}``,
-``data: {class_path: zoo.data.image_text...}``) plus the zoo CLI's top-level ``run_name`` / ``num_threads`` /
-``test`` keys, so they also run with ``python train.py --config ...`` once ``train.py`` accepts any
-LightningModule / LightningDataModule (subclass mode). This runner parses them with LightningCLI itself:
+The recipes are ``train.py`` recipes (``model: {class_path: zoo.tasks.contrastive.ContrastiveTask, ...}``,
+``data: {class_path: zoo.data.image_text...}``); this runner parses them with the same CLI
+(:class:`zoo.tasks.cli.ZooCLI`, so every ``train.py`` option works here too, ``--ckpt_path last`` included) and
+adds ``--out``, the benchmark JSON:
 
     python benchmarks/limoe_run.py --config configs/train/limoe_mnist.yaml \\
         --out benchmarks/results/limoe_mnist_entropy_on.json [--model.init_args.model_overrides=...]
 
-Writes ``runs/<run_name>/`` (CSV metrics, plots) and, with ``--out``, a JSON with the command, machine, versions,
-date, wall time, test metrics and the per-layer routing-by-modality summary. Needs ``../shared/data`` (or
-``ZOO_DATA``).
+Writes ``runs/<run_name>/`` under the repository (CSV metrics, config.yaml, checkpoints, plots) and, with
+``--out``, a JSON with the command, machine, versions, date, wall time, test metrics and the per-layer
+routing-by-modality summary. Needs ``../shared/data`` (or ``ZOO_DATA``).
 """
 
 from __future__ import annotations
@@ -24,36 +24,23 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.cli import LightningArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from zoo.config import ConfigError  # noqa: E402 (after the path fix)
+from zoo.tasks.cli import ZooCLI, build_cli, resume_checkpoint, user_errors  # noqa: E402
 
-class RecipeCLI(LightningCLI):
+
+class RecipeCLI(ZooCLI):
+    """``train.py``'s CLI plus ``--out``."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--run_name", type=Optional[str], default=None)
-        parser.add_argument("--num_threads", type=Optional[int], default=None)
-        parser.add_argument("--test", type=bool, default=True)
+        super().add_arguments_to_parser(parser)
         parser.add_argument("--out", type=Optional[str], default=None, help="results JSON to write")
-
-    def before_instantiate_classes(self) -> None:
-        if self.config.get("num_threads"):
-            torch.set_num_threads(int(self.config.num_threads))
-        configs = self.config.get("config") or []
-        self.run_name = self.config.get("run_name") or (Path(str(configs[-1])).stem if configs else "run")
-        self.run_dir = REPO / "runs" / self.run_name
-
-    def instantiate_trainer(self, **kwargs: Any):
-        if self.config_init.trainer.get("logger") in (None, True):
-            kwargs["logger"] = CSVLogger(str(self.run_dir.parent), name=self.run_name, version="")
-        if self.config_init.trainer.get("default_root_dir") is None:
-            kwargs["default_root_dir"] = str(self.run_dir)
-        return super().instantiate_trainer(**kwargs)
 
 
 def versions() -> dict[str, str]:
@@ -70,20 +57,32 @@ def machine() -> str:
             f"torch threads {torch.get_num_threads()}, no GPU")
 
 
+def _repo_relative(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def main(args: Optional[list[str]] = None) -> dict[str, Any]:
     args = list(sys.argv[1:] if args is None else args)
+    with user_errors("limoe_run.py"):
+        return _main(args)
+
+
+def _main(args: list[str]) -> dict[str, Any]:
+    if not any(a in ("--config", "-c") or a.startswith("--config=") for a in args):
+        # train.py falls back to its default (image-classification) recipe; a LIMoE benchmark has none
+        raise ConfigError("limoe_run.py needs --config configs/train/limoe_<name>.yaml")
     start = time.time()
-    cli = RecipeCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    run=False, args=args, auto_configure_optimizers=False, save_config_callback=None)
+    # runs/ under the repository whatever the working directory, as the results JSONs name them relative to it
+    cli = build_cli(args, cli_class=RecipeCLI, runs_root=REPO)
     trainer, task, dm = cli.trainer, cli.model, cli.datamodule
-    trainer.fit(task, datamodule=dm)
+    trainer.fit(task, datamodule=dm, ckpt_path=resume_checkpoint(cli))
     fit_s = time.time() - start
     summary: dict[str, Any] = {
         "command": "python benchmarks/limoe_run.py " + " ".join(args),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
         "versions": versions(),
-        "run_dir": str(cli.run_dir.relative_to(REPO)),
+        "run_dir": _repo_relative(cli.run_dir),
         "seed": cli.config.get("seed_everything"),
         "global_step": int(trainer.global_step),
         "epochs": int(trainer.current_epoch),
@@ -100,8 +99,9 @@ def main(args: Optional[list[str]] = None) -> dict[str, Any]:
         if task.test_routing is not None:
             summary["test_routing"] = task.test_routing.as_dict()
             summary["test_routing_means"] = task.test_routing.means()
+            task.write_test_plots(cli.run_dir / "plots")
     summary["wall_time_s"] = round(time.time() - start, 1)
-    summary["plots"] = sorted(str(p.relative_to(REPO)) for p in (cli.run_dir / "plots").glob("*.png")) \
+    summary["plots"] = sorted(_repo_relative(p) for p in (cli.run_dir / "plots").glob("*.png")) \
         if (cli.run_dir / "plots").is_dir() else []
     out = cli.config.get("out")
     if out:

@@ -1,6 +1,7 @@
-"""train.py / eval.py end to end (subprocesses on tiny digits runs) and their error messages (in-process).
+"""train.py / eval.py end to end (subprocesses on tiny digits runs, in-process LIMoE / plain-Lightning runs) and
+their error messages (in-process).
 
-The whole file takes about a minute on 2 CPU cores: every training run is a few optimiser steps on digits.
+The whole file takes about a minute and a half on 2 CPU cores: every training run is a few optimiser steps.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from zoo.tasks.cli import build_cli, default_config_path, main
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "train").glob("vmoe_*.yaml"))  # the image-classification recipes
 DIGITS = str(REPO / "configs" / "train" / "vmoe_digits.yaml")
+LIMOE_MNIST = str(REPO / "configs" / "train" / "limoe_mnist.yaml")
+LIMOE_FLICKR = str(REPO / "configs" / "train" / "limoe_flickr8k.yaml")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A few optimiser steps, full val/test splits are cheap on digits (180 / 360 images).
 # (limits are batch counts >= 2: jsonargparse reads "1" as the float 1.0 = 100 %)
@@ -137,8 +140,89 @@ def test_resume_after_sigkill_continues_the_global_step(tmp_path):
 def test_default_recipe_is_found_from_any_working_directory(tmp_path):
     proc = run("train.py", "--print_config", cwd=tmp_path)
     assert "model: vmoe_tiny_digits" in proc.stdout
+    # the recipe's `model:` section has no class_path: the image-classification task is the default
+    assert "class_path: zoo.tasks.ImageClassificationTask" in proc.stdout
     assert "class_path: zoo.data.DigitsDataModule" in proc.stdout or "DigitsDataModule" in proc.stdout
     assert default_config_path() == REPO / "configs" / "train" / "vmoe_digits.yaml"
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_limoe_recipe_trains_resumes_and_evaluates(tmp_path, shared_dataset):
+    """configs/train/limoe_mnist.yaml (contrastive task, image-text data) through train.py: train, resume from
+    --ckpt_path last, test metrics + routing + plots, then eval.py on its checkpoint (real MNIST; skips without)."""
+    mnist = shared_dataset("mnist", "t10k-images-idx3-ubyte.gz")
+    tiny = ["--config", LIMOE_MNIST, f"--trainer.default_root_dir={tmp_path}", f"--data.data_dir={mnist.parent}",
+            "--data.batch_size=64", "--data.dataset_kwargs={val_size: 128}", "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", "--trainer.num_sanity_val_steps=0",
+            "--trainer.log_every_n_steps=1", "--model.warmup_steps=1"]
+    summary = last_json(run("train.py", *tiny, "--trainer.max_epochs=1").stdout)  # the command itself, once
+    run_dir = tmp_path / "runs" / "limoe_mnist"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert summary["run_dir"] == str(run_dir) and summary["checkpoint"] == str(ckpt) and ckpt.is_file()
+    assert summary["global_step"] == 2 and summary["start_global_step"] == 0 and summary["resumed_from"] is None
+    test = summary["test"]
+    assert 0.0 <= test["test/zero_shot_acc"] <= 100.0 and 1.0 <= test["test/routing/effective_experts_text"] <= 8.0
+    assert summary["test_accuracy"] is None  # no classification accuracy in a contrastive task
+    assert set(summary["routing"]) == {"block1", "block3"} and "js_divergence_bits" in summary["routing"]["block1"]
+    assert json.loads((run_dir / "test_metrics.json").read_text()) == summary
+    assert "class_path: zoo.tasks.contrastive.ContrastiveTask" in (run_dir / "config.yaml").read_text()
+    assert {Path(p).name for p in summary["plots"]} == {
+        "training_curves.png", "routing_test_by_modality.png", "routing_test_expert_mix.png",
+        "routing_test_utilisation_image.png", "routing_test_utilisation_text.png"}
+    for p in summary["plots"]:
+        assert_png(p)
+
+    resumed = main([*tiny, "--trainer.max_epochs=2", "--ckpt_path=last"])  # in-process: faster
+    assert resumed["resumed_from"] == "last" and resumed["start_global_step"] == 2 and resumed["global_step"] == 4
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4
+    rows = _csv_rows(run_dir / "metrics.csv")
+    steps = {int(r["step"]) for r in rows if r.get("train/loss")}
+    assert steps == {0, 1, 2, 3}  # the first run's rows kept, the resumed ones appended
+    last_val = [float(r["val/zero_shot_acc"]) for r in rows if r.get("val/zero_shot_acc")][-1]
+
+    from zoo.tasks.evaluate import main as evaluate
+
+    result = evaluate(["--checkpoint", str(ckpt), "--split", "val", "--no-progress-bar"])
+    assert result["task"] == "zoo.tasks.contrastive.ContrastiveTask" and result["model"] == "limoe_tiny_mnist"
+    assert result["datamodule"] == "zoo.data.image_text.ClassCaptionDataModule" and result["global_step"] == 4
+    assert result["n_examples"] == 128 and result["accuracy"] is None
+    # the last validation of the run saw the same weights and the same 128 images
+    assert result["metrics"]["zero_shot_acc"] == pytest.approx(last_val, abs=1e-4)
+    assert set(result["layers"]) == {"block1", "block3"}
+    assert {Path(p).parent for p in result["plots"]} == {ckpt.parent / "last_val_plots"}
+    for p in result["plots"]:
+        assert_png(p)
+
+
+def test_any_lightning_module_trains_and_resumes(tmp_path, capsys):
+    """A plain LightningModule / LightningDataModule (none of the zoo task hooks) runs through train.py with the
+    run layout; eval.py says it only evaluates zoo tasks."""
+    recipe = tmp_path / "boring.yaml"
+    recipe.write_text(
+        "trainer: {accelerator: cpu, max_epochs: 1, limit_train_batches: 2, limit_val_batches: 2,\n"
+        "          limit_test_batches: 2, enable_progress_bar: false, enable_model_summary: false}\n"
+        "model: {class_path: lightning.pytorch.demos.boring_classes.BoringModel}\n"
+        "data: {class_path: lightning.pytorch.demos.boring_classes.BoringDataModule}\n")
+    summary = main(["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}"])
+    ckpt = tmp_path / "runs" / "boring" / "checkpoints" / "last.ckpt"
+    assert summary["checkpoint"] == str(ckpt) and summary["global_step"] == 2 and "test" in summary
+    assert summary["start_global_step"] is None and summary["test_accuracy"] is None and "routing" not in summary
+    assert (tmp_path / "runs" / "boring" / "config.yaml").is_file()
+    resumed = main(["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last",
+                    "--trainer.max_epochs=2", "--test=false"])
+    assert resumed["resumed_from"] == "last" and resumed["global_step"] == 4 and "test" not in resumed
+    capsys.readouterr()
+
+    from zoo.tasks.evaluate import main as evaluate
+
+    with pytest.raises(SystemExit) as exc:
+        evaluate(["--checkpoint", str(ckpt), "--no-progress-bar"])
+    assert exc.value.code == 2
+    assert "not written by a zoo task" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -173,16 +257,39 @@ def _error(capsys, args) -> str:
     return capsys.readouterr().err
 
 
+def _error_line(err: str) -> str:
+    return next(line for line in err.splitlines() if line.startswith("error: "))
+
+
 def test_unknown_config_key_is_named(capsys, tmp_path):
     err = _error(capsys, ["--config", DIGITS, "--model.lrr=0.1"])
-    assert "--model.lrr" in err
+    # one line naming the group, the option, where it came from and the class (not jsonargparse's Union dump)
+    line = _error_line(err)
+    assert line.startswith("error: Group 'model' does not accept option 'lrr' (given as --model.lrr); class "
+                           "zoo.tasks.ImageClassificationTask. Its options: ")
+    assert line.endswith(" --model.help zoo.tasks.ImageClassificationTask")
+    assert "Subtypes" not in err and "NestedArg" not in err
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(DIGITS).read_text().replace("  lr: 0.002", "  lrr: 0.002"))
     err = _error(capsys, ["--config", str(bad)])
-    assert "Group 'model' does not accept option 'lrr'" in err
+    assert "Group 'model' does not accept option 'lrr' (in the config's 'model:' section)" in err
     bad.write_text(Path(DIGITS).read_text().replace("batch_size:", "batch_sise:"))
     err = _error(capsys, ["--config", str(bad)])
-    assert "Option 'batch_sise' is not accepted" in err
+    assert ("Group 'data' does not accept option 'batch_sise' (in the config's 'data:' section); class "
+            "zoo.data.DigitsDataModule") in err
+    # a task chosen by class_path: the same message with its class
+    err = _error(capsys, ["--config", LIMOE_MNIST, "--model.init_args.lrr=0.1"])
+    assert ("Group 'model' does not accept option 'lrr' (given as --model.lrr); class "
+            "zoo.tasks.contrastive.ContrastiveTask") in err
+    err = _error(capsys, ["--config", DIGITS, "--model.lr=fast"])
+    assert _error_line(err).startswith("error: Group 'model' (class zoo.tasks.ImageClassificationTask): ")
+    assert "Expected a <class 'float'>. Got value: fast" in err
+
+
+def test_resume_without_checkpoints_is_explained(capsys, tmp_path):
+    # limoe_flickr8k.yaml sets trainer.enable_checkpointing: false (the run keeps no checkpoint callback)
+    err = _error(capsys, ["--config", LIMOE_FLICKR, "--ckpt_path=last", f"--trainer.default_root_dir={tmp_path}"])
+    assert "--ckpt_path last: this run writes no checkpoints (trainer.enable_checkpointing is false)" in err
 
 
 def test_unknown_model_name(capsys, tmp_path):
@@ -219,14 +326,9 @@ def test_eval_without_a_checkpoint_says_to_train_first(tmp_path):
     assert str(tmp_path / "runs" / "vmoe_digits" / "checkpoints" / "last.ckpt") in proc.stderr
 
 
-def test_mnist_recipe_smoke_on_real_data(tmp_path):
+def test_mnist_recipe_smoke_on_real_data(tmp_path, shared_dataset):
     """vmoe_mnist.yaml on the real MNIST files for 2 steps on the CPU (skips when the data is not there)."""
-    from zoo.data import find_dataset_dir
-
-    try:
-        mnist = find_dataset_dir("mnist")
-    except FileNotFoundError as err:
-        pytest.skip(f"MNIST not available: {err}")
+    mnist = shared_dataset("mnist", "t10k-images-idx3-ubyte.gz")
     summary = main(["--config", str(REPO / "configs/train/vmoe_mnist.yaml"), f"--data.data_dir={mnist.parent}",
                     "--data.num_workers=0", "--data.batch_size=32", "--trainer.accelerator=cpu",
                     "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",

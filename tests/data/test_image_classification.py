@@ -22,7 +22,6 @@ from zoo.data import (
     DigitsDataModule,
     ImageFolderDataModule,
     MNISTDataModule,
-    find_dataset_dir,
     resolve_data_root,
 )
 from zoo.data.base import random_crop_flip
@@ -35,17 +34,6 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # f
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
-def shared_dataset_dir(name: str, marker: str) -> Path:
-    """The real dataset folder, or skip the test saying where it was looked for."""
-    try:
-        folder = find_dataset_dir(name)
-    except FileNotFoundError as err:
-        pytest.skip(f"real data '{name}' not found, so this test cannot run: {err}")
-    if not (folder / marker).is_file():
-        pytest.skip(f"{folder} has no {marker}; set ZOO_DATA to a complete copy to run this test")
-    return folder
-
-
 def all_batches(loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate every batch of a loader -> (images [N, C, H, W], labels [N])."""
     xs, ys = zip(*loader)
@@ -282,8 +270,8 @@ def test_mnist_image_label_count_mismatch(tmp_path: Path) -> None:
 # real MNIST
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def mnist() -> MNISTDataModule:
-    folder = shared_dataset_dir("mnist", "t10k-images-idx3-ubyte.gz")
+def mnist(shared_dataset) -> MNISTDataModule:  # noqa: ANN001 (fixture from tests/conftest.py)
+    folder = shared_dataset("mnist", "t10k-images-idx3-ubyte.gz")
     dm = MNISTDataModule(data_dir=folder.parent, batch_size=256)
     dm.setup()
     return dm
@@ -306,8 +294,8 @@ def test_mnist_known_labels(mnist: MNISTDataModule) -> None:
     assert int(mnist.train_set.labels[0]) == 5  # first training digit is a 5 (row 0 of the shared train tensor)
 
 
-def test_mnist_idx_decode_is_byte_exact(mnist: MNISTDataModule) -> None:
-    folder = shared_dataset_dir("mnist", "t10k-images-idx3-ubyte.gz")
+def test_mnist_idx_decode_is_byte_exact(mnist: MNISTDataModule, shared_dataset) -> None:  # noqa: ANN001
+    folder = shared_dataset("mnist", "t10k-images-idx3-ubyte.gz")
     images = read_idx(folder / "t10k-images-idx3-ubyte.gz", expected_magic=2051)
     # Rebuild the uncompressed file and compare with the published md5 of t10k-images-idx3-ubyte.
     raw = struct.pack(">IIII", 2051, *images.shape) + images.tobytes()
@@ -369,8 +357,8 @@ def test_random_crop_flip_is_a_shifted_window() -> None:
 
 
 @pytest.fixture(scope="module")
-def cifar_dir() -> Path:
-    return shared_dataset_dir("cifar10_convnetjs_subset", "cifar10_batch_50.png")
+def cifar_dir(shared_dataset) -> Path:  # noqa: ANN001 (fixture from tests/conftest.py)
+    return shared_dataset("cifar10_convnetjs_subset", "cifar10_batch_50.png")
 
 
 @pytest.fixture(scope="module")

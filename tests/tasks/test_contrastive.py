@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -160,8 +161,32 @@ def test_tiny_contrastive_run_zero_shot_and_plots(tmp_path):
     s = task.test_routing
     assert s.counts.shape == (1, 2, 4) and s.counts[0, 0].sum() > 0 and s.counts[0, 1].sum() > 0
     pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}
-    assert {"routing_test_by_modality.png", "routing_test_expert_mix.png", "routing_test_utilisation_image.png",
-            "routing_test_utilisation_text.png"} <= pngs
+    names = {"routing_test_by_modality.png", "routing_test_expert_mix.png", "routing_test_utilisation_image.png",
+             "routing_test_utilisation_text.png"}
+    assert names <= pngs
+    # the hook train.py / eval.py call: the same plots wherever they ask
+    paths = [Path(p) for p in task.write_test_plots(tmp_path / "elsewhere", title="tiny (test)")]
+    assert {p.name for p in paths} == names and all(p.parent == tmp_path / "elsewhere" and p.is_file() for p in paths)
+
+
+def test_test_plots_only_where_asked_and_eval_overrides(tmp_path):
+    """Without plot_dir a test pass writes no plots by itself (the caller picks the folder via write_test_plots);
+    eval-time routing overrides reach every MoE layer and the hparams (what eval.py sets on a checkpoint)."""
+    from zoo.moe import MoELayer
+
+    dm = ClassCaptionDataModule("digits", batch_size=64)
+    task = ContrastiveTask("limoe_tiny_test", warmup_steps=1)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, limit_test_batches=1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(task, datamodule=dm)
+    trainer.test(task, datamodule=dm, verbose=False)
+    assert task.test_routing is not None and task.test_routing.num_examples == 64
+    assert not list(tmp_path.rglob("*.png"))
+    task.set_eval_overrides(capacity_factor=4.0, top_k=1)
+    layers = [m for m in task.model.modules() if isinstance(m, MoELayer)]
+    assert layers and all(m.config.eval_capacity_factor == 4.0 and m.config.eval_top_k == 1 for m in layers)
+    assert task.hparams.eval_capacity_factor == 4.0 and task.hparams.eval_top_k == 1
 
 
 def test_sigmoid_loss_through_the_task_trains_the_bias():

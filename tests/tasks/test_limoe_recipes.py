@@ -1,9 +1,13 @@
-"""Every LIMoE training recipe parses and instantiates (task + datamodule) through its LightningCLI runner."""
+"""Every LIMoE training recipe parses and instantiates (task + datamodule) through train.py's CLI, and
+benchmarks/limoe_run.py uses that same CLI."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from zoo.tasks.cli import ZooCLI, build_cli
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "configs" / "train").glob("limoe_*.yaml"))
@@ -22,12 +26,51 @@ def test_there_are_limoe_recipes():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_limoe_recipe_instantiates(recipe, tmp_path):
-    from lightning.pytorch.cli import LightningCLI
-
-    runner = _runner()
-    cli = runner.RecipeCLI(args=["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}"], run=False,
-                           auto_configure_optimizers=False, save_config_callback=None)
-    assert isinstance(cli, LightningCLI)
+    cli = build_cli(["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}"])
     assert type(cli.model).__name__ == "ContrastiveTask"
     assert cli.model.model.config.encoder.moe.num_modalities == 2
-    assert type(cli.datamodule).__module__ == "zoo.data.image_text"
+    dm = cli.datamodule
+    assert type(dm).__module__ == "zoo.data.image_text"
+    # the task took its input geometry from the data as soon as both existed (adapt_to_datamodule)
+    overrides = cli.model.hparams.model_overrides
+    assert (overrides["image_size"], overrides["in_chans"], overrides["context_length"]) == (
+        dm.image_size, dm.in_chans, dm.context_length)
+    assert cli.run_name == recipe.stem and cli.run_dir == tmp_path / "runs" / recipe.stem
+    # a recipe with `enable_checkpointing: false` runs without the checkpoint callback instead of failing
+    has_ckpt = any(isinstance(cb, ModelCheckpoint) for cb in cli.trainer.callbacks)
+    assert has_ckpt == ("enable_checkpointing: false" not in recipe.read_text())
+
+
+def test_limoe_runner_uses_the_train_cli(tmp_path):
+    runner = _runner()
+    assert issubclass(runner.RecipeCLI, ZooCLI)
+    recipe = REPO / "configs" / "train" / "limoe_mnist.yaml"
+    cli = build_cli(["--config", str(recipe), "--out", str(tmp_path / "r.json")], cli_class=runner.RecipeCLI,
+                    runs_root=tmp_path)
+    assert cli.config.out == str(tmp_path / "r.json") and cli.run_dir == tmp_path / "runs" / "limoe_mnist"
+    with pytest.raises(SystemExit) as exc:
+        runner.main(["--trainer.max_epochs=1"])  # no recipe: said so, not train.py's default digits recipe
+    assert exc.value.code == 2
+
+
+def test_limoe_runner_results_json(tmp_path, shared_dataset):
+    """benchmarks/limoe_run.py --out writes the JSON benchmarks/limoe_report.py reads (keys as in the recorded
+    results), from a tiny run of the MNIST recipe (real MNIST; skips without)."""
+    import json
+
+    mnist = shared_dataset("mnist", "t10k-images-idx3-ubyte.gz")
+    out = tmp_path / "run.json"
+    args = ["--config", str(REPO / "configs" / "train" / "limoe_mnist.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            f"--data.data_dir={mnist.parent}", "--data.batch_size=64", "--data.dataset_kwargs={val_size: 128}",
+            "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=2", "--trainer.num_sanity_val_steps=0", "--out", str(out)]
+    summary = _runner().main(args)
+    recorded = json.loads((REPO / "benchmarks" / "results" / "limoe_mnist.json").read_text())["runs"]["entropy_on"]
+    assert json.loads(out.read_text()) == summary
+    assert set(summary) == set(recorded) | {"seed"}  # `seed` was added after the recorded runs
+    assert summary["command"] == "python benchmarks/limoe_run.py " + " ".join(args)
+    assert summary["run_dir"] == str(tmp_path / "runs" / "limoe_mnist") and summary["global_step"] == 2
+    assert set(summary["test_routing"]) == {"block1", "block3"} and 0 <= summary["test"]["zero_shot_acc"] <= 100
+    assert sorted(Path(p).name for p in summary["plots"]) == [
+        "routing_test_by_modality.png", "routing_test_expert_mix.png", "routing_test_utilisation_image.png",
+        "routing_test_utilisation_text.png"]

@@ -1,9 +1,10 @@
 """Training tasks (LightningModules) and the pieces the command-line tools share."""
 
-from zoo.tasks.classification import ImageClassificationTask, RoutingSummary, moe_layer_names
+from zoo.tasks.base import ZooTask, moe_layer_names
+from zoo.tasks.classification import ImageClassificationTask, RoutingSummary
 from zoo.tasks.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups, split_decay_params
 
 __all__ = [
-    "ImageClassificationTask", "RoutingSummary", "moe_layer_names", "build_optimizer", "build_scheduler",
+    "ImageClassificationTask", "RoutingSummary", "ZooTask", "moe_layer_names", "build_optimizer", "build_scheduler",
     "lr_multiplier", "param_groups", "split_decay_params",
 ]

@@ -17,34 +17,23 @@ and the dropped fraction, for :mod:`zoo.plots`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Union, Any, Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.models.output import ModelOutput
-from zoo.moe import MoELayer, RoutingStats, set_eval_overrides
+from zoo.moe import RoutingStats, set_eval_overrides
 from zoo.registry import create_model
-from zoo.tasks.optim import DecayName, OptimizerName, RecipeOptimizerMixin
+from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
+from zoo.tasks.optim import DecayName, OptimizerName
 
 # Model config keys the datamodule decides (so one recipe works on any dataset).
 DATA_DIMS = ("num_classes", "in_chans", "image_size")
-
-
-def moe_layer_names(model: nn.Module) -> list[str]:
-    """Short names of the MoE layers of ``model`` in forward order: ``"block<i>"`` for ``...blocks.<i>.mlp``
-    (else the module path with dots replaced by ``_``)."""
-    names = []
-    for path, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            m = re.search(r"blocks\.(\d+)", path)
-            names.append(f"block{m.group(1)}" if m else path.replace(".", "_"))
-    return names
 
 
 def tokens_by_image(top1: Tensor, batch: int, seq_len: Optional[int] = None) -> Tensor:
@@ -137,7 +126,24 @@ class _RoutingAccumulator:
         return RoutingSummary(self.layer_names, cbe, tok, frac, list(self.capacity), n)
 
 
-class ImageClassificationTask(RecipeOptimizerMixin, L.LightningModule):
+def write_routing_plots(task: "ImageClassificationTask", class_names: list[str], out_dir: Path,
+                        title: str = "") -> list[str]:
+    """Expert utilisation + class-by-expert matrices of ``task.test_routing`` into ``out_dir``. ``title`` names
+    the run or evaluation (the utilisation figure is titled ``"<title>: expert utilisation"``)."""
+    from zoo.plots import plot_expert_utilisation, plot_routing_matrices
+
+    routing = task.test_routing
+    if routing is None or not routing.layer_names:
+        return []
+    names = class_names if len(class_names) == task.num_classes else [str(i) for i in range(task.num_classes)]
+    paths = [plot_expert_utilisation(routing.tokens_per_expert, routing.layer_names,
+                                     out_dir / "expert_utilisation.png",
+                                     title=f"{title}: expert utilisation" if title else None)]
+    paths += plot_routing_matrices(routing.class_by_expert, names, routing.layer_names, out_dir)
+    return [str(p) for p in paths]
+
+
+class ImageClassificationTask(ZooTask):
     """Train / evaluate a zoo model on image classification (the V-MoE recipe).
 
     Args:
@@ -145,7 +151,8 @@ class ImageClassificationTask(RecipeOptimizerMixin, L.LightningModule):
         model_overrides: changes to the preset's config, nested dicts or dotted keys
             (``{"encoder": {"moe": {"num_experts": 8}}}`` or ``{"encoder.depth": 6}``).
         num_classes, in_chans, image_size: the input/output geometry. ``None`` = taken from the datamodule in
-            :meth:`setup` (``train.py`` links them from ``--data`` automatically), else the preset's values.
+            :meth:`take_from_datamodule` (``train.py`` calls it as soon as the datamodule exists), else the
+            preset's values.
         optimizer: ``"adamw"`` (decoupled weight decay) or ``"adam"`` (L2). Norms, biases and position / class
             embeddings never get weight decay (see :func:`zoo.tasks.optim.is_no_decay`).
         lr: peak learning rate. betas, eps, weight_decay: optimiser settings.
@@ -191,7 +198,6 @@ class ImageClassificationTask(RecipeOptimizerMixin, L.LightningModule):
         self._init_metrics()
         self.test_routing: Optional[RoutingSummary] = None
         self._routing_acc: Optional[_RoutingAccumulator] = None
-        self.start_global_step: Optional[int] = None
 
     # ------------------------------------------------------------------------------------------ model
     def _build_model(self) -> nn.Module:
@@ -214,39 +220,12 @@ class ImageClassificationTask(RecipeOptimizerMixin, L.LightningModule):
     def num_classes(self) -> int:
         return int(self.model.config.num_classes)
 
-    def set_eval_overrides(self, capacity_factor: Optional[float] = None, top_k: Optional[int] = None,
-                           dropless: Optional[bool] = None) -> None:
-        """Change eval-time routing after construction (e.g. on a loaded checkpoint); recorded in hparams."""
-        set_eval_overrides(self.model, capacity_factor=capacity_factor, top_k=top_k, dropless=dropless)
-        for key, value in (("eval_capacity_factor", capacity_factor), ("eval_top_k", top_k),
-                           ("eval_dropless", dropless)):
-            if value is not None:
-                self.hparams[key] = value
-
-    def setup(self, stage: str) -> None:
+    def take_from_datamodule(self, dm: Any) -> None:
         """Take ``num_classes`` / ``in_chans`` / ``image_size`` from the datamodule where they were not given.
 
         A value given explicitly that disagrees with the datamodule is an error. The model is rebuilt (before any
         weights are loaded or optimisers made) only when the datamodule needs other values than the preset's."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            return
-        config = self.model.config
-        rebuild = False
-        for key in DATA_DIMS:
-            want = getattr(dm, key, None)
-            if want is None:
-                continue
-            have = getattr(config, key, None)
-            if self.hparams.get(key) is None:
-                if have != want:
-                    rebuild = True
-                self.hparams[key] = int(want)
-            elif int(self.hparams[key]) != int(want):
-                raise ValueError(
-                    f"model {key}={self.hparams[key]} but the datamodule {type(dm).__name__} has {key}={want}; "
-                    f"drop the explicit {key} (it is taken from the data) or change the data settings"
-                )
+        rebuild = fill_from_datamodule(self.hparams, DATA_DIMS, dm, self.model.config, "model")
         if rebuild:
             self.model = self._build_model()
             self._init_metrics()
@@ -255,10 +234,6 @@ class ImageClassificationTask(RecipeOptimizerMixin, L.LightningModule):
         return self.model(images)
 
     # ---------------------------------------------------------------------------------------- steps
-    def on_train_start(self) -> None:
-        # after a resumed checkpoint's loop state is restored: the step training (re)starts from
-        self.start_global_step = int(self.trainer.global_step)
-
     def _init_metrics(self) -> None:
         def make() -> nn.ModuleDict:
             metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
@@ -338,19 +313,9 @@ class ImageClassificationTask(RecipeOptimizerMixin, L.LightningModule):
         self.test_routing = self._routing_acc.summary(reduce)
         self._routing_acc = None
 
-    # optimiser and LR schedule: RecipeOptimizerMixin (zoo/tasks/optim.py), shared with every task
+    # optimiser and LR schedule: RecipeOptimizerMixin (zoo/tasks/optim.py); checkpoint records: ZooTask
 
-    # ---------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record how to rebuild the datamodule and the precision, so ``eval.py`` needs only the checkpoint."""
-        trainer = self._trainer
-        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if dm is not None:
-            init_args = {k: v for k, v in dict(getattr(dm, "hparams", {}) or {}).items() if not k.startswith("_")}
-            checkpoint["zoo_datamodule"] = {
-                "class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
-                "init_args": init_args,
-                "class_names": list(getattr(dm, "class_names", []) or []),
-            }
-        if trainer is not None:
-            checkpoint["zoo_trainer"] = {"precision": str(trainer.precision), "num_threads": torch.get_num_threads()}
+    def write_test_plots(self, out_dir: str | Path, title: str = "",
+                         class_names: Optional[list[str]] = None) -> list[str]:
+        """Expert utilisation + class-by-expert routing matrices of the last test pass (:func:`write_routing_plots`)."""
+        return write_routing_plots(self, self.class_names_for_plots(class_names), Path(out_dir), title=title)

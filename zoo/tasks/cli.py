@@ -1,24 +1,38 @@
-"""The training command line (``train.py``): LightningCLI with the zoo's run layout.
+"""The training command line (``train.py``): LightningCLI with the zoo's run layout, for any task.
 
     python train.py                                    # the default recipe, configs/train/vmoe_digits.yaml
     python train.py --config configs/train/vmoe_mnist.yaml --trainer.max_epochs=5 --data.batch_size=256
+    python train.py --config configs/train/limoe_mnist.yaml   # contrastive LIMoE: any LightningModule works
     python train.py --ckpt_path last                   # resume the run from runs/<run_name>/checkpoints/last.ckpt
 
+``model`` and ``data`` take any LightningModule / LightningDataModule by ``class_path`` (LightningCLI subclass
+mode); a ``model:`` section without ``class_path`` means :class:`~zoo.tasks.ImageClassificationTask` (the V-MoE
+recipes use that short form). ``--model.<arg>`` / ``--data.<arg>`` override the chosen class's arguments.
+
 A run writes ``<root>/runs/<run_name>/`` (root = ``--trainer.default_root_dir``, else the working directory):
-``checkpoints/last.ckpt`` (atomic writes), ``metrics.csv`` + ``hparams.yaml`` (CSVLogger), ``config.yaml`` (the full
-resolved config), ``test_metrics.json`` and ``plots/``. The last stdout line is one JSON object with the test metrics.
+``checkpoints/last.ckpt`` (atomic writes; none with ``trainer.enable_checkpointing: false``), ``metrics.csv`` +
+``hparams.yaml`` (CSVLogger), ``config.yaml`` (the full resolved config), ``test_metrics.json`` and ``plots/``.
+The last stdout line is one JSON object with the test metrics.
+
+Task hooks used when the task has them (:class:`zoo.tasks.base.ZooTask` has all): ``adapt_to_datamodule`` (right
+after instantiation: the model takes its geometry from the data), ``write_test_plots`` (plots of the test pass),
+``start_global_step`` and ``test_routing`` (into the summary).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Trainer
@@ -28,11 +42,11 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from zoo.config import ConfigError
-from zoo.data import ImageClassificationDataModule
 from zoo.registry import configs_dir
-from zoo.tasks.classification import DATA_DIMS, ImageClassificationTask
 
 DEFAULT_RECIPE = "vmoe_digits"
+# The task of a `model:` section without class_path (the V-MoE recipes' short form).
+DEFAULT_TASK = "zoo.tasks.ImageClassificationTask"
 
 
 def default_config_path() -> Path:
@@ -125,10 +139,51 @@ class RunCSVLogger(CSVLogger):
         return super().experiment
 
 
+# jsonargparse reports a bad argument of a class chosen by class_path as a failed Union match, with every subtype
+# tried and the raw value; this pulls out the one line that matters (group, class, what is wrong).
+_SUBCLASS_ERROR = re.compile(
+    r'Parser key "(?P<key>[\w.]+)":.*?Problem with given class_path \'(?P<cls>[^\']+)\':\n(?P<inner>.*?)'
+    r'\n\s*- Expected a <class \'NoneType\'>.*?Given value type: <class \'(?P<given>[\w.]+)\'>', re.S)
+_NOT_ACCEPTED = re.compile(r"^Option '(?P<opt>[\w.]+)' is not accepted$")
+
+
+def simplify_subclass_error(message: str, prog: str = "train.py") -> str:
+    """One clear line for a subclass-mode argument error (unknown option, bad value, unknown class), e.g.
+    ``Group 'model' does not accept option 'lrr' (given as --model.lrr); class zoo.tasks.ImageClassificationTask``;
+    any other message is returned unchanged."""
+    m = _SUBCLASS_ERROR.search(message)
+    if not m:
+        return message
+    key, cls = m["key"], m["cls"]
+    inner = " ".join(line.strip() for line in m["inner"].strip().splitlines())
+    from_cli = m["given"].endswith("NestedArg")
+    bad = _NOT_ACCEPTED.match(inner)
+    if bad:
+        where = f"given as --{key}.{bad['opt']}" if from_cli else f"in the config's '{key}:' section"
+        return (f"Group '{key}' does not accept option '{bad['opt']}' ({where}); class {cls}. "
+                f"Its options: {prog} --{key}.help {cls}")
+    return f"Group '{key}' (class {cls}): {inner}"
+
+
+class ZooArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with subclass-mode errors cut down to the line that matters."""
+
+    def error(self, message: str, ex: Optional[Exception] = None):  # noqa: ANN201 (NoReturn in the base)
+        return super().error(simplify_subclass_error(message, Path(self.prog or "train.py").name), ex)
+
+
 class ZooCLI(LightningCLI):
-    """LightningCLI for the zoo's tasks: ``--config``, ``--trainer.*``, ``--model.*``, ``--data`` (any
-    :class:`~zoo.data.ImageClassificationDataModule` by class path), ``--checkpoint.*`` (the atomic checkpoint
-    callback) and top-level ``--run_name``, ``--ckpt_path``, ``--num_threads``, ``--test``."""
+    """LightningCLI with the zoo's run layout: ``--config``, ``--trainer.*``, ``--model`` / ``--data`` (any
+    LightningModule / LightningDataModule by class path; ``model`` defaults to :data:`DEFAULT_TASK`),
+    ``--checkpoint.*`` (the atomic checkpoint callback) and top-level ``--run_name``, ``--ckpt_path``,
+    ``--num_threads``, ``--test``.
+
+    ``runs_root``: where ``runs/`` goes when ``--trainer.default_root_dir`` is not given (None = working
+    directory)."""
+
+    def __init__(self, *args: Any, runs_root: Optional[str | os.PathLike] = None, **kwargs: Any) -> None:
+        self.runs_root = runs_root  # before super().__init__: it parses and instantiates
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=Optional[str], default=None,
@@ -139,8 +194,7 @@ class ZooCLI(LightningCLI):
                             help="torch.set_num_threads (CPU intra-op threads); default: torch's choice.")
         parser.add_argument("--test", type=bool, default=True, help="Evaluate on the test split after training.")
         parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
-        for key in DATA_DIMS:
-            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+        parser.set_defaults({"model": {"class_path": DEFAULT_TASK}})
 
     def _run_name(self) -> str:
         name = self.config.get("run_name")
@@ -153,9 +207,16 @@ class ZooCLI(LightningCLI):
         if self.config.get("num_threads"):
             torch.set_num_threads(int(self.config.num_threads))
         self.run_name = self._run_name()
-        self.run_dir = run_dir(self.config.trainer.get("default_root_dir"), self.run_name)
+        self.run_dir = run_dir(self.config.trainer.get("default_root_dir") or self.runs_root, self.run_name)
         if self.config.checkpoint.get("dirpath") is None:
             self.config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
+
+    def after_instantiate_classes(self) -> None:
+        # The task takes what it needs from the data (image size, classes, ...) now rather than in setup(), so the
+        # model is built for the data before anything inspects or saves it. Tasks without the hook are left as is.
+        adapt = getattr(self.model, "adapt_to_datamodule", None)
+        if callable(adapt) and self.datamodule is not None:
+            adapt(self.datamodule)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         logger = self.config_init.trainer.get("logger")
@@ -164,7 +225,13 @@ class ZooCLI(LightningCLI):
             kwargs["logger"] = RunCSVLogger(self.run_dir.parent, self.run_name, append=resuming)
         if self.config_init.trainer.get("default_root_dir") is None:
             kwargs["default_root_dir"] = str(self.run_dir)
-        return super().instantiate_trainer(**kwargs)
+        # LightningCLI.instantiate_trainer, except that a recipe with `enable_checkpointing: false` drops the
+        # checkpoint callback (the Trainer refuses a ModelCheckpoint then) instead of failing.
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        if trainer_config.get("enable_checkpointing") is False:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        return self._instantiate_trainer(trainer_config, callbacks)
 
 
 def _has_config_flag(args: list[str]) -> bool:
@@ -177,40 +244,82 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write_routing_plots(task: ImageClassificationTask, class_names: list[str], out_dir: Path,
-                        title: str = "") -> list[str]:
-    """Expert utilisation + class-by-expert matrices of ``task.test_routing`` into ``out_dir``."""
-    from zoo.plots import plot_expert_utilisation, plot_routing_matrices
-
-    routing = task.test_routing
-    if routing is None or not routing.layer_names:
-        return []
-    names = class_names if len(class_names) == task.num_classes else [str(i) for i in range(task.num_classes)]
-    paths = [plot_expert_utilisation(routing.tokens_per_expert, routing.layer_names,
-                                     out_dir / "expert_utilisation.png", title=title or None)]
-    paths += plot_routing_matrices(routing.class_by_expert, names, routing.layer_names, out_dir)
-    return [str(p) for p in paths]
-
-
-def build_cli(args: Optional[list[str]] = None) -> ZooCLI:
+def build_cli(args: Optional[list[str]] = None, cli_class: type[ZooCLI] = ZooCLI,
+              runs_root: Optional[str | os.PathLike] = None) -> ZooCLI:
     """Parse ``args`` (default ``sys.argv[1:]``; the default recipe when no ``--config`` is given) and instantiate
-    the model, datamodule and trainer (nothing runs)."""
+    the model, datamodule and trainer (nothing runs). ``cli_class``: a :class:`ZooCLI` subclass with more
+    arguments (e.g. ``benchmarks/limoe_run.py``); ``runs_root``: see :class:`ZooCLI`."""
     args = list(sys.argv[1:] if args is None else args)
     if not _has_config_flag(args):
         args = ["--config", str(default_config_path())] + args
     # We pass sys.argv on as `args` (to prepend the default config); LightningCLI warns about that combination.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python")
-    return ZooCLI(
-        ImageClassificationTask,
-        ImageClassificationDataModule,
+    return cli_class(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
         args=args,
-        auto_configure_optimizers=False,
+        auto_configure_optimizers=False,  # every zoo task configures its own (RecipeOptimizerMixin)
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Train a zoo model (LightningCLI), then test it. Without --config the default "
+        parser_class=ZooArgumentParser,
+        parser_kwargs={"description": "Train a model (LightningCLI), then test it. Without --config the default "
                                       f"recipe {default_config_path()} is used."},
+        runs_root=runs_root,
     )
+
+
+def checkpoint_callback(trainer: Trainer) -> Optional[ModelCheckpoint]:
+    """The trainer's checkpoint callback (None with ``enable_checkpointing: false``)."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+
+
+def resume_checkpoint(cli: ZooCLI) -> Optional[str]:
+    """The ``ckpt_path`` for ``trainer.fit`` from ``--ckpt_path``: ``last`` is this run's ``last.ckpt`` (None,
+    with a note on stderr, when there is none yet: a first run with ``--ckpt_path last`` starts from scratch);
+    a path must exist."""
+    ckpt_path = cli.config.get("ckpt_path")
+    ckpt_cb = checkpoint_callback(cli.trainer)
+    if ckpt_path == "last" and ckpt_cb is not None and ckpt_cb.dirpath:
+        if not (Path(ckpt_cb.dirpath) / "last.ckpt").is_file():
+            print(f"[{Path(sys.argv[0]).name}] --ckpt_path last: no last.ckpt in {ckpt_cb.dirpath}; starting from "
+                  "scratch", file=sys.stderr)
+            return None
+    elif ckpt_path == "last":
+        raise ConfigError("--ckpt_path last: this run writes no checkpoints (trainer.enable_checkpointing is "
+                          "false), so there is nothing to resume; enable checkpointing or pass a checkpoint path")
+    elif ckpt_path and ckpt_path not in ("best", "hpc", "registry") and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    return ckpt_path
+
+
+USER_ERRORS = (ConfigError, FileNotFoundError)
+
+
+def _user_error(err: Optional[BaseException]) -> Optional[BaseException]:
+    """``err`` or the first of its causes that is a user error. jsonargparse wraps what the ``__init__`` of a
+    class chosen by class_path raised (e.g. an unknown model preset) in a ValueError about Union subtypes, with
+    the original as ``__cause__``."""
+    while err is not None:
+        if isinstance(err, USER_ERRORS):
+            return err
+        err = err.__cause__
+    return None
+
+
+@contextlib.contextmanager
+def user_errors(prog: str) -> Iterator[None]:
+    """User errors (unknown preset / config key, missing data) become ``<prog>: error: ...`` on stderr and exit
+    status 2; ``ZOO_DEBUG=1`` keeps the traceback."""
+    try:
+        yield
+    except (*USER_ERRORS, ValueError) as raised:
+        err = _user_error(raised)
+        if err is None or os.environ.get("ZOO_DEBUG"):
+            raise
+        print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(args: Optional[list[str]] = None) -> dict[str, Any]:
@@ -218,45 +327,34 @@ def main(args: Optional[list[str]] = None) -> dict[str, Any]:
 
     User errors (unknown preset / config key, missing data) print ``train.py: error: ...`` and exit with status 2;
     set ``ZOO_DEBUG=1`` for the traceback."""
-    try:
+    with user_errors("train.py"):
         return _main(args)
-    except (ConfigError, FileNotFoundError) as err:
-        if os.environ.get("ZOO_DEBUG"):
-            raise
-        print(f"train.py: error: {type(err).__name__}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def _main(args: Optional[list[str]]) -> dict[str, Any]:
     start = time.time()
     cli = build_cli(args)
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-    ckpt_path = cli.config.get("ckpt_path")
-    ckpt_cb = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
-    if ckpt_path == "last" and ckpt_cb is not None and ckpt_cb.dirpath:
-        if not (Path(ckpt_cb.dirpath) / "last.ckpt").is_file():
-            print(f"[train.py] --ckpt_path last: no last.ckpt in {ckpt_cb.dirpath}; starting from scratch",
-                  file=sys.stderr)
-            ckpt_path = None
-    elif ckpt_path and ckpt_path not in ("best", "hpc", "registry") and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    ckpt_path = resume_checkpoint(cli)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
 
     summary: dict[str, Any] = {
         "run_dir": str(cli.run_dir),
         "global_step": int(trainer.global_step),
-        "start_global_step": model.start_global_step,
+        "start_global_step": getattr(model, "start_global_step", None),
         "resumed_from": str(ckpt_path) if ckpt_path else None,
     }
+    ckpt_cb = checkpoint_callback(trainer)
     last = ckpt_cb.last_model_path if ckpt_cb is not None else ""
     summary["checkpoint"] = last if last and Path(last).is_file() else None
     if cli.config.get("test") and not trainer.interrupted:
         results = trainer.test(model, datamodule=dm, ckpt_path=summary["checkpoint"], verbose=True)
         test = {k: _plain(v) for k, v in (results[0] if results else {}).items()}
         summary["test"] = test
-        summary["test_accuracy"] = test.get("test/acc")
-        if model.test_routing is not None:
-            summary["routing"] = model.test_routing.as_dict()
+        summary["test_accuracy"] = test.get("test/acc")  # None for tasks without a classification accuracy
+        routing = getattr(model, "test_routing", None)
+        if routing is not None:
+            summary["routing"] = routing.as_dict()
     summary["wall_time_s"] = round(time.time() - start, 2)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         out = cli.run_dir
@@ -271,9 +369,9 @@ def _main(args: Optional[list[str]]) -> dict[str, Any]:
 
                 plots.append(str(plot_training_curves(metrics_csv, out / "plots" / "training_curves.png",
                                                       title=cli.run_name)))
-            if "test" in summary:
-                plots += write_routing_plots(model, list(getattr(dm, "class_names", []) or []), out / "plots",
-                                             title=f"{cli.run_name}: expert utilisation (test)")
+            write_test_plots = getattr(model, "write_test_plots", None)
+            if "test" in summary and callable(write_test_plots):
+                plots += write_test_plots(out / "plots", title=f"{cli.run_name} (test)")
         except ValueError as err:  # e.g. no metrics logged: plots are a convenience, never fail the run
             print(f"[train.py] plots skipped: {err}", file=sys.stderr)
         summary["plots"] = plots

@@ -20,7 +20,8 @@ Evaluation (val / test), from the datamodule (:mod:`zoo.data.image_text`):
 - routing by modality (:class:`ModalityRoutingSummary`): per MoE layer, how many image / text tokens each
   expert got, the router's mean per-token entropy per modality, how many experts each modality effectively
   uses and how differently the two modalities route (Jensen-Shannon divergence). PNG plots (``zoo.plots``)
-  after every test and, with ``plot_val``, every validation.
+  of a test pass from :meth:`ContrastiveTask.write_test_plots` (``train.py`` / ``eval.py`` call it), or on their
+  own after every test when ``plot_dir`` is given and after every validation with ``plot_val``.
 
 Evaluation gathers embeddings in one process (retrieval needs all of them); run it on one device.
 """
@@ -33,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,10 +41,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.moe import MoELayer, set_eval_overrides
 from zoo.registry import create_model
-from zoo.tasks.optim import DecayName, OptimizerName, RecipeOptimizerMixin
+from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
+from zoo.tasks.optim import DecayName, OptimizerName
 
 MODALITY_NAMES = ("image", "text")
-# Model config keys the datamodule decides (the task takes them in setup()).
+# Model config keys the datamodule decides (the task takes them in take_from_datamodule()).
 DATA_DIMS = ("in_chans", "image_size", "context_length")
 
 
@@ -148,18 +149,6 @@ def zero_shot_classifier(model: nn.Module, tokenizer, class_names: Sequence[str]
 
 
 # ------------------------------------------------------------------------------------------ routing
-def moe_layer_names(model: nn.Module) -> list[str]:
-    """``"block<i>"`` per MoE layer of ``model`` in forward order."""
-    import re
-
-    names = []
-    for path, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            m = re.search(r"blocks\.(\d+)", path)
-            names.append(f"block{m.group(1)}" if m else path.replace(".", "_"))
-    return names
-
-
 def _entropy(p: Tensor, dim: int = -1) -> Tensor:
     return -(p * p.clamp_min(1e-20).log()).sum(dim)
 
@@ -173,6 +162,7 @@ class ModalityRoutingSummary:
     token_entropy [L, M]: mean per-token router entropy (nats) over modality m's valid tokens (the LIMoE
         local entropy).
     tokens [L, M]: valid tokens seen.
+    num_examples: images in the pass (0 when unknown).
     """
 
     layer_names: list[str]
@@ -181,6 +171,7 @@ class ModalityRoutingSummary:
     token_entropy: Tensor
     tokens: Tensor
     modality_names: tuple[str, ...] = MODALITY_NAMES
+    num_examples: int = 0
 
     def usage(self) -> Tensor:
         """[L, M, E]: each modality's distribution of kept assignments over experts."""
@@ -392,7 +383,7 @@ class _EvalState:
     routing: Optional[ModalityRoutingAccumulator] = None
 
 
-class ContrastiveTask(RecipeOptimizerMixin, L.LightningModule):
+class ContrastiveTask(ZooTask):
     """Contrastive image-text training of a zoo dual encoder (LIMoE) with zero-shot / retrieval evaluation.
 
     Args:
@@ -411,8 +402,10 @@ class ContrastiveTask(RecipeOptimizerMixin, L.LightningModule):
         aux_loss_weight: multiplies the model's auxiliary (MoE) loss; the per-loss weights live in the model
             config (``encoder.moe.*_weight``).
         retrieval_ks: the K of recall@K.
-        plot_val: also write routing plots after every validation (always after test).
-        plot_dir: where plots go; None = ``<trainer.log_dir or default_root_dir>/plots``.
+        plot_val: also write routing plots after every validation.
+        plot_dir: where the task writes plots on its own: after every test when given, and with ``plot_val``
+            (None = ``<trainer.log_dir or default_root_dir>/plots``). Without it test plots come only from
+            :meth:`write_test_plots`, so a tool that evaluates (``eval.py``) decides where they go.
     """
 
     def __init__(
@@ -448,7 +441,6 @@ class ContrastiveTask(RecipeOptimizerMixin, L.LightningModule):
         self.val_routing: Optional[ModalityRoutingSummary] = None
         self.test_routing: Optional[ModalityRoutingSummary] = None
         self.last_metrics: dict[str, dict[str, float]] = {}
-        self.start_global_step: Optional[int] = None
 
     # ------------------------------------------------------------------------------------------ model
     def _build_model(self) -> nn.Module:
@@ -462,35 +454,19 @@ class ContrastiveTask(RecipeOptimizerMixin, L.LightningModule):
         self.layer_names = moe_layer_names(model)
         return model
 
-    def setup(self, stage: str) -> None:
+    def take_from_datamodule(self, dm: Any) -> None:
         """Take ``in_chans`` / ``image_size`` / ``context_length`` from the datamodule unless ``model_overrides``
         sets them (then they must agree). They are recorded in ``hparams.model_overrides`` (so a checkpoint
         rebuilds the same model); the model is rebuilt, before any weights load or optimiser exists, only when
         the preset differs."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            return
         overrides = dict(self.hparams.model_overrides or {})
-        rebuild = False
-        for key in DATA_DIMS:
-            want = getattr(dm, key, None)
-            if want is None:
-                continue
-            if overrides.get(key) is None:
-                rebuild |= getattr(self.model.config, key) != want
-                overrides[key] = int(want)
-            elif int(overrides[key]) != int(want):
-                raise ValueError(f"model_overrides {key}={overrides[key]} but the datamodule {type(dm).__name__} has "
-                                 f"{key}={want}; drop the override (it is taken from the data) or change the data")
+        rebuild = fill_from_datamodule(overrides, DATA_DIMS, dm, self.model.config, "model_overrides")
         self.hparams.model_overrides = overrides
         if rebuild:
             self.model = self._build_model()
 
     def forward(self, images: Optional[Tensor] = None, text: Optional[Tensor] = None, text_mask: Optional[Tensor] = None):
         return self.model(images=images, text=text, text_mask=text_mask)
-
-    def on_fit_start(self) -> None:
-        self.start_global_step = int(self.trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- losses
     @staticmethod
@@ -545,15 +521,12 @@ class ContrastiveTask(RecipeOptimizerMixin, L.LightningModule):
         return loss
 
     # ------------------------------------------------------------------------------------- evaluation
-    def _datamodule(self):
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-
     def _start_eval(self, split: str) -> None:
         if self._trainer is not None and self.trainer.world_size > 1:
             warnings.warn("ContrastiveTask evaluates per process (zero-shot / retrieval over the local shard)")
         state = _EvalState()
         state.routing = ModalityRoutingAccumulator(self.model).attach()
-        dm = self._datamodule()
+        dm = self.attached_datamodule()
         names, templates = getattr(dm, "class_names", None), getattr(dm, "zero_shot_templates", None)
         tokenizer = getattr(dm, "tokenizer", None)
         if names and templates and tokenizer is not None:
@@ -601,6 +574,7 @@ class ContrastiveTask(RecipeOptimizerMixin, L.LightningModule):
                 txt, owner = torch.cat(state.text_embeds), torch.cat(state.text_owner)
                 metrics.update(retrieval_recall(img @ txt.t(), owner, self.hparams.retrieval_ks))
         summary = state.routing.summary()
+        summary.num_examples = state.num_images
         if summary.layer_names:
             for k, v in summary.means().items():
                 metrics[f"routing/{k}"] = v
@@ -608,7 +582,7 @@ class ContrastiveTask(RecipeOptimizerMixin, L.LightningModule):
             self.log(f"{split}/{k}", v, prog_bar=k in ("zero_shot_acc", "i2t_R@10"))
         self.last_metrics[split] = dict(metrics)
         setattr(self, f"{split}_routing", summary)
-        if summary.layer_names and (split == "test" or self.hparams.plot_val):
+        if summary.layer_names and (self.hparams.plot_val if split == "val" else bool(self.hparams.plot_dir)):
             epoch = self.current_epoch if self._trainer is not None else 0
             prefix = f"routing_{split}" + (f"_epoch{epoch}" if split == "val" else "")
             try:
@@ -616,6 +590,18 @@ class ContrastiveTask(RecipeOptimizerMixin, L.LightningModule):
             except (ValueError, OSError) as err:  # plots are a convenience, never fail a run
                 warnings.warn(f"routing plots skipped: {err}")
         return metrics
+
+    def write_test_plots(self, out_dir: str | Path, title: str = "",
+                         class_names: Optional[list[str]] = None) -> list[str]:
+        """Routing-by-modality plots of the last test pass (:func:`write_modality_routing_plots`, prefix
+        ``routing_test``) into ``out_dir``; ``title`` defaults to ``"<model preset> (test)"``. ``class_names`` is
+        not used (these plots are per modality, not per class)."""
+        summary = self.test_routing
+        if summary is None or not summary.layer_names:
+            return []
+        paths = write_modality_routing_plots(summary, out_dir, "routing_test",
+                                             title=title or f"{self.hparams.model} (test)")
+        return [str(p) for p in paths]
 
     def plot_dir(self) -> Path:
         if self.hparams.plot_dir:

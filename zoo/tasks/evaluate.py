@@ -2,10 +2,15 @@
 
     python eval.py                                         # runs/vmoe_digits/checkpoints/last.ckpt, test split
     python eval.py --checkpoint runs/x/checkpoints/last.ckpt --split val --eval-capacity-factor 2.0 --output m.json
+    python eval.py --checkpoint runs/limoe_mnist/checkpoints/last.ckpt   # any zoo task (here contrastive)
 
-The datamodule (class and arguments) comes from the checkpoint; ``--data`` picks another one (a short name from
-``zoo.data.IMAGE_CLASSIFICATION_DATAMODULES`` or a class path), ``--data-dir`` / ``--batch-size`` /
-``--data-arg key=value`` change its arguments. The last stdout line is one JSON object.
+The task class, the datamodule (class and arguments) and the precision come from the checkpoint (recorded by
+:class:`zoo.tasks.base.ZooTask`; checkpoints from before the task was recorded are image classification);
+``--data`` picks another datamodule (a short name from ``zoo.data.IMAGE_CLASSIFICATION_DATAMODULES`` or a class
+path), ``--data-dir`` / ``--batch-size`` / ``--data-arg key=value`` change its arguments. The last stdout line is
+one JSON object: every test metric under ``metrics`` (names without the ``test/`` prefix), the classification ones
+also as ``accuracy`` / ``accuracy_top5`` / ``loss`` / ``ce`` / ``aux_loss`` (None for other tasks), and the
+per-layer routing under ``layers``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from zoo.tasks.classification import ImageClassificationTask
+from zoo.tasks.base import DATAMODULE_KEY, TRAINER_KEY, class_path, task_class_of
+from zoo.tasks.classification import ImageClassificationTask, write_routing_plots
 
 
 def _import_class(path: str) -> type:
@@ -45,7 +51,7 @@ def _import_class(path: str) -> type:
 
 def saved_datamodule(checkpoint: dict[str, Any]) -> tuple[Optional[str], dict[str, Any]]:
     """``(class path, init args)`` of the datamodule a checkpoint was trained with (None if not recorded)."""
-    info = checkpoint.get("zoo_datamodule")
+    info = checkpoint.get(DATAMODULE_KEY)
     if info:
         return info.get("class_path"), dict(info.get("init_args") or {})
     hp = dict(checkpoint.get("datamodule_hyper_parameters") or {})
@@ -113,10 +119,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def evaluate_split(trainer, task, dm, split: str) -> dict[str, Any]:  # noqa: ANN001 (Lightning objects)
+    """``trainer.test`` of ``task`` on the ``split`` ("test" or "val") of ``dm``; the logged metrics."""
+    if split == "val":
+        # The test hooks run on the val loader, still through the datamodule: tasks read it while evaluating
+        # (the contrastive task's zero-shot class names, templates and tokenizer).
+        dm.setup("validate")
+        dm.test_dataloader = dm.val_dataloader
+    results = trainer.test(task, datamodule=dm, verbose=False)
+    return results[0] if results else {}
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
 
-    from zoo.tasks.cli import default_checkpoint, write_routing_plots
+    from zoo.tasks.cli import default_checkpoint
 
     if args.model is not None or args.pretrained is not None:
         return _evaluate_pretrained(args)
@@ -126,14 +143,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 "or pass --checkpoint PATH") if not args.checkpoint else "check the path"
         raise FileNotFoundError(f"no checkpoint at {ckpt_path}: {hint}")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    trained = checkpoint.get("zoo_trainer") or {}
+    trained = checkpoint.get(TRAINER_KEY) or {}
     # Same CPU thread count as the run by default (when it used fewer): faster on a shared CPU and the same
     # reduction order, so the test accuracy is reproduced exactly.
     threads = args.num_threads or (trained.get("num_threads") if trained.get("num_threads", 1 << 30)
                                    < torch.get_num_threads() else None)
     if threads:
         torch.set_num_threads(int(threads))
-    task = ImageClassificationTask.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    task = task_class_of(checkpoint).load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
     task.set_eval_overrides(capacity_factor=args.eval_capacity_factor, top_k=args.eval_top_k,
                             dropless=True if args.eval_dropless else None)
     overrides = _parse_data_args(args.data_arg)
@@ -146,24 +163,21 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=not args.no_progress_bar)
-    if args.split == "test":
-        results = trainer.test(task, datamodule=dm, verbose=False)
-    else:
-        dm.setup("validate")
-        results = trainer.test(task, dataloaders=dm.val_dataloader(), verbose=False)
-    metrics = results[0] if results else {}
-    routing = task.test_routing
+    metrics = evaluate_split(trainer, task, dm, args.split)
+    routing = getattr(task, "test_routing", None)
     out: dict[str, Any] = {
         "checkpoint": str(ckpt_path.resolve()),
         "split": args.split,
-        "datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}",
-        "model": task.hparams.model,
-        "n_examples": routing.num_examples if routing else None,
+        "task": class_path(task),
+        "datamodule": class_path(dm),
+        "model": task.hparams.get("model"),
+        "n_examples": getattr(routing, "num_examples", None),
         "accuracy": metrics.get("test/acc"),
         "accuracy_top5": metrics.get("test/acc_top5"),
         "loss": metrics.get("test/loss"),
         "ce": metrics.get("test/ce"),
         "aux_loss": metrics.get("test/aux_loss"),
+        "metrics": {k.removeprefix("test/"): float(v) for k, v in metrics.items()},
         "eval_capacity_factor": task.hparams.get("eval_capacity_factor"),
         "eval_top_k": task.hparams.get("eval_top_k"),
         "eval_dropless": task.hparams.get("eval_dropless"),
@@ -172,9 +186,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     }
     if not args.no_plots:
         plots_dir = Path(args.plots_dir) if args.plots_dir else ckpt_path.parent / f"{ckpt_path.stem}_{args.split}_plots"
-        names = list(getattr(dm, "class_names", []) or (checkpoint.get("zoo_datamodule") or {}).get("class_names", []))
-        out["plots"] = write_routing_plots(task, names, plots_dir,
-                                           title=f"{task.hparams.model} on {type(dm).__name__} ({args.split})")
+        out["plots"] = task.write_test_plots(plots_dir, title=f"{task.hparams.get('model')} on {type(dm).__name__} "
+                                                              f"({args.split})",
+                                             class_names=list(getattr(dm, "class_names", None) or []) or None)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=2))
@@ -186,7 +200,6 @@ def _evaluate_pretrained(args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
 
     from zoo.hub import build_datamodule as build_recorded_datamodule
-    from zoo.tasks.cli import write_routing_plots
 
     if args.model is None or args.pretrained is None:
         raise ValueError("--model and --pretrained go together: e.g. eval.py --model vmoe_small_mnist --pretrained")
@@ -215,12 +228,7 @@ def _evaluate_pretrained(args: argparse.Namespace) -> dict[str, Any]:
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision or "32-true", logger=False,
                         enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=not args.no_progress_bar)
-    split_loader = None
-    if args.split == "val":
-        dm.setup("validate")
-        split_loader = dm.val_dataloader()
-    results = trainer.test(task, datamodule=None if split_loader else dm, dataloaders=split_loader, verbose=False)
-    metrics = results[0] if results else {}
+    metrics = evaluate_split(trainer, task, dm, args.split)
     routing = task.test_routing
     want = (info.get("metrics") or {}).get("accuracy") if args.split == (info.get("metrics") or {}).get("split", "test") else None
     acc = metrics.get("test/acc")

@@ -1,0 +1,175 @@
+"""What every zoo task (LightningModule) shares, so that ``train.py`` / ``eval.py`` drive any of them alike.
+
+:class:`ZooTask` is the base of :class:`~zoo.tasks.ImageClassificationTask` and
+:class:`~zoo.tasks.contrastive.ContrastiveTask`. The command-line tools use only these hooks, never a task's name:
+
+- :meth:`ZooTask.adapt_to_datamodule`: take the input / output geometry from the datamodule (``train.py`` calls it
+  right after instantiating, so the model is built for the data before any summary or checkpoint; ``setup`` calls
+  it again under a bare ``Trainer``); tasks implement :meth:`ZooTask.take_from_datamodule`;
+- :meth:`ZooTask.write_test_plots`: PNG plots of the last test pass;
+- :meth:`ZooTask.set_eval_overrides`: eval-time routing (capacity factor, top-k, dropless);
+- ``start_global_step``: the step training (re)started from (differs from 0 after a resume);
+- checkpoints record the task class, the datamodule (class path + init args) and the trainer precision / threads
+  (:meth:`on_save_checkpoint`), so ``eval.py`` needs only the checkpoint (:func:`task_class_of`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable, MutableMapping
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+from zoo.moe import MoELayer, set_eval_overrides
+from zoo.tasks.optim import RecipeOptimizerMixin
+
+# Checkpoint keys written by ZooTask.on_save_checkpoint (zoo.hub reads the datamodule / trainer ones too).
+TASK_KEY = "zoo_task"
+DATAMODULE_KEY = "zoo_datamodule"
+TRAINER_KEY = "zoo_trainer"
+
+
+def moe_layer_names(model: nn.Module) -> list[str]:
+    """Short names of the MoE layers of ``model`` in forward order: ``"block<i>"`` for ``...blocks.<i>.mlp``
+    (else the module path with dots replaced by ``_``)."""
+    names = []
+    for path, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            m = re.search(r"blocks\.(\d+)", path)
+            names.append(f"block{m.group(1)}" if m else path.replace(".", "_"))
+    return names
+
+
+def fill_from_datamodule(given: MutableMapping[str, Any], keys: Iterable[str], datamodule: Any, config: Any,
+                         where: str) -> bool:
+    """For each of ``keys`` the datamodule has (not None): set ``given[key]`` from it when unset, else check that
+    the two agree (ValueError naming ``where``, e.g. ``"model"`` or ``"model_overrides"``). Returns whether the
+    model ``config`` differs from the filled values (the model must be rebuilt)."""
+    rebuild = False
+    for key in keys:
+        want = getattr(datamodule, key, None)
+        if want is None:
+            continue
+        if given.get(key) is None:
+            rebuild |= getattr(config, key, None) != want
+            given[key] = int(want)
+        elif int(given[key]) != int(want):
+            raise ValueError(f"{where} {key}={given[key]} but the datamodule {type(datamodule).__name__} has "
+                             f"{key}={want}; drop the explicit {key} (it is taken from the data) or change the data "
+                             "settings")
+    return rebuild
+
+
+def class_path(obj: Any) -> str:
+    """``module.QualName`` of ``obj``'s class (what LightningCLI's ``class_path`` takes)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def task_class_of(checkpoint: dict[str, Any]) -> type["ZooTask"]:
+    """The task class that wrote ``checkpoint``; ValueError for a checkpoint no zoo task wrote."""
+    path = (checkpoint.get(TASK_KEY) or {}).get("class_path")
+    if not path:
+        if TRAINER_KEY in checkpoint:
+            # Before the task was recorded only ImageClassificationTask wrote checkpoints (with TRAINER_KEY).
+            from zoo.tasks.classification import ImageClassificationTask
+
+            return ImageClassificationTask
+        raise ValueError("the checkpoint was not written by a zoo task (it records no zoo.tasks.base.ZooTask "
+                         "subclass); eval.py evaluates checkpoints of zoo tasks only")
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"the checkpoint was written by task {path!r}, which cannot be imported: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, ZooTask)):
+        raise ValueError(f"the checkpoint's task {path!r} is not a zoo task (zoo.tasks.base.ZooTask)")
+    return cls
+
+
+class ZooTask(RecipeOptimizerMixin, L.LightningModule):
+    """Base of the zoo's tasks: hyper-parameters with the recipe optimiser (:class:`RecipeOptimizerMixin`) and
+    ``eval_capacity_factor`` / ``eval_top_k`` / ``eval_dropless``; the network is ``self.model``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start_global_step: Optional[int] = None
+        # class names recorded in a loaded checkpoint (for plots when no datamodule is attached)
+        self.checkpoint_class_names: list[str] = []
+
+    # ------------------------------------------------------------------------------------------ data
+    def attached_datamodule(self) -> Optional[L.LightningDataModule]:
+        """The datamodule of the trainer this task runs under, if any."""
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def adapt_to_datamodule(self, datamodule: Any) -> None:
+        """Take what the task needs to know from ``datamodule`` (:meth:`take_from_datamodule`) and record the
+        resulting hyper-parameters as the initial ones. Idempotent: ``train.py`` calls it right after
+        instantiating, :meth:`setup` again."""
+        self.take_from_datamodule(datamodule)
+        # Values taken from the data count as if passed to __init__: Lightning refuses to log when a key of the
+        # initial hparams (e.g. image_size=None) differs from the datamodule's (image_size=8).
+        self.save_hyperparameters(dict(self.hparams))
+
+    def take_from_datamodule(self, datamodule: Any) -> None:
+        """Task-specific part of :meth:`adapt_to_datamodule` (e.g. image size, number of classes, rebuilding the
+        model if they change it). The default takes nothing."""
+
+    def setup(self, stage: str) -> None:
+        dm = self.attached_datamodule()
+        if dm is not None:
+            self.adapt_to_datamodule(dm)
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def set_eval_overrides(self, capacity_factor: Optional[float] = None, top_k: Optional[int] = None,
+                           dropless: Optional[bool] = None) -> None:
+        """Change eval-time routing after construction (e.g. on a loaded checkpoint); recorded in hparams."""
+        set_eval_overrides(self.model, capacity_factor=capacity_factor, top_k=top_k, dropless=dropless)
+        for key, value in (("eval_capacity_factor", capacity_factor), ("eval_top_k", top_k),
+                           ("eval_dropless", dropless)):
+            if value is not None:
+                self.hparams[key] = value
+
+    def write_test_plots(self, out_dir: str | Path, title: str = "",
+                         class_names: Optional[list[str]] = None) -> list[str]:
+        """PNG plots of the last test pass into ``out_dir``; returns their paths. ``title`` names the run or
+        evaluation; ``class_names`` label class-indexed plots (default: the attached datamodule's, else the
+        checkpoint's). The default writes nothing."""
+        return []
+
+    def class_names_for_plots(self, class_names: Optional[list[str]] = None) -> list[str]:
+        """``class_names`` if given, else the attached datamodule's, else those recorded in the checkpoint."""
+        if class_names:
+            return list(class_names)
+        dm = self.attached_datamodule()
+        return list(getattr(dm, "class_names", None) or self.checkpoint_class_names or [])
+
+    # ---------------------------------------------------------------------------------------- steps
+    def on_train_start(self) -> None:
+        # After a resumed checkpoint's loop state is restored (on_fit_start is too early): where training restarts.
+        self.start_global_step = int(self.trainer.global_step)
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the task class, how to rebuild the datamodule and the precision, so ``eval.py`` needs only the
+        checkpoint."""
+        checkpoint[TASK_KEY] = {"class_path": class_path(self)}
+        dm = self.attached_datamodule()
+        if dm is not None:
+            init_args = {k: v for k, v in dict(getattr(dm, "hparams", {}) or {}).items() if not k.startswith("_")}
+            checkpoint[DATAMODULE_KEY] = {
+                "class_path": class_path(dm),
+                "init_args": init_args,
+                "class_names": list(getattr(dm, "class_names", None) or []),
+            }
+        if self._trainer is not None:
+            checkpoint[TRAINER_KEY] = {"precision": str(self.trainer.precision),
+                                       "num_threads": torch.get_num_threads()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.checkpoint_class_names = list((checkpoint.get(DATAMODULE_KEY) or {}).get("class_names") or [])
