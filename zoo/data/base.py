@@ -1,4 +1,5 @@
-"""Common base of the image-classification datamodules, an in-memory image dataset and the split helper.
+"""What the datamodules share: the split-and-load base (:class:`SplitDataModule`), the in-memory image dataset,
+the seeded hold-out split helpers and the image-classification base.
 
 Dimension letters: N dataset size, B batch, C channels, H height, W width.
 """
@@ -66,6 +67,24 @@ def holdout_split(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarr
     return np.sort(kept), np.sort(held)
 
 
+def val_holdout(labels: np.ndarray, val_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, val)`` indices: a ``val_size`` (count or fraction, see :func:`holdout_count`) stratified hold-out
+    of ``labels [N]``, seeded by ``seed``."""
+    labels = np.asarray(labels)
+    return holdout_split(labels, holdout_count("val_size", val_size, len(labels)), seed)
+
+
+def carve_splits(labels: np.ndarray, test_size: int | float, val_size: int | float,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(train, val, test)`` indices of one labelled pool: first a fixed test hold-out of ``test_size`` (seeded by
+    :data:`TEST_SPLIT_SEED`, so test numbers compare across training seeds), then a ``val_size`` hold-out of the
+    rest seeded by ``seed``. Sizes are counts or fractions (:func:`holdout_count`); stratified where possible."""
+    labels = np.asarray(labels)
+    rest, test_idx = holdout_split(labels, holdout_count("test_size", test_size, len(labels)), TEST_SPLIT_SEED)
+    train_pos, val_pos = val_holdout(labels[rest], val_size, seed)
+    return rest[train_pos], rest[val_pos], test_idx
+
+
 class InMemoryImageDataset(Dataset):
     """Images held in one tensor, normalised per sample on access.
 
@@ -124,6 +143,41 @@ class InMemoryImageDataset(Dataset):
         return self.labels[self.source_indices]
 
 
+def image_splits(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    pixel_max: float,
+    train_indices: np.ndarray | torch.Tensor | None,
+    eval_indices: Sequence[np.ndarray | torch.Tensor | None],
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[InMemoryImageDataset]:
+    """``[train, *evals]``: :class:`InMemoryImageDataset` views of the same ``images`` / ``labels``, one per index
+    array (None = all rows); only the train view gets ``augment``."""
+    return [InMemoryImageDataset(images, labels, mean, std, pixel_max, indices=idx, augment=aug)
+            for idx, aug in [(train_indices, augment), *((idx, None) for idx in eval_indices)]]
+
+
+def holdout_image_splits(
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    pixel_max: float,
+    val_size: int | float,
+    seed: int,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[InMemoryImageDataset, InMemoryImageDataset, InMemoryImageDataset]:
+    """``(train, val, test)`` for a dataset released as a train set and a test set (MNIST, CIFAR): val is a
+    stratified, seeded ``val_size`` hold-out of the train set (:func:`val_holdout`), test is the test set whole."""
+    train_idx, val_idx = val_holdout(train_labels.numpy(), val_size, seed)
+    train, val = image_splits(train_images, train_labels, mean, std, pixel_max, train_idx, [val_idx], augment)
+    return train, val, InMemoryImageDataset(test_images, test_labels, mean, std, pixel_max)
+
+
 def random_crop_flip(padding: int, flip: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """Augmentation for one ``[C, H, W]`` image: zero-pad by ``padding``, random crop back to H x W, and
     (if ``flip``) horizontal flip with probability 1/2. Uses torch's global RNG, which Lightning / DataLoader
@@ -142,30 +196,22 @@ def random_crop_flip(padding: int, flip: bool = True) -> Callable[[torch.Tensor]
     return augment
 
 
-class ImageClassificationDataModule(L.LightningDataModule):
-    """Base of all image-classification datamodules.
+class SplitDataModule(L.LightningDataModule):
+    """Base of the zoo's datamodules: a subclass builds ``(train, val, test)`` datasets once
+    (:meth:`build_splits`); this class gives the loaders, seeded shuffling and the common arguments.
 
-    Batches are ``(images float32 [B, C, H, W] normalised with (mean, std), labels int64 [B])``.
-
-    Attributes read by models and tasks (set by subclasses, valid right after construction unless a subclass
-    documents otherwise): ``num_classes``, ``class_names`` (list of str), ``image_size`` (square side),
-    ``in_chans``, ``mean`` / ``std`` (per channel, for pixels in [0, 1]).
-
-    After :meth:`setup`: ``train_set``, ``val_set``, ``test_set``. Subclasses implement :meth:`build_splits`.
+    After :meth:`setup`: ``train_set``, ``val_set``, ``test_set``.
 
     Args:
-        batch_size: samples per batch (all three loaders).
+        batch_size: samples per batch (all loaders).
         num_workers: DataLoader worker processes; 0 loads in the main process (the tensors are in memory).
         seed: seeds the val hold-out and the train shuffle order.
         pin_memory: DataLoader ``pin_memory`` (useful when training on a GPU).
     """
 
-    num_classes: int
-    class_names: list[str]
-    image_size: int
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    # Drop the last, smaller train batch (when the train split has more than one batch). Off by default; the
+    # contrastive datamodules set it: a small last batch has few negatives, so its loss is noisier.
+    drop_last_train: bool = False
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
@@ -179,8 +225,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self._shuffle_generator: torch.Generator | None = None
 
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
-        """Load the data and return ``(train, val, test)`` datasets of ``(image [C, H, W], label [])`` pairs."""
-        raise NotImplementedError
+        """Load the data and return the ``(train, val, test)`` datasets."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_splits()")
 
     def setup(self, stage: str | None = None) -> None:
         """Build all three splits once (cheap for these datasets, and keeps the split independent of stage)."""
@@ -210,6 +256,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and self.drop_last_train and len(dataset) > self.batch_size,  # type: ignore[arg-type]
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -220,6 +267,26 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+
+class ImageClassificationDataModule(SplitDataModule):
+    """Base of all image-classification datamodules (:class:`SplitDataModule` arguments and loaders).
+
+    Batches are ``(images float32 [B, C, H, W] normalised with (mean, std), labels int64 [B])``.
+
+    Attributes read by models and tasks (set by subclasses, valid right after construction unless a subclass
+    documents otherwise): ``num_classes``, ``class_names`` (list of str), ``image_size`` (square side),
+    ``in_chans``, ``mean`` / ``std`` (per channel, for pixels in [0, 1]).
+
+    Subclasses implement :meth:`build_splits`, returning datasets of ``(image [C, H, W], label [])`` pairs.
+    """
+
+    num_classes: int
+    class_names: list[str]
+    image_size: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)

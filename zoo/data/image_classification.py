@@ -26,15 +26,15 @@ import torch
 from torch.utils.data import Dataset
 
 from zoo.data.base import (
-    TEST_SPLIT_SEED,
     ImageClassificationDataModule,
-    InMemoryImageDataset,
+    carve_splits,
     check_positive_int,
-    holdout_count,
-    holdout_split,
+    holdout_image_splits,
+    image_splits,
     random_crop_flip,
+    val_holdout,
 )
-from zoo.data.paths import HOW_TO_POINT_ELSEWHERE, find_dataset_dir
+from zoo.data.paths import find_dataset_dir, incomplete_dataset_error
 from zoo.data.readers import (
     CIFAR_SPRITE_ROWS,
     IDX_IMAGES_MAGIC,
@@ -101,16 +101,9 @@ class DigitsDataModule(ImageClassificationDataModule):
             images = torch.nn.functional.interpolate(
                 images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
             ).clamp_(0.0, 1.0)
-        n = len(labels)
-        n_test = holdout_count("test_size", self.test_size, n)
-        rest, test_idx = holdout_split(digits.target, n_test, TEST_SPLIT_SEED)
-        n_val = holdout_count("val_size", self.val_size, len(rest))
-        train_pos, val_pos = holdout_split(digits.target[rest], n_val, self.seed)
-
-        def split(idx: np.ndarray) -> InMemoryImageDataset:
-            return InMemoryImageDataset(images, labels, self.mean, self.std, pixel_max=1.0, indices=idx)
-
-        return split(rest[train_pos]), split(rest[val_pos]), split(test_idx)
+        train_idx, val_idx, test_idx = carve_splits(digits.target, self.test_size, self.val_size, self.seed)
+        train, val, test = image_splits(images, labels, self.mean, self.std, 1.0, train_idx, [val_idx, test_idx])
+        return train, val, test
 
 
 class MNISTDataModule(ImageClassificationDataModule):
@@ -174,11 +167,8 @@ class MNISTDataModule(ImageClassificationDataModule):
             else:
                 missing.append(f"{name}.gz")
         if missing:
-            state = "is empty" if not any(folder.iterdir()) else f"lacks {', '.join(missing)}"
-            raise FileNotFoundError(
-                f"MNIST folder {folder} {state}; it needs the 4 original IDX files "
-                f"({', '.join(n + '.gz' for n in self.FILES.values())}). {HOW_TO_POINT_ELSEWHERE}"
-            )
+            names = ", ".join(n + ".gz" for n in self.FILES.values())
+            raise incomplete_dataset_error("MNIST", folder, missing, f"the 4 original IDX files ({names})")
         return found
 
     @classmethod
@@ -199,14 +189,9 @@ class MNISTDataModule(ImageClassificationDataModule):
         files = self.find_files()
         train_x, train_y = self.load_split(files["train_images"], files["train_labels"])
         test_x, test_y = self.load_split(files["test_images"], files["test_labels"])
-        n_val = holdout_count("val_size", self.val_size, len(train_y))
-        train_idx, val_idx = holdout_split(train_y.numpy(), n_val, self.seed)
-        return (
-            InMemoryImageDataset(train_x, train_y, self.mean, self.std, pixel_max=255.0, indices=train_idx,
-                                 augment=random_crop_flip(padding=2, flip=False) if self.augment else None),
-            InMemoryImageDataset(train_x, train_y, self.mean, self.std, pixel_max=255.0, indices=val_idx),
-            InMemoryImageDataset(test_x, test_y, self.mean, self.std, pixel_max=255.0),
-        )
+        augment = random_crop_flip(padding=2, flip=False) if self.augment else None
+        return holdout_image_splits(train_x, train_y, test_x, test_y, self.mean, self.std, 255.0, self.val_size,
+                                    self.seed, augment)
 
 
 class CIFAR10SpriteDataModule(ImageClassificationDataModule):
@@ -270,11 +255,9 @@ class CIFAR10SpriteDataModule(ImageClassificationDataModule):
         ]
         missing = [p.name for p in needed if not p.is_file()]
         if missing:
-            state = "is empty" if not any(folder.iterdir()) else f"lacks {', '.join(missing)}"
-            raise FileNotFoundError(
-                f"CIFAR-10 sprite folder {folder} {state}; it needs {self.LABELS_FILE} and "
-                f"cifar10_batch_<k>.png for k in {self.train_batches + [self.TEST_BATCH]}. {HOW_TO_POINT_ELSEWHERE}"
-            )
+            raise incomplete_dataset_error(
+                "CIFAR-10 sprite", folder, missing,
+                f"{self.LABELS_FILE} and cifar10_batch_<k>.png for k in {self.train_batches + [self.TEST_BATCH]}")
         return folder
 
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
@@ -299,16 +282,9 @@ class CIFAR10SpriteDataModule(ImageClassificationDataModule):
         test_x = torch.from_numpy(read_cifar_sprite(self.sprite_path(folder, self.TEST_BATCH)))
         test_y = torch.from_numpy(batch_labels(self.TEST_BATCH).copy())
 
-        n_val = holdout_count("val_size", self.val_size, len(train_y))
-        train_idx, val_idx = holdout_split(train_y.numpy(), n_val, self.seed)
         augment = random_crop_flip(padding=4) if self.augment else None
-        return (
-            InMemoryImageDataset(
-                train_x, train_y, self.mean, self.std, pixel_max=255.0, indices=train_idx, augment=augment
-            ),
-            InMemoryImageDataset(train_x, train_y, self.mean, self.std, pixel_max=255.0, indices=val_idx),
-            InMemoryImageDataset(test_x, test_y, self.mean, self.std, pixel_max=255.0),
-        )
+        return holdout_image_splits(train_x, train_y, test_x, test_y, self.mean, self.std, 255.0, self.val_size,
+                                    self.seed, augment)
 
 
 class _TransformedSubset(Dataset):
@@ -471,14 +447,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
 
         if "all" in dirs:
             data = self._open(dirs["all"])
-            targets = np.asarray(data.targets)
-            n_test = holdout_count("test_size", self.test_size, len(targets))
-            rest, test_idx = holdout_split(targets, n_test, TEST_SPLIT_SEED)
-            n_val = holdout_count("val_size", self.val_size, len(rest))
-            train_pos, val_pos = holdout_split(targets[rest], n_val, self.seed)
+            train_idx, val_idx, test_idx = carve_splits(data.targets, self.test_size, self.val_size, self.seed)
             return (
-                _TransformedSubset(data, rest[train_pos].tolist(), train_tf),
-                _TransformedSubset(data, rest[val_pos].tolist(), eval_tf),
+                _TransformedSubset(data, train_idx.tolist(), train_tf),
+                _TransformedSubset(data, val_idx.tolist(), eval_tf),
                 _TransformedSubset(data, test_idx.tolist(), eval_tf),
             )
         train_data = self._open(dirs["train"])
@@ -486,9 +458,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             val_set = whole(self._open(dirs["val"]), eval_tf)
             train_set = whole(train_data, train_tf)
         else:
-            targets = np.asarray(train_data.targets)
-            n_val = holdout_count("val_size", self.val_size, len(targets))
-            train_idx, val_idx = holdout_split(targets, n_val, self.seed)
+            train_idx, val_idx = val_holdout(train_data.targets, self.val_size, self.seed)
             train_set = _TransformedSubset(train_data, train_idx.tolist(), train_tf)
             val_set = _TransformedSubset(train_data, val_idx.tolist(), eval_tf)
         test_set = whole(self._open(dirs["test"]), eval_tf) if "test" in dirs else val_set

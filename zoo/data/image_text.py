@@ -38,13 +38,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from zoo.data.base import InMemoryImageDataset, check_positive_int
-from zoo.data.paths import HOW_TO_POINT_ELSEWHERE, find_dataset_dir
+from zoo.data.base import InMemoryImageDataset, SplitDataModule, check_positive_int, image_splits
+from zoo.data.paths import find_dataset_dir, incomplete_dataset_error
 
 PathLike = str | os.PathLike[str]
 
@@ -153,52 +152,21 @@ class CaptionTokenizer:
 
 
 # ------------------------------------------------------------------------------------ shared datamodule
-class _ImageTextDataModule(L.LightningDataModule):
-    """Loaders and the attributes every image-text datamodule shares (see the module docstring)."""
+class _ImageTextDataModule(SplitDataModule):
+    """The attributes every image-text datamodule shares (see the module docstring); loaders, seeded shuffling
+    and ``setup`` come from :class:`~zoo.data.base.SplitDataModule`."""
 
     image_size: int
     in_chans: int
     class_names: Optional[list[str]] = None
     zero_shot_templates: Optional[list[str]] = None
+    drop_last_train = True  # contrastive batches: a small last batch has too few negatives
 
     def __init__(self, batch_size: int, num_workers: int, seed: int, context_length: int,
                  pin_memory: bool = False) -> None:
-        super().__init__()
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.num_workers = check_positive_int("num_workers", num_workers, minimum=0)
-        self.seed = check_positive_int("seed", seed, minimum=0)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         self.context_length = check_positive_int("context_length", context_length, minimum=3)
-        self.pin_memory = bool(pin_memory)
         self.tokenizer = CaptionTokenizer(self.context_length)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
-        self._generator: torch.Generator | None = None
-
-    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
-        raise NotImplementedError
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set, self.val_set, self.test_set = self.build_splits()
-            self._generator = torch.Generator().manual_seed(self.seed)
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must be called before using the dataloaders")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          generator=self._generator if shuffle else None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                          drop_last=shuffle and len(dataset) > self.batch_size)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
 
 
 # ---------------------------------------------------------------------------------- class captions
@@ -509,13 +477,11 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
         pixels[torch.from_numpy(keep)] = load_images([paths[i] for i in np.flatnonzero(keep)], self.image_size)
         ids = torch.arange(len(names))
         augment = random_resized_crop_flip(self.crop_scale) if self.augment else None
-
-        def split(idx: np.ndarray, train: bool) -> CaptionedImageDataset:
-            images = InMemoryImageDataset(pixels, ids, self.mean, self.std, pixel_max=255.0, indices=idx,
-                                          augment=augment if train else None)
-            return CaptionedImageDataset(images, captions, counts, train, self.train_all_captions)
-
-        return split(train_idx, True), split(val_idx, False), split(test_idx, False)
+        train, val, test = image_splits(pixels, ids, self.mean, self.std, 255.0, train_idx, [val_idx, test_idx],
+                                        augment)
+        return (CaptionedImageDataset(train, captions, counts, True, self.train_all_captions),
+                CaptionedImageDataset(val, captions, counts, False, self.train_all_captions),
+                CaptionedImageDataset(test, captions, counts, False, self.train_all_captions))
 
 
 class Flickr8kDataModule(ImageTextCSVDataModule):
@@ -559,6 +525,5 @@ class Flickr8kDataModule(ImageTextCSVDataModule):
         csv_file, images = folder / self.CAPTIONS, folder / "images"
         missing = [p.name for p in (csv_file, images) if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"Flickr8k folder {folder} lacks {', '.join(missing)}; it needs captions.txt "
-                                    f"(CSV image,caption) and images/. {HOW_TO_POINT_ELSEWHERE}")
+            raise incomplete_dataset_error("Flickr8k", folder, missing, "captions.txt (CSV image,caption) and images/")
         return csv_file, images

@@ -29,6 +29,14 @@ HOW_TO_POINT_ELSEWHERE = (
 )
 
 
+
+def incomplete_dataset_error(label: str, folder: Path, missing: Sequence[str], needs: str) -> FileNotFoundError:
+    """The error for a dataset folder that exists but lacks files: ``"<label> folder <folder> is empty" / "lacks
+    <missing>"; it needs <needs>.`` plus how to point at another copy."""
+    state = "is empty" if not any(folder.iterdir()) else f"lacks {', '.join(missing)}"
+    return FileNotFoundError(f"{label} folder {folder} {state}; it needs {needs}. {HOW_TO_POINT_ELSEWHERE}")
+
+
 @dataclass(frozen=True)
 class DataRoot:
     """A resolved data root.
