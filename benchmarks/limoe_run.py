@@ -53,8 +53,9 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> str:
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores (shared with other jobs), "
-            f"torch threads {torch.get_num_threads()}, no GPU")
+    gpu = f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
+            f"torch threads {torch.get_num_threads()}, {gpu}")
 
 
 def _repo_relative(path: Path) -> str:
