@@ -356,7 +356,8 @@ def summarize(rec: dict) -> dict:
     im = rec["impls"]
     pick = auto_backend(rec["T"], rec["k"], rec["E"], rec["D"], rec["H"], rec["act"], True)
     out = {"auto_pick": pick}
-    ours_by_level = {"layer": im.get(OURS, {}), "experts": im.get(PICK_NAME[pick], {})}
+    # "auto" on the experts alone IS the pick; the pinned-backend rows are only there when they were run.
+    ours_by_level = {"layer": im.get(OURS, {}), "experts": im.get(PICK_NAME[pick]) or im.get(OURS, {})}
     for level in ("layer", "experts"):
         key = f"{level}_fwdbwd_ms"
         ours = ours_by_level[level]
@@ -411,6 +412,7 @@ def write_report(data: dict, out_dir: Path) -> None:
             return f"{v:.2f}" if v else "-"
 
         pick = PICK_NAME.get(s.get("auto_pick"), "")
+        pick = pick if pick in im else OURS  # the pinned-backend row may not have run; "auto" is the pick
         lp, ep = s.get("layer_fastest_peer"), s.get("experts_fastest_peer")
         lines.append(
             f"| {rec['name']} | {rec['tokens_per_expert']:.0f} | {ms('layer', OURS)} | "

@@ -194,6 +194,8 @@ def write_report(data: dict, out: Path) -> None:
                       f"{t_d:.1f} x {ratio:.3f} = {TARGET * t_d * ratio:.1f} ms -> FLOP-scaled time ratio "
                       f"**{scaled:.3f}**, " + ("**met**." if ok else f"**NOT met** (over by a factor "
                                                                    f"{scaled / TARGET:.3f})."), ""]
+    if data.get("profile_note"):
+        lines += [data["profile_note"], ""]
     lines += ["| model | median ms/step | min | max | images/s | TFLOP/s (nominal) | peak GB | kernels/step | "
               "host ms/step (profiled) | GPU busy ms/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     names = {"moe": "V-MoE-B/16 E8 k2 (fused experts)", "moe_sorted": "V-MoE-B/16 E8 k2 (sorted reference dispatch)",
