@@ -60,6 +60,15 @@ VARIANTS = {
         "w128_64px_allcaps": [_model(_W128), "--data.init_args.image_size=64", "--trainer.max_epochs=200",
                               "--data.init_args.train_all_captions=true"],
     },
+    # Round 3: round 2's only clear gain was the longer schedule; how far does it go (and with which noise)?
+    "flickr8k_gpu3": {
+        "base_e240_seed1": [_model(_BASE), "--trainer.max_epochs=240", "--seed_everything=1"],
+        "base_e360": [_model(_BASE), "--trainer.max_epochs=360"],
+        "base_e360_seed1": [_model(_BASE), "--trainer.max_epochs=360", "--seed_everything=1"],
+        "base_e480": [_model(_BASE), "--trainer.max_epochs=480"],
+        "base_e480_seed1": [_model(_BASE), "--trainer.max_epochs=480", "--seed_everything=1"],
+        "base_e480_b128": [_model(_BASE), "--trainer.max_epochs=480", "--data.init_args.batch_size=128"],
+    },
 }
 
 
