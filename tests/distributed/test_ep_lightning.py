@@ -19,7 +19,10 @@ def _trainer(tmp_path, tag, devices, ckpt_dir=None):
     if ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=str(tmp_path / ckpt_dir), filename="{epoch}-{step}", save_top_k=-1,
                                          every_n_epochs=1))
-    strategy = ExpertParallelStrategy(start_method="fork") if devices > 1 else "auto"
+    # Fork is fastest, but a process that has already used CUDA (other tests in this worker, on a GPU machine)
+    # cannot fork workers that touch CUDA (Lightning saves the CUDA RNG state): spawn there.
+    start_method = "spawn" if torch.cuda.is_initialized() else "fork"
+    strategy = ExpertParallelStrategy(start_method=start_method) if devices > 1 else "auto"
     return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, gradient_clip_val=0.05,
                      limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, logger=False,
                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(ckpt_dir),
