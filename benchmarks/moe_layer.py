@@ -109,6 +109,11 @@ def flops(case: dict, T: int) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------- helpers
 def cuda_time(fn, n_warm: int, n_iter: int) -> float:
     """Median milliseconds of fn(i) over n_iter calls, CUDA events around each call."""
+    return statistics.median(cuda_times(fn, n_warm, n_iter))
+
+
+def cuda_times(fn, n_warm: int, n_iter: int) -> list[float]:
+    """Milliseconds of each of n_iter calls fn(n_warm + i) after n_warm warm-up calls, CUDA events around each."""
     for i in range(n_warm):
         fn(i)
     torch.cuda.synchronize()
@@ -121,7 +126,7 @@ def cuda_time(fn, n_warm: int, n_iter: int) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return times
 
 
 def dense_rate() -> float:

@@ -114,17 +114,9 @@ def make_step(model, batch: int, pool: int, lr: float = 1e-4, cuda_graph: bool =
 
 
 def time_steps(step, warm: int, iters: int) -> dict:
-    for i in range(warm):
-        step(i)
-    torch.cuda.synchronize()
-    times = []
-    for i in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step(warm + i)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    from moe_layer import cuda_times
+
+    times = cuda_times(step, warm, iters)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
             # Process peak (model, optimizer state, graph capture, steps): each run is its own process.
             "peak_gb": torch.cuda.max_memory_allocated() / 2 ** 30, "iters": iters}

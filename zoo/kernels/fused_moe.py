@@ -99,6 +99,27 @@ if _HAS_TRITON:
             return tl.dot(a, b, acc)
 
     @triton.jit
+    def _rows_matmul(a_ptrs, b_ptrs, rmask, nmask, offs_k, KD, stride_bk,
+                     UPCAST: tl.constexpr, TF32: tl.constexpr, EVEN_K: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """[BM, BN] fp32 tile of A @ B over K = KD: rows of A at ``a_ptrs`` (unit stride along K, rows masked by
+        ``rmask``), B at ``b_ptrs`` (``stride_bk`` along K, columns masked by ``nmask``); the one K loop of the
+        grouped GEMMs (GEMM1 keeps its own: with SwiGLU it feeds two accumulators from one load of A)."""
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, KD, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                km = offs_k < KD - k0
+                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+            acc = _dot(a, b, acc, UPCAST, TF32)
+            a_ptrs += BK
+            b_ptrs += BK * stride_bk
+        return acc
+
+    @triton.jit
     def _gelu_tanh(h):
         # 0.5 h (1 + tanh(c (h + 0.044715 h^3))), tanh(u) = 2 sigmoid(2u) - 1
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
@@ -256,18 +277,7 @@ if _HAS_TRITON:
         nmask = offs_n < N
         a_ptrs = a_ptr + rows64[:, None] * stride_ar + offs_k[None, :]
         b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, KD, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
-            else:
-                km = offs_k < KD - k0
-                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
-            acc = _dot(a, b, acc, UPCAST, TF32)
-            a_ptrs += BK
-            b_ptrs += BK * stride_wk
+        acc = _rows_matmul(a_ptrs, b_ptrs, rmask, nmask, offs_k, KD, stride_wk, UPCAST, TF32, EVEN_K, BM, BN, BK)
         if HAS_BIAS:
             acc += tl.load(b_ptr + e.to(tl.int64) * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         slot = tl.load(slot_ptr + rows, mask=rmask, other=0)
@@ -305,18 +315,7 @@ if _HAS_TRITON:
         a_ptrs = dy_ptr + tok[:, None] * stride_dyt + offs_k[None, :]
         # B[k, n] = w2[e, n, k]
         b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wd + offs_n[None, :] * stride_wh
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
-            else:
-                km = offs_k < D - k0
-                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
-            acc = _dot(a, b, acc, UPCAST, TF32)
-            a_ptrs += BK
-            b_ptrs += BK * stride_wd
+        acc = _rows_matmul(a_ptrs, b_ptrs, rmask, nmask, offs_k, D, stride_wd, UPCAST, TF32, EVEN_K, BM, BN, BK)
         omask = rmask[:, None] & nmask[None, :]
         act = tl.load(act_ptr + rows64[:, None] * stride_ar + offs_n[None, :], mask=omask, other=0.0).to(tl.float32)
         part = tl.sum(acc * act, axis=1)
