@@ -122,26 +122,22 @@ def time_steps(step, warm: int, iters: int) -> dict:
             "peak_gb": torch.cuda.max_memory_allocated() / 2 ** 30, "iters": iters}
 
 
-def build_models(which: list[str]) -> dict:
+def build_model(name: str):
+    """One model of the comparison, seeded the same way for every run."""
     import zoo
 
-    models = {}
-    for name in which:
-        torch.manual_seed(0)
-        if name == "dense":
-            m = zoo.create_model("vmoe_b16", **DENSE_OVERRIDES)
-        elif name == "moe":
-            m = zoo.create_model("vmoe_b16", **MOE_OVERRIDES)
-        elif name == "moe_sorted":  # the plain-PyTorch reference dispatcher, for scale
-            m = zoo.create_model("vmoe_b16", **MOE_OVERRIDES, **{"encoder.moe.dispatch": "sorted"})
-        elif name == "timm_dense":
-            import timm
+    torch.manual_seed(0)
+    if name == "dense":
+        return zoo.create_model("vmoe_b16", **DENSE_OVERRIDES)
+    if name == "moe":
+        return zoo.create_model("vmoe_b16", **MOE_OVERRIDES)
+    if name == "moe_sorted":  # the plain-PyTorch reference dispatcher, for scale
+        return zoo.create_model("vmoe_b16", **MOE_OVERRIDES, **{"encoder.moe.dispatch": "sorted"})
+    if name == "timm_dense":
+        import timm
 
-            m = timm.create_model("vit_base_patch16_224", num_classes=1000)
-        else:
-            raise KeyError(name)
-        models[name] = m
-    return models
+        return timm.create_model("vit_base_patch16_224", num_classes=1000)
+    raise KeyError(f"unknown model {name!r}; expected dense, moe, moe_sorted or timm_dense")
 
 
 def profile_step(step, out: Path, name: str) -> dict:
@@ -216,7 +212,7 @@ def run_worker(args) -> None:
     name = args.worker.removesuffix(GRAPH_SUFFIX)
     graphed = args.worker.endswith(GRAPH_SUFFIX)
     torch.backends.cuda.matmul.allow_tf32 = True
-    model = build_models([name])[name].cuda().train()
+    model = build_model(name).cuda().train()
     step = make_step(model, args.batch, args.pool, cuda_graph=graphed)
     result = {"timing": time_steps(step, args.warm, args.iters)}
     if args.profile and not graphed:
