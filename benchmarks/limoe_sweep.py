@@ -69,6 +69,31 @@ VARIANTS = {
         "base_e480_seed1": [_model(_BASE), "--trainer.max_epochs=480", "--seed_everything=1"],
         "base_e480_b128": [_model(_BASE), "--trainer.max_epochs=480", "--data.init_args.batch_size=128"],
     },
+    # Round 4, with configs/train/limoe_flickr8k_cifar.yaml (common: --data.init_args.main.init_args.num_val=100):
+    # does more image-text data in the same run (CIFAR-10 photos + class captions) lift Flickr8k retrieval?
+    # flickr_only_* is the Flickr8k-only recipe run through the same mixture module, as the in-round control.
+    "flickr8k_mix": {
+        "mix_r5": [],
+        "mix_r5_seed1": ["--seed_everything=1"],
+        "mix_r5_seed2": ["--seed_everything=2"],
+        "mix_r5_pairs": ["--model.init_args.positives=pairs"],
+        "mix_r3_e30": ["--data.init_args.main_repeats=3", "--trainer.max_epochs=30"],
+        "mix_r2_e35": ["--data.init_args.main_repeats=2", "--trainer.max_epochs=35"],
+        "flickr_only": ["--data.init_args.extra=[]", "--data.init_args.main_repeats=1", "--trainer.max_epochs=240",
+                        "--trainer.check_val_every_n_epoch=20"],
+        "flickr_only_seed1": ["--data.init_args.extra=[]", "--data.init_args.main_repeats=1",
+                              "--trainer.max_epochs=240", "--trainer.check_val_every_n_epoch=20",
+                              "--seed_everything=1"],
+    },
+    # Round 5, Flickr8k-only recipe (common: --data.init_args.num_val=100): mask the caption words no training
+    # batch contained (LIMoEConfig.mask_unseen_tokens) at evaluation, against the same seeds without it.
+    "flickr8k_unseen": {
+        **{f"base_seed{s}": [_model(_BASE), f"--seed_everything={s}"] for s in (0, 1, 2)},
+        **{f"unseen_seed{s}": [_model({**_BASE, "mask_unseen_tokens": True}), f"--seed_everything={s}"]
+           for s in (0, 1, 2)},
+        "unseen_tdrop0.3": [_model({**_BASE, "mask_unseen_tokens": True, "text_token_dropout": 0.3})],
+        "unseen_tdrop0.1": [_model({**_BASE, "mask_unseen_tokens": True, "text_token_dropout": 0.1})],
+    },
 }
 
 

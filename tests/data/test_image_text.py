@@ -17,6 +17,7 @@ from zoo.data.image_text import (
     ClassCaptionDataModule,
     Flickr8kDataModule,
     ImageTextCSVDataModule,
+    MixedImageTextDataModule,
     check_templates,
     read_caption_csv,
 )
@@ -138,3 +139,38 @@ def test_cifar10_class_captions_config():
     dm = ClassCaptionDataModule("cifar10_sprites", batch_size=8)
     assert dm.class_names[0] == "airplane" and dm.image_size == 32 and dm.in_chans == 3
     assert dm.train_templates == CIFAR10_TRAIN_TEMPLATES and dm.zero_shot_templates == CIFAR10_HELDOUT_TEMPLATES
+
+
+def test_mixed_datamodule_trains_on_all_sources_and_evaluates_on_main(tmp_path):
+    main = ClassCaptionDataModule("digits", batch_size=8, seed=0)
+    extra = ClassCaptionDataModule("digits", batch_size=8, seed=5, train_templates=["a small {}."])
+    dm = MixedImageTextDataModule(main, [extra], main_repeats=3, batch_size=32, seed=1)
+    assert (dm.image_size, dm.in_chans, dm.context_length) == (8, 1, 16)
+    assert dm.class_names == main.class_names and dm.zero_shot_templates == main.zero_shot_templates
+    dm.setup()
+    main.setup()
+    extra.setup()
+    n_main, n_extra = len(main.train_set), len(extra.train_set)
+    assert dm.split_sizes == {"train": 3 * n_main + n_extra, "val": len(main.val_set), "test": len(main.test_set)}
+    # main's items keep their labels; the extra source's are shifted into their own range, same images / texts.
+    torch.manual_seed(0)
+    first_extra = dm.train_set[3 * n_main]
+    torch.manual_seed(0)
+    own = extra.train_set[0]
+    assert int(first_extra["label"]) == int(own["label"]) + MixedImageTextDataModule.LABEL_STRIDE
+    assert torch.equal(first_extra["image"], own["image"]) and torch.equal(first_extra["text"], own["text"])
+    assert int(dm.train_set[0]["label"]) == int(main.train_set[0]["label"])
+    extra_captions = {tuple(r.tolist()) for r in extra.train_set.table.flatten(0, 1)}
+    assert all(tuple(dm.train_set[3 * n_main + i]["text"].tolist()) in extra_captions for i in range(20))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (32, 1, 8, 8) and batch["text"].shape == (32, 16)
+    assert torch.equal(next(iter(dm.test_dataloader()))["label"][:8], next(iter(main.test_dataloader()))["label"])
+    # Sources that cannot share batches are refused with the fix in the message.
+    with pytest.raises(ValueError, match=r"extra\[0\].*image_size, in_chans, context_length"):
+        MixedImageTextDataModule(main, [ClassCaptionDataModule("digits", context_length=12)])
+    csv_path = _write_csv_dataset(tmp_path, n_images=6)
+    all_caps = ImageTextCSVDataModule(csv_path, image_size=8, num_train=4, num_test=2, context_length=16,
+                                      train_all_captions=True)
+    with pytest.raises(ValueError, match="train_all_captions"):
+        MixedImageTextDataModule(all_caps, [ImageTextCSVDataModule(csv_path, image_size=8, num_train=4, num_test=2,
+                                                                    context_length=16)])

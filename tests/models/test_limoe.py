@@ -216,3 +216,26 @@ def test_patch_and_text_token_dropout_only_in_training():
     m.eval()
     out = m(images=torch.randn(2, 3, 16, 16), text=text)
     assert out.image_routing[0].top1_expert.shape == (2, 16) and int((out.text_routing[0].top1_expert >= 0).sum()) == 22
+
+
+def test_mask_unseen_tokens_masks_exactly_the_words_no_training_batch_had():
+    m = tiny(mask_unseen_tokens=True, text_token_dropout=0.5)
+    seen_caption = captions([6], 16)       # SOT 100 101 102 103 EOT
+    m.train()
+    m(images=torch.randn(1, 3, 16, 16), text=seen_caption)
+    expected = torch.zeros(m.config.vocab_size, dtype=torch.bool)
+    expected[[SOT, EOT, 100, 101, 102, 103]] = True  # dropout does not hide a word from the record; no pad id 0
+    assert torch.equal(m.seen_tokens, expected)
+    assert "seen_tokens" in m.state_dict()
+    m.eval()
+    mixed = torch.tensor([[SOT, 100, 500, 101, 501, EOT] + [0] * 10])
+    routed = m(text=mixed).text_routing[0].top1_expert[0] >= 0
+    assert routed.tolist()[:6] == [True, True, False, True, False, True]  # unseen 500 / 501 masked
+    # The same as masking those positions by hand; and a caption of unseen words still keeps SOT / EOT.
+    by_hand = m.encode_text(mixed, mask=torch.tensor([[1, 1, 0, 1, 0, 1] + [0] * 10], dtype=torch.bool))
+    assert torch.allclose(m.encode_text(mixed), by_hand, atol=1e-6)
+    assert torch.isfinite(m.encode_text(torch.tensor([[SOT, 600, 601, EOT] + [0] * 12]))).all()
+    # Off by default: no buffer, unseen words are encoded like any other.
+    plain = tiny().eval()
+    assert not hasattr(plain, "seen_tokens")
+    assert int((plain(text=mixed).text_routing[0].top1_expert[0] >= 0).sum()) == 6

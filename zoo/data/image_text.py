@@ -527,3 +527,83 @@ class Flickr8kDataModule(ImageTextCSVDataModule):
         if missing:
             raise incomplete_dataset_error("Flickr8k", folder, missing, "captions.txt (CSV image,caption) and images/")
         return csv_file, images
+
+
+# ------------------------------------------------------------------------------------------ mixtures
+class LabelOffsetDataset(Dataset):
+    """Items of ``base`` with ``"label" + offset``: keeps the label spaces of mixed sources apart."""
+
+    def __init__(self, base: Dataset, offset: int) -> None:
+        self.base, self.offset = base, int(offset)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = dict(self.base[i])
+        item["label"] = item["label"] + self.offset
+        return item
+
+
+class MixedImageTextDataModule(_ImageTextDataModule):
+    """Train on ``main``'s train split plus the TRAIN splits of ``extra`` image-text datamodules; validate and
+    test on ``main`` only (its val / test splits, zero-shot classes and templates).
+
+    Why: 800 Flickr8k photos are few for contrastive training from scratch; more real image-text pairs in the
+    same run (e.g. CIFAR-10 photos with class-name captions) give the shared transformer more to learn from,
+    while the reported numbers stay those of ``main``'s test split.
+
+    Args:
+        main: the datamodule evaluated on; its attributes (``image_size``, ``in_chans``, ``context_length``,
+            ``class_names``, ``zero_shot_templates``) are this module's.
+        extra: datamodules whose train splits are added; they must give the same image size, channels and
+            context length as ``main`` (their own val / test splits are not used).
+        main_repeats: ``main``'s train split appears this many times per epoch, to balance a small main set
+            against large extras (1 = plain concatenation).
+        batch_size / num_workers / seed / pin_memory: the loaders of the mixture (the sources' own values only
+            decide their splits).
+
+    Labels: source ``s`` (0 = main) has its labels shifted by ``s * LABEL_STRIDE``, so with
+    ``ContrastiveTask(positives="labels")`` a Flickr8k caption stays a positive of its own photo only, and a
+    class caption a positive of every image of that class in the batch, never across sources. Each source
+    keeps its own normalisation (CIFAR-10 and CLIP's statistics differ by < 0.04).
+    """
+
+    LABEL_STRIDE = 10**9
+
+    def __init__(
+        self,
+        main: _ImageTextDataModule,
+        extra: Sequence[_ImageTextDataModule] = (),
+        main_repeats: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, main.context_length, pin_memory)
+        self.main, self.extra = main, list(extra)
+        self.main_repeats = check_positive_int("main_repeats", main_repeats)
+        for i, dm in enumerate(self.extra):
+            theirs = (int(dm.image_size), int(dm.in_chans), int(dm.context_length))
+            ours = (int(main.image_size), int(main.in_chans), int(main.context_length))
+            if theirs != ours:
+                raise ValueError(
+                    f"extra[{i}] ({type(dm).__name__}) gives image_size, in_chans, context_length = {theirs}, "
+                    f"main ({type(main).__name__}) gives {ours}: set the extra datamodule's arguments to match")
+        if self.extra and getattr(main, "train_all_captions", False):
+            raise ValueError("main.train_all_captions=True gives [K, L] captions per item, extras give one: "
+                             "turn train_all_captions off to mix in extra datasets")
+        self.image_size, self.in_chans = int(main.image_size), int(main.in_chans)
+        self.class_names = main.class_names
+        self.zero_shot_templates = main.zero_shot_templates
+        self.save_hyperparameters(ignore=["main", "extra"])
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        from torch.utils.data import ConcatDataset
+
+        main_train, val, test = self.main.build_splits()
+        parts: list[Dataset] = [main_train] * self.main_repeats
+        for s, dm in enumerate(self.extra, start=1):
+            parts.append(LabelOffsetDataset(dm.build_splits()[0], s * self.LABEL_STRIDE))
+        return ConcatDataset(parts), val, test
