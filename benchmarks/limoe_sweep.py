@@ -30,6 +30,7 @@ def _model(overrides: dict) -> str:
 _W128 = {"image_size": 64, "patch_size": 8, "embed_dim": 128, "encoder.dim": 128, "encoder.depth": 6,
          "encoder.num_heads": 4, "encoder.mlp_dim": 512}
 _BASE = {"in_chans": 3, "image_size": 32}
+_EMA = ["--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay=0.998"]
 VARIANTS = {
     "flickr8k_gpu": {
         "base_32px_w64": [_model(_BASE)],
@@ -93,6 +94,15 @@ VARIANTS = {
            for s in (0, 1, 2)},
         "unseen_tdrop0.3": [_model({**_BASE, "mask_unseen_tokens": True, "text_token_dropout": 0.3})],
         "unseen_tdrop0.1": [_model({**_BASE, "mask_unseen_tokens": True, "text_token_dropout": 0.1})],
+    },
+    # Round 6: a convolutional stem instead of the linear patch projection (LIMoEConfig.patch_stem; at 32 px
+    # and at 64 px with the same 8x8 token grid), and an EMA of the weights (Lightning's EMAWeightAveraging).
+    "flickr8k_stem": {
+        **{f"conv32_seed{s}": [_model({**_BASE, "patch_stem": "conv"}), f"--seed_everything={s}"] for s in (0, 1, 2)},
+        **{f"conv64_seed{s}": [_model({**_BASE, "image_size": 64, "patch_size": 8, "patch_stem": "conv"}),
+                               "--data.init_args.image_size=64", f"--seed_everything={s}"] for s in (0, 1)},
+        **{f"ema_seed{s}": [_model(_BASE), *_EMA, f"--seed_everything={s}"] for s in (0, 1)},
+        "conv32_ema": [_model({**_BASE, "patch_stem": "conv"}), *_EMA],
     },
 }
 

@@ -239,3 +239,29 @@ def test_mask_unseen_tokens_masks_exactly_the_words_no_training_batch_had():
     plain = tiny().eval()
     assert not hasattr(plain, "seen_tokens")
     assert int((plain(text=mixed).text_routing[0].top1_expert[0] >= 0).sum()) == 6
+
+
+def test_conv_patch_stem_matches_its_definition_and_trains():
+    from zoo.layers import PatchEmbed
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    stem = PatchEmbed(16, 4, 3, 8, stem="conv").train()
+    x = torch.randn(2, 3, 16, 16)
+    # By hand: 3x3 stride-2 conv -> batch-statistics BN -> ReLU (widths 4 then 8), then 1x1 conv to D.
+    h = x
+    for conv, bn in ((stem.proj[0], stem.proj[1]), (stem.proj[3], stem.proj[4])):
+        h = F.conv2d(h, conv.weight, stride=2, padding=1)
+        h = F.relu(F.batch_norm(h, None, None, bn.weight, bn.bias, training=True))
+    h = F.conv2d(h, stem.proj[6].weight, stem.proj[6].bias)
+    assert stem.proj[0].out_channels == 4 and stem.grid == 4 and stem.num_patches == 16
+    assert torch.allclose(stem(x), h.flatten(2).transpose(1, 2), atol=1e-6)
+    with pytest.raises(ValueError, match="power of 2"):
+        PatchEmbed(24, 6, 3, 8, stem="conv")
+    with pytest.raises(ValueError, match="stem must be"):
+        PatchEmbed(16, 4, 3, 8, stem="resnet")
+    m = tiny(patch_stem="conv").train()
+    out = m(images=torch.randn(2, 3, 16, 16), text=captions([4, 6], 16))
+    assert out.image_embeds.shape == out.text_embeds.shape
+    out.logits.sum().backward()
+    assert m.patch_embed.proj[0].weight.grad.abs().sum() > 0

@@ -10,16 +10,39 @@ from torch import Tensor, nn
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch x patch`` patches -> D: [B, C, H, W] -> [B, (H/p)*(W/p), D]."""
+    """Image -> one token per ``patch x patch`` cell: [B, C, H, W] -> [B, (H/p)*(W/p), D].
 
-    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int) -> None:
+    ``stem="patch"``: one linear projection of each non-overlapping patch (ViT).
+    ``stem="conv"``: a convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"):
+    log2(p) 3x3 stride-2 convolutions, each followed by BatchNorm + ReLU, widths doubling up to D (the first is
+    ``D / 2**(log2(p) - 1)``), then a 1x1 convolution to D. Same token grid as ``"patch"``; overlapping receptive
+    fields and early normalisation make small-data training better conditioned. Needs a power-of-2 patch size.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, stem: str = "patch") -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}")
         self.image_size, self.patch_size, self.in_chans = image_size, patch_size, in_chans
         self.grid = image_size // patch_size
         self.num_patches = self.grid**2
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        if stem == "patch":
+            self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        elif stem == "conv":
+            n = patch_size.bit_length() - 1
+            if patch_size < 2 or 2**n != patch_size:
+                raise ValueError(f"stem='conv' halves the resolution per 3x3 stride-2 convolution, so patch_size "
+                                 f"must be a power of 2 >= 2, got {patch_size}; use stem='patch' otherwise")
+            layers: list[nn.Module] = []
+            channels = in_chans
+            for i in range(n):
+                width = max(1, dim // 2 ** (n - 1 - i))
+                layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                           nn.ReLU(inplace=True)]
+                channels = width
+            self.proj = nn.Sequential(*layers, nn.Conv2d(channels, dim, 1))
+        else:
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)

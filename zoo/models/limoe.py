@@ -74,6 +74,8 @@ class LIMoEConfig:
 
     Attributes:
         image_size, patch_size, in_chans: image input (square images).
+        patch_stem: "patch" (ViT's linear patch projection, as in the paper) or "conv" (a convolutional stem
+            with the same token grid, :class:`zoo.layers.PatchEmbed`; not in the paper).
         vocab_size, context_length: text input; ids from open_clip's tokenizer by default (49408 ids), text
             padded / truncated to ``context_length`` (paper: 16).
         eot_token_id, pad_token_id: used to derive the text mask when none is given: tokens up to and
@@ -104,6 +106,7 @@ class LIMoEConfig:
     image_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
+    patch_stem: Literal["patch", "conv"] = "patch"
     vocab_size: int = OPEN_CLIP_VOCAB_SIZE
     context_length: int = 16
     eot_token_id: int = OPEN_CLIP_EOT
@@ -250,7 +253,7 @@ class LIMoE(nn.Module):
         self.config = config
         D = config.encoder.dim
         # Modality-specific inputs.
-        self.patch_embed = PatchEmbed(config.image_size, config.patch_size, config.in_chans, D)
+        self.patch_embed = PatchEmbed(config.image_size, config.patch_size, config.in_chans, D, config.patch_stem)
         self.image_pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, D))
         self.token_embed = nn.Embedding(config.vocab_size, D)
         self.text_pos_embed = nn.Parameter(torch.zeros(1, config.context_length, D))
