@@ -99,7 +99,9 @@ class LIMoEConfig:
             token's embedding is still its random init, and after the first LayerNorm it is as large as a
             trained one, so it only adds noise (on Flickr8k 800/200, 32 % of the test captions hold one).
             The model records the ids it saw in a ``seen_tokens [vocab_size]`` bool buffer (in the state dict;
-            under DDP the buffer broadcast keeps rank 0's record). Not in the paper; off by default.
+            under DDP the buffer broadcast keeps rank 0's record). Not in the paper; off by default: on the
+            Flickr8k validation split it did not measurably change recall (benchmarks/results/
+            limoe_flickr8k_sweep.md, round 5).
         encoder: the shared transformer; ``encoder.moe.num_modalities`` must be >= 2 when it has MoE layers.
     """
 
