@@ -31,27 +31,65 @@ def loop() -> Callable:
     return loop_dispatch
 
 
+def _einsum_tensors(x, ei, cw, keep, E: int, G: int, S: int, C: int):
+    """V-MoE's dense one-hot dispatch and combine tensors [G, S, E, C] (k-major buffer order per expert)."""
+    K = ei.shape[1]
+    oh = F.one_hot(ei.view(G, S, K), E).to(torch.int32) * keep.view(G, S, K, 1)  # [G, S, K, E]
+    # position of each kept slot in its expert's buffer (k-major, then token order), < C for kept slots
+    flat = oh.transpose(1, 2).reshape(G, K * S, E)
+    pos = ((torch.cumsum(flat, dim=1) - 1) * flat).sum(-1).reshape(G, K, S).transpose(1, 2)  # [G, S, K]
+    dispatch = x.new_zeros(G, S, E, C)
+    combine = x.new_zeros(G, S, E, C)
+    for k in range(K):
+        pk = F.one_hot(pos[:, :, k].clamp(0, C - 1), C).to(x.dtype)  # [G, S, C]
+        d = oh[:, :, k, :, None].to(x.dtype) * pk[:, :, None, :]  # [G, S, E, C]
+        dispatch = dispatch + d
+        combine = combine + d * cw.view(G, S, K)[:, :, k, None, None].to(x.dtype)
+    return dispatch, combine
+
+
 def einsum(G: int, S: int, capacity: int) -> Callable:
     """V-MoE style dense one-hot dispatch: dispatch/combine tensors [G, S, E, C] and einsums."""
 
     def fn(x, ei, cw, keep, ex: StackedExperts):
         T, D = x.shape
-        K = ei.shape[1]
         E, C = ex.num_experts, capacity
-        oh = F.one_hot(ei.view(G, S, K), E).to(torch.int32) * keep.view(G, S, K, 1)  # [G, S, K, E]
-        # position of each kept slot in its expert's buffer (k-major, then token order), < C for kept slots
-        flat = oh.transpose(1, 2).reshape(G, K * S, E)
-        pos = ((torch.cumsum(flat, dim=1) - 1) * flat).sum(-1).reshape(G, K, S).transpose(1, 2)  # [G, S, K]
-        dispatch = x.new_zeros(G, S, E, C)
-        combine = x.new_zeros(G, S, E, C)
-        for k in range(K):
-            pk = F.one_hot(pos[:, :, k].clamp(0, C - 1), C).to(x.dtype)  # [G, S, C]
-            d = oh[:, :, k, :, None].to(x.dtype) * pk[:, :, None, :]  # [G, S, E, C]
-            dispatch = dispatch + d
-            combine = combine + d * cw.view(G, S, K)[:, :, k, None, None].to(x.dtype)
+        dispatch, combine = _einsum_tensors(x, ei, cw, keep, E, G, S, C)
         xin = torch.einsum("gsec,gsd->egcd", dispatch, x.view(G, S, D)).reshape(E, G * C, D)
         out = ex.forward_dense(xin).reshape(E, G, C, D)
         return torch.einsum("gsec,egcd->gsd", combine, out).reshape(T, D)
+
+    return fn
+
+
+# Dispatch + combine alone (identity experts): the data movement that the capacity rule decides, without the
+# expert GEMMs that every implementation shares. fn(x [T, D], expert_index, combine_weight, keep, E) -> y [T, D]
+# with y = sum over kept slots of combine_weight * x.
+def einsum_dispatch_combine(G: int, S: int, capacity: int) -> Callable:
+    """The one-hot einsum dispatch into [E, G, C, D] buffers and the einsum combine back."""
+
+    def fn(x, ei, cw, keep, E: int):
+        T, D = x.shape
+        dispatch, combine = _einsum_tensors(x, ei, cw, keep, E, G, S, capacity)
+        xin = torch.einsum("gsec,gsd->egcd", dispatch, x.view(G, S, D))
+        return torch.einsum("gsec,egcd->gsd", combine, xin).reshape(T, D)
+
+    return fn
+
+
+def ours_dispatch_combine() -> Callable:
+    """Ours: device counting sort of the kept slots by expert, gather of their rows into expert order (what the
+    grouped_mm backend feeds its GEMMs; the Triton backend folds this gather into GEMM1's loads, so there it
+    costs less), and the deterministic weighted combine. Calls the kernel module's internal launchers."""
+    from zoo.kernels.fused_moe import _combine, _gather_rows, _inverse_perm, _sorted_expert, route
+
+    def fn(x, ei, cw, keep, E: int):
+        T, K = ei.shape
+        valid = (keep.bool() & (ei >= 0) & (ei < E)).to(torch.uint8)
+        meta = route(ei, valid, E)
+        e_row = _sorted_expert(meta, ei.reshape(-1), valid.reshape(-1))
+        rows, _ = _gather_rows(x, meta, e_row, K)
+        return _combine(rows, valid.reshape(-1), T, K, x.dtype, idx=_inverse_perm(meta), w=cw)
 
     return fn
 
