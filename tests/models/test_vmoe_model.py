@@ -191,3 +191,30 @@ def test_moe_placement_in_built_model(tiny):
 def test_bad_images_raise_helpful_value_error(tiny, bad, match):
     with pytest.raises(ValueError, match=match):
         tiny(bad())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the device-side finite check")
+def test_cuda_image_check_does_not_wait_for_the_gpu():
+    from zoo.models.vmoe import validate_images
+
+    images = torch.randn(2, 3, 16, 16, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # any device->host read raises
+    try:
+        validate_images(images, 3, 16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()  # and the device-side assert passed for finite images
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the device-side finite check")
+def test_cuda_nan_images_stop_the_run():
+    # In a subprocess: a device-side assert leaves the process's CUDA context unusable.
+    import subprocess
+    import sys
+
+    code = ("import torch; from zoo.models.vmoe import validate_images; "
+            "validate_images(torch.full((2, 3, 16, 16), float('nan'), device='cuda'), 3, 16); "
+            "torch.cuda.synchronize(); print('no error')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no error" not in proc.stdout
+    assert "assert" in proc.stderr.lower(), proc.stderr[-1000:]
