@@ -106,6 +106,12 @@ def test_topk_matches_numpy_reference(G, S, E, k, cf, bpr, renorm, pmask):
             assert p == list(range(len(p)))
             assert cap is None or len(p) <= cap
     assert not out.keep[~valid].any() and (out.position[~valid] == -1).all()
+    # The demand counts each expert's valid slots per group; the first C of them are the kept ones.
+    chose = out.expert_index.unsqueeze(-1) == torch.arange(E)  # [G, S, k, E]
+    demand = (chose & valid[..., None, None]).sum((1, 2))
+    assert torch.equal(out.expert_demand, demand)
+    kept = (chose & out.keep.unsqueeze(-1)).sum((1, 2))
+    assert torch.equal(kept, demand if cap is None else demand.clamp_max(cap))
 
 
 def test_combine_weights_are_raw_softmax_probabilities():

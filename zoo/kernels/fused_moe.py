@@ -719,10 +719,13 @@ def _rows_grid(R, N):
     return (triton.cdiv(R, BR), triton.cdiv(N, BH)), BR, BH
 
 
-def _sorted_expert(meta: RouteMeta, e_flat: Tensor, valid_flat: Tensor) -> Tensor:
-    """Expert of each sorted row (int32), E for the rows past the kept ones."""
-    slot = meta.sorted_slot.long()
-    return torch.where(valid_flat[slot] != 0, e_flat.reshape(-1)[slot], meta.E).to(torch.int32)
+def _sorted_expert(meta: RouteMeta, e_flat: Optional[Tensor] = None, valid_flat: Optional[Tensor] = None) -> Tensor:
+    """Expert of each sorted row (int32), E for the rows past the kept ones. Expert e owns the rows
+    starts[e] .. starts[e] + counts[e] - 1, so a row's expert is the number of experts that end at or before
+    it: one search over the E ends instead of gathering every row's expert and flag (three kernels, not six).
+    ``e_flat`` / ``valid_flat`` are no longer read (kept for callers such as benchmarks/moe_peers.py)."""
+    rows = torch.arange(meta.sorted_slot.numel(), dtype=torch.int32, device=meta.starts.device)
+    return torch.searchsorted(meta.starts + meta.counts, rows, right=True, out_int32=True)
 
 
 def _gather_rows(src: Tensor, meta: RouteMeta, e_row: Tensor, K: int, cw: Optional[Tensor] = None,
@@ -811,7 +814,7 @@ def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, 
         dx = _combine(dxslot, valid, T, K, x.dtype)
     e_row = None
     if (needs["w1"] or needs["b1"] or needs["w2"] or needs["b2"]) and any(WGRAD_PREGATHER.values()):
-        e_row = _sorted_expert(meta, e_flat, valid.reshape(-1))
+        e_row = _sorted_expert(meta)
     if needs["w1"] or needs["b1"]:
         dw1 = torch.empty_like(w1)
         db1 = torch.empty_like(b1) if b1 is not None else None
@@ -840,7 +843,7 @@ def _zero_empty_groups(w: Tensor, counts: Tensor) -> Tensor:
 def _gmm_forward(x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, need_grad):
     T, D = x.shape
     H = w2.shape[1]
-    e_row = _sorted_expert(meta, e_flat, valid.reshape(-1))
+    e_row = _sorted_expert(meta)
     offs = torch.cumsum(meta.counts, 0, dtype=torch.int32)
     xs, _ = _gather_rows(x, meta, e_row, K)
     h = torch._grouped_mm(xs, w1, offs=offs)  # rows past the kept ones: unspecified, never used
@@ -862,7 +865,7 @@ def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, hpr
     H2 = w1.shape[2]
     E = meta.E
     R = meta.sorted_slot.numel()
-    e_row = _sorted_expert(meta, e_flat, valid.reshape(-1))
+    e_row = _sorted_expert(meta)
     offs = torch.cumsum(meta.counts, 0, dtype=torch.int32)
     need_w2 = needs["w2"] or needs["b2"]
     d_u, d_o = _gather_rows(dy, meta, e_row, K, cw, unscaled=True, scaled=need_w2)
@@ -921,7 +924,7 @@ class _FusedMoEFunction(torch.autograd.Function):
         bwd = _gmm_backward if bwd_backend == "grouped_mm" else _triton_backward
         dx, dcw, dw1, db1, dw2, db2 = bwd(dy, x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K, swiglu,
                                           hpre, act, needs)
-        dcw = torch.where(valid.reshape(-1) != 0, dcw, torch.zeros((), dtype=dcw.dtype, device=dcw.device))
+        dcw = torch.where(valid.reshape(-1).view(torch.bool), dcw, 0.0)  # the flags are a bool mask's bytes
         dcw = dcw.reshape(cw_shape).to(cw_dtype) if ng[1] else None
         return (dx if ng[0] else None, dcw, dw1 if ng[2] else None, db1 if ng[3] else None,
                 dw2 if ng[4] else None, db2 if ng[5] else None, None, None, None, None, None)
@@ -1026,6 +1029,7 @@ def fused_moe(
     ei = expert_index.contiguous()
     if ei.dtype not in (torch.int32, torch.int64):
         ei = ei.long()
-    valid = (keep.bool() & (ei >= 0) & (ei < E)).to(torch.uint8).contiguous()
+    # Kept and in [0, E), as the bytes of a bool mask (the uint8 flags the kernels read): 3 kernels, not 5.
+    valid = ((ei.clamp(0, E - 1) == ei) & keep.bool()).contiguous().view(torch.uint8)
     return _FusedMoEFunction.apply(x, combine_weight, w1c, b1c, w2c, b2c, ei, valid, swiglu, fwd_backend,
                                    bwd_backend)

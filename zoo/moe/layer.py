@@ -25,7 +25,8 @@ from zoo.moe.routing import ExpertChoiceRouter, Routing, SoftRouter, TopKRouter
 
 @dataclass
 class RoutingStats:
-    """What one MoE layer did with one batch (all detached).
+    """What one MoE layer did with one batch (all detached; some may share memory, e.g. the per-modality rows
+    with the totals: read them, do not modify them in place).
 
     tokens_per_expert [E]: kept (token, expert) assignments per expert.
     dropped_fraction: fraction of valid token slots dropped by capacity (0 when dropless).
@@ -120,24 +121,28 @@ class MoELayer(nn.Module):
         if modality is not None and modality.shape != (B, S):
             raise ValueError(f"modality must have shape [B, S] = {(B, S)}, got {tuple(modality.shape)}")
         (xg, vg, mg), pad = self._group(x, valid, modality)
+        # No mask and no padding: every token is valid, so the top-k router, V-MoE's losses and the statistics
+        # skip their masking kernels (images are never masked).
+        all_valid = mask is None and pad == 0
         if self.config.router == "soft":
             yg = self._soft_forward(xg, vg, mg)
         else:
-            yg = self._sparse_forward(xg, vg, mg)
+            yg = self._sparse_forward(xg, vg, mg, all_valid)
         y = yg.reshape(B + pad, S, self.dim)[:B]
         if self.aux is not None and self.aux.stats is not None:  # documented as [B, S]: ungroup, drop padding
             self.aux.stats.top1_expert = self.aux.stats.top1_expert.reshape(B + pad, S)[:B]
         return y
 
-    def _sparse_forward(self, xg: Tensor, vg: Tensor, mg: Optional[Tensor]) -> Tensor:
+    def _sparse_forward(self, xg: Tensor, vg: Tensor, mg: Optional[Tensor], all_valid: bool) -> Tensor:
         cfg = self.config
         G, Sg, D = xg.shape
-        routing: Routing = self.router(xg, vg, cfg.k(self.training), cfg.capacity_setting(self.training))
+        hint = {"all_valid": all_valid} if cfg.router == "topk" else {}
+        routing: Routing = self.router(xg, vg, cfg.k(self.training), cfg.capacity_setting(self.training), **hint)
         K = routing.expert_index.shape[-1]
         flat = (xg.reshape(G * Sg, D), routing.expert_index.reshape(-1, K),
                 routing.combine_weight.reshape(-1, K).to(xg.dtype), routing.keep.reshape(-1, K))
         y = self._dispatch(*flat)
-        self.aux = self._sparse_aux(routing, vg, mg)
+        self.aux = self._sparse_aux(routing, vg, mg, all_valid)
         return y.reshape(G, Sg, D)
 
     def _dispatch(self, x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor) -> Tensor:
@@ -168,28 +173,47 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             load = dispatch.reshape(G, Sg, E, P).sum(dim=(0, 1, 3))  # token mass per expert [E]
             probs = torch.softmax(logits, dim=-1).reshape(G, Sg, E, P).sum(-1)
-            stats = self._stats(load, probs, vg, mg, None, None, None)
+            stats = self._stats(load, probs * vg.unsqueeze(-1), probs, vg, mg, None, None, None)
         self.aux = MoEAux(loss=xg.new_zeros((), dtype=torch.float32), losses={}, stats=stats)
         return y
 
     # ---------------------------------------------------------------------------------- losses, stats
-    def _sparse_aux(self, r: Routing, vg: Tensor, mg: Optional[Tensor]) -> MoEAux:
+    def _sparse_aux(self, r: Routing, vg: Tensor, mg: Optional[Tensor], all_valid: bool) -> MoEAux:
+        """Losses and statistics of one routing; ``all_valid``: ``vg`` [G, S] is known to be all True."""
         cfg = self.config
         losses: dict[str, Tensor] = {}
         weighted = []
+        mask = None if all_valid else vg  # V-MoE's losses and the top-k statistics skip an all-True mask
 
-        def add(name: str, weight: float, fn) -> None:
-            if weight > 0:
-                value = fn()
+        def add(name: str, weight: float, value: Tensor) -> None:
+            losses[name] = value
+            weighted.append(weight * value)
+
+        # Importance and load losses end in the same reductions ((std/mean)^2 per group, mean over groups):
+        # computed on their stacked per-group values at once. The importance loss's masked probabilities
+        # are also the importance statistic's.
+        balance: list[tuple[str, float, Tensor]] = []  # (name, weight, per-group values [G, E])
+        masked_probs = None
+        if cfg.importance_loss_weight > 0:
+            importance, masked_probs = L.importance_per_group(r.clean_probs, mask)
+            balance.append(("importance_loss", cfg.importance_loss_weight, importance))
+        # The load loss needs noise (training only, as V-MoE) and top-k.
+        if cfg.load_loss_weight > 0 and r.noise_std > 0 and cfg.router == "topk":
+            load = L.load_per_group(r.logits, r.noisy_logits, r.noise_std, r.top_k, mask)
+            balance.append(("load_loss", cfg.load_loss_weight, load))
+        if balance:
+            values = L.balance_losses([per_group for _, _, per_group in balance], mask)  # [n]
+            weights = [weight for _, weight, _ in balance]
+            for (name, _, _), value in zip(balance, values.unbind()):
                 losses[name] = value
-                weighted.append(weight * value)
-
-        add("importance_loss", cfg.importance_loss_weight, lambda: L.importance_loss(r.clean_probs, vg))
-        if r.noise_std > 0 and cfg.router == "topk":  # needs noise (training only, as V-MoE) and top-k
-            add("load_loss", cfg.load_loss_weight,
-                lambda: L.load_loss(r.logits, r.noisy_logits, r.noise_std, r.top_k, vg))
-        add("switch_loss", cfg.switch_loss_weight, lambda: L.switch_loss(r.probs, r.expert_index, vg))
-        add("z_loss", cfg.z_loss_weight, lambda: L.z_loss(r.logits, vg))
+            if len(set(weights)) == 1:  # V-MoE's equal weights: one product for all, the same numbers
+                weighted.append(values * weights[0])
+            else:
+                weighted.extend(weight * value for weight, value in zip(weights, values.unbind()))
+        if cfg.switch_loss_weight > 0:
+            add("switch_loss", cfg.switch_loss_weight, L.switch_loss(r.probs, r.expert_index, vg))
+        if cfg.z_loss_weight > 0:
+            add("z_loss", cfg.z_loss_weight, L.z_loss(r.logits, vg))
         local_w, global_w = cfg.by_modality("local_entropy_weight"), cfg.by_modality("global_entropy_weight")
         min_experts = cfg.by_modality("global_entropy_min_experts")
         if max(local_w) > 0 or max(global_w) > 0:
@@ -199,28 +223,53 @@ class MoELayer(nn.Module):
             sels = [flat_valid] if mg is None else [flat_valid & (mg.reshape(-1) == m) for m in range(len(local_w))]
             for m, sel in enumerate(sels):
                 if local_w[m] > 0:
-                    losses[f"local_entropy_m{m}"] = v = L.local_entropy_loss(probs, sel)
-                    weighted.append(local_w[m] * v)
+                    add(f"local_entropy_m{m}", local_w[m], L.local_entropy_loss(probs, sel))
                 if global_w[m] > 0:
-                    losses[f"global_entropy_m{m}"] = v = L.global_entropy_loss(probs, sel, min_experts[m])
-                    weighted.append(global_w[m] * v)
-        total = torch.stack(weighted).sum() if weighted else r.logits.new_zeros(())
+                    add(f"global_entropy_m{m}", global_w[m], L.global_entropy_loss(probs, sel, min_experts[m]))
+        total = _sum_terms(weighted) if weighted else r.logits.new_zeros(())
         with torch.no_grad():
-            E = cfg.num_experts
-            # A comparison, not F.one_hot: one_hot checks the index range with a host read on CPU.
-            experts = torch.arange(E, device=r.expert_index.device)
-            onehot_kept = (r.expert_index.unsqueeze(-1) == experts) & r.keep.unsqueeze(-1)  # [G, S, K, E]
-            per_token = onehot_kept.sum(2).float()  # [G, S, E]
-            stats = self._stats(per_token.sum((0, 1)), r.clean_probs, vg, mg, r.keep, per_token, r.capacity)
+            if masked_probs is None:
+                masked_probs = r.clean_probs if mask is None else r.clean_probs * mask.unsqueeze(-1)
+            if r.expert_demand is not None and mg is None:
+                stats = self._topk_stats(r, mask, masked_probs)
+            else:
+                E = cfg.num_experts
+                # A comparison, not F.one_hot: one_hot checks the index range with a host read on CPU.
+                experts = torch.arange(E, device=r.expert_index.device)
+                onehot_kept = (r.expert_index.unsqueeze(-1) == experts) & r.keep.unsqueeze(-1)  # [G, S, K, E]
+                per_token = onehot_kept.sum(2).float()  # [G, S, E]
+                stats = self._stats(per_token.sum((0, 1)), masked_probs, r.clean_probs, vg, mg, r.keep, per_token,
+                                    r.capacity)
         return MoEAux(loss=total, losses=losses, stats=stats)
 
-    def _stats(self, tokens_per_expert: Tensor, clean_probs: Tensor, vg: Tensor, mg: Optional[Tensor],
-               keep: Optional[Tensor], per_token: Optional[Tensor], capacity: Optional[int]) -> RoutingStats:
+    def _topk_stats(self, r: Routing, mask: Optional[Tensor], masked_probs: Tensor) -> RoutingStats:
+        """Statistics of top-k routing without modality ids, from the router's per-expert demand: no per-token
+        one-hot. Every valid token is modality 0, so row 0 of the per-modality values is the total. ``mask``
+        [G, S] or None (every token valid)."""
         M, E = self.config.num_modalities, self.config.num_experts
-        v = vg.unsqueeze(-1).float()
-        importance = (clean_probs.float() * v).sum((0, 1))
-        importance = importance / importance.sum().clamp_min(1e-12)
-        top1 = torch.where(vg, clean_probs.argmax(-1), torch.full_like(vg, -1, dtype=torch.long))
+        demand = r.expert_demand  # [G, E]
+        kept = demand if r.capacity is None else demand.clamp_max(r.capacity)  # the first C of them are kept
+        tokens_per_expert = kept.sum(0, dtype=torch.float32)  # [E]
+        slots = demand.sum()  # every valid token's k slots
+        if mask is None and r.expert_index.numel() > 0:  # slots > 0
+            dropped = 1 - tokens_per_expert.sum() / slots
+            dropped_by_mod = dropped.unsqueeze(0)
+        else:
+            dropped = 1 - tokens_per_expert.sum() / slots.clamp_min(1)
+            dropped_by_mod = (dropped * (slots > 0)).unsqueeze(0)  # a modality without slots drops nothing: 0, not 1
+        by_mod = tokens_per_expert.unsqueeze(0)  # [1, E]
+        if M > 1:  # the other modalities have no tokens
+            by_mod = torch.cat([by_mod, by_mod.new_zeros(M - 1, E)])
+            dropped_by_mod = torch.cat([dropped_by_mod, dropped_by_mod.new_zeros(M - 1)])
+        return RoutingStats(tokens_per_expert, dropped, _importance_share(masked_probs), by_mod, dropped_by_mod,
+                            _top1(r.clean_probs, mask), r.capacity)
+
+    def _stats(self, tokens_per_expert: Tensor, masked_probs: Tensor, clean_probs: Tensor, vg: Tensor,
+               mg: Optional[Tensor], keep: Optional[Tensor], per_token: Optional[Tensor],
+               capacity: Optional[int]) -> RoutingStats:
+        """Statistics from per-token kept counts ``per_token`` [G, S, E] (None for soft routing);
+        ``masked_probs`` [G, S, E] are the clean probabilities zeroed at masked tokens."""
+        M, E = self.config.num_modalities, self.config.num_experts
         mods = torch.zeros_like(vg, dtype=torch.long) if mg is None else mg
         # [G, S, M] one-hot of each valid token's modality; ids outside [0, M) belong to none. Everything below
         # stays on the device: no host sync in the forward pass.
@@ -245,8 +294,30 @@ class MoELayer(nn.Module):
             dropped_by_mod = torch.zeros(M, device=vg.device)
             by_mod = torch.zeros(M, E, device=vg.device)
             by_mod[0] = tokens_per_expert
-        return RoutingStats(tokens_per_expert.float(), dropped.float(), importance, by_mod, dropped_by_mod,
-                            top1, capacity)
+        return RoutingStats(tokens_per_expert.float(), dropped.float(), _importance_share(masked_probs), by_mod,
+                            dropped_by_mod, _top1(clean_probs, vg), capacity)
+
+
+def _sum_terms(terms: list[Tensor]) -> Tensor:
+    """The sum of the weighted losses, 0-dim or [n] tensors, in the order given: the same additions as summing
+    them all stacked, with as few kernels as the case allows."""
+    if len(terms) == 1:
+        return terms[0] if terms[0].ndim == 0 else terms[0].sum()
+    if len(terms) == 2 and terms[0].ndim == terms[1].ndim == 0:
+        return terms[0] + terms[1]
+    return torch.cat([term.reshape(-1) for term in terms]).sum()
+
+
+def _importance_share(masked_probs: Tensor) -> Tensor:
+    """Summed clean probability per expert over the valid tokens [E] (fp32), normalised to sum 1."""
+    importance = masked_probs.float().sum((0, 1))
+    return importance / importance.sum().clamp_min(1e-12)
+
+
+def _top1(clean_probs: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Each token's highest-probability expert [G, S], -1 for masked tokens (``mask`` None: none)."""
+    top1 = clean_probs.argmax(-1)
+    return top1 if mask is None else torch.where(mask, top1, -1)
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -55,7 +55,9 @@ class Routing:
 
     ``probs`` [G, S, E] are the probabilities the decision used (noisy in training); ``clean_probs`` are
     the noise-free softmax (importance and entropy losses); ``logits``/``noisy_logits`` are pre-softmax.
-    ``capacity`` is C, or None when dropless.
+    ``capacity`` is C, or None when dropless. ``expert_demand`` [G, E] long counts the valid slots that chose each
+    expert in each group, before capacity (the first C of them are kept), where the router gets it for free
+    (top-k); else None.
     """
 
     expert_index: Tensor
@@ -69,6 +71,7 @@ class Routing:
     noise_std: float
     capacity: Optional[int]
     top_k: int
+    expert_demand: Optional[Tensor] = None
 
 
 def _router_logits(router: nn.Linear, x: Tensor) -> Tensor:
@@ -85,6 +88,52 @@ def _noisy(logits: Tensor, noise_std: float, num_experts: int, training: bool,
     return logits + std * noise, std
 
 
+def buffer_ranks(expert_index: Tensor, valid: Optional[Tensor], priority: Optional[Tensor],
+                 num_experts: int) -> tuple[Tensor, Tensor]:
+    """1-based place of each (token, slot) in its expert's per-group buffer (V-MoE order, see
+    :func:`assign_positions`) and how many valid slots ask for each expert.
+
+    A running count over a one-hot of the slots in placement order (as V-MoE computes it) instead of a
+    counting sort: half the kernels, and the count's last row is the per-expert demand.
+
+    Args:
+        expert_index: [G, S, K] chosen expert per slot, in [0, E).
+        valid: [G, S, K] bool, slots that compete for capacity; None = all.
+        priority: [G, S] or None (token order).
+    Returns:
+        rank [G, S, K] long: 1-based place among the valid slots of the same expert; meaningless for invalid slots.
+        demand [G, E] long: number of valid slots per expert and group (before any capacity limit).
+    """
+    G, S, K = expert_index.shape
+    # Slots in placement order, k-major then token priority: [G, K, S].
+    ordered_expert = expert_index.transpose(1, 2)
+    ordered_valid = None if valid is None else valid.transpose(1, 2)
+    order = None
+    if priority is not None:
+        order = torch.sort(priority, dim=1, descending=True, stable=True).indices  # [G, S]
+        by_priority = order.unsqueeze(1).expand(G, K, S)
+        ordered_expert = ordered_expert.gather(2, by_priority)  # contiguous [G, K, S]
+        if ordered_valid is not None:
+            ordered_valid = ordered_valid.gather(2, by_priority)
+    else:
+        ordered_expert = ordered_expert.contiguous()
+    # [G, E, K*S] one-hot of each valid slot's expert, slots last: the running count is then an innermost-dim
+    # scan (on CUDA a scan along a middle dim runs one thread per column, far slower).
+    ordered_expert = ordered_expert.view(G, 1, K * S)
+    onehot = ordered_expert == torch.arange(num_experts, device=expert_index.device).view(1, num_experts, 1)
+    if ordered_valid is not None:
+        onehot.view(G, num_experts, K, S).bitwise_and_(ordered_valid.unsqueeze(1))
+    count = onehot.cumsum(-1)  # valid slots of each expert so far, this one included
+    ordered_rank = count.gather(1, ordered_expert).view(G, K, S)
+    demand = count[..., -1]  # [G, E]
+    if order is None:
+        return ordered_rank.transpose(1, 2).contiguous(), demand
+    # Back to token order ([G, S, K], contiguous like every other Routing tensor).
+    rank = torch.empty_like(expert_index).scatter_(1, order.unsqueeze(-1).expand(G, S, K),
+                                                   ordered_rank.transpose(1, 2))
+    return rank, demand
+
+
 def assign_positions(expert_index: Tensor, valid: Tensor, priority: Optional[Tensor], num_experts: int) -> Tensor:
     """Place each (token, slot) in its expert's buffer, V-MoE order, per group.
 
@@ -99,28 +148,8 @@ def assign_positions(expert_index: Tensor, valid: Tensor, priority: Optional[Ten
     Returns:
         position [G, S, K] long: 0-based place in the expert's buffer, -1 for invalid slots.
     """
-    G, S, K = expert_index.shape
-    if priority is not None:
-        order = torch.argsort(priority, dim=1, descending=True, stable=True)  # [G, S]
-    else:
-        order = torch.arange(S, device=expert_index.device).expand(G, S)
-    # Slots in placement order: k-major, then token priority: [G, K*S].
-    ordered_expert = torch.gather(expert_index, 1, order.unsqueeze(-1).expand(G, S, K))
-    ordered_valid = torch.gather(valid, 1, order.unsqueeze(-1).expand(G, S, K))
-    flat_expert = ordered_expert.transpose(1, 2).reshape(G, K * S)
-    flat_valid = ordered_valid.transpose(1, 2).reshape(G, K * S)
-    # Invalid slots go to a sentinel expert E so that they take no place among real experts.
-    key = torch.where(flat_valid, flat_expert, torch.full_like(flat_expert, num_experts))
-    # A stable sort by expert keeps placement order inside each expert: rank = place in its buffer.
-    sorted_key, sort_idx = torch.sort(key, dim=1, stable=True)
-    counts = torch.zeros(G, num_experts + 1, dtype=torch.long, device=key.device)
-    counts.scatter_add_(1, key, torch.ones_like(key))
-    starts = torch.cumsum(counts, dim=1) - counts  # [G, E+1]
-    rank_sorted = torch.arange(K * S, device=key.device).expand(G, K * S) - torch.gather(starts, 1, sorted_key)
-    flat_position = torch.empty_like(rank_sorted).scatter_(1, sort_idx, rank_sorted)
-    flat_position = torch.where(flat_valid, flat_position, torch.full_like(flat_position, -1))
-    ordered_position = flat_position.reshape(G, K, S).transpose(1, 2)  # [G, S, K] in priority order
-    return torch.empty_like(ordered_position).scatter_(1, order.unsqueeze(-1).expand(G, S, K), ordered_position)
+    rank, _ = buffer_ranks(expert_index, valid, priority, num_experts)
+    return torch.where(valid, rank - 1, -1)
 
 
 class TopKRouter(nn.Module):
@@ -146,8 +175,10 @@ class TopKRouter(nn.Module):
         self.proj = nn.Linear(dim, num_experts, bias=False)
         self.generator: Optional[torch.Generator] = None  # tests set one for reproducible noise
 
-    def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float]) -> Routing:
-        """Route ``x`` [G, S, D] with ``valid`` [G, S] bool; ``capacity_factor`` None means dropless."""
+    def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
+                all_valid: bool = False) -> Routing:
+        """Route ``x`` [G, S, D] with ``valid`` [G, S] bool; ``capacity_factor`` None means dropless.
+        ``all_valid=True`` promises that ``valid`` is all True (no mask): the masking kernels are skipped."""
         G, S, _ = x.shape
         E = self.num_experts
         logits = _router_logits(self.proj, x)
@@ -160,19 +191,25 @@ class TopKRouter(nn.Module):
         slot_valid = valid.unsqueeze(-1).expand(G, S, top_k)
         priority = None
         if self.batch_priority:
-            priority = torch.where(valid, weight[..., 0].detach(), torch.full_like(weight[..., 0], -1.0))
-        position = assign_positions(expert_index, slot_valid, priority, E)
+            priority = weight[..., 0].detach()
+            if not all_valid:  # masked tokens last (weights are >= 0)
+                priority = torch.where(valid, priority, -1.0)
+        rank, demand = buffer_ranks(expert_index, None if all_valid else slot_valid, priority, E)
         if capacity_factor is None:
             capacity = None
             keep = slot_valid
         else:
-            n = capacity_tokens(valid, self.capacity_from_valid_tokens)
+            n = S if all_valid else capacity_tokens(valid, self.capacity_from_valid_tokens)
             capacity = compute_capacity(n, E, top_k, capacity_factor, self.capacity_multiple_of)
-            keep = slot_valid & (position < capacity)
-        position = torch.where(keep, position, torch.full_like(position, -1))
-        combine_weight = torch.where(keep, weight, torch.zeros_like(weight))
+            keep = rank <= capacity
+            if not all_valid:
+                keep &= slot_valid
+        # Products with the 0/1 mask, not where(): the same numbers (ranks are integers, weights finite
+        # probabilities) without a scalar tensor per fill value.
+        position = rank * keep - 1
+        combine_weight = weight * keep
         return Routing(expert_index, combine_weight, keep, position, probs, clean_probs, logits,
-                       noisy_logits, std, capacity, top_k)
+                       noisy_logits, std, capacity, top_k, demand)
 
 
 class ExpertChoiceRouter(nn.Module):
