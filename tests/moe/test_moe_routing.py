@@ -241,3 +241,18 @@ def test_soft_router_weights_are_convex_and_ignore_masked_tokens():
     phi = r.slot_embed.detach().double().numpy()
     phi = phi / np.linalg.norm(phi, axis=0, keepdims=True)
     np.testing.assert_allclose(logits.detach().numpy(), xn @ phi, atol=1e-6)
+
+
+def test_routing_decides_in_fp32_under_autocast():
+    # Logits 1 + 1/512 and 1: one bf16 ulp apart at 1.0 is 1/128, so a bf16 router would tie them (and take the
+    # lower index); the fp32 decision picks expert 0.
+    x = torch.tensor([[[1.0 + 1 / 512, 1.0, -3.0, -3.0]]])
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    plain = topk_router(4, bpr=False)(x, valid, top_k=1, capacity_factor=None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = topk_router(4, bpr=False)(x, valid, top_k=1, capacity_factor=None)
+    assert mixed.logits.dtype == torch.float32 and torch.equal(mixed.logits, plain.logits)
+    assert int(mixed.expert_index[0, 0, 0]) == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ExpertChoiceRouter(4, 4)(x, valid, 1, 1.0).logits.dtype == torch.float32
+        assert SoftRouter(4, 4)(x, valid)[2].dtype == torch.float32

@@ -75,8 +75,10 @@ class Routing:
 
 
 def _router_logits(router: nn.Linear, x: Tensor) -> Tensor:
-    # Routing decisions are made in fp32: bf16 logits tie and flip top-k choices between runs/paths.
-    return F.linear(x.float(), router.weight.float(), None if router.bias is None else router.bias.float())
+    # Routing decisions are made in fp32: bf16 logits tie and flip top-k choices between runs/paths. Autocast is
+    # turned off here, or it would cast this matmul back to bf16 under mixed-precision training.
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), router.weight.float(), None if router.bias is None else router.bias.float())
 
 
 def _noisy(logits: Tensor, noise_std: float, num_experts: int, training: bool,
@@ -274,8 +276,9 @@ class SoftRouter(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits = torch.einsum("gsd,dn->gsn", F.normalize(x.float(), dim=-1),
-                              F.normalize(self.slot_embed.float(), dim=0)) * self.scale
+        with torch.autocast(x.device.type, enabled=False):  # fp32 weights, as the top-k routers' logits
+            logits = torch.einsum("gsd,dn->gsn", F.normalize(x.float(), dim=-1),
+                                  F.normalize(self.slot_embed.float(), dim=0)) * self.scale
         masked = logits.masked_fill(~valid.unsqueeze(-1), float("-inf"))
         dispatch = torch.softmax(masked, dim=1)
         # A group with no valid token would give NaN columns; make them 0 instead.
