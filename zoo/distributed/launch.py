@@ -49,7 +49,11 @@ def spawn(fn: Callable, world_size: int, *args: Any, backend: Optional[str] = No
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes that share a process group
     (rendezvous on 127.0.0.1 at a free port). ``fn`` must be importable (a module-level function); an
     exception in any process is raised here. ``threads``: torch intra-op threads per process.
-    ``start_method="fork"`` starts much faster (no re-import) but only suits CPU work (no CUDA in the parent)."""
+    ``start_method="fork"`` starts much faster (no re-import) but only suits CPU work: once this process has
+    initialised CUDA, a forked child can use neither CUDA nor autograd (its device threads do not survive a
+    fork), so "fork" then falls back to "spawn"."""
+    if start_method == "fork" and torch.cuda.is_initialized():
+        start_method = "spawn"
     port = free_port()
     mp.start_processes(_entry, args=(fn, world_size, port, backend, threads, args), nprocs=world_size, join=True,
                        start_method=start_method)
