@@ -256,8 +256,12 @@ def train_worker(rank: int, world: int, steps: int, local_batch: int, out_dir: s
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6,
                                    msg=lambda m, _w=f"ep_size={ep_size}: loss curve": f"{_w}: {m}")
         state = full_state_dict(model)
+        # Adam divides each update by the root of its second moment, so a parameter whose gradients are near
+        # zero turns the float rounding of differently ordered gradient sums into an update of up to ~lr: the
+        # parameters get atol 1e-5 (an H100 machine's CPU showed 1.2e-6 in one of 1024 elements), the loss
+        # curve above keeps its tight tolerance.
         for k, v in ref_model.state_dict().items():
-            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-6, msg=lambda m, _w=f"ep_size={ep_size}: {k}": f"{_w}: {m}")
+            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, _w=f"ep_size={ep_size}: {k}": f"{_w}: {m}")
         # Optimizer state: gathered == single-process; and cut again == this rank's live state.
         full_opt = full_optimizer_state_dict(opt, model)
         ref_state = ref_opt.state_dict()["state"]
