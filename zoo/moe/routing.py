@@ -119,6 +119,8 @@ def buffer_ranks(expert_index: Tensor, valid: Optional[Tensor], priority: Option
             ordered_valid = ordered_valid.gather(2, by_priority)
     else:
         ordered_expert = ordered_expert.contiguous()
+    # Memory: the running count is int64 [G, E, K*S] (E=128, k=8 and 32K tokens in one group: 268 MB). No
+    # dispatcher reads positions; a dropless layer that needs the memory could skip them.
     # [G, E, K*S] one-hot of each valid slot's expert, slots last: the running count is then an innermost-dim
     # scan (on CUDA a scan along a middle dim runs one thread per column, far slower).
     ordered_expert = ordered_expert.view(G, 1, K * S)
