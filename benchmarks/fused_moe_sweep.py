@@ -63,7 +63,7 @@ def setup(sh: dict):
     st["dy"] = torch.randn(T, D, device="cuda", dtype=dt, generator=g)
     st["dh"] = torch.empty(TK, H2, device="cuda", dtype=dt)
     st["yslot"] = torch.empty(TK, D, device="cuda", dtype=dt)
-    e_row = fm._sorted_expert(meta, ei, valid.reshape(-1))
+    e_row = fm._sorted_expert(meta)
     st["xs"], _ = fm._gather_rows(x, meta, e_row, K)
     _, st["d_o"] = fm._gather_rows(st["dy"], meta, e_row, K, cw32, unscaled=False, scaled=True)
     st["dw1"] = torch.empty_like(w1)

@@ -87,7 +87,7 @@ def ours_dispatch_combine() -> Callable:
         T, K = ei.shape
         valid = (keep.bool() & (ei >= 0) & (ei < E)).to(torch.uint8)
         meta = route(ei, valid, E)
-        e_row = _sorted_expert(meta, ei.reshape(-1), valid.reshape(-1))
+        e_row = _sorted_expert(meta)
         rows, _ = _gather_rows(x, meta, e_row, K)
         return _combine(rows, valid.reshape(-1), T, K, x.dtype, idx=_inverse_perm(meta), w=cw)
 

@@ -719,11 +719,10 @@ def _rows_grid(R, N):
     return (triton.cdiv(R, BR), triton.cdiv(N, BH)), BR, BH
 
 
-def _sorted_expert(meta: RouteMeta, e_flat: Optional[Tensor] = None, valid_flat: Optional[Tensor] = None) -> Tensor:
+def _sorted_expert(meta: RouteMeta) -> Tensor:
     """Expert of each sorted row (int32), E for the rows past the kept ones. Expert e owns the rows
     starts[e] .. starts[e] + counts[e] - 1, so a row's expert is the number of experts that end at or before
-    it: one search over the E ends instead of gathering every row's expert and flag (three kernels, not six).
-    ``e_flat`` / ``valid_flat`` are no longer read (kept for callers such as benchmarks/moe_peers.py)."""
+    it: one search over the E ends instead of gathering every row's expert and flag (three kernels, not six)."""
     rows = torch.arange(meta.sorted_slot.numel(), dtype=torch.int32, device=meta.starts.device)
     return torch.searchsorted(meta.starts + meta.counts, rows, right=True, out_int32=True)
 

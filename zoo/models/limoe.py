@@ -340,16 +340,19 @@ class LIMoE(nn.Module):
             tokens, mask = tokens[:, :keep], mask[:, :keep]
         L = tokens.shape[1]
         p = self.config.text_token_dropout
-        special = (tokens == self.config.eot_token_id) | (torch.arange(L, device=tokens.device) == 0)
-        if self.config.mask_unseen_tokens:
-            if self.training:  # record before dropout: a dropped word was still seen in a training caption
-                # (invalid positions write the always-kept EOT id: no boolean indexing, so no host sync)
-                seen = torch.where(mask, tokens, self.config.eot_token_id).flatten()
-                self.seen_tokens.index_fill_(0, seen, True)
-            else:
+        if self.config.mask_unseen_tokens and self.training:
+            # Record before dropout: a dropped word was still seen in a training caption. Invalid positions
+            # write the always-kept EOT id: no boolean indexing, so no host sync.
+            seen = torch.where(mask, tokens, self.config.eot_token_id).flatten()
+            self.seen_tokens.index_fill_(0, seen, True)
+        unseen_masked = self.config.mask_unseen_tokens and not self.training
+        dropped = self.training and p > 0
+        if unseen_masked or dropped:  # SOT and EOT are always kept
+            special = (tokens == self.config.eot_token_id) | (torch.arange(L, device=tokens.device) == 0)
+            if unseen_masked:
                 mask = mask & (special | self.seen_tokens[tokens])
-        if self.training and p > 0:
-            mask = mask & (special | (torch.rand(tokens.shape, device=tokens.device) >= p))
+            if dropped:
+                mask = mask & (special | (torch.rand(tokens.shape, device=tokens.device) >= p))
         x = self.token_embed(tokens) + self.text_pos_embed[:, :L]
         out, aux, losses, stats = self._run_encoder(x, mask, TEXT)
         return out, mask, aux, losses, stats
