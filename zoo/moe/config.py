@@ -49,6 +49,9 @@ class MoEConfig:
         capacity_from_valid_tokens: compute the per-group capacity from the number of valid (unmasked) tokens
             of the fullest group instead of the group length S, so padding neither takes nor adds capacity
             (LIMoE text). False keeps V-MoE's ``ceil(S * k * cf / E)``.
+        compile_routing: run the top-k router's decision and the auxiliary losses / statistics as
+            ``torch.compile`` graphs (:mod:`zoo.moe.compiled`): None = on CUDA only (where eager launches of their
+            small kernels slow the step), True = also on CPU, False = never. Same results either way (tested).
     """
 
     num_experts: int = 8
@@ -80,6 +83,7 @@ class MoEConfig:
     global_entropy_weight_by_modality: Optional[tuple[float, ...]] = None
     global_entropy_min_experts_by_modality: Optional[tuple[float, ...]] = None
     capacity_from_valid_tokens: bool = False
+    compile_routing: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:

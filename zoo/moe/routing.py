@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.moe.compiled import maybe_compiled
+
 
 def compute_capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float,
                      multiple_of: int = 4) -> int:
@@ -74,11 +76,11 @@ class Routing:
     expert_demand: Optional[Tensor] = None
 
 
-def _router_logits(router: nn.Linear, x: Tensor) -> Tensor:
+def _router_logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     # Routing decisions are made in fp32: bf16 logits tie and flip top-k choices between runs/paths. Autocast is
     # turned off here, or it would cast this matmul back to bf16 under mixed-precision training.
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), router.weight.float(), None if router.bias is None else router.bias.float())
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
 def _noisy(logits: Tensor, noise_std: float, num_experts: int, training: bool,
@@ -164,11 +166,14 @@ class TopKRouter(nn.Module):
     probabilities, not renormalised (``renormalize=True`` gives the Mixtral / MoE-LLaVA behaviour). With
     BPR, tokens of a group are ordered by their top-1 weight and every top-1 choice is placed before any
     top-2 choice; slots past capacity are dropped. In eval mode routing is deterministic (no noise).
+
+    ``compile_routing`` (None = on CUDA): the decision (:func:`topk_decide`, ~25 small kernels forward and
+    backward) runs as one ``torch.compile`` graph; the noise is drawn outside it, so both paths route alike.
     """
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 1.0, renormalize: bool = False,
                  batch_priority: bool = True, capacity_multiple_of: int = 4,
-                 capacity_from_valid_tokens: bool = False) -> None:
+                 capacity_from_valid_tokens: bool = False, compile_routing: Optional[bool] = None) -> None:
         super().__init__()
         self.capacity_from_valid_tokens = capacity_from_valid_tokens
         self.num_experts = num_experts
@@ -176,6 +181,7 @@ class TopKRouter(nn.Module):
         self.renormalize = renormalize
         self.batch_priority = batch_priority
         self.capacity_multiple_of = capacity_multiple_of
+        self.compile_routing = compile_routing
         self.proj = nn.Linear(dim, num_experts, bias=False)
         self.generator: Optional[torch.Generator] = None  # tests set one for reproducible noise
 
@@ -185,35 +191,54 @@ class TopKRouter(nn.Module):
         ``all_valid=True`` promises that ``valid`` is all True (no mask): the masking kernels are skipped."""
         G, S, _ = x.shape
         E = self.num_experts
-        logits = _router_logits(self.proj, x)
-        noisy_logits, std = _noisy(logits, self.noise_std, E, self.training, self.generator)
-        clean_probs = torch.softmax(logits, dim=-1)
-        probs = torch.softmax(noisy_logits, dim=-1) if std > 0 else clean_probs
-        weight, expert_index = torch.topk(probs, top_k, dim=-1)  # [G, S, K], sorted descending
-        if self.renormalize:
-            weight = weight / weight.sum(dim=-1, keepdim=True)
-        slot_valid = valid.unsqueeze(-1).expand(G, S, top_k)
-        priority = None
-        if self.batch_priority:
-            priority = weight[..., 0].detach()
-            if not all_valid:  # masked tokens last (weights are >= 0)
-                priority = torch.where(valid, priority, -1.0)
-        rank, demand = buffer_ranks(expert_index, None if all_valid else slot_valid, priority, E)
-        if capacity_factor is None:
-            capacity = None
-            keep = slot_valid
-        else:
+        std = self.noise_std / E if self.training else 0.0
+        noise = None
+        if std != 0.0:
+            noise = torch.randn((G, S, E), device=x.device, dtype=torch.float32, generator=self.generator)
+        capacity = None
+        if capacity_factor is not None:
             n = S if all_valid else capacity_tokens(valid, self.capacity_from_valid_tokens)
             capacity = compute_capacity(n, E, top_k, capacity_factor, self.capacity_multiple_of)
-            keep = rank <= capacity
-            if not all_valid:
-                keep &= slot_valid
-        # Products with the 0/1 mask, not where(): the same numbers (ranks are integers, weights finite
-        # probabilities) without a scalar tensor per fill value.
-        position = rank * keep - 1
-        combine_weight = weight * keep
-        return Routing(expert_index, combine_weight, keep, position, probs, clean_probs, logits,
-                       noisy_logits, std, capacity, top_k, demand)
+        decide = maybe_compiled(topk_decide, self.compile_routing, x.device)
+        out = decide(x, self.proj.weight, self.proj.bias, noise, std, valid, all_valid, top_k, capacity,
+                     self.renormalize, self.batch_priority)
+        return Routing(*out[:8], std, capacity, top_k, out[8])
+
+
+def topk_decide(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
+                valid: Tensor, all_valid: bool, top_k: int, capacity: Optional[int], renormalize: bool,
+                batch_priority: bool) -> tuple[Tensor, ...]:
+    """:class:`TopKRouter`'s decision as a function of tensors (``torch.compile`` takes it whole).
+
+    ``x`` [G, S, D], router ``weight`` [E, D], ``noise`` [G, S, E] standard normal (None: no noise) scaled by
+    ``noise_std``, ``valid`` [G, S], ``capacity`` C or None (dropless). Returns the :class:`Routing` fields
+    expert_index, combine_weight, keep, position, probs, clean_probs, logits, noisy_logits, expert_demand."""
+    G, S, _ = x.shape
+    E = weight.shape[0]
+    logits = _router_logits(x, weight, bias)
+    noisy_logits = logits if noise is None else logits + noise_std * noise
+    clean_probs = torch.softmax(logits, dim=-1)
+    probs = clean_probs if noise is None else torch.softmax(noisy_logits, dim=-1)
+    combine, expert_index = torch.topk(probs, top_k, dim=-1)  # [G, S, K], sorted descending
+    if renormalize:
+        combine = combine / combine.sum(dim=-1, keepdim=True)
+    slot_valid = valid.unsqueeze(-1).expand(G, S, top_k)
+    priority = None
+    if batch_priority:
+        priority = combine[..., 0].detach()
+        if not all_valid:  # masked tokens last (weights are >= 0)
+            priority = torch.where(valid, priority, -1.0)
+    rank, demand = buffer_ranks(expert_index, None if all_valid else slot_valid, priority, E)
+    if capacity is None:
+        keep = slot_valid
+    else:
+        keep = rank <= capacity
+        if not all_valid:
+            keep = keep & slot_valid
+    # Products with the 0/1 mask, not where(): the same numbers (ranks are integers, weights finite
+    # probabilities) without a scalar tensor per fill value.
+    position = rank * keep - 1
+    return expert_index, combine * keep, keep, position, probs, clean_probs, logits, noisy_logits, demand
 
 
 class ExpertChoiceRouter(nn.Module):
@@ -237,7 +262,7 @@ class ExpertChoiceRouter(nn.Module):
     def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float]) -> Routing:
         G, S, _ = x.shape
         E = self.num_experts
-        logits = _router_logits(self.proj, x)
+        logits = _router_logits(x, self.proj.weight, self.proj.bias)
         noisy_logits, std = _noisy(logits, self.noise_std, E, self.training, self.generator)
         clean_probs = torch.softmax(logits, dim=-1)
         probs = torch.softmax(noisy_logits, dim=-1) if std > 0 else clean_probs

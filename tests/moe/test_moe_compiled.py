@@ -1,0 +1,89 @@
+"""``compile_routing``: the router decision and the aux losses / statistics as ``torch.compile`` graphs give the
+same outputs, losses, statistics and gradients as the eager reference (CPU here; CUDA compiles them by default)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from zoo.moe import MoEConfig, MoELayer
+from zoo.moe.compiled import compile_enabled, maybe_compiled
+from zoo.moe.layer import sparse_aux
+from zoo.moe.routing import topk_decide
+
+CASES = {
+    # V-MoE: noisy top-2, batch priority, capacity 1.05, importance + load losses, no mask (the all-valid path).
+    "vmoe": (dict(num_experts=4, top_k=2, group_size=2), False, False),
+    # LIMoE / LLM text: padding mask, modality ids, entropy losses per modality, capacity from the valid tokens,
+    # renormalised weights, token order.
+    "masked_modalities": (dict(num_experts=4, top_k=1, group_size=None, num_modalities=2, renormalize=True,
+                               batch_priority=False, capacity_from_valid_tokens=True, local_entropy_weight=0.1,
+                               global_entropy_weight=0.2, global_entropy_min_experts=2.0, z_loss_weight=1e-3),
+                          True, True),
+}
+
+
+def _run(layer: MoELayer, x: torch.Tensor, mask, modality, seed: int):
+    layer.zero_grad(set_to_none=True)
+    layer.router.generator = torch.Generator().manual_seed(seed)
+    x = x.clone().requires_grad_(True)
+    y = layer(x, mask=mask, modality=modality)
+    aux = layer.aux
+    (y.square().sum() + aux.loss).backward()
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), aux, x.grad, grads
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_routing_matches_eager(case):
+    kwargs, masked, with_modality = CASES[case]
+    torch.manual_seed(0)
+    eager = MoELayer(16, 24, MoEConfig(**kwargs, compile_routing=False)).train()
+    compiled = MoELayer(16, 24, MoEConfig(**kwargs, compile_routing=True)).train()
+    compiled.load_state_dict(eager.state_dict())
+    B, S = 4, 10
+    x = torch.randn(B, S, 16)
+    mask = torch.rand(B, S) > 0.3 if masked else None
+    modality = (torch.arange(S) >= 6).long().expand(B, S).contiguous() if with_modality else None
+    calls, ref_calls = [], []
+    compiled.router.register_forward_hook(lambda mod, args, out: calls.append(out))  # hooks still see the Routing
+    eager.router.register_forward_hook(lambda mod, args, out: ref_calls.append(out))
+    torch._dynamo.utils.counters.clear()
+    for seed in (1, 2):  # a second call reuses the compiled graphs
+        ref = _run(eager, x, mask, modality, seed)
+        got = _run(compiled, x, mask, modality, seed)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1].loss, ref[1].loss, rtol=1e-5, atol=1e-7)
+        assert got[1].losses.keys() == ref[1].losses.keys() and len(ref[1].losses) >= 2
+        for name in ref[1].losses:
+            torch.testing.assert_close(got[1].losses[name], ref[1].losses[name], rtol=1e-5, atol=1e-7)
+        for field in dataclasses.fields(ref[1].stats):
+            a, b = getattr(got[1].stats, field.name), getattr(ref[1].stats, field.name)
+            if isinstance(b, torch.Tensor):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=field.name)
+            else:
+                assert a == b, field.name
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)
+        assert got[3].keys() == ref[3].keys() and "router.proj.weight" in ref[3]
+        for name in ref[3]:
+            torch.testing.assert_close(got[3][name], ref[3][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert len(calls) == len(ref_calls) == 2
+    for got_r, ref_r in zip(calls, ref_calls):
+        for name in ("expert_index", "keep", "position", "expert_demand"):
+            assert torch.equal(getattr(got_r, name), getattr(ref_r, name)), name
+    # Both functions were compiled (one graph each, fullgraph), and the second call recompiled nothing.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    if masked:  # padding took no capacity and got no weight
+        assert not calls[-1].keep[~mask.reshape(1, -1)].any()
+
+
+def test_compile_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not compile_enabled(None, cpu) and compile_enabled(None, cuda)
+    assert compile_enabled(True, cpu) and not compile_enabled(False, cuda)
+    assert maybe_compiled(topk_decide, False, cpu) is topk_decide
+    assert maybe_compiled(sparse_aux, None, cpu) is sparse_aux
+    compiled = maybe_compiled(topk_decide, True, cpu)
+    assert compiled is not topk_decide and maybe_compiled(topk_decide, True, cuda) is compiled  # one per function
