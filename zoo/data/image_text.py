@@ -5,7 +5,10 @@ Batches are dicts:
 - training: ``{"image": float32 [B, C, H, W], "text": int64 [B, L], "label": int64 [B]}`` - one caption per
   image (a random template / a random one of the image's captions, drawn anew every epoch);
 - evaluation (val / test): the same, except that caption datasets give every caption of an image,
-  ``"text": [B, K, L]`` with ``"num_captions": [B]`` (rows past it are all padding), for retrieval.
+  ``"text": [B, K, L]`` with ``"num_captions": [B]`` (rows past it are all padding), for retrieval;
+- extra training views for self-supervision (caption datamodules, off by default): ``image_views=2`` adds
+  ``"image_view2" [B, C, H, W]``, a second, independently augmented view of the same photo, and ``text_views=2``
+  adds ``"text_view2" [B, L]``, a different caption of the same photo (see :class:`ImageTextCSVDataModule`).
 
 ``label`` is the class id for class-caption data and the image's index for caption data (two items with the
 same label are positives for ``ContrastiveTask(positives="labels")``).
@@ -339,18 +342,84 @@ def random_resized_crop_flip(scale: tuple[float, float] = (0.5, 1.0), ratio: tup
     return augment
 
 
+def _gray(image: torch.Tensor) -> torch.Tensor:
+    """[C, H, W] float -> [1, H, W] luma (ITU-R 601-2 weights for RGB, the channel mean otherwise)."""
+    if image.shape[0] == 3:
+        return (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]).unsqueeze(0)
+    return image.mean(0, keepdim=True)
+
+
+def color_jitter_grayscale(strength: float = 1.0, p_jitter: float = 0.8, p_gray: float = 0.2,
+                           pixel_max: float = 255.0):
+    """SimCLR's colour distortion (Chen et al. 2020) for one ``[C, H, W]`` image with pixels in ``[0, pixel_max]``
+    (any dtype, output same dtype and size): with probability ``p_jitter`` jitter brightness, contrast and
+    saturation (in a random order) by factors drawn uniformly from ``[max(0, 1 - 0.8 s), 1 + 0.8 s]``
+    (torchvision's ``ColorJitter(0.8 s, 0.8 s, 0.8 s)`` blends, clamped after each), then with probability
+    ``p_gray`` convert to grayscale. SimCLR's hue jitter (0.2 s) is left out. torch's global RNG, like
+    :func:`random_resized_crop_flip`."""
+    s = float(strength)
+    if s < 0 or not 0 <= p_jitter <= 1 or not 0 <= p_gray <= 1:
+        raise ValueError(f"need strength >= 0 and probabilities in [0, 1], got {strength}, {p_jitter}, {p_gray}")
+    lo, hi = max(0.0, 1.0 - 0.8 * s), 1.0 + 0.8 * s
+
+    def augment(image: torch.Tensor) -> torch.Tensor:
+        x = image.float()
+        if float(torch.rand(())) < p_jitter:
+            factors = lo + (hi - lo) * torch.rand(3)
+            for op in torch.randperm(3).tolist():
+                f = float(factors[op])
+                if op == 0:  # brightness: blend with black
+                    x = x * f
+                elif op == 1:  # contrast: blend with the mean grey level
+                    x = f * x + (1 - f) * _gray(x).mean()
+                else:  # saturation: blend with the grayscale image
+                    x = f * x + (1 - f) * _gray(x)
+                x = x.clamp(0, pixel_max)
+        if float(torch.rand(())) < p_gray:
+            x = _gray(x).expand_as(x)
+        return x.to(image.dtype) if image.is_floating_point() else x.round().clamp(0, pixel_max).to(image.dtype)
+
+    return augment
+
+
+def chain_augment(*steps):
+    """One augmentation applying ``steps`` in order (None steps are skipped; None when none is left)."""
+    steps = [f for f in steps if f is not None]
+    if not steps:
+        return None
+
+    def augment(image: torch.Tensor) -> torch.Tensor:
+        for f in steps:
+            image = f(image)
+        return image
+
+    return augment
+
+
 class CaptionedImageDataset(Dataset):
     """Images (an :class:`InMemoryImageDataset` whose labels are image indices) with their tokenized captions.
 
     ``captions [N_images, K, L]`` (rows past ``num_captions[i]`` are padding). ``train=True``: one random
     caption of the image per access, ``"text" [L]``; ``train=False`` or ``all_captions=True``: all of them,
     ``"text" [K, L]`` and ``"num_captions"``.
+
+    Extra views (training split only): ``image_view2`` (an :class:`InMemoryImageDataset` over the same rows as
+    ``images``, with its own augmentation) adds ``"image_view2"``, the same photo augmented again independently;
+    ``text_views=2`` adds ``"text_view2" [L]``, a caption of the same photo other than ``"text"`` (drawn
+    uniformly among the others; the same caption when the photo has only one). Random draws per item, in this
+    order: the image's augmentation, the caption, the second view's augmentation, the second caption.
     """
 
     def __init__(self, images: InMemoryImageDataset, captions: torch.Tensor, num_captions: torch.Tensor,
-                 train: bool, all_captions: bool = False) -> None:
+                 train: bool, all_captions: bool = False, image_view2: Optional[InMemoryImageDataset] = None,
+                 text_views: int = 1) -> None:
         self.images, self.captions, self.num_captions = images, captions, num_captions
         self.train = train and not all_captions
+        if image_view2 is not None and (not train or len(image_view2) != len(images)):
+            raise ValueError("image_view2 is for the training split and must cover the same rows as images")
+        if text_views not in (1, 2) or (text_views == 2 and not self.train):
+            raise ValueError("text_views=2 needs a training split with one caption per item (train_all_captions off)")
+        self.image_view2, self.text_views = image_view2, text_views
 
     def __len__(self) -> int:
         return len(self.images)
@@ -360,9 +429,17 @@ class CaptionedImageDataset(Dataset):
         row = int(index)
         n = int(self.num_captions[row])
         if self.train:
-            return {"image": image, "text": self.captions[row, int(torch.randint(n, ()))], "label": index}
-        return {"image": image, "text": self.captions[row], "label": index,
-                "num_captions": torch.as_tensor(n, dtype=torch.long)}
+            c = int(torch.randint(n, ()))
+            item = {"image": image, "text": self.captions[row, c], "label": index}
+        else:
+            item = {"image": image, "text": self.captions[row], "label": index,
+                    "num_captions": torch.as_tensor(n, dtype=torch.long)}
+        if self.image_view2 is not None:
+            item["image_view2"] = self.image_view2[i][0]
+        if self.text_views == 2:
+            c2 = (c + 1 + int(torch.randint(n - 1, ()))) % n if n > 1 else c
+            item["text_view2"] = self.captions[row, c2]
+        return item
 
 
 class ImageTextCSVDataModule(_ImageTextDataModule):
@@ -383,6 +460,18 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
             uses every caption as a positive of its image in one step) instead of one random caption.
         max_captions: captions kept per image (first ones); None = all (eval pads to the largest count).
         mean, std: normalisation (default CLIP's).
+        image_views: 2 adds ``"image_view2" [B, C, H, W]`` to training batches: the same photo augmented again,
+            independently (the same crop / flip as ``"image"`` when ``augment``, then the colour distortion of
+            ``view_color_jitter``); for SimCLR-style self-supervision (``ContrastiveTask(image_ssl_weight>0)``,
+            SLIP). With ``augment=False`` and no colour jitter the two views are equal. 1 (default) = off.
+        view_color_jitter: strength ``s`` of SimCLR's colour distortion (:func:`color_jitter_grayscale`) applied
+            to the second view only (the first view also feeds the image-text loss, which is left as it is);
+            0 (default) = none.
+        text_views: 2 adds ``"text_view2" [B, L]`` to training batches: a different caption of the same photo
+            (for text-text self-supervision, ``ContrastiveTask(text_ssl_weight>0)``); needs
+            ``train_all_captions`` off. 1 (default) = off.
+
+    Validation and test batches never carry extra views.
     """
 
     def __init__(
@@ -404,6 +493,9 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         pin_memory: bool = False,
+        image_views: int = 1,
+        view_color_jitter: float = 0.0,
+        text_views: int = 1,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, context_length, pin_memory)
         self.csv_path = csv_path
@@ -417,6 +509,18 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
         self.train_all_captions = bool(train_all_captions)
         self.max_captions = max_captions
         self.mean, self.std = tuple(mean), tuple(std)
+        for name, views in (("image_views", image_views), ("text_views", text_views)):
+            if check_positive_int(name, views) > 2:
+                raise ValueError(f"{name} must be 1 or 2, got {views}")
+        self.image_views, self.text_views = int(image_views), int(text_views)
+        if self.text_views == 2 and self.train_all_captions:
+            raise ValueError("text_views=2 draws two captions per image; with train_all_captions=True every caption "
+                             "is already in the batch: turn one of them off")
+        self.view_color_jitter = float(view_color_jitter)
+        if self.view_color_jitter < 0:
+            raise ValueError(f"view_color_jitter must be >= 0, got {view_color_jitter}")
+        if self.view_color_jitter > 0 and self.image_views < 2:
+            raise ValueError("view_color_jitter applies to the second image view: set image_views=2 as well")
         self.image_names: list[str] = []
         self.split_indices: dict[str, np.ndarray] = {}
         self.save_hyperparameters()
@@ -479,7 +583,13 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
         augment = random_resized_crop_flip(self.crop_scale) if self.augment else None
         train, val, test = image_splits(pixels, ids, self.mean, self.std, 255.0, train_idx, [val_idx, test_idx],
                                         augment)
-        return (CaptionedImageDataset(train, captions, counts, True, self.train_all_captions),
+        view2 = None
+        if self.image_views == 2:
+            colour = color_jitter_grayscale(self.view_color_jitter) if self.view_color_jitter > 0 else None
+            view2 = InMemoryImageDataset(pixels, ids, self.mean, self.std, 255.0, indices=train_idx,
+                                         augment=chain_augment(augment, colour))
+        return (CaptionedImageDataset(train, captions, counts, True, self.train_all_captions, view2,
+                                      self.text_views),
                 CaptionedImageDataset(val, captions, counts, False, self.train_all_captions),
                 CaptionedImageDataset(test, captions, counts, False, self.train_all_captions))
 
@@ -512,11 +622,15 @@ class Flickr8kDataModule(ImageTextCSVDataModule):
         crop_scale: Sequence[float] = (0.5, 1.0),
         train_all_captions: bool = False,
         pin_memory: bool = False,
+        image_views: int = 1,
+        view_color_jitter: float = 0.0,
+        text_views: int = 1,
     ) -> None:
         super().__init__(csv_path=self.CAPTIONS, image_root=None, image_size=image_size, batch_size=batch_size,
                          num_workers=num_workers, seed=seed, context_length=context_length, num_train=num_train,
                          num_test=num_test, num_val=num_val, augment=augment, crop_scale=crop_scale,
-                         train_all_captions=train_all_captions, pin_memory=pin_memory)
+                         train_all_captions=train_all_captions, pin_memory=pin_memory, image_views=image_views,
+                         view_color_jitter=view_color_jitter, text_views=text_views)
         self.data_dir = data_dir
         self.save_hyperparameters()
 
@@ -594,6 +708,9 @@ class MixedImageTextDataModule(_ImageTextDataModule):
         if self.extra and getattr(main, "train_all_captions", False):
             raise ValueError("main.train_all_captions=True gives [K, L] captions per item, extras give one: "
                              "turn train_all_captions off to mix in extra datasets")
+        if self.extra and (getattr(main, "image_views", 1) > 1 or getattr(main, "text_views", 1) > 1):
+            raise ValueError("main gives extra training views (image_views / text_views = 2), the extra datasets do "
+                             "not: set them to 1 to mix in extra datasets")
         self.image_size, self.in_chans = int(main.image_size), int(main.in_chans)
         self.class_names = main.class_names
         self.zero_shot_templates = main.zero_shot_templates
