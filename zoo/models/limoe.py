@@ -161,10 +161,16 @@ class LIMoEOutput(ModelOutput):
     :class:`RoutingStats` per MoE layer combining both modalities (``tokens_per_expert_by_modality`` row 0 =
     image tokens, row 1 = text tokens; ``top1_expert`` rows = the images, then the texts, padded with -1 to the
     longer sequence); ``image_routing`` / ``text_routing`` keep each pass's own statistics.
+    ``image_features`` [B_img, D]: the pooled image tokens before the projection (what an extra head, e.g. the
+    SimCLR head of :class:`zoo.tasks.contrastive.ContrastiveTask`, reads); ``image_aux_loss`` /
+    ``text_aux_loss``: each pass's own share of ``aux_loss`` (None for a modality that was not given).
     """
 
     image_embeds: Optional[Tensor] = None
     text_embeds: Optional[Tensor] = None
+    image_features: Optional[Tensor] = None
+    image_aux_loss: Optional[Tensor] = None
+    text_aux_loss: Optional[Tensor] = None
     logit_scale: Optional[Tensor] = None
     logit_bias: Optional[Tensor] = None
     image_routing: list[RoutingStats] = field(default_factory=list)
@@ -393,17 +399,18 @@ class LIMoE(nn.Module):
         device = (images if images is not None else text).device
         aux = torch.zeros((), device=device)
         losses: dict[str, Tensor] = {}
-        img_emb = txt_emb = None
+        img_emb = txt_emb = img_feat = img_aux = txt_aux = None
         img_stats: list[RoutingStats] = []
         txt_stats: list[RoutingStats] = []
         if images is not None:
-            tokens, a, l, img_stats = self.image_tokens(images)
-            img_emb = F.normalize(self.image_proj(self._pool_image(tokens)), dim=-1)
-            aux, losses = aux + a, _sum_losses(losses, l)
+            tokens, img_aux, l, img_stats = self.image_tokens(images)
+            img_feat = self._pool_image(tokens)
+            img_emb = F.normalize(self.image_proj(img_feat), dim=-1)
+            aux, losses = aux + img_aux, _sum_losses(losses, l)
         if text is not None:
-            tokens, mask, a, l, txt_stats = self.text_tokens(text, text_mask)
+            tokens, mask, txt_aux, l, txt_stats = self.text_tokens(text, text_mask)
             txt_emb = F.normalize(self.text_proj(self._pool_text(tokens, mask)), dim=-1)
-            aux, losses = aux + a, _sum_losses(losses, l)
+            aux, losses = aux + txt_aux, _sum_losses(losses, l)
         scale, bias = self.scale_and_bias()
         logits = None
         if img_emb is not None and txt_emb is not None:
@@ -413,4 +420,5 @@ class LIMoE(nn.Module):
         return LIMoEOutput(logits=logits, aux_loss=aux, aux_losses=losses,
                            routing=merge_routing_stats(img_stats, txt_stats), image_embeds=img_emb,
                            text_embeds=txt_emb, logit_scale=scale, logit_bias=bias, image_routing=img_stats,
-                           text_routing=txt_stats)
+                           text_routing=txt_stats, image_features=img_feat, image_aux_loss=img_aux,
+                           text_aux_loss=txt_aux)

@@ -8,6 +8,12 @@ The loss kind and the learned temperature (and SigLIP bias) belong to the model 
 positive (multi-positive InfoNCE / sigmoid targets): class-caption data has many captions of one class per
 batch, which plain InfoNCE would push apart as negatives.
 
+Optional self-supervision on the same photos and captions (off by default; for tiny image-text sets such as the
+Flickr8k 1k subset, where contrastive training from scratch plateaus): ``image_ssl_weight`` adds SLIP's SimCLR
+loss between two augmented views of each image (:func:`nt_xent_loss`), ``text_ssl_weight`` an InfoNCE loss
+between two captions of the same image (DeCLIP-style multi-view supervision); see :class:`ContrastiveTask`.
+The datamodule supplies the views (``image_views=2`` / ``text_views=2`` of the caption datamodules).
+
 Evaluation (val / test), from the datamodule (:mod:`zoo.data.image_text`):
 
 - zero-shot classification when it has ``class_names`` and ``zero_shot_templates``: class embedding = the
@@ -98,6 +104,28 @@ def contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Ten
         z = positives.float() * 2 - 1
         return -F.logsigmoid(z * logits).sum() / N
     raise ValueError(f"unknown contrastive loss {kind!r}; expected 'softmax' or 'sigmoid'")
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+    """SimCLR's NT-Xent loss (Chen et al. 2020; SLIP's ``SIMCLRLoss``) of two views ``z1``, ``z2`` [N, D] (row i
+    of both = the same image; normalised here).
+
+    With ``z = normalize(cat(z1, z2))`` [2N, D] and ``s_ij = z_i . z_j / temperature``, every one of the 2N rows
+    is a softmax classification of its other view among the 2N - 1 other rows (the other view of itself and
+    both views of every other image are the negatives; itself is excluded), averaged over the 2N rows:
+    ``mean_i -log(exp(s_i,p(i)) / sum_{k != i} exp(s_ik))``. Unlike :func:`contrastive_loss`, which only contrasts
+    across the two sets, the same-view pairs are negatives too.
+    """
+    if z1.ndim != 2 or z1.shape != z2.shape or z1.shape[0] < 1:
+        raise ValueError(f"need two [N, D] views of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    N = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
+    logits = (z @ z.t()) / temperature
+    logits = logits.masked_fill(torch.eye(2 * N, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(N, 2 * N), torch.arange(N)]).to(z.device)
+    return F.cross_entropy(logits, target)
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -406,6 +434,34 @@ class ContrastiveTask(ZooTask):
         plot_dir: where the task writes plots on its own: after every test when given, and with ``plot_val``
             (None = ``<trainer.log_dir or default_root_dir>/plots``). Without it test plots come only from
             :meth:`write_test_plots`, so a tool that evaluates (``eval.py``) decides where they go.
+        image_ssl_weight: weight of an image self-supervision loss added to the training loss (0 = off, the
+            default). SLIP (Mu et al. 2021) trains CLIP's loss plus SimCLR's NT-Xent between two strongly
+            augmented views of each image, computed on a separate MLP head (768 -> 4096 -> 4096 -> 256 with
+            BatchNorm + ReLU for ViT-B) over the image tower's pooled output, so the contrastive projection is
+            not shared. Here: the batch's ``"image"`` (the view the image-text loss already uses) and a second
+            view ``"image_view2"`` (datamodule option ``image_views=2``; ``view_color_jitter`` adds SimCLR's
+            colour distortion to it) - one extra image pass, where SLIP uses two extra views. Both go through
+            the shared transformer (routers included; LIMoE's patch dropout also differs per pass); the task's
+            own head ``image_ssl_head`` (Linear-BN-ReLU-Linear-BN-ReLU-Linear, SLIP's shape scaled to the tiny
+            models: ``D -> ssl_hidden_dim -> ssl_hidden_dim -> ssl_out_dim``, default ``4D`` and ``D`` for
+            encoder width D) reads the pooled image tokens before the contrastive projection
+            (``LIMoEOutput.image_features``, i.e. ``_pool_image``) and :func:`nt_xent_loss` compares the two
+            views at ``ssl_temperature``. The head exists only when the weight is > 0; it is trained with the
+            model (same optimiser, lr schedule and weight-decay rules) and saved in the task's checkpoint, but is
+            not part of the model (``eval.py`` / :mod:`zoo.hub` use ``model.*`` only).
+        text_ssl_weight: weight of a text-text loss (0 = off): symmetric InfoNCE (:func:`contrastive_loss`, scale
+            ``1 / ssl_temperature``) between the normalised text embeddings of each image's caption and of a
+            DIFFERENT caption of the same image, ``"text_view2"`` (datamodule option ``text_views=2``): the two
+            captions are positives, the other images' captions negatives (with ``positives="labels"``, equal
+            labels are positives). One extra text pass.
+        ssl_temperature: temperature of both self-supervised losses (SLIP / SimCLR: 0.1).
+        ssl_hidden_dim, ssl_out_dim: sizes of ``image_ssl_head`` (None: 4 x and 1 x the encoder width).
+
+    MoE auxiliary losses of the extra passes: each extra pass goes through the same routers and has its own
+    auxiliary (LIMoE entropy) losses. The loss keeps one auxiliary term per modality: with a second view of a
+    modality, that modality's term is the MEAN over its two passes (``(main + view2) / 2``), so the routers are
+    regularised on both views while the auxiliary weight per modality stays that of the recipe (only the
+    self-supervised loss differs from a run without it). ``train/aux_loss`` logs that total.
     """
 
     def __init__(
@@ -429,6 +485,11 @@ class ContrastiveTask(ZooTask):
         retrieval_ks: Sequence[int] = (1, 5, 10),
         plot_val: bool = False,
         plot_dir: Optional[str] = None,
+        image_ssl_weight: float = 0.0,
+        text_ssl_weight: float = 0.0,
+        ssl_temperature: float = 0.1,
+        ssl_hidden_dim: Optional[int] = None,
+        ssl_out_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -436,7 +497,14 @@ class ContrastiveTask(ZooTask):
             raise ValueError(f"positives must be 'pairs' or 'labels', got {positives!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if image_ssl_weight < 0 or text_ssl_weight < 0:
+            raise ValueError(f"image_ssl_weight / text_ssl_weight must be >= 0, got {image_ssl_weight}, "
+                             f"{text_ssl_weight}")
+        if ssl_temperature <= 0:
+            raise ValueError(f"ssl_temperature must be > 0, got {ssl_temperature}")
         self.model = self._build_model()
+        # Built after the model, and only when used: a run without it draws the same random numbers as before.
+        self.image_ssl_head: Optional[nn.Module] = self._build_ssl_head() if image_ssl_weight > 0 else None
         self._eval: dict[str, _EvalState] = {}
         self.val_routing: Optional[ModalityRoutingSummary] = None
         self.test_routing: Optional[ModalityRoutingSummary] = None
@@ -453,6 +521,40 @@ class ContrastiveTask(ZooTask):
                 raise TypeError(f"model {hp.model!r} ({type(model).__name__}) is not a dual encoder: no {attr}()")
         self.layer_names = moe_layer_names(model)
         return model
+
+    def _build_ssl_head(self) -> nn.Module:
+        """SLIP's SimCLR head (Linear-BN-ReLU-Linear-BN-ReLU-Linear) scaled to the model's encoder width D."""
+        hp = self.hparams
+        try:
+            D = int(self.model.config.encoder.dim)
+        except AttributeError as err:
+            raise TypeError(f"image_ssl_weight > 0 needs a LIMoE-like model with config.encoder.dim; "
+                            f"{type(self.model).__name__} has none") from err
+        hidden = hp.ssl_hidden_dim or 4 * D
+        out = hp.ssl_out_dim or D
+        return nn.Sequential(nn.Linear(D, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                             nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                             nn.Linear(hidden, out))
+
+    def check_views(self, dm: Any) -> None:
+        """ValueError when a self-supervised loss is on but ``dm`` is set not to give its second view (a
+        datamodule without the ``image_views`` / ``text_views`` option is checked per batch instead)."""
+        for weight, option in (("image_ssl_weight", "image_views"), ("text_ssl_weight", "text_views")):
+            views = getattr(dm, option, None)
+            if self.hparams.get(weight, 0.0) > 0 and views is not None and views < 2:
+                raise ValueError(f"{weight}={self.hparams[weight]} needs a second view from the datamodule, but "
+                                 f"{type(dm).__name__} has {option}={views}: set {option}=2 "
+                                 f"(CLI: --data.init_args.{option}=2)")
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self.attached_datamodule()
+        if stage == "fit" and dm is not None:  # evaluation needs no extra views
+            self.check_views(dm)
+
+    def extra_trainable_modules(self) -> list[nn.Module]:
+        """The SimCLR head joins the optimiser (:class:`~zoo.tasks.optim.RecipeOptimizerMixin`)."""
+        return [self.image_ssl_head] if self.image_ssl_head is not None else []
 
     def take_from_datamodule(self, dm: Any) -> None:
         """Take ``in_chans`` / ``image_size`` / ``context_length`` from the datamodule unless ``model_overrides``
@@ -499,17 +601,66 @@ class ContrastiveTask(ZooTask):
         return contrastive_loss(out.image_embeds, out.text_embeds, scale, bias, self.model.config.loss,
                                 self._positives(batch, owner))
 
+    @staticmethod
+    def _view(batch: dict, key: str, weight: str, option: str) -> Tensor:
+        if key not in batch:
+            raise ValueError(f"{weight} > 0 needs batch[{key!r}] (a second view of each training item), but the batch "
+                             f"has only {sorted(batch)}: set the datamodule's {option}=2 "
+                             f"(CLI: --data.init_args.{option}=2; ImageTextCSVDataModule / Flickr8kDataModule)")
+        return batch[key]
+
+    @staticmethod
+    def _share(out, name: str) -> Tensor:
+        value = getattr(out, name, None)
+        if value is None:
+            raise TypeError(f"the model's output has no {name}; the self-supervised losses need a LIMoE-like "
+                            "dual encoder (zoo.models.limoe.LIMoEOutput)")
+        return value
+
+    def _self_supervised(self, out, batch: dict, owner: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(change of the auxiliary loss, {log name: loss}) of the enabled self-supervised losses (see the class
+        docstring): each extra pass's auxiliary loss replaces half of its modality's main-pass share."""
+        hp = self.hparams
+        aux_delta = out.aux_loss.new_zeros(())
+        losses: dict[str, Tensor] = {}
+        if hp.image_ssl_weight > 0:
+            view = self._view(batch, "image_view2", "image_ssl_weight", "image_views")
+            out2 = self.model(images=view)
+            f1, f2 = self._share(out, "image_features"), self._share(out2, "image_features")
+            losses["image_ssl"] = nt_xent_loss(self.image_ssl_head(f1), self.image_ssl_head(f2), hp.ssl_temperature)
+            aux_delta = aux_delta + (out2.aux_loss - self._share(out, "image_aux_loss")) / 2
+        if hp.text_ssl_weight > 0:
+            view = self._view(batch, "text_view2", "text_ssl_weight", "text_views")
+            if owner is not None:
+                raise ValueError("text_ssl_weight > 0 needs one caption per item (batch['text'] [B, L]); turn "
+                                 "train_all_captions off")
+            out2 = self.model(text=view)
+            scale = torch.tensor(1.0 / hp.ssl_temperature, device=out.text_embeds.device)
+            losses["text_ssl"] = contrastive_loss(out.text_embeds, out2.text_embeds, scale, kind="softmax",
+                                                  positives=self._positives(batch))
+            aux_delta = aux_delta + (out2.aux_loss - self._share(out, "text_aux_loss")) / 2
+        return aux_delta, losses
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         text, owner = self.flatten_captions(batch)
         out = self(batch["image"], text, batch.get("text_mask") if owner is None else None)
         con = self._loss(out, batch, owner)
         aux = out.aux_loss.to(con.dtype)
+        hp = self.hparams
+        ssl: dict[str, Tensor] = {}
+        if hp.get("image_ssl_weight", 0.0) > 0 or hp.get("text_ssl_weight", 0.0) > 0:
+            aux_delta, ssl = self._self_supervised(out, batch, owner)
+            aux = aux + aux_delta.to(con.dtype)
         loss = con + self.hparams.aux_loss_weight * aux
+        for name, value in ssl.items():
+            loss = loss + hp[f"{name}_weight"] * value
         B = batch["image"].shape[0]
         log = dict(on_step=True, on_epoch=False, batch_size=B)
         self.log("train/loss", loss, prog_bar=True, **log)
         self.log("train/contrastive", con, **log)
         self.log("train/aux_loss", aux, **log)
+        for name, value in ssl.items():
+            self.log(f"train/{name}", value.detach(), **log)
         self.log("train/logit_scale", out.logit_scale.detach(), **log)
         for name, value in out.aux_losses.items():
             self.log(f"train/aux/{name}", value.detach().float(), **log)

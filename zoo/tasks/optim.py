@@ -135,9 +135,17 @@ class RecipeOptimizerMixin:
                              "or the task's total_steps")
         return max(1, int(est))
 
+    def extra_trainable_modules(self) -> list[nn.Module]:
+        """Modules trained alongside ``self.model`` that are not part of it (e.g. a task's own loss head); their
+        parameters join the optimiser (same lr, schedule and weight-decay rules). Default: none."""
+        return []
+
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         optimizer = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps)
+        for module in self.extra_trainable_modules():
+            for group in param_groups(module, hp.weight_decay):
+                optimizer.add_param_group(group)
         scheduler = build_scheduler(optimizer, hp.warmup_steps, self.schedule_total_steps(), hp.lr_decay,
                                     hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
