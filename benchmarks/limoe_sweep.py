@@ -31,6 +31,9 @@ _W128 = {"image_size": 64, "patch_size": 8, "embed_dim": 128, "encoder.dim": 128
          "encoder.num_heads": 4, "encoder.mlp_dim": 512}
 _BASE = {"in_chans": 3, "image_size": 32}
 _EMA = ["--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay=0.998"]
+_E200 = ["--trainer.max_epochs=200"]
+_IMG_SSL = ["--data.init_args.image_views=2", "--model.init_args.image_ssl_weight=1.0"]
+_TXT_SSL = ["--data.init_args.text_views=2", "--model.init_args.text_ssl_weight=1.0"]
 VARIANTS = {
     "flickr8k_gpu": {
         "base_32px_w64": [_model(_BASE)],
@@ -103,6 +106,20 @@ VARIANTS = {
                                "--data.init_args.image_size=64", f"--seed_everything={s}"] for s in (0, 1)},
         **{f"ema_seed{s}": [_model(_BASE), *_EMA, f"--seed_everything={s}"] for s in (0, 1)},
         "conv32_ema": [_model({**_BASE, "patch_stem": "conv"}), *_EMA],
+    },
+    # Round 7: self-supervision on the same photos and captions (ContrastiveTask image_ssl_weight / text_ssl_weight,
+    # datamodule image_views / text_views / view_color_jitter; off in the recipe). SLIP-style SimCLR loss between
+    # two augmented views of each image (weights 1.0 and 0.3; with SimCLR colour distortion of the second view),
+    # an InfoNCE loss between two captions of each image, and both. A second view costs about one more forward /
+    # backward pass per step, so the whole round (controls included) runs 200 epochs instead of the recipe's 240
+    # to fit one device command with 8 variants in parallel; ctrl_* are the in-round controls at 200 epochs.
+    "flickr8k_ssl": {
+        **{f"ctrl_seed{s}": [_model(_BASE), *_E200, f"--seed_everything={s}"] for s in (0, 1)},
+        **{f"img1_seed{s}": [_model(_BASE), *_E200, *_IMG_SSL, f"--seed_everything={s}"] for s in (0, 1)},
+        "img0.3": [_model(_BASE), *_E200, "--data.init_args.image_views=2", "--model.init_args.image_ssl_weight=0.3"],
+        "img1_color0.5": [_model(_BASE), *_E200, *_IMG_SSL, "--data.init_args.view_color_jitter=0.5"],
+        "txt1": [_model(_BASE), *_E200, *_TXT_SSL],
+        "img1_txt1": [_model(_BASE), *_E200, *_IMG_SSL, *_TXT_SSL],
     },
 }
 

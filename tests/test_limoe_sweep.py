@@ -1,0 +1,38 @@
+"""benchmarks/limoe_sweep.py: the self-supervision round's variants parse through train.py's CLI and reach the
+task and the datamodule (nothing is trained)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from zoo.tasks.cli import build_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sweep():
+    spec = importlib.util.spec_from_file_location("limoe_sweep", REPO / "benchmarks" / "limoe_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ROUND = _sweep().VARIANTS["flickr8k_ssl"]
+
+
+@pytest.mark.parametrize("name", sorted(ROUND))
+def test_ssl_round_variants_parse(name, tmp_path):
+    args = ["--config", str(REPO / "configs" / "train" / "limoe_flickr8k.yaml"),
+            f"--trainer.default_root_dir={tmp_path}", "--data.init_args.num_val=100", "--test=false", *ROUND[name]]
+    cli = build_cli(args, runs_root=tmp_path)
+    task, dm = cli.model, cli.datamodule
+    assert cli.trainer.max_epochs == 200 and dm.num_val == 100
+    image, text = task.hparams.image_ssl_weight, task.hparams.text_ssl_weight
+    assert (dm.image_views == 2) == (image > 0) and (dm.text_views == 2) == (text > 0)
+    assert (task.image_ssl_head is not None) == (image > 0)
+    expected = {"ctrl": (0.0, 0.0), "img1": (1.0, 0.0), "img0.3": (0.3, 0.0), "txt1": (0.0, 1.0),
+                "img1_txt1": (1.0, 1.0)}
+    key = next(k for k in sorted(expected, key=len, reverse=True) if name.startswith(k))
+    assert (image, text) == expected[key]
+    assert dm.view_color_jitter == (0.5 if "color" in name else 0.0)
