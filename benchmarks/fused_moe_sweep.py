@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Tile-configuration sweep of the fused MoE Triton kernels (one kernel at a time), plus whole
-fused_moe forward / forward+backward timings for both expert-GEMM backends.
+fused_moe forward / forward+backward timings for each expert-GEMM backend.
 
     python benchmarks/fused_moe_sweep.py --out DIR [--compile-only --worker i/n]
 
@@ -28,6 +28,9 @@ GemmConfig = fm.GemmConfig
 
 SHAPES = {
     "vmoe_B_E8k2": dict(T=12608, D=768, H=3072, E=8, K=2, act="gelu_tanh", bias=True),
+    "vmoe_B_E8k2_T25k": dict(T=25216, D=768, H=3072, E=8, K=2, act="gelu_tanh", bias=True),  # train_step.py batch
+    "vmoe_B_E32k1": dict(T=12608, D=768, H=3072, E=32, K=1, act="gelu_tanh", bias=True),
+    "vmoe_S_E8k2": dict(T=12608, D=384, H=1536, E=8, K=2, act="gelu_tanh", bias=True),
     "mixtral_T8k": dict(T=8192, D=4096, H=14336, E=8, K=2, act="swiglu", bias=False),
     "olmoe_T16k": dict(T=16384, D=2048, H=1024, E=64, K=8, act="swiglu", bias=False),
     "finegrained_T16k": dict(T=16384, D=1536, H=256, E=128, K=8, act="swiglu", bias=False),
@@ -120,6 +123,8 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--no-whole", action="store_true")
+    ap.add_argument("--backends", default="triton,triton_gmm_wgrad,hybrid,grouped_mm",
+                    help="fused_moe backends timed whole")
     args = ap.parse_args()
     wi, wn = (int(v) for v in args.worker.split("/"))
     res = {"kernels": {}, "whole": {}}
@@ -128,7 +133,7 @@ def main():
     for sname in args.shapes.split(","):
         sh = SHAPES[sname]
         s = setup(sh)
-        for kind in args.kinds.split(","):
+        for kind in [k for k in args.kinds.split(",") if k]:  # --kinds "" times only the whole fused_moe
             for cfg in cfgs_for(kind, s):
                 job += 1
                 if args.compile_only and job % wn != wi:
@@ -150,7 +155,7 @@ def main():
         fm.CONFIG_OVERRIDE.clear()
         if not args.compile_only and not args.no_whole:
             # whole fused_moe with the current heuristics, both backends
-            for backend in ("triton", "hybrid", "grouped_mm"):
+            for backend in args.backends.split(","):
                 ps = [s["x"].clone().requires_grad_(True), s["cw"].clone().requires_grad_(True),
                       s["w1"].clone().requires_grad_(True), s["w2"].clone().requires_grad_(True)]
 
