@@ -123,7 +123,7 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--no-whole", action="store_true")
-    ap.add_argument("--backends", default="triton,triton_gmm_wgrad,hybrid,grouped_mm",
+    ap.add_argument("--backends", default="triton,hybrid,grouped_mm",
                     help="fused_moe backends timed whole")
     args = ap.parse_args()
     wi, wn = (int(v) for v in args.worker.split("/"))

@@ -10,6 +10,9 @@ too as an outside reference for the dense step. A step = forward (bf16 autocast,
 entropy + MoE auxiliary loss, backward, AdamW update, on the same batch of random 224px images (a pool of
 inputs, so routing changes every step). CUDA events, warm-up, median over steps.
 
+Models run as built (their defaults): on CUDA the MoE layers compile their routing bookkeeping
+(``MoEConfig.compile_routing``); ``moe_uncompiled`` times the same model with it off.
+
 Target (issue 4): ``t_moe <= 1.15 * t_dense * F_moe / F_dense``, F = training FLOPs per image (3x forward),
 counted by :func:`forward_flops` (checked against ``torch.utils.flop_counter`` in the tests). Expert FLOPs
 are nominal: every token reaches its k experts (capacity 1.05 drops a few; the count does not subtract them).
@@ -131,13 +134,15 @@ def build_model(name: str):
         return zoo.create_model("vmoe_b16", **DENSE_OVERRIDES)
     if name == "moe":
         return zoo.create_model("vmoe_b16", **MOE_OVERRIDES)
+    if name == "moe_uncompiled":  # routing bookkeeping eager too (compile_routing=False): what compiling it saves
+        return zoo.create_model("vmoe_b16", **MOE_OVERRIDES, **{"encoder.moe.compile_routing": False})
     if name == "moe_sorted":  # the plain-PyTorch reference dispatcher, for scale
         return zoo.create_model("vmoe_b16", **MOE_OVERRIDES, **{"encoder.moe.dispatch": "sorted"})
     if name == "timm_dense":
         import timm
 
         return timm.create_model("vit_base_patch16_224", num_classes=1000)
-    raise KeyError(f"unknown model {name!r}; expected dense, moe, moe_sorted or timm_dense")
+    raise KeyError(f"unknown model {name!r}; expected dense, moe, moe_uncompiled, moe_sorted or timm_dense")
 
 
 def profile_step(step, out: Path, name: str) -> dict:
@@ -172,7 +177,8 @@ def write_report(data: dict, out: Path) -> None:
     ratio = fm / fd
     lines += [f"Training FLOPs per image (3x forward): V-MoE {3 * fm / 1e9:.1f} G, dense {3 * fd / 1e9:.1f} G, "
               f"ratio {ratio:.3f}.", ""]
-    for suffix, how in (("", "eager (Python launches every kernel)"),
+    for suffix, how in (("", "eager (no CUDA graph: Python launches the kernels; the MoE layers' routing "
+                                "bookkeeping runs as torch.compile graphs, their default on CUDA)"),
                         (GRAPH_SUFFIX, "CUDA graph (both models' whole step captured, replayed)")):
         if "moe" + suffix in r and "dense" + suffix in r:
             t_m, t_d = r["moe" + suffix]["median_ms"], r["dense" + suffix]["median_ms"]
@@ -186,7 +192,9 @@ def write_report(data: dict, out: Path) -> None:
         lines += [data["profile_note"], ""]
     lines += ["| model | median ms/step | min | max | images/s | TFLOP/s (nominal) | peak GB | kernels/step | "
               "host ms/step (profiled) | GPU busy ms/step |", "|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"moe": "V-MoE-B/16 E8 k2 (fused experts)", "moe_sorted": "V-MoE-B/16 E8 k2 (sorted reference dispatch)",
+    names = {"moe": "V-MoE-B/16 E8 k2 (fused experts)",
+             "moe_uncompiled": "V-MoE-B/16 E8 k2 (fused experts, routing bookkeeping not compiled)",
+             "moe_sorted": "V-MoE-B/16 E8 k2 (sorted reference dispatch)",
              "dense": "ViT-B/16 dense (zoo)", "timm_dense": "ViT-B/16 dense (timm)"}
     for key, res in r.items():
         base_key = key.removesuffix(GRAPH_SUFFIX)

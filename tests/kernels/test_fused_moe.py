@@ -52,17 +52,11 @@ CASES = {
                                      pregather={"dw1": True, "dw2": True}),
     "gmm_all_masked": dict(T=9, D=32, H=32, E=3, K=1, act="gelu_tanh", dtype="bfloat16", backend="grouped_mm",
                            pattern="all_masked"),
-    "gmm_wgrad_gelu_bf16_subset": dict(T=30, D=40, H=24, E=5, K=2, act="gelu_tanh", dtype="bfloat16",
-                                       backend="triton_gmm_wgrad", pattern="subset"),
-    "gmm_wgrad_swiglu_bf16_frozen": dict(T=37, D=32, H=48, E=4, K=2, act="swiglu", dtype="bfloat16",
-                                            backend="triton_gmm_wgrad", grads="x_cw"),
 }
 DETERMINISM_CASES = {
     "det_swiglu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="swiglu", dtype="bfloat16"),
     "det_hybrid_swiglu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="swiglu", dtype="bfloat16", backend="hybrid"),
     "det_gmm_gelu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="gelu_tanh", dtype="bfloat16", backend="grouped_mm"),
-    "det_gmm_wgrad_gelu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="gelu_tanh", dtype="bfloat16",
-                                    backend="triton_gmm_wgrad"),
 }
 GPU_CASES = {
     "gpu_gelu_bf16": dict(T=1000, D=256, H=512, E=8, K=2, act="gelu_tanh", dtype="bfloat16"),
@@ -87,17 +81,11 @@ GPU_CASES = {
                                       pregather={"dw1": True, "dw2": False}),
     "gpu_gmm_skewed": dict(T=3000, D=256, H=512, E=16, K=2, act="swiglu", dtype="bfloat16", pattern="skewed",
                            backend="grouped_mm", bias=False),
-    "gpu_gmm_wgrad_gelu_bf16": dict(T=1000, D=256, H=512, E=8, K=2, act="gelu_tanh", dtype="bfloat16",
-                                    backend="triton_gmm_wgrad"),
-    "gpu_gmm_wgrad_subset": dict(T=999, D=256, H=256, E=32, K=2, act="swiglu", dtype="bfloat16",
-                                 backend="triton_gmm_wgrad", pattern="subset"),
 }
 GPU_DETERMINISM_CASES = {
     "gpu_det_big_bf16": dict(T=4096, D=512, H=1024, E=8, K=2, act="swiglu", dtype="bfloat16"),
     "gpu_det_gmm_bf16": dict(T=4096, D=512, H=1024, E=8, K=2, act="swiglu", dtype="bfloat16", backend="grouped_mm"),
     "gpu_det_hybrid_bf16": dict(T=4096, D=512, H=1024, E=8, K=2, act="gelu_tanh", dtype="bfloat16", backend="hybrid"),
-    "gpu_det_gmm_wgrad_bf16": dict(T=4096, D=768, H=3072, E=8, K=2, act="gelu_tanh", dtype="bfloat16",
-                                   backend="triton_gmm_wgrad"),
     "gpu_det_f32": dict(T=2048, D=256, H=512, E=8, K=2, act="gelu_tanh", dtype="float32"),
 }
 
@@ -238,13 +226,13 @@ def _worker(names: list[str]) -> dict:
                 continue
             if name in DETERMINISM_CASES:
                 case = DETERMINISM_CASES[name]
-                if case.get("backend") in ("grouped_mm", "hybrid", "triton_gmm_wgrad") and not _gmm_ok("cpu"):
+                if case.get("backend") in ("grouped_mm", "hybrid") and not _gmm_ok("cpu"):
                     res[name] = {"skip": "torch._grouped_mm missing"}
                     continue
                 res[name] = {"det": run_determinism(case, "cpu"), "sec": time.time() - t0}
                 continue
             case = CASES[name]
-            if case.get("backend") in ("grouped_mm", "hybrid", "triton_gmm_wgrad") and not _gmm_ok("cpu"):
+            if case.get("backend") in ("grouped_mm", "hybrid") and not _gmm_ok("cpu"):
                 res[name] = {"skip": "torch._grouped_mm missing"}
                 continue
             res[name] = {"errs": run_case(case, "cpu"), "sec": time.time() - t0}
@@ -322,7 +310,7 @@ def test_interpreted_route(interp_results):
 @pytest.mark.parametrize("name", list(CASES) + list(GPU_CASES))
 def test_cuda_case(name):
     case = {**CASES, **GPU_CASES}[name]
-    if case.get("backend") in ("grouped_mm", "hybrid", "triton_gmm_wgrad") and not _gmm_ok("cuda"):
+    if case.get("backend") in ("grouped_mm", "hybrid") and not _gmm_ok("cuda"):
         pytest.skip("torch._grouped_mm backend needs sm90+")
     _check(name, case, run_case(case, "cuda"), "cuda")
 
@@ -331,7 +319,7 @@ def test_cuda_case(name):
 @pytest.mark.parametrize("name", list(DETERMINISM_CASES) + list(GPU_DETERMINISM_CASES))
 def test_cuda_determinism(name):
     case = {**DETERMINISM_CASES, **GPU_DETERMINISM_CASES}[name]
-    if case.get("backend") in ("grouped_mm", "hybrid", "triton_gmm_wgrad") and not _gmm_ok("cuda"):
+    if case.get("backend") in ("grouped_mm", "hybrid") and not _gmm_ok("cuda"):
         pytest.skip("torch._grouped_mm backend needs sm90+")
     assert run_determinism(case, "cuda"), f"{name}: two runs differ"
 

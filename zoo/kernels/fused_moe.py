@@ -798,10 +798,7 @@ def _launch_bwd_act(dy, w2, b2, act, hpre, cw, meta: RouteMeta, K: int, swiglu: 
 WGRAD_PREGATHER = {"dw1": False, "dw2": True}
 
 
-def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, hpre, act, needs,
-                     gmm_wgrad=False):
-    """Triton backward; ``gmm_wgrad``: the weight gradients on torch._grouped_mm (CUTLASS, ~2x the Triton wgrad
-    rate on the H100) from operands gathered in sorted order, the rest (dh, dx, d combine weight) in Triton."""
+def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, hpre, act, needs):
     T, D = x.shape
     H = w2.shape[1]
     H2 = w1.shape[2]
@@ -815,11 +812,9 @@ def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, 
         _launch_gemm_scatter("dx", dh, w1, None, None, meta, D, H2, w1.stride(2), w1.stride(1), dxslot)
         dx = _combine(dxslot, valid, T, K, x.dtype)
     e_row = None
-    if (needs["w1"] or needs["b1"] or needs["w2"] or needs["b2"]) and (gmm_wgrad or any(WGRAD_PREGATHER.values())):
+    if (needs["w1"] or needs["b1"] or needs["w2"] or needs["b2"]) and any(WGRAD_PREGATHER.values()):
         e_row = _sorted_expert(meta)
-    if gmm_wgrad:
-        dw1, db1, dw2, db2 = _gmm_wgrad(x, dy, cw, dh, act, b1, b2, meta, e_row, K, needs)
-    elif needs["w1"] or needs["b1"]:
+    if needs["w1"] or needs["b1"]:
         dw1 = torch.empty_like(w1)
         db1 = torch.empty_like(b1) if b1 is not None else None
         if WGRAD_PREGATHER["dw1"]:
@@ -827,7 +822,7 @@ def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, 
             _launch_wgrad("dw1", xs, dh, None, meta, K, D, H2, dw1, db1, gather_a=False, gather_b=False, scale_b=False)
         else:
             _launch_wgrad("dw1", x, dh, None, meta, K, D, H2, dw1, db1, gather_a=True, gather_b=False, scale_b=False)
-    if (needs["w2"] or needs["b2"]) and not gmm_wgrad:
+    if needs["w2"] or needs["b2"]:
         dw2 = torch.empty_like(w2)
         db2 = torch.empty_like(b2) if b2 is not None else None
         if WGRAD_PREGATHER["dw2"]:
@@ -882,34 +877,20 @@ def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, hpr
         R, H, D, E, dA.stride(0), act.stride(0), hpre.stride(0), d_u.stride(0),
         b2.stride(0) if b2 is not None else 0, dh.stride(0),
         SWIGLU=swiglu, HAS_B2=b2 is not None, BR=BR, BH=BH)
-    dx = None
+    dx = dw1 = db1 = dw2 = db2 = None
     if needs["x"]:
         dxs = torch._grouped_mm(dh, w1.transpose(-2, -1), offs=offs)
         dx = _combine(dxs, valid.reshape(-1), T, K, x.dtype, idx=_inverse_perm(meta))
-    dw1, db1, dw2, db2 = _gmm_wgrad(x, dy, cw, dh, act, b1, b2, meta, e_row, K, needs, d_o=d_o, offs=offs)
-    return dx, dcw, dw1, db1, dw2, db2
-
-
-def _gmm_wgrad(x, dy, cw, dh, act, b1, b2, meta: RouteMeta, e_row: Tensor, K: int, needs: dict,
-               d_o: Optional[Tensor] = None, offs: Optional[Tensor] = None):
-    """Expert weight / bias gradients on torch._grouped_mm, grouped along the sorted rows:
-    dw1[e] = x[rows of e]^T @ dh[rows of e], dw2[e] = act[rows of e]^T @ (cw * dy)[rows of e]; biases are the
-    per-expert row sums. ``d_o``: the combine-weighted dy already gathered in sorted order (else gathered here)."""
-    if offs is None:
-        offs = torch.cumsum(meta.counts, 0, dtype=torch.int32)
-    dw1 = db1 = dw2 = db2 = None
     if needs["w1"] or needs["b1"]:
         xs, _ = _gather_rows(x, meta, e_row, K)
         dw1 = _zero_empty_groups(torch._grouped_mm(xs.t(), dh, offs=offs), meta.counts)
         if b1 is not None:
             db1 = _segsum(dh, meta, b1.dtype)
-    if needs["w2"] or needs["b2"]:
-        if d_o is None:
-            _, d_o = _gather_rows(dy, meta, e_row, K, cw, unscaled=False, scaled=True)
+    if need_w2:
         dw2 = _zero_empty_groups(torch._grouped_mm(act.t(), d_o, offs=offs), meta.counts)
         if b2 is not None:
             db2 = _segsum(d_o, meta, b2.dtype)
-    return dw1, db1, dw2, db2
+    return dx, dcw, dw1, db1, dw2, db2
 
 
 # ---------------------------------- autograd ----------------------------------
@@ -939,11 +920,9 @@ class _FusedMoEFunction(torch.autograd.Function):
         dy = dy.to(x.dtype).contiguous()
         ng = ctx.needs_input_grad
         needs = {"x": ng[0], "w1": ng[2], "b1": ng[3], "w2": ng[4], "b2": ng[5]}
-        args = (dy, x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K, swiglu, hpre, act, needs)
-        if bwd_backend == "grouped_mm":
-            dx, dcw, dw1, db1, dw2, db2 = _gmm_backward(*args)
-        else:
-            dx, dcw, dw1, db1, dw2, db2 = _triton_backward(*args, gmm_wgrad=bwd_backend == "triton_gmm_wgrad")
+        bwd = _gmm_backward if bwd_backend == "grouped_mm" else _triton_backward
+        dx, dcw, dw1, db1, dw2, db2 = bwd(dy, x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K, swiglu,
+                                          hpre, act, needs)
         dcw = torch.where(valid.reshape(-1).view(torch.bool), dcw, 0.0)  # the flags are a bool mask's bytes
         dcw = dcw.reshape(cw_shape).to(cw_dtype) if ng[1] else None
         return (dx if ng[0] else None, dcw, dw1 if ng[2] else None, db1 if ng[3] else None,
@@ -951,7 +930,7 @@ class _FusedMoEFunction(torch.autograd.Function):
 
 
 BACKENDS = {"triton": ("triton", "triton"), "grouped_mm": ("grouped_mm", "grouped_mm"),
-            "hybrid": ("triton", "grouped_mm"), "triton_gmm_wgrad": ("triton", "triton_gmm_wgrad")}
+            "hybrid": ("triton", "grouped_mm")}
 
 
 def auto_backend(T: int, K: int, E: int, D: int, H: int, activation: str, grouped_mm_ok: bool) -> str:
@@ -993,9 +972,7 @@ def fused_moe(
 
     ``backend``: "triton" (fused gather/epilogue Triton kernels, forward and backward), "grouped_mm"
     (torch._grouped_mm expert GEMMs + small Triton gather/epilogue kernels, bf16 only), "hybrid" (Triton
-    forward, grouped_mm backward), "triton_gmm_wgrad" (all Triton except the expert weight gradients, which run
-    on torch._grouped_mm from operands gathered in sorted order; bf16 only) or "auto" (per-shape choice by
-    :func:`choose_backend`).
+    forward, grouped_mm backward) or "auto" (per-shape choice by :func:`choose_backend`).
     Slots whose expert index is outside [0, E) are treated as dropped.
     """
     if not _HAS_TRITON:
@@ -1040,7 +1017,7 @@ def fused_moe(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {tuple(BACKENDS)}")
     fwd_backend, bwd_backend = BACKENDS[backend]
-    if backend != "triton" and not (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
+    if "grouped_mm" in (fwd_backend, bwd_backend) and not (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
         raise RuntimeError(f"backend {backend!r} needs torch._grouped_mm and bf16 inputs")
     dt = x.dtype
     x = x.contiguous()
