@@ -121,6 +121,18 @@ VARIANTS = {
         "txt1": [_model(_BASE), *_E200, *_TXT_SSL],
         "img1_txt1": [_model(_BASE), *_E200, *_IMG_SSL, *_TXT_SSL],
     },
+    # Round 8: more seeds of round 7's two best (text SSL, image SSL at 0.3), both together, text SSL at the
+    # recipe's 240 epochs.
+    "flickr8k_ssl2": {
+        **{f"txt1_seed{s}": [_model(_BASE), *_E200, *_TXT_SSL, f"--seed_everything={s}"] for s in (1, 2)},
+        **{f"img0.3_seed{s}": [_model(_BASE), *_E200, "--data.init_args.image_views=2",
+                               "--model.init_args.image_ssl_weight=0.3", f"--seed_everything={s}"] for s in (1, 2)},
+        **{f"txt1_img0.3_seed{s}": [_model(_BASE), *_E200, *_TXT_SSL, "--data.init_args.image_views=2",
+                                    "--model.init_args.image_ssl_weight=0.3", f"--seed_everything={s}"]
+           for s in (0, 1)},
+        "ctrl_seed2": [_model(_BASE), *_E200, "--seed_everything=2"],
+        "txt1_e240": [_model(_BASE), *_TXT_SSL],
+    },
 }
 
 
