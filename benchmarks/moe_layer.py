@@ -630,6 +630,10 @@ def main():
     t0 = time.time()
     args.deadline = t0 + args.budget_s
     torch.backends.cuda.matmul.allow_tf32 = True
+    # On CUDA the layers compile their routing bookkeeping (MoEConfig.compile_routing). A real model recompiles it
+    # for a few shapes; this grid has ~30, past dynamo's default limit of 8, after which the layer would fall back
+    # to eager for the rest of the run. Compilation happens in the untimed warm-up.
+    torch._dynamo.config.recompile_limit = 256
     cases = build_grid(args.profile)
     if args.only:
         keys = args.only.split(",")

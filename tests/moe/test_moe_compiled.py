@@ -87,3 +87,25 @@ def test_compile_setting():
     assert maybe_compiled(sparse_aux, None, cpu) is sparse_aux
     compiled = maybe_compiled(topk_decide, True, cpu)
     assert compiled is not topk_decide and maybe_compiled(topk_decide, True, cuda) is compiled  # one per function
+    with torch.no_grad():  # evaluation runs eagerly
+        assert maybe_compiled(topk_decide, True, cpu) is topk_decide
+
+
+def test_recompile_limit_falls_back_to_eager(monkeypatch):
+    """Past dynamo's recompilation limit the layer keeps training eagerly (same numbers) instead of failing, as a
+    LIMoE run alternating image / text shapes would otherwise do."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    kwargs = dict(num_experts=4, top_k=2, group_size=None)
+    torch.manual_seed(0)
+    eager = MoELayer(8, 12, MoEConfig(**kwargs, compile_routing=False)).train()
+    compiled = MoELayer(8, 12, MoEConfig(**kwargs, compile_routing=True)).train()
+    compiled.load_state_dict(eager.state_dict())
+    for step, (B, S, masked) in enumerate([(2, 6, False), (3, 5, True), (2, 7, True), (4, 6, False)]):
+        x = torch.randn(B, S, 8)
+        mask = torch.rand(B, S) > 0.3 if masked else None
+        ref = _run(eager, x, mask, None, step)
+        got = _run(compiled, x, mask, None, step)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1].loss, ref[1].loss, rtol=1e-5, atol=1e-7)
+    torch._dynamo.reset()

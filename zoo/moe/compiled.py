@@ -28,10 +28,17 @@ def compile_enabled(setting: Optional[bool], device: torch.device) -> bool:
 
 def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device) -> Callable:
     """``fn`` itself, or its ``torch.compile``-d version (one per function, shared by every layer; built on first
-    use). ``fullgraph=True``: a graph break is a bug in ``fn`` and raises instead of silently running eagerly."""
-    if not compile_enabled(setting, device) or torch.compiler.is_compiling():
+    use).
+
+    Compiled only while autograd records (training steps, the launch-bound part). Evaluation runs ``fn`` eagerly:
+    its settings (eval capacity and k, no router noise, uneven last batches) would add a recompilation each, and
+    it is not where the time goes. Not ``fullgraph``: a model whose shapes keep changing past dynamo's
+    recompilation limit (e.g. LIMoE's image and text passes, masked and not, with uneven last batches) then
+    falls back to eager with a warning instead of failing the run (the tests check that the functions compile
+    to one graph each)."""
+    if not compile_enabled(setting, device) or torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return fn
     compiled = _COMPILED.get(fn)
     if compiled is None:
-        compiled = _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+        compiled = _COMPILED[fn] = torch.compile(fn)
     return compiled
