@@ -635,7 +635,7 @@ class ContrastiveTask(ZooTask):
                 raise ValueError("text_ssl_weight > 0 needs one caption per item (batch['text'] [B, L]); turn "
                                  "train_all_captions off")
             out2 = self.model(text=view)
-            scale = torch.tensor(1.0 / hp.ssl_temperature, device=out.text_embeds.device)
+            scale = torch.full((), 1.0 / hp.ssl_temperature, device=out.text_embeds.device)  # a fill, no H2D copy
             losses["text_ssl"] = contrastive_loss(out.text_embeds, out2.text_embeds, scale, kind="softmax",
                                                   positives=self._positives(batch))
             aux_delta = aux_delta + (out2.aux_loss - self._share(out, "text_aux_loss")) / 2
