@@ -83,13 +83,15 @@ def _router_logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
-def _noisy(logits: Tensor, noise_std: float, num_experts: int, training: bool,
-           generator: Optional[torch.Generator]) -> tuple[Tensor, float]:
-    std = noise_std / num_experts
+def _router_noise(shape: tuple[int, int, int], noise_std: float, training: bool, device: torch.device,
+                  generator: Optional[torch.Generator]) -> tuple[Optional[Tensor], float]:
+    """Standard-normal noise [G, S, E] for the router logits and its scale ``noise_std / E``; (None, 0.0) in eval
+    or without noise. Drawn on its own (not inside :func:`topk_decide`), so compiled and eager routing see the
+    same numbers."""
+    std = noise_std / shape[-1]
     if not training or std == 0.0:
-        return logits, 0.0
-    noise = torch.randn(logits.shape, device=logits.device, dtype=logits.dtype, generator=generator)
-    return logits + std * noise, std
+        return None, 0.0
+    return torch.randn(shape, device=device, dtype=torch.float32, generator=generator), std
 
 
 def buffer_ranks(expert_index: Tensor, valid: Optional[Tensor], priority: Optional[Tensor],
@@ -191,10 +193,7 @@ class TopKRouter(nn.Module):
         ``all_valid=True`` promises that ``valid`` is all True (no mask): the masking kernels are skipped."""
         G, S, _ = x.shape
         E = self.num_experts
-        std = self.noise_std / E if self.training else 0.0
-        noise = None
-        if std != 0.0:
-            noise = torch.randn((G, S, E), device=x.device, dtype=torch.float32, generator=self.generator)
+        noise, std = _router_noise((G, S, E), self.noise_std, self.training, x.device, self.generator)
         capacity = None
         if capacity_factor is not None:
             n = S if all_valid else capacity_tokens(valid, self.capacity_from_valid_tokens)
@@ -263,7 +262,8 @@ class ExpertChoiceRouter(nn.Module):
         G, S, _ = x.shape
         E = self.num_experts
         logits = _router_logits(x, self.proj.weight, self.proj.bias)
-        noisy_logits, std = _noisy(logits, self.noise_std, E, self.training, self.generator)
+        noise, std = _router_noise((G, S, E), self.noise_std, self.training, x.device, self.generator)
+        noisy_logits = logits if noise is None else logits + std * noise
         clean_probs = torch.softmax(logits, dim=-1)
         probs = torch.softmax(noisy_logits, dim=-1) if std > 0 else clean_probs
         # Dropless expert choice means every expert may take every token: C = S.
