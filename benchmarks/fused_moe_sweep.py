@@ -56,19 +56,17 @@ def setup(sh: dict):
     logits = torch.randn(T, E, device="cuda", generator=g)
     cw, ei = torch.softmax(logits, -1).topk(K, -1)
     keep = torch.ones_like(ei, dtype=torch.bool)
-    valid = keep.to(torch.uint8)
-    meta = fm.route(ei, valid, E)
+    meta = fm.route(ei, keep, E)
     cw32 = cw.reshape(-1).float().contiguous()
     TK = T * K
-    st = dict(x=x, w1=w1, w2=w2, b1=b1, b2=b2, ei=ei, cw=cw, keep=keep, valid=valid, meta=meta, cw32=cw32,
+    st = dict(x=x, w1=w1, w2=w2, b1=b1, b2=b2, ei=ei, cw=cw, keep=keep, meta=meta, cw32=cw32,
               swiglu=swiglu, H=H, H2=H2, D=D, K=K, TK=TK)
     st["hpre"], st["act"] = fm._launch_gemm1(x, w1, b1, meta, K, H, swiglu, True)
     st["dy"] = torch.randn(T, D, device="cuda", dtype=dt, generator=g)
     st["dh"] = torch.empty(TK, H2, device="cuda", dtype=dt)
     st["yslot"] = torch.empty(TK, D, device="cuda", dtype=dt)
-    e_row = fm._sorted_expert(meta)
-    st["xs"], _ = fm._gather_rows(x, meta, e_row, K)
-    _, st["d_o"] = fm._gather_rows(st["dy"], meta, e_row, K, cw32, unscaled=False, scaled=True)
+    st["xs"], _ = fm._gather_rows(x, meta, meta.e_row, K)
+    _, st["d_o"] = fm._gather_rows(st["dy"], meta, meta.e_row, K, cw32, unscaled=False, scaled=True)
     st["dw1"] = torch.empty_like(w1)
     st["dw2"] = torch.empty_like(w2)
     st["db1"] = torch.empty_like(b1) if b1 is not None else None

@@ -81,15 +81,13 @@ def ours_dispatch_combine() -> Callable:
     """Ours: device counting sort of the kept slots by expert, gather of their rows into expert order (what the
     grouped_mm backend feeds its GEMMs; the Triton backend folds this gather into GEMM1's loads, so there it
     costs less), and the deterministic weighted combine. Calls the kernel module's internal launchers."""
-    from zoo.kernels.fused_moe import _combine, _gather_rows, _inverse_perm, _sorted_expert, route
+    from zoo.kernels.fused_moe import _combine, _gather_rows, route
 
     def fn(x, ei, cw, keep, E: int):
         T, K = ei.shape
-        valid = (keep.bool() & (ei >= 0) & (ei < E)).to(torch.uint8)
-        meta = route(ei, valid, E)
-        e_row = _sorted_expert(meta)
-        rows, _ = _gather_rows(x, meta, e_row, K)
-        return _combine(rows, valid.reshape(-1), T, K, x.dtype, idx=_inverse_perm(meta), w=cw)
+        meta = route(ei, keep, E)
+        rows, _ = _gather_rows(x, meta, meta.e_row, K)
+        return _combine(rows, meta.valid, T, K, x.dtype, idx=meta.slot_row, w=cw)
 
     return fn
 

@@ -244,19 +244,25 @@ def _worker(names: list[str]) -> dict:
 
 
 def _route_check(device: str) -> bool:
+    """route() against a stable sort: permutation, expert per sorted row, counts, starts and valid flags, with
+    dropped slots, out-of-range expert indices (-1, E) and several programs' worth of slots."""
     from zoo.kernels.fused_moe import route
 
     g = torch.Generator().manual_seed(5)
     ok = True
-    for T, K, E in [(1, 1, 1), (37, 2, 5), (300, 3, 7), (64, 8, 128)]:
-        ei = torch.randint(0, E, (T, K), generator=g).to(device)
-        valid = (torch.rand(T, K, generator=g) > 0.3).to(torch.uint8).to(device)
-        meta = route(ei, valid, E)
-        key = torch.where(valid.bool(), ei, E).reshape(-1).cpu()
+    for T, K, E in [(1, 1, 1), (37, 2, 5), (300, 3, 7), (64, 8, 128), (700, 2, 3)]:
+        ei = torch.randint(-1, E + 1, (T, K), generator=g)
+        keep = torch.rand(T, K, generator=g) > 0.3
+        meta = route(ei.to(device), keep.to(device), E)
+        valid = keep & (ei >= 0) & (ei < E)
+        key = torch.where(valid, ei, E).reshape(-1)
         order = torch.sort(key, stable=True).indices.to(torch.int32)
         counts = torch.bincount(key, minlength=E + 1)[:E].to(torch.int32)
         starts = torch.cumsum(counts, 0) - counts
         ok &= torch.equal(meta.sorted_slot.cpu(), order)
+        ok &= torch.equal(meta.e_row.cpu(), key[order.long()].to(torch.int32))
+        ok &= torch.equal(meta.slot_row.cpu(), torch.argsort(order).to(torch.int32))
+        ok &= torch.equal(meta.valid.cpu(), valid.reshape(-1).to(torch.uint8))
         ok &= torch.equal(meta.counts.cpu(), counts) and torch.equal(meta.starts.cpu(), starts.to(torch.int32))
     return bool(ok)
 

@@ -11,7 +11,7 @@ import torch
 from zoo.moe import MoEConfig, MoELayer
 from zoo.moe.compiled import compile_enabled, maybe_compiled
 from zoo.moe.layer import sparse_aux
-from zoo.moe.routing import topk_decide
+from zoo.moe.routing import topk_route
 
 CASES = {
     # V-MoE: noisy top-2, batch priority, capacity 1.05, importance + load losses, no mask (the all-valid path).
@@ -73,8 +73,9 @@ def test_compiled_routing_matches_eager(case):
     for got_r, ref_r in zip(calls, ref_calls):
         for name in ("expert_index", "keep", "position", "expert_demand"):
             assert torch.equal(getattr(got_r, name), getattr(ref_r, name)), name
-    # Both functions were compiled (one graph each, fullgraph), and the second call recompiled nothing.
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    # The decision, losses and statistics compiled to one graph (no graph break), and the second call recompiled
+    # nothing.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     if masked:  # padding took no capacity and got no weight
         assert not calls[-1].keep[~mask.reshape(1, -1)].any()
 
@@ -83,12 +84,12 @@ def test_compile_setting():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not compile_enabled(None, cpu) and compile_enabled(None, cuda)
     assert compile_enabled(True, cpu) and not compile_enabled(False, cuda)
-    assert maybe_compiled(topk_decide, False, cpu) is topk_decide
+    assert maybe_compiled(topk_route, False, cpu) is topk_route
     assert maybe_compiled(sparse_aux, None, cpu) is sparse_aux
-    compiled = maybe_compiled(topk_decide, True, cpu)
-    assert compiled is not topk_decide and maybe_compiled(topk_decide, True, cuda) is compiled  # one per function
+    compiled = maybe_compiled(topk_route, True, cpu)
+    assert compiled is not topk_route and maybe_compiled(topk_route, True, cuda) is compiled  # one per function
     with torch.no_grad():  # evaluation runs eagerly
-        assert maybe_compiled(topk_decide, True, cpu) is topk_decide
+        assert maybe_compiled(topk_route, True, cpu) is topk_route
 
 
 def test_recompile_limit_falls_back_to_eager(monkeypatch):

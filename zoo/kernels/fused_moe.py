@@ -12,9 +12,10 @@ accumulate in fp32 (fp32 inputs use tf32 tensor-core dots).  Weights are cast to
 
 Pipeline (no host synchronisation anywhere: no .item(), no .tolist(), all schedules on device)
 
-1. Routing metadata, a stable counting sort on device (two Triton kernels + tiny torch scans):
-   slots s = t*K + k are bucketed by expert (dropped / masked slots go to a last bucket), giving
-   ``sorted_slot`` (a permutation of the T*K slots, stable), per-expert ``counts`` and ``starts``.
+1. Routing metadata, a stable counting sort on device (three Triton kernels, no torch glue: every launch
+   costs host time, and small layers are launch-bound): slots s = t*K + k are bucketed by expert (dropped /
+   masked slots go to a last bucket), giving ``sorted_slot`` (a permutation of the T*K slots, stable), the
+   expert of each sorted row, per-expert ``counts`` and ``starts``, and the slots' valid flags.
 2. GEMM1 (grouped): each program owns a BLOCK_M tile of one expert's rows; the expert of a tile is
    derived inside the kernel from ``counts`` (a cumsum of per-expert tile counts), so the grid is
    the static bound ceil(T*K/BLOCK_M) + E tiles and surplus programs exit at once.  Rows of x are
@@ -161,32 +162,61 @@ if _HAS_TRITON:
         return e, row0, start_e + cnt_e
 
     # ---------------- routing: stable counting sort ----------------
+    # Slots are bucketed by expert (bucket E: dropped, masked or out-of-range slots). Each program owns NSUB * SB
+    # consecutive slots. Three launches and no torch glue: histogram per program, one program that scans the
+    # histograms into per-program bucket offsets (plus per-bucket counts and starts), stable scatter.
     @triton.jit
-    def _route_hist_kernel(eidx_ptr, valid_ptr, hist_ptr, TK, E, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    def _route_hist_kernel(eidx_ptr, keep_ptr, valid_ptr, hist_ptr, TK, E,
+                           E_PAD: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr):
         pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        m = offs < TK
-        e = tl.load(eidx_ptr + offs, mask=m, other=0).to(tl.int32)
-        v = tl.load(valid_ptr + offs, mask=m, other=0)
-        e = tl.where(v != 0, e, E)  # dropped slots -> bucket E
-        e = tl.where(m, e, E_PAD)  # out-of-range lanes -> no bucket
-        onehot = (e[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
-        tl.store(hist_ptr + pid * E_PAD + tl.arange(0, E_PAD), tl.sum(onehot, axis=0))
+        cols = tl.arange(0, E_PAD)
+        h = tl.zeros((E_PAD,), dtype=tl.int32)
+        for i in range(NSUB):
+            offs = (pid * NSUB + i) * SB + tl.arange(0, SB)
+            m = offs < TK
+            e = tl.load(eidx_ptr + offs, mask=m, other=0)
+            kp = tl.load(keep_ptr + offs, mask=m, other=0)
+            v = (kp != 0) & (e >= 0) & (e < E) & m
+            tl.store(valid_ptr + offs, v.to(tl.uint8), mask=m)
+            b = tl.where(v, e.to(tl.int32), E)
+            b = tl.where(m, b, E_PAD)  # out-of-range lanes -> no bucket
+            h += tl.sum((b[:, None] == cols[None, :]).to(tl.int32), axis=0)
+        tl.store(hist_ptr + pid * E_PAD + cols, h)
 
     @triton.jit
-    def _route_scatter_kernel(eidx_ptr, valid_ptr, base_ptr, sorted_ptr, TK, E,
-                              E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    def _route_scan_kernel(hist_ptr, cs_ptr, NB, E_PAD: tl.constexpr, RB: tl.constexpr):
+        """One program: hist [NB, E_PAD] -> exclusive prefix over programs (in place); cs = [counts, starts]."""
+        cols = tl.arange(0, E_PAD)
+        carry = tl.zeros((E_PAD,), dtype=tl.int32)
+        for r0 in range(0, NB, RB):
+            rows = r0 + tl.arange(0, RB)
+            m = (rows < NB)[:, None]
+            ptrs = hist_ptr + rows[:, None] * E_PAD + cols[None, :]
+            h = tl.load(ptrs, mask=m, other=0)
+            tl.store(ptrs, tl.cumsum(h, axis=0) - h + carry[None, :], mask=m)
+            carry += tl.sum(h, axis=0)
+        tl.store(cs_ptr + cols, carry)
+        tl.store(cs_ptr + E_PAD + cols, tl.cumsum(carry, axis=0) - carry)
+
+    @triton.jit
+    def _route_scatter_kernel(eidx_ptr, valid_ptr, base_ptr, cs_ptr, sorted_ptr, erow_ptr, slot_row_ptr, TK, E,
+                              E_PAD: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr):
         pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        m = offs < TK
-        e = tl.load(eidx_ptr + offs, mask=m, other=0).to(tl.int32)
-        v = tl.load(valid_ptr + offs, mask=m, other=0)
-        e = tl.where(v != 0, e, E)
-        e = tl.where(m, e, E_PAD)
-        onehot = (e[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
-        rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # stable rank inside block
-        base = tl.load(base_ptr + pid * E_PAD + e, mask=m, other=0)
-        tl.store(sorted_ptr + base + rank, offs, mask=m)
+        cols = tl.arange(0, E_PAD)
+        nxt = tl.load(base_ptr + pid * E_PAD + cols) + tl.load(cs_ptr + E_PAD + cols)  # next free row per bucket
+        for i in range(NSUB):
+            offs = (pid * NSUB + i) * SB + tl.arange(0, SB)
+            m = offs < TK
+            e = tl.load(eidx_ptr + offs, mask=m, other=0)
+            v = tl.load(valid_ptr + offs, mask=m, other=0) != 0
+            b = tl.where(v, e.to(tl.int32), E)
+            b = tl.where(m, b, E_PAD)
+            onehot = (b[:, None] == cols[None, :]).to(tl.int32)
+            dest = tl.sum((tl.cumsum(onehot, axis=0) - 1 + nxt[None, :]) * onehot, axis=1)  # stable
+            tl.store(sorted_ptr + dest, offs, mask=m)
+            tl.store(erow_ptr + dest, b, mask=m)
+            tl.store(slot_row_ptr + offs, dest, mask=m)
+            nxt += tl.sum(onehot, axis=0)
 
     # ---------------- forward GEMM1: gather + grouped GEMM + bias + activation ----------------
     @triton.jit
@@ -612,29 +642,39 @@ class RouteMeta:
     sorted_slot: Tensor  # int32 [TK]: slot ids, kept slots grouped by expert (stable), dropped last
     counts: Tensor  # int32 [E]
     starts: Tensor  # int32 [E]
+    e_row: Tensor  # int32 [TK]: expert of each sorted row; E for the rows past the kept ones
+    slot_row: Tensor  # int32 [TK]: sorted row of each slot (the inverse permutation of sorted_slot)
+    valid: Tensor  # uint8 [TK]: the slot is kept and its expert index is in [0, E)
     E: int
     E_PAD: int
 
 
-def route(expert_index: Tensor, valid: Tensor, E: int) -> RouteMeta:
-    """Stable counting sort of the T*K slots by expert, on device (2 Triton kernels + scans)."""
+def route(expert_index: Tensor, keep: Tensor, E: int) -> RouteMeta:
+    """Stable counting sort of the T*K slots by expert, on device: three Triton kernels, no host sync.
+    ``keep`` [T, K] (bool or numbers, nonzero = kept); slots with an expert index outside [0, E) are dropped."""
     TK = expert_index.numel()
-    e_flat = expert_index.reshape(-1)
-    v_flat = valid.reshape(-1)
-    E_PAD = _next_pow2(E + 1)
-    BLOCK = max(16, min(1024, 16384 // E_PAD))
-    if _interpret():
-        BLOCK = max(16, min(BLOCK, 64))
-    nb = triton.cdiv(TK, BLOCK)
     dev = expert_index.device
-    hist = torch.empty(nb, E_PAD, dtype=torch.int32, device=dev)
-    _route_hist_kernel[(nb,)](e_flat, v_flat, hist, TK, E, E_PAD=E_PAD, BLOCK=BLOCK)
-    counts_all = hist.sum(0, dtype=torch.int32)
-    starts_all = torch.cumsum(counts_all, 0, dtype=torch.int32) - counts_all
-    base = torch.cumsum(hist, 0, dtype=torch.int32) - hist + starts_all[None, :]
-    sorted_slot = torch.empty(TK, dtype=torch.int32, device=dev)
-    _route_scatter_kernel[(nb,)](e_flat, v_flat, base, sorted_slot, TK, E, E_PAD=E_PAD, BLOCK=BLOCK)
-    return RouteMeta(sorted_slot, counts_all[:E].contiguous(), starts_all[:E].contiguous(), E, _next_pow2(E))
+    e_flat = expert_index.reshape(-1)
+    k_flat = keep.reshape(-1)
+    if k_flat.dtype == torch.bool:
+        k_flat = k_flat.view(torch.uint8)
+    E_PAD = _next_pow2(E + 1)
+    SB = max(16, min(1024, 16384 // E_PAD))  # slots per sub-block: the [SB, E_PAD] one-hot fits in registers
+    NSUB = max(1, 1024 // SB)
+    if _interpret():
+        SB, NSUB = max(16, min(SB, 64)), 2  # two sub-blocks: the loop is tested on CPU too
+    nb = max(1, triton.cdiv(TK, SB * NSUB))
+    hist = torch.empty(nb * E_PAD + 2 * E_PAD, dtype=torch.int32, device=dev)  # per-program histograms, counts, starts
+    valid = torch.empty(TK, dtype=torch.uint8, device=dev)
+    TKA = -(-TK // 4) * 4  # each part 16-byte aligned (Triton specialises kernels on pointer alignment)
+    rows = torch.empty(3 * TKA, dtype=torch.int32, device=dev)  # sorted_slot, e_row, slot_row
+    cs = hist[nb * E_PAD:]
+    _route_hist_kernel[(nb,)](e_flat, k_flat, valid, hist, TK, E, E_PAD=E_PAD, SB=SB, NSUB=NSUB)
+    _route_scan_kernel[(1,)](hist, cs, nb, E_PAD=E_PAD, RB=max(1, min(256, 4096 // E_PAD)))
+    sorted_slot, e_row, slot_row = rows[:TK], rows[TKA:TKA + TK], rows[2 * TKA:2 * TKA + TK]
+    _route_scatter_kernel[(nb,)](e_flat, valid, hist, cs, sorted_slot, e_row, slot_row, TK, E, E_PAD=E_PAD, SB=SB,
+                                 NSUB=NSUB)
+    return RouteMeta(sorted_slot, cs[:E], cs[E_PAD:E_PAD + E], e_row, slot_row, valid, E, _next_pow2(E))
 
 
 def _num_m_tiles(TK: int, E: int, BM: int) -> int:
@@ -719,14 +759,6 @@ def _rows_grid(R, N):
     return (triton.cdiv(R, BR), triton.cdiv(N, BH)), BR, BH
 
 
-def _sorted_expert(meta: RouteMeta) -> Tensor:
-    """Expert of each sorted row (int32), E for the rows past the kept ones. Expert e owns the rows
-    starts[e] .. starts[e] + counts[e] - 1, so a row's expert is the number of experts that end at or before
-    it: one search over the E ends instead of gathering every row's expert and flag (three kernels, not six)."""
-    rows = torch.arange(meta.sorted_slot.numel(), dtype=torch.int32, device=meta.starts.device)
-    return torch.searchsorted(meta.starts + meta.counts, rows, right=True, out_int32=True)
-
-
 def _gather_rows(src: Tensor, meta: RouteMeta, e_row: Tensor, K: int, cw: Optional[Tensor] = None,
                  unscaled: bool = True, scaled: bool = False):
     """Rows of src [T, D] in sorted-slot order (and/or scaled by the combine weight); zero tail rows."""
@@ -751,22 +783,15 @@ def _segsum(src: Tensor, meta: RouteMeta, dtype) -> Tensor:
     return out
 
 
-def _inverse_perm(meta: RouteMeta) -> Tensor:
-    slot = meta.sorted_slot.long()
-    inv = torch.empty_like(meta.sorted_slot)
-    inv[slot] = torch.arange(slot.numel(), dtype=torch.int32, device=slot.device)
-    return inv
-
-
 # ---------------------------------- Triton expert GEMMs ----------------------------------
-def _triton_forward(x, cw, w1, b1, w2, b2, meta, valid, K, swiglu, need_grad):
+def _triton_forward(x, cw, w1, b1, w2, b2, meta, K, swiglu, need_grad):
     T, D = x.shape
     H = w2.shape[1]
     TK = T * K
     hpre, act = _launch_gemm1(x, w1, b1, meta, K, H, swiglu, store_hpre=need_grad)
     yslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
     _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot)
-    y = _combine(yslot, valid, T, K, x.dtype)
+    y = _combine(yslot, meta.valid, T, K, x.dtype)
     return y, hpre, act
 
 
@@ -779,7 +804,8 @@ def _launch_bwd_act(dy, w2, b2, act, hpre, cw, meta: RouteMeta, K: int, swiglu: 
     cfg = _pick_config("bwd_act", TK / E, H, D, dy.dtype, swiglu)
     num_m = _num_m_tiles(TK, E, cfg.BM)
     num_n = triton.cdiv(H, cfg.BN)
-    dcw_part = torch.zeros(num_n, TK, dtype=torch.float32, device=dy.device)
+    # Rows of dropped slots are never written: the caller masks them (torch.where on the valid flags).
+    dcw_part = torch.empty(num_n, TK, dtype=torch.float32, device=dy.device)
     _bwd_act_kernel[(num_m * num_n,)](
         dy, w2, b2 if b2 is not None else dy, act, hpre, cw, dh, dcw_part, meta.sorted_slot, meta.counts,
         meta.starts, D, H, K, E, num_m, TK,
@@ -798,7 +824,7 @@ def _launch_bwd_act(dy, w2, b2, act, hpre, cw, meta: RouteMeta, K: int, swiglu: 
 WGRAD_PREGATHER = {"dw1": False, "dw2": True}
 
 
-def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, hpre, act, needs):
+def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu, hpre, act, needs):
     T, D = x.shape
     H = w2.shape[1]
     H2 = w1.shape[2]
@@ -810,10 +836,8 @@ def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, 
     if needs["x"]:
         dxslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
         _launch_gemm_scatter("dx", dh, w1, None, None, meta, D, H2, w1.stride(2), w1.stride(1), dxslot)
-        dx = _combine(dxslot, valid, T, K, x.dtype)
-    e_row = None
-    if (needs["w1"] or needs["b1"] or needs["w2"] or needs["b2"]) and any(WGRAD_PREGATHER.values()):
-        e_row = _sorted_expert(meta)
+        dx = _combine(dxslot, meta.valid, T, K, x.dtype)
+    e_row = meta.e_row
     if needs["w1"] or needs["b1"]:
         dw1 = torch.empty_like(w1)
         db1 = torch.empty_like(b1) if b1 is not None else None
@@ -839,10 +863,10 @@ def _zero_empty_groups(w: Tensor, counts: Tensor) -> Tensor:
     return torch.where((counts > 0)[:, None, None], w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
-def _gmm_forward(x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, need_grad):
+def _gmm_forward(x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu, need_grad):
     T, D = x.shape
     H = w2.shape[1]
-    e_row = _sorted_expert(meta)
+    e_row = meta.e_row
     offs = torch.cumsum(meta.counts, 0, dtype=torch.int32)
     xs, _ = _gather_rows(x, meta, e_row, K)
     h = torch._grouped_mm(xs, w1, offs=offs)  # rows past the kept ones: unspecified, never used
@@ -853,18 +877,18 @@ def _gmm_forward(x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, need_gra
                            b1.stride(0) if b1 is not None else 0, act.stride(0),
                            SWIGLU=swiglu, HAS_BIAS=b1 is not None, E=meta.E, BR=BR, BH=BH)
     o = torch._grouped_mm(act, w2, offs=offs)
-    y = _combine(o, valid.reshape(-1), T, K, x.dtype, idx=_inverse_perm(meta), w=cw,
+    y = _combine(o, meta.valid, T, K, x.dtype, idx=meta.slot_row, w=cw,
                  e=e_flat.reshape(-1) if b2 is not None else None, bias=b2)
     return y, h, act
 
 
-def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, hpre, act, needs):
+def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu, hpre, act, needs):
     T, D = x.shape
     H = w2.shape[1]
     H2 = w1.shape[2]
     E = meta.E
     R = meta.sorted_slot.numel()
-    e_row = _sorted_expert(meta)
+    e_row = meta.e_row
     offs = torch.cumsum(meta.counts, 0, dtype=torch.int32)
     need_w2 = needs["w2"] or needs["b2"]
     d_u, d_o = _gather_rows(dy, meta, e_row, K, cw, unscaled=True, scaled=need_w2)
@@ -880,7 +904,7 @@ def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, hpr
     dx = dw1 = db1 = dw2 = db2 = None
     if needs["x"]:
         dxs = torch._grouped_mm(dh, w1.transpose(-2, -1), offs=offs)
-        dx = _combine(dxs, valid.reshape(-1), T, K, x.dtype, idx=_inverse_perm(meta))
+        dx = _combine(dxs, meta.valid, T, K, x.dtype, idx=meta.slot_row)
     if needs["w1"] or needs["b1"]:
         xs, _ = _gather_rows(x, meta, e_row, K)
         dw1 = _zero_empty_groups(torch._grouped_mm(xs.t(), dh, offs=offs), meta.counts)
@@ -896,35 +920,36 @@ def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, valid, e_flat, K, swiglu, hpr
 # ---------------------------------- autograd ----------------------------------
 class _FusedMoEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cw, w1, b1, w2, b2, expert_index, valid, swiglu, fwd_backend, bwd_backend):
+    def forward(ctx, x, cw, w1, b1, w2, b2, expert_index, keep, swiglu, fwd_backend, bwd_backend):
         K = expert_index.shape[1]
         E = w1.shape[0]
         need_grad = any(ctx.needs_input_grad[:6])
-        meta = route(expert_index, valid, E)
-        cw32 = cw.reshape(-1).float().contiguous()
+        meta = route(expert_index, keep, E)
+        cw_flat = cw.reshape(-1).contiguous()  # the kernels read it in its own dtype and compute in fp32
         if fwd_backend == "grouped_mm":
-            y, hpre, act = _gmm_forward(x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K, swiglu, need_grad)
+            y, hpre, act = _gmm_forward(x, cw_flat, w1, b1, w2, b2, meta, expert_index, K, swiglu, need_grad)
         else:
-            y, hpre, act = _triton_forward(x, cw32, w1, b1, w2, b2, meta, valid, K, swiglu, need_grad)
+            y, hpre, act = _triton_forward(x, cw_flat, w1, b1, w2, b2, meta, K, swiglu, need_grad)
         if need_grad:
-            ctx.save_for_backward(x, cw32, w1, b1, w2, b2, expert_index, valid, meta.sorted_slot, meta.counts,
-                                  meta.starts, hpre, act)
-            ctx.meta_static = (K, E, meta.E_PAD, swiglu, bwd_backend, cw.dtype, cw.shape)
+            ctx.save_for_backward(x, cw_flat, w1, b1, w2, b2, expert_index, meta.valid, meta.sorted_slot, meta.counts,
+                                  meta.starts, meta.e_row, meta.slot_row, hpre, act)
+            ctx.meta_static = (K, E, meta.E_PAD, swiglu, bwd_backend, cw.shape)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x, cw32, w1, b1, w2, b2, expert_index, valid, sorted_slot, counts, starts, hpre, act) = ctx.saved_tensors
-        K, E, E_PAD, swiglu, bwd_backend, cw_dtype, cw_shape = ctx.meta_static
-        meta = RouteMeta(sorted_slot, counts, starts, E, E_PAD)
+        (x, cw_flat, w1, b1, w2, b2, expert_index, valid, sorted_slot, counts, starts, e_row, slot_row, hpre,
+         act) = ctx.saved_tensors
+        K, E, E_PAD, swiglu, bwd_backend, cw_shape = ctx.meta_static
+        meta = RouteMeta(sorted_slot, counts, starts, e_row, slot_row, valid, E, E_PAD)
         dy = dy.to(x.dtype).contiguous()
         ng = ctx.needs_input_grad
         needs = {"x": ng[0], "w1": ng[2], "b1": ng[3], "w2": ng[4], "b2": ng[5]}
         bwd = _gmm_backward if bwd_backend == "grouped_mm" else _triton_backward
-        dx, dcw, dw1, db1, dw2, db2 = bwd(dy, x, cw32, w1, b1, w2, b2, meta, valid, expert_index, K, swiglu,
+        dx, dcw, dw1, db1, dw2, db2 = bwd(dy, x, cw_flat, w1, b1, w2, b2, meta, expert_index, K, swiglu,
                                           hpre, act, needs)
-        dcw = torch.where(valid.reshape(-1).view(torch.bool), dcw, 0.0)  # the flags are a bool mask's bytes
-        dcw = dcw.reshape(cw_shape).to(cw_dtype) if ng[1] else None
+        dcw = torch.where(valid.view(torch.bool), dcw, 0.0)  # the flags are a bool mask's bytes
+        dcw = dcw.reshape(cw_shape).to(cw_flat.dtype) if ng[1] else None
         return (dx if ng[0] else None, dcw, dw1 if ng[2] else None, db1 if ng[3] else None,
                 dw2 if ng[4] else None, db2 if ng[5] else None, None, None, None, None, None)
 
@@ -1028,7 +1053,6 @@ def fused_moe(
     ei = expert_index.contiguous()
     if ei.dtype not in (torch.int32, torch.int64):
         ei = ei.long()
-    # Kept and in [0, E), as the bytes of a bool mask (the uint8 flags the kernels read): 3 kernels, not 5.
-    valid = ((ei.clamp(0, E - 1) == ei) & keep.bool()).contiguous().view(torch.uint8)
-    return _FusedMoEFunction.apply(x, combine_weight, w1c, b1c, w2c, b2c, ei, valid, swiglu, fwd_backend,
+    # Whether a slot counts (kept and its expert in [0, E)) is decided by the routing kernel, which reads keep as is.
+    return _FusedMoEFunction.apply(x, combine_weight, w1c, b1c, w2c, b2c, ei, keep, swiglu, fwd_backend,
                                    bwd_backend)

@@ -138,13 +138,19 @@ class MoELayer(nn.Module):
     def _sparse_forward(self, xg: Tensor, vg: Tensor, mg: Optional[Tensor], all_valid: bool) -> Tensor:
         cfg = self.config
         G, Sg, D = xg.shape
-        hint = {"all_valid": all_valid} if cfg.router == "topk" else {}
-        routing: Routing = self.router(xg, vg, cfg.k(self.training), cfg.capacity_setting(self.training), **hint)
+        k, capacity = cfg.k(self.training), cfg.capacity_setting(self.training)
+        if cfg.router == "topk":  # losses and statistics in the router's compiled graph (one call, not two)
+            routing: Routing = self.router(xg, vg, k, capacity, all_valid=all_valid,
+                                           then=(sparse_aux, (cfg, vg, mg, all_valid)))
+            aux = routing.aux
+        else:
+            routing = self.router(xg, vg, k, capacity)
+            aux = maybe_compiled(sparse_aux, cfg.compile_routing, xg.device)(routing, cfg, vg, mg, all_valid)
         K = routing.expert_index.shape[-1]
         flat = (xg.reshape(G * Sg, D), routing.expert_index.reshape(-1, K),
                 routing.combine_weight.reshape(-1, K).to(xg.dtype), routing.keep.reshape(-1, K))
         y = self._dispatch(*flat)
-        self.aux = maybe_compiled(sparse_aux, cfg.compile_routing, xg.device)(cfg, routing, vg, mg, all_valid)
+        self.aux = aux
         return y.reshape(G, Sg, D)
 
     def _dispatch(self, x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor) -> Tensor:
@@ -180,7 +186,7 @@ class MoELayer(nn.Module):
         return y
 
 
-def sparse_aux(cfg: MoEConfig, r: Routing, vg: Tensor, mg: Optional[Tensor], all_valid: bool) -> MoEAux:
+def sparse_aux(r: Routing, cfg: MoEConfig, vg: Tensor, mg: Optional[Tensor], all_valid: bool) -> MoEAux:
     """Losses and statistics of one token-choice / expert-choice routing ``r`` of groups ``vg`` [G, S] (valid
     tokens) with modality ids ``mg`` [G, S] or None; ``all_valid``: ``vg`` is known to be all True. A function of
     the config and tensors, so that ``torch.compile`` takes it whole (:mod:`zoo.moe.compiled`)."""

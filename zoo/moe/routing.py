@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,7 @@ class Routing:
     capacity: Optional[int]
     top_k: int
     expert_demand: Optional[Tensor] = None
+    aux: Any = None  # what the caller's ``then`` computed from this routing in the same graph (TopKRouter)
 
 
 def _router_logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -171,6 +172,9 @@ class TopKRouter(nn.Module):
 
     ``compile_routing`` (None = on CUDA): the decision (:func:`topk_decide`, ~25 small kernels forward and
     backward) runs as one ``torch.compile`` graph; the noise is drawn outside it, so both paths route alike.
+    ``then = (fn, args)`` runs ``fn(routing, *args)`` in that same graph and stores the result in ``Routing.aux``:
+    the MoE layer computes its losses and statistics this way, since every compiled call costs host time
+    (guards, autograd wrappers, launches) in a launch-bound layer.
     """
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 1.0, renormalize: bool = False,
@@ -188,7 +192,7 @@ class TopKRouter(nn.Module):
         self.generator: Optional[torch.Generator] = None  # tests set one for reproducible noise
 
     def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
-                all_valid: bool = False) -> Routing:
+                all_valid: bool = False, then: Optional[tuple[Callable, tuple]] = None) -> Routing:
         """Route ``x`` [G, S, D] with ``valid`` [G, S] bool; ``capacity_factor`` None means dropless.
         ``all_valid=True`` promises that ``valid`` is all True (no mask): the masking kernels are skipped."""
         G, S, _ = x.shape
@@ -198,10 +202,22 @@ class TopKRouter(nn.Module):
         if capacity_factor is not None:
             n = S if all_valid else capacity_tokens(valid, self.capacity_from_valid_tokens)
             capacity = compute_capacity(n, E, top_k, capacity_factor, self.capacity_multiple_of)
-        decide = maybe_compiled(topk_decide, self.compile_routing, x.device)
-        out = decide(x, self.proj.weight, self.proj.bias, noise, std, valid, all_valid, top_k, capacity,
-                     self.renormalize, self.batch_priority)
-        return Routing(*out[:8], std, capacity, top_k, out[8])
+        route = maybe_compiled(topk_route, self.compile_routing, x.device)
+        return route(x, self.proj.weight, self.proj.bias, noise, std, valid, all_valid, top_k, capacity,
+                     self.renormalize, self.batch_priority, then)
+
+
+def topk_route(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
+               valid: Tensor, all_valid: bool, top_k: int, capacity: Optional[int], renormalize: bool,
+               batch_priority: bool, then: Optional[tuple[Callable, tuple]] = None) -> Routing:
+    """:func:`topk_decide` as a :class:`Routing`, plus ``then[0](routing, *then[1])`` in ``Routing.aux`` (one
+    ``torch.compile`` graph for both)."""
+    out = topk_decide(x, weight, bias, noise, noise_std, valid, all_valid, top_k, capacity, renormalize,
+                      batch_priority)
+    routing = Routing(*out[:8], noise_std, capacity, top_k, out[8])
+    if then is None:
+        return routing
+    return Routing(*out[:8], noise_std, capacity, top_k, out[8], then[0](routing, *then[1]))
 
 
 def topk_decide(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
