@@ -70,6 +70,16 @@ def test_compiled_routing_matches_eager(case):
         for name in ref[3]:
             torch.testing.assert_close(got[3][name], ref[3][name], rtol=1e-4, atol=1e-6, msg=name)
     assert len(calls) == len(ref_calls) == 2
+    # A compiled output that requires grad but gets none costs a zero-filled tangent in every backward: only the
+    # combine weights (to the experts) and the weighted aux loss may require grad.
+    needs_grad = {f.name for f in dataclasses.fields(calls[-1])
+                  if isinstance(getattr(calls[-1], f.name), torch.Tensor) and getattr(calls[-1], f.name).requires_grad}
+    assert needs_grad == {"combine_weight"}
+    aux = calls[-1].aux
+    assert aux is not None and aux.loss.requires_grad
+    assert not any(v.requires_grad for v in aux.losses.values())
+    assert not any(getattr(aux.stats, f.name).requires_grad for f in dataclasses.fields(aux.stats)
+                   if isinstance(getattr(aux.stats, f.name), torch.Tensor))
     for got_r, ref_r in zip(calls, ref_calls):
         for name in ("expert_index", "keep", "position", "expert_demand"):
             assert torch.equal(getattr(got_r, name), getattr(ref_r, name)), name

@@ -48,6 +48,9 @@ class RoutingStats:
 
 @dataclass
 class MoEAux:
+    """``loss``: the weighted sum of the auxiliary losses (differentiable); ``losses``: each loss's value,
+    detached (for logging); ``stats``: :class:`RoutingStats`."""
+
     loss: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
     stats: Optional[RoutingStats] = None
@@ -194,8 +197,10 @@ def sparse_aux(r: Routing, cfg: MoEConfig, vg: Tensor, mg: Optional[Tensor], all
     weighted = []
     mask = None if all_valid else vg  # V-MoE's losses and the top-k statistics skip an all-True mask
 
+    # The per-loss values are for logging, detached: the gradient flows through the weighted total. (A compiled
+    # graph output that requires grad but gets none costs a zero-filled tangent in every backward.)
     def add(name: str, weight: float, value: Tensor) -> None:
-        losses[name] = value
+        losses[name] = value.detach()
         weighted.append(weight * value)
 
     # Importance and load losses end in the same reductions ((std/mean)^2 per group, mean over groups):
@@ -213,7 +218,7 @@ def sparse_aux(r: Routing, cfg: MoEConfig, vg: Tensor, mg: Optional[Tensor], all
     if balance:
         values = L.balance_losses([per_group for _, _, per_group in balance], mask)  # [n]
         weights = [weight for _, weight, _ in balance]
-        for (name, _, _), value in zip(balance, values.unbind()):
+        for (name, _, _), value in zip(balance, values.detach().unbind()):
             losses[name] = value
         if len(set(weights)) == 1:  # V-MoE's equal weights: one product for all, the same numbers
             weighted.append(values * weights[0])

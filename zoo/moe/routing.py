@@ -174,7 +174,8 @@ class TopKRouter(nn.Module):
     backward) runs as one ``torch.compile`` graph; the noise is drawn outside it, so both paths route alike.
     ``then = (fn, args)`` runs ``fn(routing, *args)`` in that same graph and stores the result in ``Routing.aux``:
     the MoE layer computes its losses and statistics this way, since every compiled call costs host time
-    (guards, autograd wrappers, launches) in a launch-bound layer.
+    (guards, autograd wrappers, launches) in a launch-bound layer. The returned Routing's probabilities and logits
+    are then detached (the losses computed by ``fn`` carry their gradients).
     """
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 1.0, renormalize: bool = False,
@@ -217,7 +218,12 @@ def topk_route(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optiona
     routing = Routing(*out[:8], noise_std, capacity, top_k, out[8])
     if then is None:
         return routing
-    return Routing(*out[:8], noise_std, capacity, top_k, out[8], then[0](routing, *then[1]))
+    aux = then[0](routing, *then[1])
+    # The probabilities and logits reach the losses inside this graph; returned detached, because a compiled graph
+    # output that requires grad but gets none costs a zero-filled tangent in every backward.
+    expert_index, combine, keep, position, probs, clean_probs, logits, noisy_logits, demand = out
+    return Routing(expert_index, combine, keep, position, probs.detach(), clean_probs.detach(), logits.detach(),
+                   noisy_logits.detach(), noise_std, capacity, top_k, demand, aux)
 
 
 def topk_decide(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
