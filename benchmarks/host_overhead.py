@@ -29,17 +29,20 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 
-def host_us(fn, n: int = 200, warm: int = 20) -> float:
-    """Microseconds per call of issuing fn() n times back to back (one synchronisation at the end)."""
+def host_us(fn, n: int = 40, warm: int = 20, repeats: int = 7) -> float:
+    """Microseconds per call of issuing fn() n times back to back (one synchronisation at the end); the median of
+    ``repeats`` such loops (single loops vary by tens of percent with the host's state)."""
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    issue = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return issue / n * 1e6
+    loops = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        loops.append((time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(loops)
 
 
 def gpu_us(fn, n: int = 30, warm: int = 5) -> float:
@@ -63,13 +66,13 @@ def launch_costs() -> dict:
 
     out = {}
     a = torch.zeros(1, device="cuda")
-    out["torch_add_"] = host_us(lambda: a.add_(1.0), n=2000)
+    out["torch_add_"] = host_us(lambda: a.add_(1.0), n=500)
     src = torch.zeros(8, 64, device="cuda", dtype=torch.bfloat16)
     valid = torch.ones(8, dtype=torch.uint8, device="cuda")
     dst = torch.empty(8, 64, device="cuda", dtype=torch.bfloat16)
     args = (src, valid, valid, src, valid, src, dst, 8, 64, 64, 0, 64)
     kw = dict(K_TOP=1, HAS_IDX=False, HAS_W=False, HAS_BIAS=False, BT=8, BD=64)
-    out["triton_jit_launch"] = host_us(lambda: _combine_kernel[(1, 1)](*args, **kw), n=2000)
+    out["triton_jit_launch"] = host_us(lambda: _combine_kernel[(1, 1)](*args, **kw), n=500)
     try:
         compiled = _combine_kernel[(1, 1)](*args, **kw)
         params = [p.name for p in _combine_kernel.params]
@@ -77,7 +80,7 @@ def launch_costs() -> dict:
         runner = compiled[(1, 1, 1)]
         runner(*full)
         torch.cuda.synchronize()
-        out["triton_compiled_runner"] = host_us(lambda: runner(*full), n=2000)
+        out["triton_compiled_runner"] = host_us(lambda: runner(*full), n=500)
     except Exception as ex:  # the direct-launch API differs between Triton versions
         out["triton_compiled_runner_error"] = repr(ex)[:300]
     return out
@@ -132,7 +135,7 @@ def layer_parts(T_images: int, compile_routing, profile_path: Path | None) -> di
                  layer_fwdbwd=f_layer_fwdbwd)
     res = {}
     for name, fn in parts.items():
-        res[name] = dict(host_us=host_us(fn, n=100), gpu_us=gpu_us(fn))
+        res[name] = dict(host_us=host_us(fn), gpu_us=gpu_us(fn))
         print(T_images, compile_routing, name, res[name], flush=True)
     if compile_routing is None:  # the same with Triton's own launch path (zoo.kernels.fused_moe.FAST_LAUNCH off)
         import zoo.kernels.fused_moe as fm
@@ -140,7 +143,7 @@ def layer_parts(T_images: int, compile_routing, profile_path: Path | None) -> di
         fm.FAST_LAUNCH = False
         try:
             for name in ("fused_moe_fwd", "fused_moe_fwdbwd", "layer_fwdbwd"):
-                res[name + " (Triton's launch)"] = dict(host_us=host_us(parts[name], n=100), gpu_us=gpu_us(parts[name]))
+                res[name + " (Triton's launch)"] = dict(host_us=host_us(parts[name]), gpu_us=gpu_us(parts[name]))
         finally:
             fm.FAST_LAUNCH = True
     if profile_path is not None:
