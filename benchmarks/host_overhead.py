@@ -137,15 +137,6 @@ def layer_parts(T_images: int, compile_routing, profile_path: Path | None) -> di
     for name, fn in parts.items():
         res[name] = dict(host_us=host_us(fn), gpu_us=gpu_us(fn))
         print(T_images, compile_routing, name, res[name], flush=True)
-    if compile_routing is None:  # the same with Triton's own launch path (zoo.kernels.fused_moe.FAST_LAUNCH off)
-        import zoo.kernels.fused_moe as fm
-
-        fm.FAST_LAUNCH = False
-        try:
-            for name in ("fused_moe_fwd", "fused_moe_fwdbwd", "layer_fwdbwd"):
-                res[name + " (Triton's launch)"] = dict(host_us=host_us(parts[name]), gpu_us=gpu_us(parts[name]))
-        finally:
-            fm.FAST_LAUNCH = True
     if profile_path is not None:
         from torch.profiler import ProfilerActivity, profile
 

@@ -637,49 +637,6 @@ def _pick_config(kind: str, rows_per_expert: float, n: int, k: int, dtype: torch
 # ----------------------------------------------------------------------------------------------
 # Host-side wrappers (no host synchronisation)
 # ----------------------------------------------------------------------------------------------
-# Triton's own launch path binds and specialises every argument and builds a cache key on each call: ~30 us of
-# host time for a kernel with this many arguments (benchmarks/results/host_overhead.md), and a V-MoE layer's
-# forward and backward launch a dozen of them while the GPU waits (the layer is launch-bound at V-MoE sizes).
-# Once Triton has compiled a kernel for a call, the same call shape goes straight to the compiled kernel's launcher.
-# The key holds everything Triton specialises on, conservatively: the integer arguments' exact values (so "equal
-# to 1", "divisible by 16" and "fits in int32" are the same), the tensors' dtypes, the constexprs, launch options
-# and device; only calls whose pointers are all 16-byte aligned take the fast path (Triton specialises on that).
-# ZOO_FAST_LAUNCH=0 turns it off.
-FAST_LAUNCH = os.environ.get("ZOO_FAST_LAUNCH", "1") != "0"
-_LAUNCH_CACHE: dict = {}
-_LAUNCH_CACHE_MAX = 4096  # distinct call shapes kept (a few hundred bytes each)
-
-
-def _launch(kernel, grid: tuple, *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)``; positional ``args`` are tensors and ints, ``meta`` the keyword rest."""
-    if not FAST_LAUNCH or _interpret():
-        kernel[grid](*args, **meta)
-        return
-    ptrs = 0
-    key = [id(kernel), torch.cuda.current_device()]
-    for a in args:
-        if isinstance(a, Tensor):
-            ptrs |= a.data_ptr()
-            key.append(a.dtype)
-        else:
-            key.append(a)
-    if ptrs & 15:
-        kernel[grid](*args, **meta)
-        return
-    key.extend(meta.items())
-    key = tuple(key)
-    hit = _LAUNCH_CACHE.get(key)
-    if hit is None:
-        compiled = kernel[grid](*args, **meta)
-        if len(_LAUNCH_CACHE) >= _LAUNCH_CACHE_MAX:
-            _LAUNCH_CACHE.clear()
-        names = [p.name for p in kernel.params]
-        _LAUNCH_CACHE[key] = (compiled, tuple(meta[n] for n in names[len(args):]))  # the rest, in signature order
-        return
-    compiled, rest = hit
-    compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *rest)
-
-
 @dataclass
 class RouteMeta:
     sorted_slot: Tensor  # int32 [TK]: slot ids, kept slots grouped by expert (stable), dropped last
@@ -712,11 +669,11 @@ def route(expert_index: Tensor, keep: Tensor, E: int) -> RouteMeta:
     TKA = -(-TK // 4) * 4  # each part 16-byte aligned (Triton specialises kernels on pointer alignment)
     rows = torch.empty(3 * TKA, dtype=torch.int32, device=dev)  # sorted_slot, e_row, slot_row
     cs = hist[nb * E_PAD:]
-    _launch(_route_hist_kernel, (nb,), e_flat, k_flat, valid, hist, TK, E, E_PAD=E_PAD, SB=SB, NSUB=NSUB)
-    _launch(_route_scan_kernel, (1,), hist, cs, nb, E_PAD=E_PAD, RB=max(1, min(256, 4096 // E_PAD)))
+    _route_hist_kernel[(nb,)](e_flat, k_flat, valid, hist, TK, E, E_PAD=E_PAD, SB=SB, NSUB=NSUB)
+    _route_scan_kernel[(1,)](hist, cs, nb, E_PAD=E_PAD, RB=max(1, min(256, 4096 // E_PAD)))
     sorted_slot, e_row, slot_row = rows[:TK], rows[TKA:TKA + TK], rows[2 * TKA:2 * TKA + TK]
-    _launch(_route_scatter_kernel, (nb,), e_flat, valid, hist, cs, sorted_slot, e_row, slot_row, TK, E,
-            E_PAD=E_PAD, SB=SB, NSUB=NSUB)
+    _route_scatter_kernel[(nb,)](e_flat, valid, hist, cs, sorted_slot, e_row, slot_row, TK, E, E_PAD=E_PAD, SB=SB,
+                                 NSUB=NSUB)
     return RouteMeta(sorted_slot, cs[:E], cs[E_PAD:E_PAD + E], e_row, slot_row, valid, E, _next_pow2(E))
 
 
@@ -734,7 +691,7 @@ def _launch_gemm1(x, w1, b1, meta: RouteMeta, K: int, H: int, swiglu: bool, stor
     hpre = torch.empty(TK, H2, dtype=x.dtype, device=x.device) if store_hpre else act
     num_m = _num_m_tiles(TK, meta.E, cfg.BM)
     grid = (num_m * triton.cdiv(H, cfg.BN),)
-    _launch(_gemm1_kernel, grid,
+    _gemm1_kernel[grid](
         x, w1, b1 if b1 is not None else x, hpre, act, meta.sorted_slot, meta.counts, meta.starts,
         D, H, K, meta.E, num_m,
         x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), b1.stride(0) if b1 is not None else 0,
@@ -753,7 +710,7 @@ def _launch_gemm_scatter(kind, a, w, bias, cw, meta: RouteMeta, n: int, kd: int,
     cfg = _pick_config(kind, TK / meta.E, n, kd, a.dtype, False)
     num_m = _num_m_tiles(TK, meta.E, cfg.BM)
     grid = (num_m * triton.cdiv(n, cfg.BN),)
-    _launch(_gemm_scatter_kernel, grid,
+    _gemm_scatter_kernel[grid](
         a, w, bias if bias is not None else a, cw if cw is not None else a, out, meta.sorted_slot,
         meta.counts, meta.starts, kd, n, meta.E, num_m,
         a.stride(0), w.stride(0), stride_wk, stride_wn, bias.stride(0) if bias is not None else 0, out.stride(0),
@@ -772,7 +729,7 @@ def _combine(src: Tensor, valid: Tensor, T: int, K: int, out_dtype: torch.dtype,
     BD = min(256, _next_pow2(D))
     BT = 4 if _interpret() else max(1, min(16, 2048 // BD))
     grid = (triton.cdiv(T, BT), triton.cdiv(D, BD))
-    _launch(_combine_kernel, grid,
+    _combine_kernel[grid](
         src, idx if idx is not None else valid, valid, w if w is not None else src, e if e is not None else valid,
         bias if bias is not None else src, out,
         T, D, src.stride(0), bias.stride(0) if bias is not None else 0, out.stride(0),
@@ -786,7 +743,7 @@ def _launch_wgrad(kind, a, b, cw, meta: RouteMeta, K: int, M: int, N: int, out: 
     E = meta.E
     cfg = _pick_config(kind, meta.sorted_slot.numel() / E, N, M, a.dtype, False)
     grid = (E * triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
-    _launch(_wgrad_kernel, grid,
+    _wgrad_kernel[grid](
         a, b, cw if cw is not None else a, out, db if db is not None else out, meta.sorted_slot,
         meta.counts, meta.starts, M, N, K, E,
         a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2), db.stride(0) if db is not None else 0,
@@ -810,10 +767,10 @@ def _gather_rows(src: Tensor, meta: RouteMeta, e_row: Tensor, K: int, cw: Option
     out_u = torch.empty(R, D, dtype=src.dtype, device=src.device) if unscaled else None
     out_s = torch.empty(R, D, dtype=src.dtype, device=src.device) if scaled else None
     grid, BR, BD = _rows_grid(R, D)
-    _launch(_gather_rows_kernel, grid, src, meta.sorted_slot, cw if cw is not None else src, e_row,
-            out_u if unscaled else src, out_s if scaled else src, R, D, K, meta.E,
-            src.stride(0), out_u.stride(0) if unscaled else 0, out_s.stride(0) if scaled else 0,
-            WRITE_U=unscaled, WRITE_S=scaled, BR=BR, BD=BD)
+    _gather_rows_kernel[grid](src, meta.sorted_slot, cw if cw is not None else src, e_row,
+                              out_u if unscaled else src, out_s if scaled else src, R, D, K, meta.E,
+                              src.stride(0), out_u.stride(0) if unscaled else 0, out_s.stride(0) if scaled else 0,
+                              WRITE_U=unscaled, WRITE_S=scaled, BR=BR, BD=BD)
     return out_u, out_s
 
 
@@ -821,8 +778,8 @@ def _segsum(src: Tensor, meta: RouteMeta, dtype) -> Tensor:
     N = src.shape[1]
     out = torch.empty(meta.E, N, dtype=dtype, device=src.device)
     BR, BN = (16, 32) if _interpret() else (32, 128)
-    _launch(_segsum_kernel, (meta.E, triton.cdiv(N, BN)), src, meta.counts, meta.starts, out, N, src.stride(0),
-            out.stride(0), BR=BR, BN=BN)
+    _segsum_kernel[(meta.E, triton.cdiv(N, BN))](src, meta.counts, meta.starts, out, N, src.stride(0), out.stride(0),
+                                                 BR=BR, BN=BN)
     return out
 
 
@@ -849,7 +806,7 @@ def _launch_bwd_act(dy, w2, b2, act, hpre, cw, meta: RouteMeta, K: int, swiglu: 
     num_n = triton.cdiv(H, cfg.BN)
     # Rows of dropped slots are never written: the caller masks them (torch.where on the valid flags).
     dcw_part = torch.empty(num_n, TK, dtype=torch.float32, device=dy.device)
-    _launch(_bwd_act_kernel, (num_m * num_n,),
+    _bwd_act_kernel[(num_m * num_n,)](
         dy, w2, b2 if b2 is not None else dy, act, hpre, cw, dh, dcw_part, meta.sorted_slot, meta.counts,
         meta.starts, D, H, K, E, num_m, TK,
         dy.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0) if b2 is not None else 0,
@@ -916,9 +873,9 @@ def _gmm_forward(x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu, need_grad):
     R = h.shape[0]
     act = torch.empty(R, H, dtype=x.dtype, device=x.device)
     grid, BR, BH = _rows_grid(R, H)
-    _launch(_bias_act_kernel, grid, h, e_row, b1 if b1 is not None else h, act, R, H, h.stride(0),
-            b1.stride(0) if b1 is not None else 0, act.stride(0),
-            SWIGLU=swiglu, HAS_BIAS=b1 is not None, E=meta.E, BR=BR, BH=BH)
+    _bias_act_kernel[grid](h, e_row, b1 if b1 is not None else h, act, R, H, h.stride(0),
+                           b1.stride(0) if b1 is not None else 0, act.stride(0),
+                           SWIGLU=swiglu, HAS_BIAS=b1 is not None, E=meta.E, BR=BR, BH=BH)
     o = torch._grouped_mm(act, w2, offs=offs)
     y = _combine(o, meta.valid, T, K, x.dtype, idx=meta.slot_row, w=cw,
                  e=e_flat.reshape(-1) if b2 is not None else None, bias=b2)
@@ -939,7 +896,7 @@ def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu, hpre, act,
     dh = torch.empty(R, H2, dtype=x.dtype, device=x.device)
     dcw = torch.zeros(R, dtype=torch.float32, device=x.device)
     BR, BH = (8, 32) if _interpret() else (8, 256)
-    _launch(_dact_rows_kernel, (triton.cdiv(R, BR),),
+    _dact_rows_kernel[(triton.cdiv(R, BR),)](
         dA, act, hpre, d_u, b2 if b2 is not None else d_u, cw, meta.sorted_slot, e_row, dh, dcw,
         R, H, D, E, dA.stride(0), act.stride(0), hpre.stride(0), d_u.stride(0),
         b2.stride(0) if b2 is not None else 0, dh.stride(0),
