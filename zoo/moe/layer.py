@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from zoo.moe import losses as L
-from zoo.moe.compiled import maybe_compiled
 from zoo.moe.config import MoEConfig
 from zoo.moe.dispatch import DISPATCHERS
 from zoo.moe.experts import StackedExperts
@@ -85,7 +84,7 @@ class MoELayer(nn.Module):
                                      config.compile_routing)
         elif config.router == "expert_choice":
             self.router = ExpertChoiceRouter(dim, E, config.noise_std, config.capacity_multiple_of,
-                                             config.capacity_from_valid_tokens)
+                                             config.capacity_from_valid_tokens, config.compile_routing)
         elif config.router == "soft":
             self.router = SoftRouter(dim, E, config.slots_per_expert)
         else:
@@ -141,19 +140,15 @@ class MoELayer(nn.Module):
     def _sparse_forward(self, xg: Tensor, vg: Tensor, mg: Optional[Tensor], all_valid: bool) -> Tensor:
         cfg = self.config
         G, Sg, D = xg.shape
-        k, capacity = cfg.k(self.training), cfg.capacity_setting(self.training)
-        if cfg.router == "topk":  # losses and statistics in the router's compiled graph (one call, not two)
-            routing: Routing = self.router(xg, vg, k, capacity, all_valid=all_valid,
-                                           then=(sparse_aux, (cfg, vg, mg, all_valid)))
-            aux = routing.aux
-        else:
-            routing = self.router(xg, vg, k, capacity)
-            aux = maybe_compiled(sparse_aux, cfg.compile_routing, xg.device)(routing, cfg, vg, mg, all_valid)
+        # The losses and statistics come back in routing.aux: the top-k router computes them in its compiled graph
+        # (one compiled call per layer, not two).
+        routing: Routing = self.router(xg, vg, cfg.k(self.training), cfg.capacity_setting(self.training),
+                                       all_valid=all_valid, then=(sparse_aux, (cfg, vg, mg, all_valid)))
         K = routing.expert_index.shape[-1]
         flat = (xg.reshape(G * Sg, D), routing.expert_index.reshape(-1, K),
                 routing.combine_weight.reshape(-1, K).to(xg.dtype), routing.keep.reshape(-1, K))
         y = self._dispatch(*flat)
-        self.aux = aux
+        self.aux = routing.aux
         return y.reshape(G, Sg, D)
 
     def _dispatch(self, x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor) -> Tensor:

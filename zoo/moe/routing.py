@@ -268,19 +268,25 @@ class ExpertChoiceRouter(nn.Module):
 
     ``C = ceil(S * cf / E)`` (rounded up to ``capacity_multiple_of``, at most S): the capacity factor is the
     average number of experts per token. Masked tokens are never picked. Slot e of a token is expert e.
+
+    Same call as :class:`TopKRouter`: ``all_valid`` is accepted (the decision needs no masking shortcut) and
+    ``then = (fn, args)`` puts ``fn(routing, *args)`` in ``Routing.aux``, compiled on its own per
+    ``compile_routing`` (the decision itself stays eager).
     """
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 0.0, capacity_multiple_of: int = 4,
-                 capacity_from_valid_tokens: bool = False) -> None:
+                 capacity_from_valid_tokens: bool = False, compile_routing: Optional[bool] = None) -> None:
         super().__init__()
         self.capacity_from_valid_tokens = capacity_from_valid_tokens
         self.num_experts = num_experts
         self.noise_std = noise_std
         self.capacity_multiple_of = capacity_multiple_of
+        self.compile_routing = compile_routing
         self.proj = nn.Linear(dim, num_experts, bias=False)
         self.generator: Optional[torch.Generator] = None
 
-    def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float]) -> Routing:
+    def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
+                all_valid: bool = False, then: Optional[tuple[Callable, tuple]] = None) -> Routing:
         G, S, _ = x.shape
         E = self.num_experts
         logits = _router_logits(x, self.proj.weight, self.proj.bias)
@@ -304,8 +310,11 @@ class ExpertChoiceRouter(nn.Module):
         position = position.transpose(1, 2)
         expert_index = torch.arange(E, device=x.device).expand(G, S, E)
         combine_weight = torch.where(keep, probs, torch.zeros_like(probs))
-        return Routing(expert_index, combine_weight, keep, position, probs, clean_probs, logits,
-                       noisy_logits, std, capacity, E)
+        routing = Routing(expert_index, combine_weight, keep, position, probs, clean_probs, logits,
+                          noisy_logits, std, capacity, E)
+        if then is not None:
+            routing.aux = maybe_compiled(then[0], self.compile_routing, x.device)(routing, *then[1])
+        return routing
 
 
 class SoftRouter(nn.Module):
