@@ -166,6 +166,12 @@ if _HAS_TRITON:
     # consecutive slots. Three launches and no torch glue: histogram per program, one program that scans the
     # histograms into per-program bucket offsets (plus per-bucket counts and starts), stable scatter.
     @triton.jit
+    def _slot_bucket(e, v, m, E, E_PAD: tl.constexpr):
+        """Bucket of each slot: its expert if valid, E if dropped, E_PAD (none) for lanes past the end."""
+        b = tl.where(v, e.to(tl.int32), E)
+        return tl.where(m, b, E_PAD)
+
+    @triton.jit
     def _route_hist_kernel(eidx_ptr, keep_ptr, valid_ptr, hist_ptr, TK, E,
                            E_PAD: tl.constexpr, SB: tl.constexpr, NSUB: tl.constexpr):
         pid = tl.program_id(0)
@@ -178,8 +184,7 @@ if _HAS_TRITON:
             kp = tl.load(keep_ptr + offs, mask=m, other=0)
             v = (kp != 0) & (e >= 0) & (e < E) & m
             tl.store(valid_ptr + offs, v.to(tl.uint8), mask=m)
-            b = tl.where(v, e.to(tl.int32), E)
-            b = tl.where(m, b, E_PAD)  # out-of-range lanes -> no bucket
+            b = _slot_bucket(e, v, m, E, E_PAD)
             h += tl.sum((b[:, None] == cols[None, :]).to(tl.int32), axis=0)
         tl.store(hist_ptr + pid * E_PAD + cols, h)
 
@@ -209,8 +214,7 @@ if _HAS_TRITON:
             m = offs < TK
             e = tl.load(eidx_ptr + offs, mask=m, other=0)
             v = tl.load(valid_ptr + offs, mask=m, other=0) != 0
-            b = tl.where(v, e.to(tl.int32), E)
-            b = tl.where(m, b, E_PAD)
+            b = _slot_bucket(e, v, m, E, E_PAD)
             onehot = (b[:, None] == cols[None, :]).to(tl.int32)
             dest = tl.sum((tl.cumsum(onehot, axis=0) - 1 + nxt[None, :]) * onehot, axis=1)  # stable
             tl.store(sorted_ptr + dest, offs, mask=m)
@@ -664,10 +668,12 @@ def route(expert_index: Tensor, keep: Tensor, E: int) -> RouteMeta:
     if _interpret():
         SB, NSUB = max(16, min(SB, 64)), 2  # two sub-blocks: the loop is tested on CPU too
     nb = max(1, triton.cdiv(TK, SB * NSUB))
-    hist = torch.empty(nb * E_PAD + 2 * E_PAD, dtype=torch.int32, device=dev)  # per-program histograms, counts, starts
-    valid = torch.empty(TK, dtype=torch.uint8, device=dev)
     TKA = -(-TK // 4) * 4  # each part 16-byte aligned (Triton specialises kernels on pointer alignment)
-    rows = torch.empty(3 * TKA, dtype=torch.int32, device=dev)  # sorted_slot, e_row, slot_row
+    # One int32 allocation (host time per call counts here): sorted_slot, e_row, slot_row [TKA each], then the
+    # per-program histograms [nb, E_PAD] and the counts and starts [E_PAD each].
+    buf = torch.empty(3 * TKA + nb * E_PAD + 2 * E_PAD, dtype=torch.int32, device=dev)
+    valid = torch.empty(TK, dtype=torch.uint8, device=dev)
+    rows, hist = buf[:3 * TKA], buf[3 * TKA:]
     cs = hist[nb * E_PAD:]
     _route_hist_kernel[(nb,)](e_flat, k_flat, valid, hist, TK, E, E_PAD=E_PAD, SB=SB, NSUB=NSUB)
     _route_scan_kernel[(1,)](hist, cs, nb, E_PAD=E_PAD, RB=max(1, min(256, 4096 // E_PAD)))
@@ -894,7 +900,7 @@ def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu, hpre, act,
     d_u, d_o = _gather_rows(dy, meta, e_row, K, cw, unscaled=True, scaled=need_w2)
     dA = torch._grouped_mm(d_u, w2.transpose(-2, -1), offs=offs)  # unweighted dy[tok] @ w2[e]^T
     dh = torch.empty(R, H2, dtype=x.dtype, device=x.device)
-    dcw = torch.zeros(R, dtype=torch.float32, device=x.device)
+    dcw = torch.empty(R, dtype=torch.float32, device=x.device)  # dropped slots: never written, masked by the caller
     BR, BH = (8, 32) if _interpret() else (8, 256)
     _dact_rows_kernel[(triton.cdiv(R, BR),)](
         dA, act, hpre, d_u, b2 if b2 is not None else d_u, cw, meta.sorted_slot, e_row, dh, dcw,
