@@ -14,9 +14,7 @@ forward+backward (``host_overhead_profile.txt``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+
+from moe_layer import cuda_time, env_info  # noqa: E402
 
 
 def host_us(fn, n: int = 40, warm: int = 20, repeats: int = 7) -> float:
@@ -46,18 +46,8 @@ def host_us(fn, n: int = 40, warm: int = 20, repeats: int = 7) -> float:
 
 
 def gpu_us(fn, n: int = 30, warm: int = 5) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+    """Median CUDA-event microseconds per call (:func:`moe_layer.cuda_time`)."""
+    return cuda_time(lambda i: fn(), warm, n) * 1e3
 
 
 def launch_costs() -> dict:
@@ -156,7 +146,7 @@ def layer_parts(T_images: int, compile_routing, profile_path: Path | None) -> di
 def write_report(data: dict, out: Path) -> None:
     env = data["env"]
     lines = ["# MoE layer host overhead", "",
-             f"- {env['gpu']}, torch {env['torch']}, triton {env['triton']}, python {env['python']}; {env['date']}; "
+             f"- {env['device']}, torch {env['torch']}, triton {env['triton']}, python {env['python']}; {env['date']}; "
              f"`{env['command']}`",
              "- host = Python issuing the call, us per call (calls back to back, one sync at the end, at a token count "
              "where the GPU keeps up); gpu = CUDA-event time per call (us). A part whose host time at full size exceeds "
@@ -177,13 +167,8 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import triton
-
     torch._dynamo.config.recompile_limit = 64
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).strftime(
-                   "%Y-%m-%d %H:%M UTC"), command="python benchmarks/host_overhead.py " + " ".join(sys.argv[1:]))
-    data = dict(env=env, launch=launch_costs(), parts={})
+    data = dict(env=env_info(args), launch=launch_costs(), parts={})
     print(data["launch"], flush=True)
     for images, comp, label in ((8, None, "8 images (T=1576), routing compiled"),
                                 (64, None, "64 images (T=12608), routing compiled"),
