@@ -14,6 +14,7 @@ forward+backward (``host_overhead_profile.txt``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -76,15 +77,17 @@ def launch_costs() -> dict:
     return out
 
 
-def layer_parts(T_images: int, compile_routing, profile_path: Path | None) -> dict:
-    """Host and GPU time (us) of each part of a V-MoE-B/16 E8 k2 cf1.05 layer, bf16, training mode."""
+def layer_parts(T_images: int, compile_routing, cuda_graphs, profile_path: Path | None) -> dict:
+    """Host and GPU time (us) of each part of a V-MoE-B/16 E8 k2 cf1.05 layer, bf16, training mode. The router parts
+    are the routing graph as a dispatcher outside it gets it (losses and statistics, not the experts); the layer
+    parts include the experts (on the fused path inside that graph)."""
     from zoo.moe import MoEConfig, MoELayer
-    from zoo.moe.layer import sparse_aux
+    from zoo.moe.layer import routed_tail
     from zoo.kernels import fused_moe
 
     cfg = MoEConfig(num_experts=8, top_k=2, router="topk", noise_std=1.0, batch_priority=True, capacity_factor=1.05,
                     group_size=8, activation="gelu_tanh", expert_bias=True, dispatch="fused",
-                    compile_routing=compile_routing)
+                    compile_routing=compile_routing, cuda_graphs=cuda_graphs)
     torch.manual_seed(0)
     layer = MoELayer(768, 3072, cfg).cuda().to(torch.bfloat16).train()
     x = torch.randn(T_images, 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -93,12 +96,16 @@ def layer_parts(T_images: int, compile_routing, profile_path: Path | None) -> di
     D = xg.shape[-1]
     router = layer.router
 
-    def f_router():  # decision + losses + statistics, as the layer calls it
-        return router(xg, vg, 2, 1.05, all_valid=True, then=(sparse_aux, (cfg, vg, None, True)))
+    def f_router():  # decision + losses + statistics, as the layer calls it for a dispatcher outside the graph
+        return router(xg, vg, 2, 1.05, all_valid=True, then=(routed_tail, (cfg, vg, None, True, None)))
 
-    r = f_router()
-    flat = (xg.reshape(-1, D).detach().requires_grad_(True), r.expert_index.reshape(-1, 2).detach(),
-            r.combine_weight.reshape(-1, 2).detach().to(xg.dtype).requires_grad_(True), r.keep.reshape(-1, 2).detach())
+    def f_router_fwd():  # forward only: a new step for the CUDA graphs each call (MoEConfig.cuda_graphs)
+        torch.compiler.cudagraph_mark_step_begin()
+        return f_router()
+
+    r = f_router()  # copies: a CUDA graph's outputs are reused by its next step
+    flat = (xg.reshape(-1, D).detach().requires_grad_(True), r.expert_index.reshape(-1, 2).clone(),
+            r.combine_weight.reshape(-1, 2).to(xg.dtype).clone().requires_grad_(True), r.keep.reshape(-1, 2).clone())
     e = layer.experts
     dflat = torch.randn_like(flat[0])
 
@@ -110,23 +117,36 @@ def layer_parts(T_images: int, compile_routing, profile_path: Path | None) -> di
         y.backward(dflat)
 
     def f_layer_fwd():
+        torch.compiler.cudagraph_mark_step_begin()
         return layer(x)
 
+    fm = importlib.import_module("zoo.kernels.fused_moe")
+
+    def f_custom_op_fwdbwd():  # the custom op that torch.compile takes, called eagerly: what its dispatch costs
+        y = fm.fused_moe_forward(flat[0], flat[2], e.w1, e.b1, e.w2, e.b2, flat[1], flat[3], False, "triton", True)[0]
+        y.backward(dflat)
+
+    # Every timed call is a step of its own for the CUDA graphs (torch.compiler.cudagraph_mark_step_begin): once a
+    # process has called it, CUDA graph trees count steps only by it.
     def f_layer_fwdbwd():
+        torch.compiler.cudagraph_mark_step_begin()
+        x.grad = None  # a CUDA graph output, overwritten by the next step: not accumulated into
         y = layer(x)
         torch.autograd.backward([y, layer.aux.loss], [dy, torch.ones_like(layer.aux.loss)])
 
     def f_router_fwdbwd():
-        rr = f_router()
-        (rr.combine_weight.float().sum() + rr.aux.loss).backward()
+        torch.compiler.cudagraph_mark_step_begin()
+        aux, combine_weight = f_router().aux
+        (combine_weight.float().sum() + aux.loss).backward()
 
-    parts = dict(router_aux_fwd=f_router, router_aux_fwdbwd=f_router_fwdbwd,
-                 fused_moe_fwd=f_fused_fwd, fused_moe_fwdbwd=f_fused_fwdbwd, layer_fwd=f_layer_fwd,
+    parts = dict(router_aux_fwd=f_router_fwd, router_aux_fwdbwd=f_router_fwdbwd,
+                 fused_moe_fwd=f_fused_fwd, fused_moe_fwdbwd=f_fused_fwdbwd,
+                 fused_moe_fwdbwd_as_custom_op=f_custom_op_fwdbwd, layer_fwd=f_layer_fwd,
                  layer_fwdbwd=f_layer_fwdbwd)
     res = {}
     for name, fn in parts.items():
         res[name] = dict(host_us=host_us(fn), gpu_us=gpu_us(fn))
-        print(T_images, compile_routing, name, res[name], flush=True)
+        print(T_images, compile_routing, cuda_graphs, name, res[name], flush=True)
     if profile_path is not None:
         from torch.profiler import ProfilerActivity, profile
 
@@ -170,12 +190,15 @@ def main():
     torch._dynamo.config.recompile_limit = 64
     data = dict(env=env_info(args), launch=launch_costs(), parts={})
     print(data["launch"], flush=True)
-    for images, comp, label in ((8, None, "8 images (T=1576), routing compiled"),
-                                (64, None, "64 images (T=12608), routing compiled"),
-                                (8, False, "8 images (T=1576), routing eager"),
-                                (64, False, "64 images (T=12608), routing eager")):
-        prof = out / "host_overhead_profile.txt" if (images == 64 and comp is None) else None
-        data["parts"][label] = layer_parts(images, comp, prof)
+    for images, comp, graphs, label in (
+            (8, None, None, "8 images (T=1576), compiled, CUDA graphs (the default)"),
+            (64, None, None, "64 images (T=12608), compiled, CUDA graphs (the default)"),
+            (8, None, False, "8 images (T=1576), compiled, no CUDA graphs"),
+            (64, None, False, "64 images (T=12608), compiled, no CUDA graphs"),
+            (8, False, False, "8 images (T=1576), eager"),
+            (64, False, False, "64 images (T=12608), eager")):
+        prof = out / "host_overhead_profile.txt" if (images == 64 and comp is None and graphs is None) else None
+        data["parts"][label] = layer_parts(images, comp, graphs, prof)
         (out / "host_overhead.json").write_text(json.dumps(data, indent=1))
     write_report(data, out)
     print((out / "host_overhead.md").read_text())

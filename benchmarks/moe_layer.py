@@ -286,10 +286,15 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
             if do_layer:
                 layer.expert_dispatcher = disp
 
+                # Each call is a step for the layer's CUDA graphs (MoEConfig.cuda_graphs): a forward whose backward
+                # never runs must say so, or every call would record new graphs; and once a process has called
+                # cudagraph_mark_step_begin, CUDA graph trees count steps only by it.
                 def fwd(i):
+                    torch.compiler.cudagraph_mark_step_begin()
                     return layer(pool[i % len(pool)])
 
                 def fwdbwd(i):
+                    torch.compiler.cudagraph_mark_step_begin()
                     j = i % len(pool)
                     for p in params:  # fresh grads each step (no accumulation kernels in the timing)
                         p.grad = None

@@ -129,6 +129,8 @@ def make_inputs(case: dict, device: str, seed: int = 0):
         keep = torch.rand(T, K, generator=g) > 0.2
         if pattern == "all_masked":
             keep[:] = False
+        if pattern == "all_kept":
+            keep[:] = True
         if pattern == "subset":
             keep &= cw > 1e-6
         cw = cw * keep
@@ -224,6 +226,10 @@ def _worker(names: list[str]) -> dict:
             if name == "route":
                 res[name] = {"ok": _route_check("cpu"), "sec": time.time() - t0}
                 continue
+            if name in OP_CHECKS:
+                OP_CHECKS[name]("cpu")
+                res[name] = {"ok": True, "sec": time.time() - t0}
+                continue
             if name in DETERMINISM_CASES:
                 case = DETERMINISM_CASES[name]
                 if case.get("backend") in ("grouped_mm", "hybrid") and not _gmm_ok("cpu"):
@@ -267,9 +273,93 @@ def _route_check(device: str) -> bool:
     return bool(ok)
 
 
+def _opcheck(device: str) -> None:
+    """torch.library.opcheck on the forward and backward custom ops (schema, fake implementations against real
+    outputs, autograd registration, AOT dispatch): what torch.compile relies on to take the op into a graph.
+    opcheck compares every output of two runs, so the cases leave no buffer row unwritten: every slot kept (the rows
+    of dropped slots are never written, as nothing reads them) and T*K a multiple of 4 (the routing buffer's
+    alignment padding)."""
+    fm = importlib.import_module("zoo.kernels.fused_moe")
+    gelu = dict(T=38, D=48, H=40, E=4, K=2, act="gelu_tanh", dtype="float32", pattern="all_kept")
+    swiglu_bf16 = dict(T=30, D=32, H=32, E=5, K=2, act="swiglu", dtype="bfloat16", pattern="all_kept")
+    for case, backend in ((gelu, "triton"), (swiglu_bf16, "grouped_mm")):
+        if backend == "grouped_mm" and not _gmm_ok(device):
+            continue
+        (x, cw, w1, b1, w2, b2), ei, keep = make_inputs(case, device)
+        ts = [None if t is None else t.requires_grad_(True) for t in (x, cw, w1, b1, w2, b2)]
+        swiglu = case["act"] == "swiglu"
+        torch.library.opcheck(fm.fused_moe_forward, (*ts[:6], ei, keep, swiglu, backend, True))
+        y, buf, valid, hpre, act = fm.fused_moe_forward(*(None if t is None else t.detach() for t in ts), ei, keep,
+                                                        swiglu, backend, True)
+        needs = [t is not None for t in ts]
+        torch.library.opcheck(fm.fused_moe_backward, (torch.randn_like(y), *(None if t is None else t.detach()
+                                                                            for t in ts), ei, valid, buf, hpre, act,
+                                                      swiglu, backend, needs),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def _compiled_matches_eager(device: str, backend: str = "aot_eager", mode: str | None = None) -> None:
+    """fused_moe inside a torch.compile'd function is one graph (fullgraph: no break at the op) and gives exactly
+    the eager outputs and gradients."""
+    case = CASES["odd_dims_swiglu_bf16"] if device == "cuda" else CASES["gelu_f32"]
+    (x, cw, w1, b1, w2, b2), ei, keep = make_inputs(case, device)
+    ts = [t.requires_grad_(True) for t in (x, cw, w1, b1, w2, b2)]
+
+    def f(x, cw, w1, b1, w2, b2):
+        return fused_moe(x, ei, cw, keep, w1, b1, w2, b2, case["act"], backend="triton").float().square().sum()
+
+    compiled = torch.compile(f, backend=backend, mode=mode, fullgraph=True)
+    ref = [f(*ts)] + list(torch.autograd.grad(f(*ts), ts))
+    for _ in range(3):  # warm-up, recording and replay under CUDA graphs
+        got = [compiled(*ts)]
+        got += list(torch.autograd.grad(got[0], ts))
+        bad = [i for i, (a, b) in enumerate(zip(got, ref)) if not torch.equal(a, b)]
+        assert not bad, f"compiled differs from eager in outputs {bad} (0 = y, then d x, cw, w1, b1, w2, b2)"
+
+
+def _layer_compiled_matches_eager(device: str, dtype: torch.dtype = torch.float32) -> None:
+    """The MoE layer on the fused path with its routing compiled (on CUDA also replayed as a CUDA graph): routing,
+    losses, statistics and the fused experts are ONE graph, with the eager layer's outputs and gradients; two
+    forwards before one backward (LIMoE's image and text passes), several steps in a row and parameter gradients
+    accumulated over two steps (the CUDA graph pool is reused by the next step) included."""
+    from zoo.moe import MoEConfig, MoELayer
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    kwargs = dict(num_experts=4, top_k=2, group_size=2, dispatch="fused", activation="gelu_tanh",
+                  z_loss_weight=1e-3)
+    torch.manual_seed(0)
+    eager = MoELayer(16, 24, MoEConfig(**kwargs, compile_routing=False)).to(device, dtype).train()
+    compiled = MoELayer(16, 24, MoEConfig(**kwargs, compile_routing=True)).to(device, dtype).train()
+    compiled.load_state_dict(eager.state_dict())
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 10, 16, generator=g).to(device, dtype) for _ in range(2)]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for step in range(4):  # warm-up, CUDA graph recording, replays
+        results = []
+        for layer in (eager, compiled):
+            if step != 2:  # step 2 accumulates onto step 1's parameter gradients
+                layer.zero_grad(set_to_none=True)
+            layer.router.generator = torch.Generator(device).manual_seed(step)
+            inputs = [x.clone().requires_grad_(True) for x in xs]
+            ys, loss = [], 0.0
+            for x in inputs:  # two forwards, then one backward
+                ys.append(layer(x))
+                loss = loss + ys[-1].float().square().sum() + layer.aux.loss
+            loss.backward()
+            results.append([y.detach() for y in ys] + [layer.aux.loss.detach(), layer.aux.stats.tokens_per_expert]
+                           + [x.grad for x in inputs] + [p.grad for p in layer.parameters()])
+        for i, (a, b) in enumerate(zip(*results)):
+            torch.testing.assert_close(b, a, **tol, msg=lambda m: f"step {step}, result {i}: {m}")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
+
+
+OP_CHECKS = {"opcheck": _opcheck, "compiled": _compiled_matches_eager, "layer_compiled": _layer_compiled_matches_eager}
+
+
 @pytest.fixture(scope="module")
 def interp_results():
-    names = list(CASES) + list(DETERMINISM_CASES) + ["route"]
+    names = list(CASES) + list(DETERMINISM_CASES) + ["route"] + list(OP_CHECKS)
     halves = [names[0::2], names[1::2]]  # two workers: CI machines have 2 cores
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
@@ -311,7 +401,32 @@ def test_interpreted_route(interp_results):
     assert r["ok"], "counting sort differs from a stable sort"
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA present: runs natively in test_cuda_op_checks")
+@pytest.mark.parametrize("name", list(OP_CHECKS))
+def test_interpreted_op_checks(interp_results, name):
+    assert _interp_result(interp_results, name)["ok"]
+
+
 # ------------------------------------------------------------------ CUDA: native
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (on CPU the same checks run interpreted)")
+def test_cuda_opcheck():
+    _opcheck("cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (on CPU the same check runs interpreted, through aot_eager)")
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_cuda_compiled_matches_eager(mode):
+    """Inductor around the op; with "reduce-overhead" its kernels are captured and replayed as a CUDA graph."""
+    _compiled_matches_eager("cuda", backend="inductor", mode=mode)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (on CPU the same check runs interpreted, without CUDA graphs)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_layer_compiled_matches_eager(dtype):
+    _layer_compiled_matches_eager("cuda", dtype)
+
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (on CPU the same cases run interpreted)")
 @pytest.mark.parametrize("name", list(CASES) + list(GPU_CASES))
 def test_cuda_case(name):
@@ -375,8 +490,10 @@ def test_cuda_layer_training_step_never_syncs_the_host(backend_case):
                     switch_loss_weight=0.0 if vmoe else 0.01, z_loss_weight=1e-3)
     layer = MoELayer(64, 128, cfg).cuda().to(torch.bfloat16).train()
     x = torch.randn(8, 50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = layer(x)  # warm-up: Triton compiles (and may sync) on first use
-    torch.autograd.backward([y, layer.aux.loss], [torch.ones_like(y), torch.ones_like(layer.aux.loss)])
+    for _ in range(2):  # warm-up: Triton and torch.compile compile (and may sync), the CUDA graphs are recorded
+        y = layer(x)
+        torch.autograd.backward([y, layer.aux.loss], [torch.ones_like(y), torch.ones_like(layer.aux.loss)])
+        x.grad = None  # the input's gradient is a CUDA graph output, valid until the next step
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

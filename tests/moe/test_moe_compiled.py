@@ -70,13 +70,14 @@ def test_compiled_routing_matches_eager(case):
         for name in ref[3]:
             torch.testing.assert_close(got[3][name], ref[3][name], rtol=1e-4, atol=1e-6, msg=name)
     assert len(calls) == len(ref_calls) == 2
-    # A compiled output that requires grad but gets none costs a zero-filled tangent in every backward: only the
-    # combine weights (to the experts) and the weighted aux loss may require grad.
+    # A compiled output that requires grad but gets none costs a zero-filled tangent in every backward: the Routing
+    # comes back detached; only what the layer differentiates, the combine weights (to the dispatcher) and the
+    # weighted aux loss, requires grad.
     needs_grad = {f.name for f in dataclasses.fields(calls[-1])
                   if isinstance(getattr(calls[-1], f.name), torch.Tensor) and getattr(calls[-1], f.name).requires_grad}
-    assert needs_grad == {"combine_weight"}
-    aux = calls[-1].aux
-    assert aux is not None and aux.loss.requires_grad
+    assert needs_grad == set()
+    aux, combine_weight = calls[-1].aux
+    assert combine_weight.requires_grad and aux.loss.requires_grad
     assert not any(v.requires_grad for v in aux.losses.values())
     assert not any(getattr(aux.stats, f.name).requires_grad for f in dataclasses.fields(aux.stats)
                    if isinstance(getattr(aux.stats, f.name), torch.Tensor))
@@ -120,3 +121,24 @@ def test_recompile_limit_falls_back_to_eager(monkeypatch):
         torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[1].loss, ref[1].loss, rtol=1e-5, atol=1e-7)
     torch._dynamo.reset()
+
+
+def test_grads_are_copied_when_adopted_and_added_otherwise():
+    """keep_grads_out_of_graph_pool: the gradient autograd would adopt as ``.grad`` (a CUDA graph pool tensor under
+    cuda_graphs, reused by the next step) is a copy; later gradients are added to it; one hook per parameter."""
+    from zoo.moe.compiled import keep_grads_out_of_graph_pool
+
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    incoming = []  # (address, values): holding the tensor itself would stop autograd from adopting it
+    w.register_hook(lambda g: incoming.append((g.data_ptr(), g.detach().clone())))  # sees what the graph returns
+    keep_grads_out_of_graph_pool([w, None])
+    keep_grads_out_of_graph_pool([w])  # a second registration would copy twice: there is one hook
+    x = torch.randn(5, 3)
+    (x @ w).sum().backward()
+    assert w.grad.data_ptr() != incoming[0][0]
+    torch.testing.assert_close(w.grad, incoming[0][1])
+    first = w.grad
+    (x @ w).square().sum().backward()
+    assert w.grad is first  # added in place, no copy
+    torch.testing.assert_close(w.grad, incoming[0][1] + incoming[1][1])
+    assert len(w._backward_hooks) == 2

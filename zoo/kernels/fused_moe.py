@@ -68,17 +68,29 @@ def _interpret() -> bool:
 
 
 def fused_moe_available(x: Tensor) -> bool:
-    """True when ``fused_moe`` can run natively on ``x``: a CUDA tensor, Triton importable, and a
-    supported dtype (bf16, fp16, fp32)."""
-    return bool(_HAS_TRITON and isinstance(x, Tensor) and x.is_cuda and x.dtype in _SUPPORTED_DTYPES)
+    """True when ``fused_moe`` can run on ``x``: Triton importable, a supported dtype (bf16, fp16, fp32) and a
+    CUDA tensor (or any tensor under ``TRITON_INTERPRET=1``, where the kernels run on CPU)."""
+    return bool(_HAS_TRITON and isinstance(x, Tensor) and (x.is_cuda or _interpret())
+                and x.dtype in _SUPPORTED_DTYPES)
 
 
 def grouped_mm_available(x: Tensor) -> bool:
     """True when the torch._grouped_mm backend can run: CUDA, bf16, sm90+, torch has _grouped_mm."""
     if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16):
         return False
-    major, _ = torch.cuda.get_device_capability(x.device)
-    return major >= 9
+    return _sm_major(x.device) >= 9
+
+
+_SM_MAJOR: Dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile: no guard on the cache, no recompilation
+def _sm_major(device: torch.device) -> int:
+    """Compute capability major of a CUDA device, read once."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_MAJOR:
+        _SM_MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return _SM_MAJOR[index]
 
 
 def _next_pow2(n: int) -> int:
@@ -651,6 +663,30 @@ class RouteMeta:
     valid: Tensor  # uint8 [TK]: the slot is kept and its expert index is in [0, E)
     E: int
     E_PAD: int
+    buf: Tensor  # the one int32 allocation the index arrays above are views of
+
+
+def _route_layout(TK: int, E: int) -> tuple[int, int, int, int, int, int]:
+    """Launch geometry and buffer layout of :func:`route` for T*K = ``TK`` slots and E experts (also what the
+    fake implementation of the custom op allocates): (E_PAD, SB, NSUB, nb, TKA, buffer length)."""
+    E_PAD = _next_pow2(E + 1)
+    SB = max(16, min(1024, 16384 // E_PAD))  # slots per sub-block: the [SB, E_PAD] one-hot fits in registers
+    NSUB = max(1, 1024 // SB)
+    if _interpret():
+        SB, NSUB = max(16, min(SB, 64)), 2  # two sub-blocks: the loop is tested on CPU too
+    nb = max(1, -(-TK // (SB * NSUB)))
+    TKA = -(-TK // 4) * 4  # each part 16-byte aligned (Triton specialises kernels on pointer alignment)
+    # One int32 allocation (host time per call counts here): sorted_slot, e_row, slot_row [TKA each], then the
+    # per-program histograms [nb, E_PAD] and the counts and starts [E_PAD each].
+    return E_PAD, SB, NSUB, nb, TKA, 3 * TKA + nb * E_PAD + 2 * E_PAD
+
+
+def _route_views(buf: Tensor, valid: Tensor, TK: int, E: int) -> RouteMeta:
+    """The :class:`RouteMeta` views of :func:`route`'s one int32 buffer ``buf`` and its valid flags."""
+    E_PAD, _, _, nb, TKA, _ = _route_layout(TK, E)
+    cs = buf[3 * TKA + nb * E_PAD:]
+    return RouteMeta(buf[:TK], cs[:E], cs[E_PAD:E_PAD + E], buf[TKA:TKA + TK], buf[2 * TKA:2 * TKA + TK], valid, E,
+                     _next_pow2(E), buf)
 
 
 def route(expert_index: Tensor, keep: Tensor, E: int) -> RouteMeta:
@@ -662,25 +698,17 @@ def route(expert_index: Tensor, keep: Tensor, E: int) -> RouteMeta:
     k_flat = keep.reshape(-1)
     if k_flat.dtype == torch.bool:
         k_flat = k_flat.view(torch.uint8)
-    E_PAD = _next_pow2(E + 1)
-    SB = max(16, min(1024, 16384 // E_PAD))  # slots per sub-block: the [SB, E_PAD] one-hot fits in registers
-    NSUB = max(1, 1024 // SB)
-    if _interpret():
-        SB, NSUB = max(16, min(SB, 64)), 2  # two sub-blocks: the loop is tested on CPU too
-    nb = max(1, triton.cdiv(TK, SB * NSUB))
-    TKA = -(-TK // 4) * 4  # each part 16-byte aligned (Triton specialises kernels on pointer alignment)
-    # One int32 allocation (host time per call counts here): sorted_slot, e_row, slot_row [TKA each], then the
-    # per-program histograms [nb, E_PAD] and the counts and starts [E_PAD each].
-    buf = torch.empty(3 * TKA + nb * E_PAD + 2 * E_PAD, dtype=torch.int32, device=dev)
+    E_PAD, SB, NSUB, nb, TKA, n = _route_layout(TK, E)
+    buf = torch.empty(n, dtype=torch.int32, device=dev)
     valid = torch.empty(TK, dtype=torch.uint8, device=dev)
-    rows, hist = buf[:3 * TKA], buf[3 * TKA:]
+    meta = _route_views(buf, valid, TK, E)
+    hist = buf[3 * TKA:]
     cs = hist[nb * E_PAD:]
     _route_hist_kernel[(nb,)](e_flat, k_flat, valid, hist, TK, E, E_PAD=E_PAD, SB=SB, NSUB=NSUB)
     _route_scan_kernel[(1,)](hist, cs, nb, E_PAD=E_PAD, RB=max(1, min(256, 4096 // E_PAD)))
-    sorted_slot, e_row, slot_row = rows[:TK], rows[TKA:TKA + TK], rows[2 * TKA:2 * TKA + TK]
-    _route_scatter_kernel[(nb,)](e_flat, valid, hist, cs, sorted_slot, e_row, slot_row, TK, E, E_PAD=E_PAD, SB=SB,
-                                 NSUB=NSUB)
-    return RouteMeta(sorted_slot, cs[:E], cs[E_PAD:E_PAD + E], e_row, slot_row, valid, E, _next_pow2(E))
+    _route_scatter_kernel[(nb,)](e_flat, valid, hist, cs, meta.sorted_slot, meta.e_row, meta.slot_row, TK, E,
+                                 E_PAD=E_PAD, SB=SB, NSUB=NSUB)
+    return meta
 
 
 def _num_m_tiles(TK: int, E: int, BM: int) -> int:
@@ -869,7 +897,7 @@ def _zero_empty_groups(w: Tensor, counts: Tensor) -> Tensor:
     return torch.where((counts > 0)[:, None, None], w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
-def _gmm_forward(x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu, need_grad):
+def _gmm_forward(x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu):
     T, D = x.shape
     H = w2.shape[1]
     e_row = meta.e_row
@@ -923,41 +951,101 @@ def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu, hpre, act,
     return dx, dcw, dw1, db1, dw2, db2
 
 
-# ---------------------------------- autograd ----------------------------------
+# ---------------------------------- the op and its gradient ----------------------------------
+# One forward and one backward implementation, called two ways:
+# * under torch.compile, as PyTorch custom ops (``torch.ops.zoo.fused_moe_forward`` / ``..._backward``) with fake
+#   implementations that give their output shapes: the compiler then takes a whole MoE layer (routing, losses,
+#   these kernels) as ONE graph instead of breaking it here, and that graph can be replayed as a CUDA graph, which
+#   removes the per-launch host cost that makes small MoE layers launch-bound (``MoEConfig.cuda_graphs``);
+# * eagerly, through a plain autograd.Function: the custom-op dispatch costs ~0.8 ms of host time per forward +
+#   backward at V-MoE sizes (``benchmarks/results/host_overhead.md``), as much as the launches it wraps.
+def _forward_impl(x: Tensor, cw: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                  expert_index: Tensor, keep: Tensor, swiglu: bool, backend: str,
+                  need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``backend``: a key of :data:`BACKENDS` (its forward half runs here, its backward half in the backward op).
+    Returns y [T, D] and what the backward needs: the routing buffer and valid flags (:func:`route`), the pre-activation
+    ``hpre`` (empty [0] when ``need_grad`` is False) and the activation ``act`` [T*K, H]."""
+    K = expert_index.shape[1]
+    meta = route(expert_index, keep, w1.shape[0])
+    cw_flat = cw.reshape(-1).contiguous()  # the kernels read it in its own dtype and compute in fp32
+    if BACKENDS[backend][0] == "grouped_mm":
+        y, hpre, act = _gmm_forward(x, cw_flat, w1, b1, w2, b2, meta, expert_index, K, swiglu)
+    else:
+        y, hpre, act = _triton_forward(x, cw_flat, w1, b1, w2, b2, meta, K, swiglu, need_grad)
+    if not need_grad:
+        hpre = x.new_empty(0)
+    return y, meta.buf, meta.valid, hpre, act
+
+
+def _backward_impl(dy: Tensor, x: Tensor, cw: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                   b2: Optional[Tensor], expert_index: Tensor, valid: Tensor, buf: Tensor, hpre: Tensor, act: Tensor,
+                   swiglu: bool, backend: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d combine_weight, dw1, db1, dw2, db2); ``needs`` says which of them are wanted (the others are empty)."""
+    K = expert_index.shape[1]
+    E = w1.shape[0]
+    meta = _route_views(buf, valid, expert_index.numel(), E)
+    dy = dy.to(x.dtype).contiguous()
+    wanted = dict(zip(("x", "cw", "w1", "b1", "w2", "b2"), needs))
+    backward = _gmm_backward if BACKENDS[backend][1] == "grouped_mm" else _triton_backward
+    grads = list(backward(dy, x, cw.reshape(-1), w1, b1, w2, b2, meta, expert_index, K, swiglu, hpre, act, wanted))
+    grads[1] = torch.where(valid.view(torch.bool), grads[1], 0.0).reshape(cw.shape).to(cw.dtype)  # the flags are
+    # a bool mask's bytes; dropped slots' partials were never written
+    return tuple(g if (want and g is not None) else x.new_empty(0) for g, want in zip(grads, needs))
+
+
+def _forward_fake(x, cw, w1, b1, w2, b2, expert_index, keep, swiglu, backend, need_grad):
+    T, K = expert_index.shape
+    H, H2 = w2.shape[1], w1.shape[2]
+    buf_len = _route_layout(T * K, w1.shape[0])[-1]
+    return (x.new_empty(T, x.shape[1]), x.new_empty(buf_len, dtype=torch.int32),
+            x.new_empty(T * K, dtype=torch.uint8), x.new_empty((T * K, H2) if need_grad else (0,)),
+            x.new_empty(T * K, H))
+
+
+def _backward_fake(dy, x, cw, w1, b1, w2, b2, expert_index, valid, buf, hpre, act, swiglu, backend, needs):
+    like = (x, cw, w1, b1, w2, b2)
+    return tuple(t.new_empty(t.shape) if (want and t is not None) else x.new_empty(0) for t, want in zip(like, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, cw, w1, b1, w2, b2, expert_index, keep, swiglu, backend, need_grad = inputs
+    _, buf, valid, hpre, act = output
+    ctx.mark_non_differentiable(buf, valid, hpre, act)
+    if need_grad:
+        ctx.save_for_backward(x, cw, w1, b1, w2, b2, expert_index, valid, buf, hpre, act)
+    ctx.settings = (swiglu, backend)
+
+
+def _backward(ctx, dy, *_):
+    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    grads = fused_moe_backward(dy, *ctx.saved_tensors, *ctx.settings, needs)
+    return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None, None)
+
+
+fused_moe_forward = torch.library.custom_op("zoo::fused_moe_forward", _forward_impl, mutates_args=())
+fused_moe_forward.register_fake(_forward_fake)
+fused_moe_backward = torch.library.custom_op("zoo::fused_moe_backward", _backward_impl, mutates_args=())
+fused_moe_backward.register_fake(_backward_fake)
+fused_moe_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
 class _FusedMoEFunction(torch.autograd.Function):
+    """The eager path: the same implementations without the custom-op dispatch."""
+
     @staticmethod
-    def forward(ctx, x, cw, w1, b1, w2, b2, expert_index, keep, swiglu, fwd_backend, bwd_backend):
-        K = expert_index.shape[1]
-        E = w1.shape[0]
+    def forward(ctx, x, cw, w1, b1, w2, b2, expert_index, keep, swiglu, backend):
         need_grad = any(ctx.needs_input_grad[:6])
-        meta = route(expert_index, keep, E)
-        cw_flat = cw.reshape(-1).contiguous()  # the kernels read it in its own dtype and compute in fp32
-        if fwd_backend == "grouped_mm":
-            y, hpre, act = _gmm_forward(x, cw_flat, w1, b1, w2, b2, meta, expert_index, K, swiglu, need_grad)
-        else:
-            y, hpre, act = _triton_forward(x, cw_flat, w1, b1, w2, b2, meta, K, swiglu, need_grad)
+        y, buf, valid, hpre, act = _forward_impl(x, cw, w1, b1, w2, b2, expert_index, keep, swiglu, backend, need_grad)
         if need_grad:
-            ctx.save_for_backward(x, cw_flat, w1, b1, w2, b2, expert_index, meta.valid, meta.sorted_slot, meta.counts,
-                                  meta.starts, meta.e_row, meta.slot_row, hpre, act)
-            ctx.meta_static = (K, E, meta.E_PAD, swiglu, bwd_backend, cw.shape)
+            ctx.save_for_backward(x, cw, w1, b1, w2, b2, expert_index, valid, buf, hpre, act)
+            ctx.settings = (swiglu, backend)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x, cw_flat, w1, b1, w2, b2, expert_index, valid, sorted_slot, counts, starts, e_row, slot_row, hpre,
-         act) = ctx.saved_tensors
-        K, E, E_PAD, swiglu, bwd_backend, cw_shape = ctx.meta_static
-        meta = RouteMeta(sorted_slot, counts, starts, e_row, slot_row, valid, E, E_PAD)
-        dy = dy.to(x.dtype).contiguous()
-        ng = ctx.needs_input_grad
-        needs = {"x": ng[0], "w1": ng[2], "b1": ng[3], "w2": ng[4], "b2": ng[5]}
-        bwd = _gmm_backward if bwd_backend == "grouped_mm" else _triton_backward
-        dx, dcw, dw1, db1, dw2, db2 = bwd(dy, x, cw_flat, w1, b1, w2, b2, meta, expert_index, K, swiglu,
-                                          hpre, act, needs)
-        dcw = torch.where(valid.view(torch.bool), dcw, 0.0)  # the flags are a bool mask's bytes
-        dcw = dcw.reshape(cw_shape).to(cw_flat.dtype) if ng[1] else None
-        return (dx if ng[0] else None, dcw, dw1 if ng[2] else None, db1 if ng[3] else None,
-                dw2 if ng[4] else None, db2 if ng[5] else None, None, None, None, None, None)
+        needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+        grads = _backward_impl(dy, *ctx.saved_tensors, *ctx.settings, needs)
+        return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
 
 
 BACKENDS = {"triton": ("triton", "triton"), "grouped_mm": ("grouped_mm", "grouped_mm"),
@@ -1047,8 +1135,7 @@ def fused_moe(
         backend = choose_backend(x, T, K, E, D, H, activation)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {tuple(BACKENDS)}")
-    fwd_backend, bwd_backend = BACKENDS[backend]
-    if "grouped_mm" in (fwd_backend, bwd_backend) and not (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
+    if "grouped_mm" in BACKENDS[backend] and not (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
         raise RuntimeError(f"backend {backend!r} needs torch._grouped_mm and bf16 inputs")
     dt = x.dtype
     x = x.contiguous()
@@ -1060,5 +1147,8 @@ def fused_moe(
     if ei.dtype not in (torch.int32, torch.int64):
         ei = ei.long()
     # Whether a slot counts (kept and its expert in [0, E)) is decided by the routing kernel, which reads keep as is.
-    return _FusedMoEFunction.apply(x, combine_weight, w1c, b1c, w2c, b2c, ei, keep, swiglu, fwd_backend,
-                                   bwd_backend)
+    if torch.compiler.is_compiling():
+        need_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, combine_weight, w1c, b1c, w2c, b2c))
+        return fused_moe_forward(x, combine_weight, w1c, b1c, w2c, b2c, ei, keep, swiglu, backend, need_grad)[0]
+    return _FusedMoEFunction.apply(x, combine_weight, w1c, b1c, w2c, b2c, ei, keep, swiglu, backend)

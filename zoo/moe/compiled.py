@@ -10,15 +10,48 @@ the same code runs eagerly on CPU (the reference path) and compiled on CUDA, and
 The setting (``MoEConfig.compile_routing``): None = compile on CUDA only, True = always, False = never.
 ``TORCHDYNAMO_DISABLE=1`` turns every ``torch.compile`` off, these included. Inside a model that is itself being
 compiled, the plain function is returned (the outer compile traces it).
+
+CUDA graphs (``MoEConfig.cuda_graphs``, None = on, wherever the graph is compiled on CUDA): the compiled graph is
+also replayed as a CUDA graph (``torch.compile(mode="reduce-overhead")``, PyTorch's CUDA graph trees), so its
+forward and its backward each cost one replay of host time instead of one launch per kernel. On the fused GPU path
+the graph holds the expert kernels too (``zoo.kernels.fused_moe`` is a custom op that compiles whole), so a V-MoE
+layer's forward and backward become one replay each. The trees keep each call's outputs in their memory pool until
+the next training step starts (the next call after a backward): live outputs of an earlier step are cloned or
+report an error if read after being overwritten, never read stale. Inside an outer CUDA graph capture (a whole
+captured training step) the graph runs compiled without its own CUDA graph.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import functools
+import weakref
+from typing import Callable, Iterable, Optional
 
 import torch
 
-_COMPILED: dict[Callable, Callable] = {}
+_COMPILED: dict[tuple[Callable, Optional[str]], Callable] = {}
+_GRAD_HOOKED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def keep_grads_out_of_graph_pool(params: Iterable[Optional[torch.Tensor]]) -> None:
+    """Make sure no ``.grad`` of ``params`` is memory of a CUDA graph pool.
+
+    Why: a CUDA-graphed backward returns the parameters' gradients in the graph's pool, and autograd adopts such a
+    tensor as ``.grad`` when ``.grad`` is None. The next step's replay reuses that memory, so gradients accumulated
+    over several steps (``accumulate_grad_batches``, or no ``zero_grad`` in between) would fail with "accessing
+    tensor output of CUDAGraphs that has been overwritten". A gradient hook copies the incoming gradient when it
+    would be adopted (``.grad`` is None; one copy per parameter and step); gradients added to an existing ``.grad``
+    need no copy. Registered once per parameter object (a copied or unpickled model gets its own)."""
+    for p in params:
+        if p is None or not p.requires_grad or _GRAD_HOOKED.get(id(p)) is p:
+            continue
+        p.register_hook(functools.partial(_copy_if_adopted, weakref.ref(p)))
+        _GRAD_HOOKED[id(p)] = p
+
+
+def _copy_if_adopted(param_ref: "weakref.ref[torch.Tensor]", grad: torch.Tensor) -> Optional[torch.Tensor]:
+    param = param_ref()
+    return grad.clone() if param is not None and param.grad is None else None
 
 
 def compile_enabled(setting: Optional[bool], device: torch.device) -> bool:
@@ -26,9 +59,18 @@ def compile_enabled(setting: Optional[bool], device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else bool(setting)
 
 
-def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device) -> Callable:
-    """``fn`` itself, or its ``torch.compile``-d version (one per function, shared by every layer; built on first
-    use).
+def cuda_graphs_enabled(setting: Optional[bool], device: torch.device) -> bool:
+    """Whether a graph compiled for ``device`` is also replayed as a CUDA graph (None = yes; only ever on CUDA)."""
+    if device.type != "cuda" or setting is False:
+        return False
+    return not torch.cuda.is_current_stream_capturing()  # an outer capture records the kernels itself
+
+
+def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device,
+                   cuda_graphs: Optional[bool] = False, params: Iterable[Optional[torch.Tensor]] = ()) -> Callable:
+    """``fn`` itself, or its ``torch.compile``-d version (one per function and mode, shared by every layer; built on
+    first use), replayed as a CUDA graph where ``cuda_graphs`` (:func:`cuda_graphs_enabled`) says so; ``params``:
+    the parameters the graph takes (see :func:`keep_grads_out_of_graph_pool`).
 
     Compiled only while autograd records (training steps, the launch-bound part). Evaluation runs ``fn`` eagerly:
     its settings (eval capacity and k, no router noise, uneven last batches) would add a recompilation each, and
@@ -38,7 +80,10 @@ def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device) 
     to one graph each)."""
     if not compile_enabled(setting, device) or torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return fn
-    compiled = _COMPILED.get(fn)
+    mode = "reduce-overhead" if cuda_graphs_enabled(cuda_graphs, device) else None
+    if mode is not None:
+        keep_grads_out_of_graph_pool(params)
+    compiled = _COMPILED.get((fn, mode))
     if compiled is None:
-        compiled = _COMPILED[fn] = torch.compile(fn)
+        compiled = _COMPILED[(fn, mode)] = torch.compile(fn, mode=mode)
     return compiled

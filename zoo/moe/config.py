@@ -52,6 +52,10 @@ class MoEConfig:
         compile_routing: run the top-k router's decision and the auxiliary losses / statistics as
             ``torch.compile`` graphs (:mod:`zoo.moe.compiled`): None = on CUDA only (where eager launches of their
             small kernels slow the step), True = also on CPU, False = never. Same results either way (tested).
+        cuda_graphs: replay that compiled graph (on the fused GPU path: routing, losses, statistics and the expert
+            kernels of the layer) as a CUDA graph, forward and backward (``torch.compile`` mode "reduce-overhead");
+            None = wherever it is compiled on CUDA, False = never. Outputs of a step stay valid until the next
+            training step's forward (:mod:`zoo.moe.compiled`).
     """
 
     num_experts: int = 8
@@ -84,6 +88,7 @@ class MoEConfig:
     global_entropy_min_experts_by_modality: Optional[tuple[float, ...]] = None
     capacity_from_valid_tokens: bool = False
     compile_routing: Optional[bool] = None
+    cuda_graphs: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:

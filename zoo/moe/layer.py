@@ -56,7 +56,9 @@ class MoEAux:
 
 
 def _fused_moe_or_none(x: Tensor, activation: str):
-    if not x.is_cuda or activation not in ("gelu_tanh", "swiglu"):
+    """``zoo.kernels.fused_moe`` where it runs on ``x`` (CUDA, or CPU under TRITON_INTERPRET=1) and supports
+    ``activation``, else None."""
+    if activation not in ("gelu_tanh", "swiglu"):
         return None
     try:
         from zoo.kernels import fused_moe, fused_moe_available
@@ -81,10 +83,11 @@ class MoELayer(nn.Module):
         if config.router == "topk":
             self.router = TopKRouter(dim, E, config.noise_std, config.renormalize, config.batch_priority,
                                      config.capacity_multiple_of, config.capacity_from_valid_tokens,
-                                     config.compile_routing)
+                                     config.compile_routing, config.cuda_graphs)
         elif config.router == "expert_choice":
             self.router = ExpertChoiceRouter(dim, E, config.noise_std, config.capacity_multiple_of,
-                                             config.capacity_from_valid_tokens, config.compile_routing)
+                                             config.capacity_from_valid_tokens, config.compile_routing,
+                                             config.cuda_graphs)
         elif config.router == "soft":
             self.router = SoftRouter(dim, E, config.slots_per_expert)
         else:
@@ -124,6 +127,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"mask must have shape [B, S] = {(B, S)}, got {tuple(valid.shape)}")
         if modality is not None and modality.shape != (B, S):
             raise ValueError(f"modality must have shape [B, S] = {(B, S)}, got {tuple(modality.shape)}")
+        # Drop the last step's outputs first: on the CUDA-graph path their memory is reused once nothing holds them.
+        self.aux = None
         (xg, vg, mg), pad = self._group(x, valid, modality)
         # No mask and no padding: every token is valid, so the top-k router, V-MoE's losses and the statistics
         # skip their masking kernels (images are never masked).
@@ -140,33 +145,41 @@ class MoELayer(nn.Module):
     def _sparse_forward(self, xg: Tensor, vg: Tensor, mg: Optional[Tensor], all_valid: bool) -> Tensor:
         cfg = self.config
         G, Sg, D = xg.shape
-        # The losses and statistics come back in routing.aux: the top-k router computes them in its compiled graph
-        # (one compiled call per layer, not two).
+        x = xg.reshape(G * Sg, D)
+        fused = self._fused_experts(x)
+        experts = None if fused is None else (fused, x, self.experts.w1, self.experts.b1, self.experts.w2,
+                                              self.experts.b2)
+        # The losses and statistics, and on the fused path the experts, are computed from the routing inside the
+        # router's compiled graph (one compiled call, one CUDA graph replay per layer).
         routing: Routing = self.router(xg, vg, cfg.k(self.training), cfg.capacity_setting(self.training),
-                                       all_valid=all_valid, then=(sparse_aux, (cfg, vg, mg, all_valid)))
-        K = routing.expert_index.shape[-1]
-        flat = (xg.reshape(G * Sg, D), routing.expert_index.reshape(-1, K),
-                routing.combine_weight.reshape(-1, K).to(xg.dtype), routing.keep.reshape(-1, K))
-        y = self._dispatch(*flat)
-        self.aux = routing.aux
-        return y.reshape(G, Sg, D)
+                                       all_valid=all_valid, then=(routed_tail, (cfg, vg, mg, all_valid, experts)))
+        self.aux, out = routing.aux
+        if experts is None:  # out: the combine weights, for a dispatcher outside the graph
+            K = routing.expert_index.shape[-1]
+            out = self._dispatch(x, routing.expert_index.reshape(-1, K), out.reshape(-1, K).to(xg.dtype),
+                                 routing.keep.reshape(-1, K))
+        return out.reshape(G, Sg, D)
+
+    def _fused_experts(self, x: Tensor):
+        """The fused expert function when this call takes the fused GPU path (dispatch "auto"/"fused", no expert
+        parallelism hook, a device and activation it supports), else None."""
+        if getattr(self, "expert_dispatcher", None) is not None or self.config.dispatch not in ("auto", "fused"):
+            return None
+        fused = _fused_moe_or_none(x, self.config.activation)
+        if fused is None and self.config.dispatch == "fused":
+            raise RuntimeError(
+                "dispatch='fused' needs a CUDA tensor, Triton and activation 'gelu_tanh' or 'swiglu'; "
+                f"got device={x.device}, dtype={x.dtype}, activation={self.config.activation!r}. "
+                "Use dispatch='auto' to fall back to the reference path.")
+        return fused
 
     def _dispatch(self, x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor) -> Tensor:
+        """The experts outside the routing graph: the expert parallelism hook, or a reference dispatcher."""
         if getattr(self, "expert_dispatcher", None) is not None:  # expert parallelism (zoo.distributed)
             return self.expert_dispatcher(x, expert_index, combine_weight, keep, self.experts)
         mode = self.config.dispatch
-        if mode in ("auto", "fused"):
-            fused = _fused_moe_or_none(x, self.config.activation)
-            if fused is not None:
-                e = self.experts
-                return fused(x, expert_index, combine_weight, keep, e.w1, e.b1, e.w2, e.b2, self.config.activation)
-            if mode == "fused":
-                raise RuntimeError(
-                    "dispatch='fused' needs a CUDA tensor, Triton and activation 'gelu_tanh' or 'swiglu'; "
-                    f"got device={x.device}, dtype={x.dtype}, activation={self.config.activation!r}. "
-                    "Use dispatch='auto' to fall back to the reference path.")
-            mode = "sorted"
-        return DISPATCHERS[mode](x, expert_index, combine_weight, keep, self.experts)
+        return DISPATCHERS["sorted" if mode in ("auto", "fused") else mode](x, expert_index, combine_weight, keep,
+                                                                            self.experts)
 
     def _soft_forward(self, xg: Tensor, vg: Tensor, mg: Optional[Tensor]) -> Tensor:
         G, Sg, D = xg.shape
@@ -182,6 +195,23 @@ class MoELayer(nn.Module):
             stats = _routing_stats(self.config, load, probs * vg.unsqueeze(-1), probs, vg, mg, None, None, None)
         self.aux = MoEAux(loss=xg.new_zeros((), dtype=torch.float32), losses={}, stats=stats)
         return y
+
+
+def routed_tail(r: Routing, cfg: MoEConfig, vg: Tensor, mg: Optional[Tensor], all_valid: bool,
+                experts: Optional[tuple]) -> tuple[MoEAux, Tensor]:
+    """What the MoE layer computes from a routing ``r`` inside the router's compiled graph: ``(aux, out)``.
+
+    ``experts`` = (fused_moe, x [T, D], w1, b1, w2, b2) on the fused path: ``out`` is the expert output [T, D]
+    (T = G * S). None: ``out`` is the differentiable combine weights [G, S, K], for a dispatcher outside the graph.
+    """
+    aux = sparse_aux(r, cfg, vg, mg, all_valid)
+    if experts is None:
+        return aux, r.combine_weight
+    fused, x, w1, b1, w2, b2 = experts
+    K = r.expert_index.shape[-1]
+    y = fused(x, r.expert_index.reshape(-1, K), r.combine_weight.reshape(-1, K).to(x.dtype), r.keep.reshape(-1, K),
+              w1, b1, w2, b2, cfg.activation)
+    return aux, y
 
 
 def sparse_aux(r: Routing, cfg: MoEConfig, vg: Tensor, mg: Optional[Tensor], all_valid: bool) -> MoEAux:

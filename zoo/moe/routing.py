@@ -74,7 +74,13 @@ class Routing:
     capacity: Optional[int]
     top_k: int
     expert_demand: Optional[Tensor] = None
-    aux: Any = None  # what the caller's ``then`` computed from this routing in the same graph (TopKRouter)
+    aux: Any = None  # what the caller's ``then`` computed from this routing (see TopKRouter)
+
+    def detached(self, aux: Any = None) -> "Routing":
+        """This routing with its float tensors detached (index and mask tensors carry no gradient anyway)."""
+        return Routing(self.expert_index, self.combine_weight.detach(), self.keep, self.position, self.probs.detach(),
+                       self.clean_probs.detach(), self.logits.detach(), self.noisy_logits.detach(), self.noise_std,
+                       self.capacity, self.top_k, self.expert_demand, aux)
 
 
 def _router_logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -171,16 +177,20 @@ class TopKRouter(nn.Module):
     top-2 choice; slots past capacity are dropped. In eval mode routing is deterministic (no noise).
 
     ``compile_routing`` (None = on CUDA): the decision (:func:`topk_decide`, ~25 small kernels forward and
-    backward) runs as one ``torch.compile`` graph; the noise is drawn outside it, so both paths route alike.
+    backward) runs as one ``torch.compile`` graph, replayed as a CUDA graph per ``cuda_graphs``
+    (:mod:`zoo.moe.compiled`); the noise is drawn outside it, so both paths route alike.
     ``then = (fn, args)`` runs ``fn(routing, *args)`` in that same graph and stores the result in ``Routing.aux``:
-    the MoE layer computes its losses and statistics this way, since every compiled call costs host time
-    (guards, autograd wrappers, launches) in a launch-bound layer. The returned Routing's probabilities and logits
-    are then detached (the losses computed by ``fn`` carry their gradients).
+    the MoE layer computes its losses and statistics this way, and on the fused GPU path the experts too, since
+    every compiled call costs host time in a launch-bound layer. ``fn`` returns everything the caller
+    differentiates (the losses, and the combine weights or the expert output): the returned Routing is then
+    detached (a compiled output that requires grad but gets none costs a zero-filled tangent in every backward).
+    Router hooks see that Routing.
     """
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 1.0, renormalize: bool = False,
                  batch_priority: bool = True, capacity_multiple_of: int = 4,
-                 capacity_from_valid_tokens: bool = False, compile_routing: Optional[bool] = None) -> None:
+                 capacity_from_valid_tokens: bool = False, compile_routing: Optional[bool] = None,
+                 cuda_graphs: Optional[bool] = None) -> None:
         super().__init__()
         self.capacity_from_valid_tokens = capacity_from_valid_tokens
         self.num_experts = num_experts
@@ -189,6 +199,7 @@ class TopKRouter(nn.Module):
         self.batch_priority = batch_priority
         self.capacity_multiple_of = capacity_multiple_of
         self.compile_routing = compile_routing
+        self.cuda_graphs = cuda_graphs
         self.proj = nn.Linear(dim, num_experts, bias=False)
         self.generator: Optional[torch.Generator] = None  # tests set one for reproducible noise
 
@@ -203,27 +214,35 @@ class TopKRouter(nn.Module):
         if capacity_factor is not None:
             n = S if all_valid else capacity_tokens(valid, self.capacity_from_valid_tokens)
             capacity = compute_capacity(n, E, top_k, capacity_factor, self.capacity_multiple_of)
-        route = maybe_compiled(topk_route, self.compile_routing, x.device)
+        route = maybe_compiled(topk_route, self.compile_routing, x.device, self.cuda_graphs,
+                               (self.proj.weight, self.proj.bias, *_params_of(then)))
         return route(x, self.proj.weight, self.proj.bias, noise, std, valid, all_valid, top_k, capacity,
                      self.renormalize, self.batch_priority, then)
+
+
+def _params_of(then: Optional[tuple[Callable, tuple]]) -> list[Tensor]:
+    """The parameters among ``then``'s arguments (one level into tuples): the fused experts' weights."""
+    if then is None:
+        return []
+    found = []
+    for arg in then[1]:
+        for item in (arg if isinstance(arg, tuple) else (arg,)):
+            if isinstance(item, nn.Parameter):
+                found.append(item)
+    return found
 
 
 def topk_route(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
                valid: Tensor, all_valid: bool, top_k: int, capacity: Optional[int], renormalize: bool,
                batch_priority: bool, then: Optional[tuple[Callable, tuple]] = None) -> Routing:
-    """:func:`topk_decide` as a :class:`Routing`, plus ``then[0](routing, *then[1])`` in ``Routing.aux`` (one
-    ``torch.compile`` graph for both)."""
+    """:func:`topk_decide` as a :class:`Routing`, plus ``then[0](routing, *then[1])`` in ``Routing.aux`` and the
+    routing detached (one ``torch.compile`` graph for both; see :class:`TopKRouter`)."""
     out = topk_decide(x, weight, bias, noise, noise_std, valid, all_valid, top_k, capacity, renormalize,
                       batch_priority)
     routing = Routing(*out[:8], noise_std, capacity, top_k, out[8])
     if then is None:
         return routing
-    aux = then[0](routing, *then[1])
-    # The probabilities and logits reach the losses inside this graph; returned detached, because a compiled graph
-    # output that requires grad but gets none costs a zero-filled tangent in every backward.
-    expert_index, combine, keep, position, probs, clean_probs, logits, noisy_logits, demand = out
-    return Routing(expert_index, combine, keep, position, probs.detach(), clean_probs.detach(), logits.detach(),
-                   noisy_logits.detach(), noise_std, capacity, top_k, demand, aux)
+    return routing.detached(then[0](routing, *then[1]))
 
 
 def topk_decide(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
@@ -270,18 +289,20 @@ class ExpertChoiceRouter(nn.Module):
     average number of experts per token. Masked tokens are never picked. Slot e of a token is expert e.
 
     Same call as :class:`TopKRouter`: ``all_valid`` is accepted (the decision needs no masking shortcut) and
-    ``then = (fn, args)`` puts ``fn(routing, *args)`` in ``Routing.aux``, compiled on its own per
-    ``compile_routing`` (the decision itself stays eager).
+    ``then = (fn, args)`` puts ``fn(routing, *args)`` in ``Routing.aux`` and returns the routing detached;
+    ``fn`` is compiled on its own per ``compile_routing`` and ``cuda_graphs`` (the decision itself stays eager).
     """
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 0.0, capacity_multiple_of: int = 4,
-                 capacity_from_valid_tokens: bool = False, compile_routing: Optional[bool] = None) -> None:
+                 capacity_from_valid_tokens: bool = False, compile_routing: Optional[bool] = None,
+                 cuda_graphs: Optional[bool] = None) -> None:
         super().__init__()
         self.capacity_from_valid_tokens = capacity_from_valid_tokens
         self.num_experts = num_experts
         self.noise_std = noise_std
         self.capacity_multiple_of = capacity_multiple_of
         self.compile_routing = compile_routing
+        self.cuda_graphs = cuda_graphs
         self.proj = nn.Linear(dim, num_experts, bias=False)
         self.generator: Optional[torch.Generator] = None
 
@@ -312,9 +333,10 @@ class ExpertChoiceRouter(nn.Module):
         combine_weight = torch.where(keep, probs, torch.zeros_like(probs))
         routing = Routing(expert_index, combine_weight, keep, position, probs, clean_probs, logits,
                           noisy_logits, std, capacity, E)
-        if then is not None:
-            routing.aux = maybe_compiled(then[0], self.compile_routing, x.device)(routing, *then[1])
-        return routing
+        if then is None:
+            return routing
+        then_fn = maybe_compiled(then[0], self.compile_routing, x.device, self.cuda_graphs, _params_of(then))
+        return routing.detached(then_fn(routing, *then[1]))
 
 
 class SoftRouter(nn.Module):
