@@ -136,6 +136,7 @@ def layer_parts(T_images: int, compile_routing, cuda_graphs, profile_path: Path 
 
     def f_router_fwdbwd():
         torch.compiler.cudagraph_mark_step_begin()
+        x.grad = None
         aux, combine_weight = f_router().aux
         (combine_weight.float().sum() + aux.loss).backward()
 

@@ -426,7 +426,11 @@ def write_report(data: dict, out_dir: Path) -> None:
              "layer = zoo.moe.MoELayer forward (+ backward of output and aux loss); experts = dispatcher alone. "
              "TFLOP/s use nominal expert FLOPs (4/12 T k D H, SwiGLU 6/18). err = max|y-y_ref|/max|y_ref| vs an fp32 "
              "per-expert loop. Peers without capacity support (HF-style, moe-ops, SonicMoE) compute dropped slots "
-             "with weight 0.", ""]
+             "with weight 0. Layer runs use the layer's defaults on CUDA: its routing, losses and statistics are one "
+             "torch.compile graph replayed as a CUDA graph (MoEConfig.cuda_graphs), for the peers too (they plug in "
+             "as the layer's dispatcher and run eagerly after that graph); on the fused path the expert kernels are "
+             "inside that graph. A layer's peak MB does not count the CUDA graph pool (allocated when the graph is "
+             "recorded, in the warm-up); the experts' peak MB (eager) does.", ""]
     if data.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
     lines += ["## Targets", ""] + data.get("targets_text", []) + [""]
