@@ -957,8 +957,8 @@ def _gmm_backward(dy, x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu, hpre, act,
 #   implementations that give their output shapes: the compiler then takes a whole MoE layer (routing, losses,
 #   these kernels) as ONE graph instead of breaking it here, and that graph can be replayed as a CUDA graph, which
 #   removes the per-launch host cost that makes small MoE layers launch-bound (``MoEConfig.cuda_graphs``);
-# * eagerly, through a plain autograd.Function: the custom-op dispatch costs ~0.8 ms of host time per forward +
-#   backward at V-MoE sizes (``benchmarks/results/host_overhead.md``), as much as the launches it wraps.
+# * eagerly, through a plain autograd.Function: the custom-op dispatch costs 0.5-0.8 ms more host time per forward +
+#   backward at V-MoE sizes (``benchmarks/results/host_overhead.md``), a third of what the launches it wraps cost.
 def _forward_impl(x: Tensor, cw: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
                   expert_index: Tensor, keep: Tensor, swiglu: bool, backend: str,
                   need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -16,9 +16,11 @@ also replayed as a CUDA graph (``torch.compile(mode="reduce-overhead")``, PyTorc
 forward and its backward each cost one replay of host time instead of one launch per kernel. On the fused GPU path
 the graph holds the expert kernels too (``zoo.kernels.fused_moe`` is a custom op that compiles whole), so a V-MoE
 layer's forward and backward become one replay each. The trees keep each call's outputs in their memory pool until
-the next training step starts (the next call after a backward): live outputs of an earlier step are cloned or
-report an error if read after being overwritten, never read stale. Inside an outer CUDA graph capture (a whole
-captured training step) the graph runs compiled without its own CUDA graph.
+the next training step starts (the next call after a backward, or ``torch.compiler.cudagraph_mark_step_begin()``):
+reading an output of an earlier step after that raises an error, never returns stale numbers. So a loop of forwards
+without backward marks each step, and a leaf input's ``.grad`` is reset between steps; parameter gradients are
+copied out of the pool (:func:`keep_grads_out_of_graph_pool`). Inside an outer CUDA graph capture (a whole captured
+training step) the graph runs compiled without its own CUDA graph.
 """
 
 from __future__ import annotations

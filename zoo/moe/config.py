@@ -55,7 +55,7 @@ class MoEConfig:
         cuda_graphs: replay that compiled graph (on the fused GPU path: routing, losses, statistics and the expert
             kernels of the layer) as a CUDA graph, forward and backward (``torch.compile`` mode "reduce-overhead");
             None = wherever it is compiled on CUDA, False = never. Outputs of a step stay valid until the next
-            training step's forward (:mod:`zoo.moe.compiled`).
+            training step's forward; forward-only loops under autograd mark their steps (:mod:`zoo.moe.compiled`).
     """
 
     num_experts: int = 8
