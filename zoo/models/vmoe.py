@@ -58,10 +58,10 @@ def validate_images(images: Tensor, in_chans: int, image_size: int) -> None:
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating-point tensor, got {images.dtype}; normalise them first")
     finite_msg = "images contain NaN or Inf values; check the data pipeline / normalisation"
-    if images.device.type == "cpu":
+    if images.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled: checked like on a GPU below
         if not torch.isfinite(images).all():
             raise ValueError(finite_msg)
-    elif not (images.is_cuda and torch.cuda.is_current_stream_capturing()):
+    elif torch.compiler.is_compiling() or not (images.is_cuda and torch.cuda.is_current_stream_capturing()):
         # On an accelerator, reading the answer back would make the host wait for the GPU at every forward (the
         # eager training step is launch-bound, so that wait is not free). The check runs on the device instead:
         # a NaN / Inf input stops the run with a device-side assert at the next synchronisation. Skipped while a
