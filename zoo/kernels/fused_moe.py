@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -1016,10 +1016,16 @@ def _setup_context(ctx, inputs, output):
     ctx.settings = (swiglu, backend)
 
 
-def _backward(ctx, dy, *_):
+def _input_grads(ctx, dy: Tensor, backward: Callable, n_settings: int) -> tuple:
+    """The gradients autograd wants from either path: ``backward`` (the op or its implementation) for the six
+    differentiable inputs, None for the rest (``n_settings`` non-tensor arguments)."""
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
-    grads = fused_moe_backward(dy, *ctx.saved_tensors, *ctx.settings, needs)
-    return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None, None)
+    grads = backward(dy, *ctx.saved_tensors, *ctx.settings, needs)
+    return (*(g if n else None for g, n in zip(grads, needs)), None, None, *(None,) * n_settings)
+
+
+def _backward(ctx, dy, *_):
+    return _input_grads(ctx, dy, fused_moe_backward, 3)  # swiglu, backend, need_grad
 
 
 fused_moe_forward = torch.library.custom_op("zoo::fused_moe_forward", _forward_impl, mutates_args=())
@@ -1043,9 +1049,7 @@ class _FusedMoEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        needs = [bool(n) for n in ctx.needs_input_grad[:6]]
-        grads = _backward_impl(dy, *ctx.saved_tensors, *ctx.settings, needs)
-        return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
+        return _input_grads(ctx, dy, _backward_impl, 2)  # swiglu, backend
 
 
 BACKENDS = {"triton": ("triton", "triton"), "grouped_mm": ("grouped_mm", "grouped_mm"),

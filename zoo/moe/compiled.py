@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -69,10 +69,11 @@ def cuda_graphs_enabled(setting: Optional[bool], device: torch.device) -> bool:
 
 
 def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device,
-                   cuda_graphs: Optional[bool] = False, params: Iterable[Optional[torch.Tensor]] = ()) -> Callable:
+                   cuda_graphs: Optional[bool] = False) -> Callable:
     """``fn`` itself, or its ``torch.compile``-d version (one per function and mode, shared by every layer; built on
-    first use), replayed as a CUDA graph where ``cuda_graphs`` (:func:`cuda_graphs_enabled`) says so; ``params``:
-    the parameters the graph takes (see :func:`keep_grads_out_of_graph_pool`).
+    first use), replayed as a CUDA graph where ``cuda_graphs`` (:func:`cuda_graphs_enabled`) says so. A replayed
+    graph's callable first hooks the gradients of every parameter among its arguments
+    (:func:`keep_grads_out_of_graph_pool`).
 
     Compiled only while autograd records (training steps, the launch-bound part). Evaluation runs ``fn`` eagerly:
     its settings (eval capacity and k, no router noise, uneven last batches) would add a recompilation each, and
@@ -83,9 +84,27 @@ def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device,
     if not compile_enabled(setting, device) or torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return fn
     mode = "reduce-overhead" if cuda_graphs_enabled(cuda_graphs, device) else None
-    if mode is not None:
-        keep_grads_out_of_graph_pool(params)
     compiled = _COMPILED.get((fn, mode))
     if compiled is None:
-        compiled = _COMPILED[(fn, mode)] = torch.compile(fn, mode=mode)
+        compiled = torch.compile(fn, mode=mode)
+        if mode is not None:
+            compiled = _keeping_grads_out_of_graph_pool(compiled)
+        _COMPILED[(fn, mode)] = compiled
     return compiled
+
+
+def _keeping_grads_out_of_graph_pool(graphed: Callable) -> Callable:
+    def call(*args):
+        keep_grads_out_of_graph_pool(_parameters_in(args))
+        return graphed(*args)
+
+    return call
+
+
+def _parameters_in(args: tuple) -> Iterator[torch.nn.Parameter]:
+    """The parameters among ``args``, looking into tuples and lists (the layer passes its experts inside ``then``)."""
+    for arg in args:
+        if isinstance(arg, torch.nn.Parameter):
+            yield arg
+        elif isinstance(arg, (tuple, list)):
+            yield from _parameters_in(arg)

@@ -214,22 +214,9 @@ class TopKRouter(nn.Module):
         if capacity_factor is not None:
             n = S if all_valid else capacity_tokens(valid, self.capacity_from_valid_tokens)
             capacity = compute_capacity(n, E, top_k, capacity_factor, self.capacity_multiple_of)
-        route = maybe_compiled(topk_route, self.compile_routing, x.device, self.cuda_graphs,
-                               (self.proj.weight, self.proj.bias, *_params_of(then)))
+        route = maybe_compiled(topk_route, self.compile_routing, x.device, self.cuda_graphs)
         return route(x, self.proj.weight, self.proj.bias, noise, std, valid, all_valid, top_k, capacity,
                      self.renormalize, self.batch_priority, then)
-
-
-def _params_of(then: Optional[tuple[Callable, tuple]]) -> list[Tensor]:
-    """The parameters among ``then``'s arguments (one level into tuples): the fused experts' weights."""
-    if then is None:
-        return []
-    found = []
-    for arg in then[1]:
-        for item in (arg if isinstance(arg, tuple) else (arg,)):
-            if isinstance(item, nn.Parameter):
-                found.append(item)
-    return found
 
 
 def topk_route(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
@@ -335,7 +322,7 @@ class ExpertChoiceRouter(nn.Module):
                           noisy_logits, std, capacity, E)
         if then is None:
             return routing
-        then_fn = maybe_compiled(then[0], self.compile_routing, x.device, self.cuda_graphs, _params_of(then))
+        then_fn = maybe_compiled(then[0], self.compile_routing, x.device, self.cuda_graphs)
         return routing.detached(then_fn(routing, *then[1]))
 
 
