@@ -3,6 +3,11 @@
 fused_moe forward / forward+backward timings for each expert-GEMM backend.
 
     python benchmarks/fused_moe_sweep.py --out DIR [--compile-only --worker i/n]
+    python benchmarks/fused_moe_sweep.py --kinds "" --out DIR   # backends only -> fused_moe_backends.{json,md}
+
+The backend timings are taken launched eagerly (host launch cost included) and as CUDA graph replays (GPU time:
+how the MoE layer runs fused_moe in training, MoEConfig.cuda_graphs); ``zoo.kernels.fused_moe.auto_backend`` is
+fitted on the latter.
 
 Used to choose the fixed per-shape configurations in ``zoo/kernels/fused_moe.py::_pick_config``
 (configs are fixed by shape, never autotuned at run time, so results stay bitwise reproducible).
@@ -28,12 +33,21 @@ GemmConfig = fm.GemmConfig
 
 SHAPES = {
     "vmoe_B_E8k2": dict(T=12608, D=768, H=3072, E=8, K=2, act="gelu_tanh", bias=True),
+    "vmoe_B_E8k2_T4728": dict(T=4728, D=768, H=3072, E=8, K=2, act="gelu_tanh", bias=True),
+    "vmoe_B_E8k1": dict(T=12608, D=768, H=3072, E=8, K=1, act="gelu_tanh", bias=True),
+    "vmoe_B_E32k2": dict(T=12608, D=768, H=3072, E=32, K=2, act="gelu_tanh", bias=True),
+    "vmoe_B_E8k2_T31520": dict(T=31520, D=768, H=3072, E=8, K=2, act="gelu_tanh", bias=True),
+    "vmoe_L_E8k2": dict(T=12608, D=1024, H=4096, E=8, K=2, act="gelu_tanh", bias=True),
+    "vmoe_L_E32k2": dict(T=12608, D=1024, H=4096, E=32, K=2, act="gelu_tanh", bias=True),
     "vmoe_B_E8k2_T25k": dict(T=25216, D=768, H=3072, E=8, K=2, act="gelu_tanh", bias=True),  # train_step.py batch
     "vmoe_B_E32k1": dict(T=12608, D=768, H=3072, E=32, K=1, act="gelu_tanh", bias=True),
     "vmoe_S_E8k2": dict(T=12608, D=384, H=1536, E=8, K=2, act="gelu_tanh", bias=True),
     "mixtral_T8k": dict(T=8192, D=4096, H=14336, E=8, K=2, act="swiglu", bias=False),
+    "mixtral_T4k": dict(T=4096, D=4096, H=14336, E=8, K=2, act="swiglu", bias=False),
     "olmoe_T16k": dict(T=16384, D=2048, H=1024, E=64, K=8, act="swiglu", bias=False),
+    "olmoe_T4k": dict(T=4096, D=2048, H=1024, E=64, K=8, act="swiglu", bias=False),
     "finegrained_T16k": dict(T=16384, D=1536, H=256, E=128, K=8, act="swiglu", bias=False),
+    "finegrained_T4k": dict(T=4096, D=1536, H=256, E=128, K=8, act="swiglu", bias=False),
 }
 GEMM_CFGS = [GemmConfig(128, 128, 64, 4, 3), GemmConfig(128, 128, 64, 8, 3), GemmConfig(128, 256, 64, 8, 3),
              GemmConfig(128, 128, 64, 4, 4), GemmConfig(64, 128, 64, 4, 4), GemmConfig(128, 64, 64, 4, 4),
@@ -111,6 +125,74 @@ def cfgs_for(kind: str, s: dict):
     return GEMM_CFGS
 
 
+def time_backend(s: dict, sh: dict, backend: str) -> dict:
+    """Whole fused_moe with the current heuristics on one backend: forward without autograd and forward+backward with
+    every gradient, launched eagerly (triton.testing.do_bench) and as CUDA graph replays (moe_layer.graph_replay_ms)."""
+    import triton
+    from moe_layer import graph_replay_ms
+
+    ps = [s["x"].clone().requires_grad_(True), s["cw"].clone().requires_grad_(True),
+          s["w1"].clone().requires_grad_(True), s["w2"].clone().requires_grad_(True)]
+
+    def fwd(*_):
+        return fm.fused_moe(ps[0], s["ei"], ps[1], s["keep"], ps[2], s["b1"], ps[3], s["b2"], sh["act"],
+                            backend=backend)
+
+    def fb(*_):
+        for p in ps:
+            p.grad = None
+        fwd().backward(s["dy"])
+
+    fl = (6 if s["swiglu"] else 4) * s["TK"] * s["D"] * s["H"]
+    try:
+        with torch.no_grad():
+            r = dict(fwd_nograd_ms=triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median"),
+                     fwd_nograd_graph_ms=graph_replay_ms(fwd, (), 3, 20))
+        r["fwdbwd_ms"] = triton.testing.do_bench(fb, warmup=25, rep=150, return_mode="median")
+        r["fwdbwd_graph_ms"] = graph_replay_ms(fb, (), 3, 20)
+        r["fwdbwd_graph_tflops"] = 3 * fl / r["fwdbwd_graph_ms"] / 1e9
+        return r
+    except Exception as ex:
+        return dict(error=f"{type(ex).__name__}: {str(ex)[:300]}")
+
+
+def env_info() -> dict:
+    import datetime
+
+    import triton
+
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                command="python " + " ".join(sys.argv))
+
+
+def write_backends_report(res: dict, out: Path) -> None:
+    e = res["env"]
+    shapes = list(dict.fromkeys(k.split("|")[0] for k in res["whole"]))
+    backends = list(dict.fromkeys(k.split("|")[1] for k in res["whole"]))
+    lines = ["# fused_moe expert-GEMM backends: whole forward+backward", "",
+             f"{e['device']}, torch {e['torch']}, triton {e['triton']}, {e['date']}; `{e['command']}`.", "",
+             "bf16, uniform random top-k routing, every slot kept; all gradients (x, combine weights, w1, w2, biases "
+             "where the shape has them). CUDA graph: fused_moe captured once and replayed (GPU time; how the MoE "
+             "layer runs it in training). Eager: launched from Python each call (host launch cost included). "
+             "Backends: triton (gather-fused Triton kernels, forward and backward), hybrid (Triton forward, "
+             "torch._grouped_mm backward), grouped_mm (torch._grouped_mm forward and backward). auto = the pick of "
+             "`zoo.kernels.fused_moe.auto_backend` for the shape.", "",
+             "| shape | auto | " + " | ".join(f"{b} graph ms" for b in backends) + " | "
+             + " | ".join(f"{b} eager ms" for b in backends) + " | fastest (graph) |",
+             "|---|---|" + "---|" * (2 * len(backends) + 1)]
+    for sh_name in shapes:
+        sh = SHAPES[sh_name]
+        auto = fm.auto_backend(sh["T"], sh["K"], sh["E"], sh["D"], sh["H"], sh["act"], True)
+        rows = {b: res["whole"].get(f"{sh_name}|{b}", {}) for b in backends}
+        g = {b: r["fwdbwd_graph_ms"] for b, r in rows.items() if "fwdbwd_graph_ms" in r}
+        lines.append(f"| {sh_name} (T={sh['T']} D={sh['D']} H={sh['H']} E={sh['E']} k={sh['K']} {sh['act']}) | {auto} | "
+                     + " | ".join(f"{rows[b]['fwdbwd_graph_ms']:.3f}" if b in g else "-" for b in backends) + " | "
+                     + " | ".join(f"{rows[b]['fwdbwd_ms']:.3f}" if "fwdbwd_ms" in rows[b] else "-" for b in backends)
+                     + f" | {min(g, key=g.get) if g else '-'} |")
+    (out / "fused_moe_backends.md").write_text("\n".join(lines) + "\n")
+
+
 def main():
     import triton
 
@@ -152,37 +234,19 @@ def main():
                     print(key, "ERROR", str(ex)[:200], flush=True)
         fm.CONFIG_OVERRIDE.clear()
         if not args.compile_only and not args.no_whole:
-            # whole fused_moe with the current heuristics, both backends
             for backend in args.backends.split(","):
-                ps = [s["x"].clone().requires_grad_(True), s["cw"].clone().requires_grad_(True),
-                      s["w1"].clone().requires_grad_(True), s["w2"].clone().requires_grad_(True)]
-
-                def fwd():
-                    return fm.fused_moe(ps[0], s["ei"], ps[1], s["keep"], ps[2], s["b1"], ps[3], s["b2"], sh["act"],
-                                        backend=backend)
-
-                def fb():
-                    for p in ps:
-                        p.grad = None
-                    fwd().backward(s["dy"])
-
-                try:
-                    with torch.no_grad():
-                        f_ms = triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median")
-                    fb_ms = triton.testing.do_bench(fb, warmup=25, rep=150, return_mode="median")
-                    fl = (6 if s["swiglu"] else 4) * s["TK"] * s["D"] * s["H"]
-                    res["whole"][f"{sname}|{backend}"] = dict(fwd_nograd_ms=f_ms, fwdbwd_ms=fb_ms,
-                                                             fwd_tflops=fl / f_ms / 1e9, fwdbwd_tflops=3 * fl / fb_ms / 1e9)
-                    print(f"{sname} {backend}: fwd(no grad) {f_ms:.3f} ms {fl / f_ms / 1e9:.0f} TF/s, fwd+bwd {fb_ms:.3f} ms "
-                          f"{3 * fl / fb_ms / 1e9:.0f} TF/s", flush=True)
-                except Exception as ex:
-                    res["whole"][f"{sname}|{backend}"] = dict(error=f"{type(ex).__name__}: {str(ex)[:300]}")
-                    print(sname, backend, "ERROR", str(ex)[:300], flush=True)
+                res["whole"][f"{sname}|{backend}"] = time_backend(s, sh, backend)
+                print(sname, backend, json.dumps(res["whole"][f"{sname}|{backend}"]), flush=True)
         s = None
         torch.cuda.empty_cache()
     if not args.compile_only:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "fused_moe_sweep.json").write_text(json.dumps(res, indent=1))
+        if res["kernels"]:
+            (Path(args.out) / "fused_moe_sweep.json").write_text(json.dumps(res, indent=1))
+        else:  # backends only
+            res["env"] = env_info()
+            (Path(args.out) / "fused_moe_backends.json").write_text(json.dumps(res, indent=1))
+            write_backends_report(res, Path(args.out))
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 
 

@@ -354,7 +354,36 @@ def _layer_compiled_matches_eager(device: str, dtype: torch.dtype = torch.float3
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
 
 
-OP_CHECKS = {"opcheck": _opcheck, "compiled": _compiled_matches_eager, "layer_compiled": _layer_compiled_matches_eager}
+def _helpers_check(device: str) -> None:
+    """The grouped_mm backend's per-expert helpers: the bias-gradient segment sum (rows split over several programs,
+    partials summed in a fixed order) against torch, and the in-place zeroing of empty experts' weight gradients,
+    which must overwrite those experts (even NaN garbage) and leave every other expert's values untouched."""
+    fm = importlib.import_module("zoo.kernels.fused_moe")
+    g = torch.Generator().manual_seed(3)
+    T, K, E, N = 70, 2, 5, 45
+    ei = torch.randint(0, E, (T, K), generator=g)
+    ei[ei == 3] = 1  # expert 3 gets no rows
+    keep = torch.rand(T, K, generator=g) > 0.2
+    meta = fm.route(ei.to(device), keep.to(device), E)
+    src = torch.randn(T * K, N, generator=g)
+    got = fm._segsum(src.to(device), meta, torch.float32).cpu()
+    counts = meta.counts.cpu().long()
+    rows = src.new_zeros(T * K, N)
+    rows[: counts.sum()] = src[: counts.sum()]
+    want = torch.stack([rows[s:s + c].sum(0) for s, c in zip(meta.starts.cpu().long(), counts)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counts[3] == 0 and torch.equal(got[3], torch.zeros(N)), "an empty expert's segment sum must be 0"
+    w = torch.randn(E, 33, 70, generator=g)  # 2310 elements per expert: not a multiple of the block
+    w[3] = float("nan")
+    before = w.clone()
+    out = fm._zero_empty_groups(w.to(device), meta.counts).cpu()
+    assert torch.equal(out[3], torch.zeros(33, 70)), "the empty expert was not zeroed"
+    keep_e = [e for e in range(E) if e != 3]
+    assert torch.equal(out[keep_e], before[keep_e]), "a non-empty expert's gradient was changed"
+
+
+OP_CHECKS = {"opcheck": _opcheck, "compiled": _compiled_matches_eager, "layer_compiled": _layer_compiled_matches_eager,
+             "helpers": _helpers_check}
 
 
 @pytest.fixture(scope="module")
@@ -448,6 +477,11 @@ def test_cuda_determinism(name):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_cuda_route():
     assert _route_check("cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (on CPU the same check runs interpreted)")
+def test_cuda_helpers():
+    _helpers_check("cuda")
 
 
 # ------------------------------------------------------------------ anywhere: argument checks

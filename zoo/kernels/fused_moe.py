@@ -32,9 +32,12 @@ Backward (all deterministic, no float atomics, no split-K):
   * dW1[e] = x[tok]^T @ dh and dW2[e] = act^T @ (cw * dy[tok]): one program per output tile
            that loops over all of expert e's rows (gathered by index); bias grads alongside.
 
-An alternative expert-GEMM backend uses ``torch._grouped_mm`` (CUTLASS grouped GEMM, bf16/fp16 on
-sm90+) with the same metadata, gathered copies and small Triton helper kernels
-(bias+activation, activation backward, gather+scale+d(combine_weight), segment sums, combine).
+A second expert-GEMM backend uses ``torch._grouped_mm`` (CUTLASS grouped GEMM, bf16 on sm90+) with the same
+metadata, gathered copies and small Triton helper kernels (bias+activation, activation backward,
+gather+scale+d(combine_weight), segment sums, zeroing of empty experts' weight gradients, combine). Its backward
+is faster than the Triton one at every benchmarked shape once launches are not the bottleneck (CUDA graphs), so
+``backend="auto"`` on sm90 runs the Triton forward with the grouped_mm backward ("hybrid"), or grouped_mm throughout
+for large SwiGLU experts (:func:`auto_backend`).
 
 The Triton kernels also run on CPU under ``TRITON_INTERPRET=1`` (used by the CPU tests); there the
 tensor-core dot is done on operands upcast to fp32, because the interpreter's bf16 dot is broken.
@@ -589,22 +592,39 @@ if _HAS_TRITON:
         tl.store(dcw_ptr + slot, dot, mask=rm)
 
     @triton.jit
-    def _segsum_kernel(src_ptr, counts_ptr, starts_ptr, out_ptr, N, stride_sr, stride_oe,
+    def _segsum_kernel(src_ptr, counts_ptr, starts_ptr, out_ptr, N, SPLIT, stride_sr, stride_op,
                        BR: tl.constexpr, BN: tl.constexpr):
-        """out[e] = sum of src rows [start_e, start_e + count_e), fixed order, fp32."""
+        """out[e, s] = sum of the s-th of SPLIT equal chunks of src rows [start_e, start_e + count_e), in a fixed
+        order, fp32 (the caller sums the SPLIT partials: enough programs to fill the GPU, still deterministic)."""
         e = tl.program_id(0)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        sp = tl.program_id(1)
+        cols = tl.program_id(2) * BN + tl.arange(0, BN)
         cm = cols < N
         cnt = tl.load(counts_ptr + e)
         start = tl.load(starts_ptr + e)
+        chunk = (cnt + SPLIT - 1) // SPLIT
+        lo = sp * chunk
+        hi = tl.minimum(lo + chunk, cnt)
         acc = tl.zeros((BN,), dtype=tl.float32)
-        for r0 in range(0, cnt, BR):
+        for r0 in range(lo, hi, BR):
             rr = r0 + tl.arange(0, BR)
             rows = (start + rr).to(tl.int64)
             v = tl.load(src_ptr + rows[:, None] * stride_sr + cols[None, :],
-                        mask=(rr < cnt)[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                        mask=(rr < hi)[:, None] & cm[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(v, axis=0)
-        tl.store(out_ptr + e.to(tl.int64) * stride_oe + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
+        tl.store(out_ptr + (e * SPLIT + sp).to(tl.int64) * stride_op + cols, acc, mask=cm)
+
+    @triton.jit
+    def _zero_empty_experts_kernel(w_ptr, counts_ptr, per_expert, BLOCK: tl.constexpr):
+        """w[e] = 0 (in place, w contiguous [E, ...]) for the experts with no rows; the programs of every other
+        expert return at once, so this costs nothing like a pass over w."""
+        e = tl.program_id(0)
+        if tl.load(counts_ptr + e) == 0:
+            base = w_ptr + e.to(tl.int64) * per_expert
+            step = tl.num_programs(1) * BLOCK
+            for i0 in range(tl.program_id(1) * BLOCK, per_expert, step):
+                offs = i0 + tl.arange(0, BLOCK)
+                tl.store(base + offs, tl.zeros((BLOCK,), dtype=w_ptr.dtype.element_ty), mask=offs < per_expert)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -809,12 +829,26 @@ def _gather_rows(src: Tensor, meta: RouteMeta, e_row: Tensor, K: int, cw: Option
 
 
 def _segsum(src: Tensor, meta: RouteMeta, dtype) -> Tensor:
+    """Per-expert sums of the rows of ``src`` [R, N] in sorted order -> [E, N]; deterministic."""
     N = src.shape[1]
-    out = torch.empty(meta.E, N, dtype=dtype, device=src.device)
     BR, BN = (16, 32) if _interpret() else (32, 128)
-    _segsum_kernel[(meta.E, triton.cdiv(N, BN))](src, meta.counts, meta.starts, out, N, src.stride(0), out.stride(0),
-                                                 BR=BR, BN=BN)
-    return out
+    n_col = triton.cdiv(N, BN)
+    split = 2 if _interpret() else max(1, min(64, -(-1024 // (meta.E * n_col))))  # fixed by shape: ~1K programs
+    part = torch.empty(meta.E, split, N, dtype=torch.float32, device=src.device)
+    _segsum_kernel[(meta.E, split, n_col)](src, meta.counts, meta.starts, part, N, split, src.stride(0),
+                                          part.stride(1), BR=BR, BN=BN)
+    return part.sum(1).to(dtype)
+
+
+def _zero_empty_groups(w: Tensor, counts: Tensor) -> Tensor:
+    """Zero, in place, the weight gradient of every expert with no rows: a K-grouped GEMM need not write an empty
+    group. Only those experts' blocks are written (a torch.where over the whole gradient cost Mixtral 4 ms)."""
+    w = w.contiguous()
+    per_expert = w[0].numel() if w.shape[0] else 0
+    BLOCK = 1024
+    n_prog = max(1, min(256, triton.cdiv(per_expert, BLOCK * 8)))
+    _zero_empty_experts_kernel[(w.shape[0], n_prog)](w, counts, per_expert, BLOCK=BLOCK)
+    return w
 
 
 # ---------------------------------- Triton expert GEMMs ----------------------------------
@@ -892,11 +926,6 @@ def _triton_backward(dy, x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu, hpre, a
 
 
 # ---------------------------------- torch._grouped_mm expert GEMMs ----------------------------------
-def _zero_empty_groups(w: Tensor, counts: Tensor) -> Tensor:
-    # groups with no rows: make sure their gradient is exactly zero whatever the GEMM left there
-    return torch.where((counts > 0)[:, None, None], w, torch.zeros((), dtype=w.dtype, device=w.device))
-
-
 def _gmm_forward(x, cw, w1, b1, w2, b2, meta, e_flat, K, swiglu):
     T, D = x.shape
     H = w2.shape[1]
@@ -1059,18 +1088,19 @@ BACKENDS = {"triton": ("triton", "triton"), "grouped_mm": ("grouped_mm", "groupe
 def auto_backend(T: int, K: int, E: int, D: int, H: int, activation: str, grouped_mm_ok: bool) -> str:
     """The rule behind ``backend="auto"`` (pure function of the shape).
 
-    From the H100 benchmark (benchmarks/results/moe_layer.md, experts fwd+bwd): the all-Triton path
-    (gather fused into the GEMMs, activation / combine weight in the epilogues, deterministic weight
-    gradients) is fastest for V-MoE-sized experts (D <= 1024 GELU, any E, k, load) and for small LLM
-    experts; torch._grouped_mm's CUTLASS GEMMs win once an expert's work rows*D*H is large, earlier for
-    SwiGLU (its two-accumulator Triton kernels are slower): OLMoE at >= 16K tokens, Mixtral.
+    From H100 timings of fused_moe forward+backward replayed as CUDA graphs, which is how the MoE layer runs it in
+    training (``benchmarks/results/fused_moe_backends.md``): the weight and input gradients are fastest on
+    torch._grouped_mm's CUTLASS GEMMs at every benchmarked shape, so the backward is grouped_mm wherever it runs
+    (sm90+, bf16). The forward stays on the gather-fused Triton kernels ("hybrid": also what inference runs, and
+    Triton's fewer launches cost less host time when nothing is captured) except for large SwiGLU experts (OLMoE,
+    Mixtral), whose grouped_mm forward is faster.
     """
     if not grouped_mm_ok:
         return "triton"
     work = (T * K / max(E, 1)) * D * H
-    if work >= (4e9 if activation == "swiglu" else 4e10):
+    if activation == "swiglu" and work >= 1e9:
         return "grouped_mm"
-    return "triton"
+    return "hybrid"
 
 
 def choose_backend(x: Tensor, T: int, K: int, E: int, D: int, H: int, activation: str) -> str:
