@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import datetime
 import importlib
 import json
@@ -281,6 +282,10 @@ def make_impl(key: str, case: dict, layer, avail: dict):
     raise KeyError(key)
 
 
+def _fmt(d: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
 def run_case(case: dict, avail: dict, dense: float, args) -> dict:
     from zoo.moe import loop_dispatch
 
@@ -345,8 +350,12 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
                     else:
                         y.backward(grads[j])
 
-                if not fwd_only:  # first: the CUDA graph pool is allocated in these calls (see peak_mb)
-                    r["layer_fwdbwd_peak_mb"] = peak_mb(fwdbwd, calls=3)
+                if not fwd_only:  # with CUDA graphs a replay allocates nothing: measure the same step without them
+                    layer.router.cuda_graphs = False
+                    try:
+                        r["layer_fwdbwd_peak_mb"] = peak_mb(fwdbwd, calls=2)  # the first call compiles
+                    finally:
+                        layer.router.cuda_graphs = layer.config.cuda_graphs
                 r["layer_fwd_ms"] = cuda_time(fwd, args.warm, n_iter)
                 if fwd_only:
                     r["note"] = "forward only: " + args.fwd_only_reason
@@ -371,10 +380,18 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
                 if not fwd_only:
                     r["experts_fwdbwd_ms"] = cuda_time(efb, args.warm, n_iter)
                     r["experts_fwdbwd_peak_mb"] = peak_mb(efb)
+                if not fwd_only and args.experts_graph:
                     try:  # GPU time alone, as the layer runs its experts (inside its CUDA graph)
                         r["experts_graph_fwdbwd_ms"] = graph_replay_ms(efb, (0,), args.warm, n_iter)
                     except Exception as ex:  # e.g. a peer that syncs with the host
                         r["experts_graph_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+                    finally:  # the gradients captured there live in the graph's private pool: drop them so the
+                        for xx, _, c, _ in xs_req:  # pool is freed (each impl would otherwise keep its own)
+                            xx.grad = c.grad = None
+                        for p in params:
+                            p.grad = None
+                        gc.collect()
+                        torch.cuda.empty_cache()
             for k2, fl in (("layer_fwd", fwd_flops), ("layer_fwdbwd", fb_flops), ("experts_fwd", fwd_flops),
                            ("experts_fwdbwd", fb_flops), ("experts_graph_fwdbwd", fb_flops)):
                 if k2 + "_ms" in r:
@@ -392,23 +409,29 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
         rec["impls"][name] = r
-        print(f"  {name:42s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                                          if not k.endswith("pct_dense")), flush=True)
-    if time.time() < args.deadline:
-        try:
-            d = dense_mlp_ms(case, T, args.warm, n_iter)
-            rec["dense_mlp"] = {**d, **{k.replace("_ms", "_pct_dense"): 100 * fb_flops / v / 1e9 / dense
-                                        for k, v in d.items()}}
-            print("  dense MLP, same nominal work: " + " ".join(f"{k}={v:.4g}" for k, v in rec["dense_mlp"].items()),
-                  flush=True)
-        except Exception as ex:
-            rec["dense_mlp"] = {"error": f"{type(ex).__name__}: {str(ex)[:200]}"}
-        torch.cuda.empty_cache()
+        print(f"  {name:42s} " + _fmt({k: v for k, v in r.items() if not k.endswith("pct_dense")}), flush=True)
     if case["cf"] is not None and "einsum" in keys and time.time() < args.deadline:
         rec["dispatch"] = time_dispatch_combine(case, layer, flat, args.warm, n_iter)
-        print("  dispatch+combine alone (fwd): " + " ".join(f"{k}={v:.4g}" for k, v in rec["dispatch"].items()),
-              flush=True)
+        print("  dispatch+combine alone (fwd): " + _fmt(rec["dispatch"]), flush=True)
     return rec
+
+
+def time_dense_mlp(case: dict, rec: dict, args) -> None:
+    """rec["dense_mlp"]: :func:`dense_mlp_ms` for the case (run in its own process: see --dense-only)."""
+    T = case["B"] * case["S"]
+    _, fb_flops = flops(case, T)
+    n_iter = args.iters if fb_flops > 2e12 else args.iters_small
+    dense = rec["dense_tflops"]
+    try:
+        d = dense_mlp_ms(case, T, args.warm, n_iter)
+        rec["dense_mlp"] = {**d, **{k.replace("_ms", "_pct_dense"): 100 * fb_flops / v / 1e9 / dense
+                                    for k, v in d.items()}}
+        print("  dense MLP, same nominal work: " + _fmt(rec["dense_mlp"]), flush=True)
+    except Exception as ex:
+        rec["dense_mlp"] = {"error": f"{type(ex).__name__}: {str(ex)[:200]}"}
+        print("  dense MLP failed:", rec["dense_mlp"]["error"], flush=True)
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def graph_replay_ms(fn, args: tuple, n_warm: int, n_iter: int) -> float:
@@ -421,7 +444,10 @@ def graph_replay_ms(fn, args: tuple, n_warm: int, n_iter: int) -> float:
             fn(*args)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: CUDA calls from other threads of this process (compile workers) cannot invalidate the capture. In
+    # "global" mode the first capture of one run was invalidated (cause not pinned down), which also left the CUDA RNG
+    # in capture state for the rest of that process.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn(*args)
     return cuda_time(lambda i: graph.replay(), n_warm, n_iter)
 
@@ -514,11 +540,11 @@ def write_report(data: dict, out_dir: Path) -> None:
              "with weight 0. Layer runs use the layer's defaults on CUDA: its routing, losses and statistics are one "
              "torch.compile graph replayed as a CUDA graph (MoEConfig.cuda_graphs), for the peers too (they plug in "
              "as the layer's dispatcher and run eagerly after that graph); on the fused path the expert kernels are "
-             "inside that graph. A layer's peak MB is taken over its first three fwd+bwd calls (warm-up, CUDA graph "
-             "recording, replay), so it counts the graph's memory pool. Experts: the dispatcher alone, launched "
-             "eagerly (host launch cost included) and as a CUDA graph replay (GPU time, how the layer runs them). "
-             "Dense MLP: the same nominal work as ONE dense bf16 MLP through cuBLAS (no experts, no routing), "
-             "fwd+bwd as a CUDA graph replay.", ""]
+             "inside that graph. A layer's peak MB is measured on the same layer with its CUDA graphs off (a replay "
+             "allocates nothing, its memory is the graph pool's). Experts: the dispatcher alone, launched eagerly "
+             "(host launch cost included; with --experts-graph also as a CUDA graph replay). Dense MLP: the same "
+             "nominal work as ONE dense bf16 MLP through cuBLAS (no experts, no routing), fwd+bwd, eager and as a "
+             "CUDA graph replay, timed in a separate process (--dense-only).", ""]
     if data.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
     lines += ["## Targets", ""] + data.get("targets_text", []) + [""]
@@ -769,6 +795,11 @@ def main():
     ap.add_argument("--report", default="", help="only re-render md/png from this json")
     ap.add_argument("--dispatch-only", action="store_true",
                     help="with --resume: re-time only the capacity dispatch + combine of its cases")
+    ap.add_argument("--dense-only", action="store_true",
+                    help="with --resume: time only the dense-MLP reference of its cases (in a fresh process)")
+    ap.add_argument("--experts-graph", action="store_true",
+                    help="also time each dispatcher alone as a CUDA graph replay (in the same process as the layers: "
+                         "on the H100 a capture there once failed and left the CUDA RNG unusable; use with --only)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.report:
@@ -803,6 +834,17 @@ def main():
     data["dense_tflops"] = dense_rate()
     data["runs"].append(dict(env=data["env"], dense_tflops=data["dense_tflops"]))
     print(json.dumps(data["env"]), "dense", data["dense_tflops"], data["peer_status"], flush=True)
+    if args.dense_only:
+        for case in cases:
+            if case["name"] in done and time.time() < args.deadline:
+                time_dense_mlp(case, done[case["name"]], args)
+                done[case["name"]]["summary"] = summarize(done[case["name"]])
+        data["targets_text"] = targets_text(data)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "moe_layer.json").write_text(json.dumps(data, indent=1))
+        write_report(data, out)
+        print("\n".join(data["targets_text"]))
+        return
     if args.dispatch_only:
         for case in cases:
             if case["cf"] is None or case["name"] not in done or time.time() > args.deadline:
