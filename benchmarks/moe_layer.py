@@ -788,6 +788,15 @@ def env_info(args) -> dict:
                 command="python " + " ".join(sys.argv))
 
 
+def save(data: dict, out: Path) -> None:
+    """Targets, JSON, Markdown page and chart of a finished (or resumed and completed) run."""
+    data["targets_text"] = targets_text(data)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "moe_layer.json").write_text(json.dumps(data, indent=1))
+    write_report(data, out)
+    print("\n".join(data["targets_text"]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -850,12 +859,7 @@ def main():
             if case["name"] in done and time.time() < args.deadline:
                 time_dense_mlp(case, done[case["name"]], args)
                 done[case["name"]]["summary"] = summarize(done[case["name"]])
-        data["targets_text"] = targets_text(data)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "moe_layer.json").write_text(json.dumps(data, indent=1))
-        write_report(data, out)
-        print("\n".join(data["targets_text"]))
-        return
+        return save(data, out)
     if args.dispatch_only:
         for case in cases:
             if case["cf"] is None or case["name"] not in done or time.time() > args.deadline:
@@ -867,12 +871,7 @@ def main():
             print(case["name"], done[case["name"]]["dispatch"], flush=True)
             del layer, flat
             torch.cuda.empty_cache()
-        data["targets_text"] = targets_text(data)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "moe_layer.json").write_text(json.dumps(data, indent=1))
-        write_report(data, out)
-        print("\n".join(data["targets_text"]))
-        return
+        return save(data, out)
     all_keys = [k for k in args.impls.split(",") if k]
     for case in cases:
         prev = done.get(case["name"])
@@ -905,12 +904,8 @@ def main():
         torch.cuda.empty_cache()
     names = {r["name"] for r in data["results"]}
     data["trimmed"] = [c["name"] for c in build_grid(args.profile) if c["name"] not in names]
-    data["targets_text"] = targets_text(data)
     data["wall_s"] = time.time() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "moe_layer.json").write_text(json.dumps(data, indent=1))
-    write_report(data, out)
-    print("\n".join(data["targets_text"]))
+    save(data, out)
 
 
 if __name__ == "__main__":
