@@ -156,16 +156,6 @@ def time_backend(s: dict, sh: dict, backend: str) -> dict:
         return dict(error=f"{type(ex).__name__}: {str(ex)[:300]}")
 
 
-def env_info() -> dict:
-    import datetime
-
-    import triton
-
-    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                command="python " + " ".join(sys.argv))
-
-
 def write_backends_report(res: dict, out: Path) -> None:
     e = res["env"]
     shapes = list(dict.fromkeys(k.split("|")[0] for k in res["whole"]))
@@ -244,6 +234,8 @@ def main():
         if res["kernels"]:
             (Path(args.out) / "fused_moe_sweep.json").write_text(json.dumps(res, indent=1))
         else:  # backends only
+            from moe_layer import env_info
+
             res["env"] = env_info()
             (Path(args.out) / "fused_moe_backends.json").write_text(json.dumps(res, indent=1))
             write_backends_report(res, Path(args.out))

@@ -189,7 +189,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch._dynamo.config.recompile_limit = 64
-    data = dict(env=env_info(args), launch=launch_costs(), parts={})
+    data = dict(env=env_info(), launch=launch_costs(), parts={})
     print(data["launch"], flush=True)
     for images, comp, graphs, label in (
             (8, None, None, "8 images (T=1576), compiled, CUDA graphs (the default)"),

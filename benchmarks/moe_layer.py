@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import datetime
+import gc
 import importlib
 import json
 import platform
@@ -181,9 +181,8 @@ def routing_flat(layer, x):
 
 
 def peak_mb(fn, calls: int = 1) -> float:
-    """Peak memory (MB above what was allocated before) over ``calls`` calls of fn. For a layer replayed as a CUDA
-    graph, call this before any other call with 3 calls (warm-up, recording, replay): the graph's memory pool is
-    allocated while recording, and replays allocate nothing, so a peak taken later would not see it."""
+    """Peak memory (MB above what was allocated before) over ``calls`` calls of fn(i). Measure a layer with its CUDA
+    graphs off: a replay allocates nothing (its memory is the graph pool's, allocated while recording)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -195,34 +194,21 @@ def peak_mb(fn, calls: int = 1) -> float:
 
 
 def dense_mlp_ms(case: dict, T: int, n_warm: int, n_iter: int) -> dict:
-    """The same nominal work without experts or routing: ONE dense bf16 MLP (cuBLAS GEMMs through torch, the same
+    """The same nominal work without experts or routing: ONE dense bf16 MLP (zoo.layers.Mlp: cuBLAS GEMMs, the same
     activation and biases) over T*k rows, forward+backward with every gradient, timed eagerly and as a CUDA graph
     replay. What a GEMM library reaches on these shapes, so a reference for the % of the 8192^3 rate."""
-    import torch.nn.functional as F
+    from zoo.layers import Mlp
 
-    R, D, H = T * case["k"], case["D"], case["H"]
-    swiglu = case["act"] == "swiglu"
-    g = torch.Generator(device="cuda").manual_seed(2)
-    x = torch.randn(R, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
-    w1 = (torch.randn(2 * H if swiglu else H, D, device="cuda", generator=g) * D ** -0.5).to(torch.bfloat16)
-    w2 = (torch.randn(D, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
-    ps = [w1.requires_grad_(True), w2.requires_grad_(True)]
-    b1 = torch.zeros(w1.shape[0], device="cuda", dtype=torch.bfloat16, requires_grad=True) if case["bias"] else None
-    b2 = torch.zeros(D, device="cuda", dtype=torch.bfloat16, requires_grad=True) if case["bias"] else None
-    ps += [b for b in (b1, b2) if b is not None]
-    dy = torch.randn(R, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    R = T * case["k"]
+    torch.manual_seed(2)
+    mlp = Mlp(case["D"], case["H"], case["act"], bias=case["bias"]).cuda().to(torch.bfloat16)
+    x = torch.randn(R, case["D"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(R, case["D"], device="cuda", dtype=torch.bfloat16)
 
     def fb(i=0):
         x.grad = None
-        for p in ps:
-            p.grad = None
-        h = F.linear(x, w1, b1)
-        if swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            a = F.silu(gate) * up
-        else:
-            a = F.gelu(h, approximate="tanh")
-        F.linear(a, w2, b2).backward(dy)
+        mlp.zero_grad(set_to_none=True)
+        mlp(x).backward(dy)
 
     return dict(eager_ms=cuda_time(fb, n_warm, n_iter), graph_ms=graph_replay_ms(fb, (), n_warm, n_iter))
 
@@ -385,13 +371,6 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
                         r["experts_graph_fwdbwd_ms"] = graph_replay_ms(efb, (0,), args.warm, n_iter)
                     except Exception as ex:  # e.g. a peer that syncs with the host
                         r["experts_graph_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
-                    finally:  # the gradients captured there live in the graph's private pool: drop them so the
-                        for xx, _, c, _ in xs_req:  # pool is freed (each impl would otherwise keep its own)
-                            xx.grad = c.grad = None
-                        for p in params:
-                            p.grad = None
-                        gc.collect()
-                        torch.cuda.empty_cache()
             for k2, fl in (("layer_fwd", fwd_flops), ("layer_fwdbwd", fb_flops), ("experts_fwd", fwd_flops),
                            ("experts_fwdbwd", fb_flops), ("experts_graph_fwdbwd", fb_flops)):
                 if k2 + "_ms" in r:
@@ -406,6 +385,9 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
                 p.grad = None
             for x in pool:
                 x.grad = None
+            for xx, _, c, _ in xs_req:  # gradients captured in a CUDA graph live in its private pool: drop them, or
+                xx.grad = c.grad = None  # each impl's pool would stay allocated
+            gc.collect()
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
         rec["impls"][name] = r
@@ -773,7 +755,7 @@ def peer_status() -> dict:
     return st
 
 
-def env_info(args) -> dict:
+def env_info() -> dict:
     import triton
 
     p = torch.cuda.get_device_properties(0)
@@ -840,7 +822,7 @@ def main():
     if args.only:
         keys = args.only.split(",")
         cases = [c for c in cases if any(k in c["name"] for k in keys)]
-    data = dict(env=env_info(args), peer_status=peer_status(), results=[], trimmed=[], runs=[])
+    data = dict(env=env_info(), peer_status=peer_status(), results=[], trimmed=[], runs=[])
     done = {}
     if args.resume and Path(args.resume).exists():
         old = json.loads(Path(args.resume).read_text())

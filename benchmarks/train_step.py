@@ -271,7 +271,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
-    data = dict(env=env_info(args), batch=args.batch, iters=args.iters, warm=args.warm, results={}, profile={},
+    data = dict(env=env_info(), batch=args.batch, iters=args.iters, warm=args.warm, results={}, profile={},
                 flops={"moe": forward_flops(zoo.model_config("vmoe_b16", **MOE_OVERRIDES)),
                        "dense": forward_flops(zoo.model_config("vmoe_b16", **DENSE_OVERRIDES))})
     modes = [False, True] if args.cuda_graph == "both" else [args.cuda_graph == "only"]
