@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.plot(steps, [100 * a for a in acc], marker="o", label=f"{name}: test {table[name]['test_accuracy_pct']:.1f} %")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("CIFAR-10 subset (3,500 train): V-MoE vs dense ViT, same active parameters")
+    ax.set_title("CIFAR-10 subset: V-MoE vs dense ViT\n(same active parameters, 3,500 training images)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
