@@ -27,7 +27,8 @@ class MoEConfig:
             "soft" (Soft MoE slots).
         noise_std: training-time Gaussian noise on the router logits has std ``noise_std / num_experts``.
         renormalize: divide the k combine weights of a token by their sum (Mixtral/MoE-LLaVA); V-MoE does not.
-        batch_priority: order the tokens of a group by their top-1 weight before filling capacity (BPR).
+        batch_priority: order the tokens of a group by their top-1 weight before filling capacity (BPR). Does not
+            apply in a causal layer (``MoELayer(causal=True)`` fills capacity in position order).
         capacity_factor: per-group, per-expert buffer ``ceil(S * k * cf / E)`` rounded up to
             ``capacity_multiple_of``.
         dropless: no capacity limit in training (every valid token reaches its k experts).
@@ -50,7 +51,8 @@ class MoEConfig:
             differently); None = the scalar for every modality.
         capacity_from_valid_tokens: compute the per-group capacity from the number of valid (unmasked) tokens
             of the fullest group instead of the group length S, so padding neither takes nor adds capacity
-            (LIMoE text). False keeps V-MoE's ``ceil(S * k * cf / E)``.
+            (LIMoE text). False keeps V-MoE's ``ceil(S * k * cf / E)``. A causal layer refuses it with capacity
+            (the fullest sequence of the batch would set every sequence's capacity).
         num_shared_experts: dense experts every token goes through besides its routed ones (Qwen2-MoE, DeepSeek-MoE);
             0 = none. They are one MLP (``MoELayer.shared_expert``) of width ``shared_expert_hidden_dim``.
         shared_expert_hidden_dim: that MLP's hidden width; None = the routed experts' width times
