@@ -82,7 +82,8 @@ def layer_parts(T_images: int, compile_routing, cuda_graphs, profile_path: Path 
     are the routing graph as a dispatcher outside it gets it (losses and statistics, not the experts); the layer
     parts include the experts (on the fused path inside that graph)."""
     from zoo.moe import MoEConfig, MoELayer
-    from zoo.moe.layer import routed_tail
+    from zoo.moe.layer import routed_moe
+    from zoo.moe.compiled import maybe_compiled
     from zoo.kernels import fused_moe
 
     cfg = MoEConfig(num_experts=8, top_k=2, router="topk", noise_std=1.0, batch_priority=True, capacity_factor=1.05,
@@ -96,14 +97,18 @@ def layer_parts(T_images: int, compile_routing, cuda_graphs, profile_path: Path 
     D = xg.shape[-1]
     router = layer.router
 
-    def f_router():  # decision + losses + statistics, as the layer calls it for a dispatcher outside the graph
-        return router(xg, vg, 2, 1.05, all_valid=True, then=(routed_tail, (cfg, vg, None, True, None)))
+    def f_router():  # decision + losses + statistics, as the layer runs them for a dispatcher outside the graph
+        plan = router.plan(xg, vg, 2, 1.05, all_valid=True)
+        step = maybe_compiled(routed_moe, cfg.compile_routing, xg.device, cfg.cuda_graphs)
+        combine_weight, aux, routing = step(plan.decide, plan.args, cfg, xg.reshape(-1, D), vg, None, True, None,
+                                            None, cfg.activation)
+        return combine_weight, aux, routing
 
     def f_router_fwd():  # forward only: a new step for the CUDA graphs each call (MoEConfig.cuda_graphs)
         torch.compiler.cudagraph_mark_step_begin()
         return f_router()
 
-    r = f_router()  # copies: a CUDA graph's outputs are reused by its next step
+    r = f_router()[2]  # copies: a CUDA graph's outputs are reused by its next step
     flat = (xg.reshape(-1, D).detach().requires_grad_(True), r.expert_index.reshape(-1, 2).clone(),
             r.combine_weight.reshape(-1, 2).to(xg.dtype).clone().requires_grad_(True), r.keep.reshape(-1, 2).clone())
     e = layer.experts
@@ -137,7 +142,7 @@ def layer_parts(T_images: int, compile_routing, cuda_graphs, profile_path: Path 
     def f_router_fwdbwd():
         torch.compiler.cudagraph_mark_step_begin()
         x.grad = None
-        aux, combine_weight = f_router().aux
+        combine_weight, aux, _ = f_router()
         (combine_weight.float().sum() + aux.loss).backward()
 
     parts = dict(router_aux_fwd=f_router_fwd, router_aux_fwdbwd=f_router_fwdbwd,

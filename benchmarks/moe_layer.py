@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import gc
 import importlib
@@ -337,11 +338,12 @@ def run_case(case: dict, avail: dict, dense: float, args) -> dict:
                         y.backward(grads[j])
 
                 if not fwd_only:  # with CUDA graphs a replay allocates nothing: measure the same step without them
-                    layer.router.cuda_graphs = False
+                    graphed_config = layer.config
+                    layer.config = dataclasses.replace(graphed_config, cuda_graphs=False)
                     try:
                         r["layer_fwdbwd_peak_mb"] = peak_mb(fwdbwd, calls=2)  # the first call compiles
                     finally:
-                        layer.router.cuda_graphs = layer.config.cuda_graphs
+                        layer.config = graphed_config
                 r["layer_fwd_ms"] = cuda_time(fwd, args.warm, n_iter)
                 if fwd_only:
                     r["note"] = "forward only: " + args.fwd_only_reason

@@ -108,7 +108,7 @@ def dispatch_worker(rank: int, world: int) -> None:
     # The fused-kernel branch of the local expert computation (GPU only): run it on CPU with the kernel's
     # plain-PyTorch reference standing in for the Triton kernel (same contract).
     import zoo.moe.layer as layer_mod
-    from zoo.kernels import reference_moe
+    from zoo.moe.dispatch import reference_moe
     original = layer_mod._fused_moe_or_none
     calls = []
     layer_mod._fused_moe_or_none = lambda x, act: calls.append(act) or reference_moe

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.kernels import fused_moe, fused_moe_available, reference_moe
+from zoo.kernels import fused_moe, fused_moe_available
+from zoo.moe.dispatch import reference_moe
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()

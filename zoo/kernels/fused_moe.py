@@ -51,7 +51,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import Tensor
 
-from .reference import ACTIVATIONS
+ACTIVATIONS = ("gelu_tanh", "swiglu")  # what the kernels implement (formulas: zoo.layers.activations)
 
 try:  # triton is optional at import time: fused_moe_available() reports False without it
     import triton

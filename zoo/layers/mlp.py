@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from zoo.moe.experts import apply_activation
+from zoo.layers.activations import apply_activation
 
 
 class Mlp(nn.Module):

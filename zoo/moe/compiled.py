@@ -1,5 +1,5 @@
-"""``torch.compile`` for the routing bookkeeping of the MoE layer: the router's decision and the auxiliary
-losses and statistics.
+"""``torch.compile`` for the MoE layer's routed forward (:func:`zoo.moe.layer.routed_moe`): the router's decision,
+the auxiliary losses and statistics and, on the fused GPU path, the expert kernels, as ONE graph per layer call.
 
 Why: that part is ~90 tiny kernels per MoE layer and training step (softmax, top-k, the buffer-rank scan,
 losses, counts). Eager PyTorch pays one Python dispatch per kernel, so on a GPU the host falls behind and the
@@ -102,7 +102,7 @@ def _keeping_grads_out_of_graph_pool(graphed: Callable) -> Callable:
 
 
 def _parameters_in(args: tuple) -> Iterator[torch.nn.Parameter]:
-    """The parameters among ``args``, looking into tuples and lists (the layer passes its experts inside ``then``)."""
+    """The parameters among ``args``, looking into tuples and lists (the layer passes the router's parameters and its experts' weights inside tuples)."""
     for arg in args:
         if isinstance(arg, torch.nn.Parameter):
             yield arg

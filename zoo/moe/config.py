@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import get_args
 from typing import Literal, Optional
 
 RouterType = Literal["topk", "expert_choice", "soft"]
@@ -25,7 +27,8 @@ class MoEConfig:
             "soft" (Soft MoE slots).
         noise_std: training-time Gaussian noise on the router logits has std ``noise_std / num_experts``.
         renormalize: divide the k combine weights of a token by their sum (Mixtral/MoE-LLaVA); V-MoE does not.
-        batch_priority: order the tokens of a group by their top-1 weight before filling capacity (BPR).
+        batch_priority: order the tokens of a group by their top-1 weight before filling capacity (BPR). Does not
+            apply in a causal layer (``MoELayer(causal=True)`` fills capacity in position order).
         capacity_factor: per-group, per-expert buffer ``ceil(S * k * cf / E)`` rounded up to
             ``capacity_multiple_of``.
         dropless: no capacity limit in training (every valid token reaches its k experts).
@@ -48,10 +51,17 @@ class MoEConfig:
             differently); None = the scalar for every modality.
         capacity_from_valid_tokens: compute the per-group capacity from the number of valid (unmasked) tokens
             of the fullest group instead of the group length S, so padding neither takes nor adds capacity
-            (LIMoE text). False keeps V-MoE's ``ceil(S * k * cf / E)``.
-        compile_routing: run the top-k router's decision and the auxiliary losses / statistics as
-            ``torch.compile`` graphs (:mod:`zoo.moe.compiled`): None = on CUDA only (where eager launches of their
-            small kernels slow the step), True = also on CPU, False = never. Same results either way (tested).
+            (LIMoE text). False keeps V-MoE's ``ceil(S * k * cf / E)``. A causal layer refuses it with capacity
+            (the fullest sequence of the batch would set every sequence's capacity).
+        num_shared_experts: dense experts every token goes through besides its routed ones (Qwen2-MoE, DeepSeek-MoE);
+            0 = none. They are one MLP (``MoELayer.shared_expert``) of width ``shared_expert_hidden_dim``.
+        shared_expert_hidden_dim: that MLP's hidden width; None = the routed experts' width times
+            ``num_shared_experts``.
+        shared_expert_gate: multiply the shared output by ``sigmoid(Linear(D, 1, bias=False)(x))`` (Qwen2-MoE).
+        compile_routing: run the layer's routed forward (router decision, auxiliary losses / statistics and, on the
+            fused path, the experts: :func:`zoo.moe.layer.routed_moe`) as one ``torch.compile`` graph
+            (:mod:`zoo.moe.compiled`): None = on CUDA only (where eager launches of their small kernels slow the
+            step), True = also on CPU, False = never. Same results either way (tested).
         cuda_graphs: replay that compiled graph (on the fused GPU path: routing, losses, statistics and the expert
             kernels of the layer) as a CUDA graph, forward and backward (``torch.compile`` mode "reduce-overhead");
             None = wherever it is compiled on CUDA, False = never. Outputs of a step stay valid until the next
@@ -87,6 +97,9 @@ class MoEConfig:
     global_entropy_weight_by_modality: Optional[tuple[float, ...]] = None
     global_entropy_min_experts_by_modality: Optional[tuple[float, ...]] = None
     capacity_from_valid_tokens: bool = False
+    num_shared_experts: int = 0
+    shared_expert_hidden_dim: Optional[int] = None
+    shared_expert_gate: bool = False
     compile_routing: Optional[bool] = None
     cuda_graphs: Optional[bool] = None
 
@@ -99,8 +112,19 @@ class MoEConfig:
                 raise ValueError(f"{name} must be in [1, num_experts={self.num_experts}], got {k}")
         for name in ("capacity_factor", "eval_capacity_factor"):
             cf = getattr(self, name)
-            if cf is not None and cf <= 0:
-                raise ValueError(f"{name} must be > 0 (use dropless=True for unbounded capacity), got {cf}")
+            if cf is not None and not (math.isfinite(cf) and cf > 0):
+                raise ValueError(f"{name} must be a finite number > 0 (use dropless=True for unbounded capacity), "
+                                 f"got {cf}")
+        for name, kind in (("router", RouterType), ("activation", Activation), ("dispatch", DispatchType)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {get_args(kind)}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.shared_expert_hidden_dim is not None and self.shared_expert_hidden_dim < 1:
+            raise ValueError(f"shared_expert_hidden_dim must be >= 1 or None, got {self.shared_expert_hidden_dim}")
+        if self.num_shared_experts == 0 and (self.shared_expert_hidden_dim is not None or self.shared_expert_gate):
+            raise ValueError("shared_expert_hidden_dim / shared_expert_gate are set but num_shared_experts=0: "
+                             "set num_shared_experts >= 1 to add shared experts")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be >= 1 or None (whole batch), got {self.group_size}")
         if self.num_modalities < 1:

@@ -1,16 +1,20 @@
 """Dispatchers: move tokens to their experts and combine the outputs, given a router's decision.
 
-All take flattened slots: ``x [T, D]``, ``expert_index / combine_weight / keep [T, K]`` and return
+All take flattened slots: ``x [T, D]``, ``expert_index / combine_weight / keep [T, K]`` and any
+:class:`~zoo.moe.experts.Experts`, and return
 ``y [T, D] = sum_k keep[t,k] * combine_weight[t,k] * expert_{expert_index[t,k]}(x[t])``.
-The fused GPU kernel (``zoo.kernels.fused_moe``) implements the same contract.
+The fused GPU kernel (``zoo.kernels.fused_moe``) implements the same contract; :func:`loop_dispatch` is the one
+ground truth for all of them (:func:`reference_moe` is it on raw stacked tensors, for the kernel tests).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from zoo.moe.experts import StackedExperts
+from zoo.moe.experts import Experts, StackedWeights
 
 
 def _accumulate_dtype(x: Tensor) -> torch.dtype:
@@ -19,11 +23,13 @@ def _accumulate_dtype(x: Tensor) -> torch.dtype:
 
 
 def loop_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor,
-                  experts: StackedExperts) -> Tensor:
-    """Ground truth: one pass per expert over the slots routed to it."""
+                  experts: Experts | StackedWeights) -> Tensor:
+    """Ground truth: one pass per expert over the slots routed to it (``experts.expert(e, rows)``). A slot whose
+    expert index is outside [0, E) is dropped, as in the fused kernel."""
     T, D = x.shape
     acc = _accumulate_dtype(x)
     y = torch.zeros(T, D, dtype=acc, device=x.device)
+    keep = keep.bool()
     for e in range(experts.num_experts):
         token, slot = torch.nonzero(keep & (expert_index == e), as_tuple=True)
         if token.numel() == 0:
@@ -33,10 +39,19 @@ def loop_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep:
     return y.to(x.dtype)
 
 
+def reference_moe(x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor, w1: Tensor,
+                  b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], activation: str = "gelu_tanh") -> Tensor:
+    """:func:`loop_dispatch` on stacked expert tensors, with the fused kernel's signature
+    (``zoo.kernels.fused_moe``): its ground truth. Differentiable with respect to every floating-point input; pass
+    float64 copies for a high-precision reference."""
+    return loop_dispatch(x, expert_index, combine_weight, keep, StackedWeights(w1, b1, w2, b2, activation))
+
+
 def sorted_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor,
-                    experts: StackedExperts) -> Tensor:
-    """Sort kept slots by expert (stable), gather, run each expert on its contiguous rows, scatter back
-    to a ``[T, K, D]`` buffer and sum over K. Deterministic (no atomics) on CPU and GPU."""
+                    experts: Experts) -> Tensor:
+    """Sort kept slots by expert (stable), gather, run each expert on its contiguous rows
+    (``experts.forward_grouped``), scatter back to a ``[T, K, D]`` buffer and sum over K. Deterministic (no
+    atomics) on CPU and GPU."""
     T, D = x.shape
     K = expert_index.shape[1]
     E = experts.num_experts

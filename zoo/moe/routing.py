@@ -1,5 +1,11 @@
 """Routers: they decide which expert slot each token goes to; dispatchers (``dispatch.py``) move the data.
 
+A router only decides. ``router.plan(x, valid, k, capacity_factor, ...)`` does the eager part of a decision (draws
+the router noise, computes the capacity) and returns a :class:`RoutingPlan`: a pure function of tensors and its
+arguments, which the MoE layer calls inside its one compiled graph (:func:`zoo.moe.layer.routed_moe`);
+``router(...)`` runs the plan at once and returns the :class:`Routing`; the layer calls ``router(..., decided=routing)``
+with the routing its graph made, so forward hooks on a router see every decision.
+
 Every sparse router returns a :class:`Routing` in one token-choice format over groups, so one set of
 dispatchers (and the fused GPU kernel) serves top-k, batch-prioritised top-k and expert-choice routing:
 
@@ -16,13 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.moe.compiled import maybe_compiled
 
 
 def compute_capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -74,13 +79,23 @@ class Routing:
     capacity: Optional[int]
     top_k: int
     expert_demand: Optional[Tensor] = None
-    aux: Any = None  # what the caller's ``then`` computed from this routing (see TopKRouter)
 
-    def detached(self, aux: Any = None) -> "Routing":
+    def detached(self) -> "Routing":
         """This routing with its float tensors detached (index and mask tensors carry no gradient anyway)."""
         return Routing(self.expert_index, self.combine_weight.detach(), self.keep, self.position, self.probs.detach(),
                        self.clean_probs.detach(), self.logits.detach(), self.noisy_logits.detach(), self.noise_std,
-                       self.capacity, self.top_k, self.expert_demand, aux)
+                       self.capacity, self.top_k, self.expert_demand)
+
+
+class RoutingPlan(NamedTuple):
+    """A decision ready to run: ``decide(*args) -> Routing``. ``decide`` is a module-level pure function (one compiled
+    graph serves every layer); ``args`` hold the router's parameters, the drawn noise and the capacity."""
+
+    decide: Callable[..., Routing]
+    args: tuple
+
+    def run(self) -> Routing:
+        return self.decide(*self.args)
 
 
 def _router_logits(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -102,9 +117,10 @@ def _router_noise(shape: tuple[int, int, int], noise_std: float, training: bool,
 
 
 def buffer_ranks(expert_index: Tensor, valid: Optional[Tensor], priority: Optional[Tensor],
-                 num_experts: int) -> tuple[Tensor, Tensor]:
+                 num_experts: int, position_major: bool = False) -> tuple[Tensor, Tensor]:
     """1-based place of each (token, slot) in its expert's per-group buffer (V-MoE order, see
-    :func:`assign_positions`) and how many valid slots ask for each expert.
+    :func:`assign_positions`; ``position_major``: token order, every slot of token t before any slot of token t+1,
+    which a causal layer needs) and how many valid slots ask for each expert.
 
     A running count over a one-hot of the slots in placement order (as V-MoE computes it) instead of a
     counting sort: half the kernels, and the count's last row is the per-expert demand.
@@ -112,12 +128,22 @@ def buffer_ranks(expert_index: Tensor, valid: Optional[Tensor], priority: Option
     Args:
         expert_index: [G, S, K] chosen expert per slot, in [0, E).
         valid: [G, S, K] bool, slots that compete for capacity; None = all.
-        priority: [G, S] or None (token order).
+        priority: [G, S] or None (token order); must be None with ``position_major``.
     Returns:
         rank [G, S, K] long: 1-based place among the valid slots of the same expert; meaningless for invalid slots.
         demand [G, E] long: number of valid slots per expert and group (before any capacity limit).
     """
     G, S, K = expert_index.shape
+    if position_major:
+        if priority is not None:
+            raise ValueError("position-major buffer order has no priority (batch priority reorders tokens)")
+        # Slots in placement order, token-major: [G, 1, S*K] as laid out.
+        flat = expert_index.reshape(G, 1, S * K)
+        onehot = flat == torch.arange(num_experts, device=expert_index.device).view(1, num_experts, 1)
+        if valid is not None:
+            onehot.bitwise_and_(valid.reshape(G, 1, S * K))
+        count = onehot.cumsum(-1)
+        return count.gather(1, flat).view(G, S, K), count[..., -1]
     # Slots in placement order, k-major then token priority: [G, K, S].
     ordered_expert = expert_index.transpose(1, 2)
     ordered_valid = None if valid is None else valid.transpose(1, 2)
@@ -176,21 +202,18 @@ class TopKRouter(nn.Module):
     BPR, tokens of a group are ordered by their top-1 weight and every top-1 choice is placed before any
     top-2 choice; slots past capacity are dropped. In eval mode routing is deterministic (no noise).
 
-    ``compile_routing`` (None = on CUDA): the decision (:func:`topk_decide`, ~25 small kernels forward and
-    backward) runs as one ``torch.compile`` graph, replayed as a CUDA graph per ``cuda_graphs``
-    (:mod:`zoo.moe.compiled`); the noise is drawn outside it, so both paths route alike.
-    ``then = (fn, args)`` runs ``fn(routing, *args)`` in that same graph and stores the result in ``Routing.aux``:
-    the MoE layer computes its losses and statistics this way, and on the fused GPU path the experts too, since
-    every compiled call costs host time in a launch-bound layer. ``fn`` returns everything the caller
-    differentiates (the losses, and the combine weights or the expert output): the returned Routing is then
-    detached (a compiled output that requires grad but gets none costs a zero-filled tangent in every backward).
-    Router hooks see that Routing.
+    ``causal=True`` (a causal layer; each group is one sequence): capacity is filled in position order, every choice
+    of token t before any choice of token t+1, and batch priority does not apply, so no later token changes an
+    earlier token's decision.
+
+    The decision (:func:`topk_route`, ~25 small kernels forward and backward) is a pure function that the MoE layer
+    runs inside its one compiled graph (:mod:`zoo.moe.compiled`); the noise is drawn outside it (:meth:`plan`), so
+    compiled and eager routing see the same numbers.
     """
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 1.0, renormalize: bool = False,
                  batch_priority: bool = True, capacity_multiple_of: int = 4,
-                 capacity_from_valid_tokens: bool = False, compile_routing: Optional[bool] = None,
-                 cuda_graphs: Optional[bool] = None) -> None:
+                 capacity_from_valid_tokens: bool = False) -> None:
         super().__init__()
         self.capacity_from_valid_tokens = capacity_from_valid_tokens
         self.num_experts = num_experts
@@ -198,14 +221,12 @@ class TopKRouter(nn.Module):
         self.renormalize = renormalize
         self.batch_priority = batch_priority
         self.capacity_multiple_of = capacity_multiple_of
-        self.compile_routing = compile_routing
-        self.cuda_graphs = cuda_graphs
         self.proj = nn.Linear(dim, num_experts, bias=False)
         self.generator: Optional[torch.Generator] = None  # tests set one for reproducible noise
 
-    def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
-                all_valid: bool = False, then: Optional[tuple[Callable, tuple]] = None) -> Routing:
-        """Route ``x`` [G, S, D] with ``valid`` [G, S] bool; ``capacity_factor`` None means dropless.
+    def plan(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
+             all_valid: bool = False, causal: bool = False) -> RoutingPlan:
+        """The decision for ``x`` [G, S, D] with ``valid`` [G, S] bool; ``capacity_factor`` None means dropless.
         ``all_valid=True`` promises that ``valid`` is all True (no mask): the masking kernels are skipped."""
         G, S, _ = x.shape
         E = self.num_experts
@@ -214,32 +235,35 @@ class TopKRouter(nn.Module):
         if capacity_factor is not None:
             n = S if all_valid else capacity_tokens(valid, self.capacity_from_valid_tokens)
             capacity = compute_capacity(n, E, top_k, capacity_factor, self.capacity_multiple_of)
-        route = maybe_compiled(topk_route, self.compile_routing, x.device, self.cuda_graphs)
-        return route(x, self.proj.weight, self.proj.bias, noise, std, valid, all_valid, top_k, capacity,
-                     self.renormalize, self.batch_priority, then)
+        return RoutingPlan(topk_route, (x, self.proj.weight, self.proj.bias, noise, std, valid, all_valid, top_k,
+                                        capacity, self.renormalize, self.batch_priority and not causal, causal))
+
+    def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
+                all_valid: bool = False, causal: bool = False, decided: Optional[Routing] = None) -> Routing:
+        """:meth:`plan`, run at once. ``decided``: a routing already made from this router's plan (the MoE layer runs
+        plans inside its compiled graph and then calls the router with the result), returned as is, so that forward
+        hooks on the router see every decision with its inputs."""
+        return decided if decided is not None else self.plan(x, valid, top_k, capacity_factor, all_valid, causal).run()
 
 
 def topk_route(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
                valid: Tensor, all_valid: bool, top_k: int, capacity: Optional[int], renormalize: bool,
-               batch_priority: bool, then: Optional[tuple[Callable, tuple]] = None) -> Routing:
-    """:func:`topk_decide` as a :class:`Routing`, plus ``then[0](routing, *then[1])`` in ``Routing.aux`` and the
-    routing detached (one ``torch.compile`` graph for both; see :class:`TopKRouter`)."""
+               batch_priority: bool, position_major: bool = False) -> Routing:
+    """:func:`topk_decide` as a :class:`Routing`."""
     out = topk_decide(x, weight, bias, noise, noise_std, valid, all_valid, top_k, capacity, renormalize,
-                      batch_priority)
-    routing = Routing(*out[:8], noise_std, capacity, top_k, out[8])
-    if then is None:
-        return routing
-    return routing.detached(then[0](routing, *then[1]))
+                      batch_priority, position_major)
+    return Routing(*out[:8], noise_std, capacity, top_k, out[8])
 
 
 def topk_decide(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
                 valid: Tensor, all_valid: bool, top_k: int, capacity: Optional[int], renormalize: bool,
-                batch_priority: bool) -> tuple[Tensor, ...]:
+                batch_priority: bool, position_major: bool = False) -> tuple[Tensor, ...]:
     """:class:`TopKRouter`'s decision as a function of tensors (``torch.compile`` takes it whole).
 
     ``x`` [G, S, D], router ``weight`` [E, D], ``noise`` [G, S, E] standard normal (None: no noise) scaled by
-    ``noise_std``, ``valid`` [G, S], ``capacity`` C or None (dropless). Returns the :class:`Routing` fields
-    expert_index, combine_weight, keep, position, probs, clean_probs, logits, noisy_logits, expert_demand."""
+    ``noise_std``, ``valid`` [G, S], ``capacity`` C or None (dropless), ``position_major``: capacity filled in token
+    order across k (causal; no batch priority). Returns the :class:`Routing` fields expert_index, combine_weight,
+    keep, position, probs, clean_probs, logits, noisy_logits, expert_demand."""
     G, S, _ = x.shape
     E = weight.shape[0]
     logits = _router_logits(x, weight, bias)
@@ -255,7 +279,7 @@ def topk_decide(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Option
         priority = combine[..., 0].detach()
         if not all_valid:  # masked tokens last (weights are >= 0)
             priority = torch.where(valid, priority, -1.0)
-    rank, demand = buffer_ranks(expert_index, None if all_valid else slot_valid, priority, E)
+    rank, demand = buffer_ranks(expert_index, None if all_valid else slot_valid, priority, E, position_major)
     if capacity is None:
         keep = slot_valid
     else:
@@ -274,56 +298,64 @@ class ExpertChoiceRouter(nn.Module):
 
     ``C = ceil(S * cf / E)`` (rounded up to ``capacity_multiple_of``, at most S): the capacity factor is the
     average number of experts per token. Masked tokens are never picked. Slot e of a token is expert e.
-
-    Same call as :class:`TopKRouter`: ``all_valid`` is accepted (the decision needs no masking shortcut) and
-    ``then = (fn, args)`` puts ``fn(routing, *args)`` in ``Routing.aux`` and returns the routing detached;
-    ``fn`` is compiled on its own per ``compile_routing`` and ``cuda_graphs`` (the decision itself stays eager).
+    Same calls as :class:`TopKRouter` (``top_k`` is ignored); not causal (an expert's choice of token t depends on
+    every token of the group): ``causal=True`` raises.
     """
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 0.0, capacity_multiple_of: int = 4,
-                 capacity_from_valid_tokens: bool = False, compile_routing: Optional[bool] = None,
-                 cuda_graphs: Optional[bool] = None) -> None:
+                 capacity_from_valid_tokens: bool = False) -> None:
         super().__init__()
         self.capacity_from_valid_tokens = capacity_from_valid_tokens
         self.num_experts = num_experts
         self.noise_std = noise_std
         self.capacity_multiple_of = capacity_multiple_of
-        self.compile_routing = compile_routing
-        self.cuda_graphs = cuda_graphs
         self.proj = nn.Linear(dim, num_experts, bias=False)
         self.generator: Optional[torch.Generator] = None
 
-    def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
-                all_valid: bool = False, then: Optional[tuple[Callable, tuple]] = None) -> Routing:
+    def plan(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
+             all_valid: bool = False, causal: bool = False) -> RoutingPlan:
+        if causal:
+            raise ValueError("expert-choice routing is not causal (each expert compares all tokens of a group); "
+                             "use router='topk' in a causal model")
         G, S, _ = x.shape
         E = self.num_experts
-        logits = _router_logits(x, self.proj.weight, self.proj.bias)
         noise, std = _router_noise((G, S, E), self.noise_std, self.training, x.device, self.generator)
-        noisy_logits = logits if noise is None else logits + std * noise
-        clean_probs = torch.softmax(logits, dim=-1)
-        probs = torch.softmax(noisy_logits, dim=-1) if std > 0 else clean_probs
         # Dropless expert choice means every expert may take every token: C = S.
         capacity = S if capacity_factor is None else min(
             S, compute_capacity(capacity_tokens(valid, self.capacity_from_valid_tokens), E, 1, capacity_factor,
                                 self.capacity_multiple_of))
-        score = torch.where(valid.unsqueeze(-1), probs, torch.full_like(probs, -1.0))  # [G, S, E]
-        top_score, top_token = torch.topk(score.transpose(1, 2), capacity, dim=-1)  # [G, E, C]
-        picked = top_score >= 0  # masked tokens (score -1) are never taken
-        keep = torch.zeros(G, E, S, dtype=torch.bool, device=x.device)
-        keep.scatter_(2, top_token, picked)
-        keep = keep.transpose(1, 2)  # [G, S, E]
-        rank = torch.arange(capacity, device=x.device).expand(G, E, capacity)
-        position = torch.full((G, E, S), -1, dtype=torch.long, device=x.device)
-        position.scatter_(2, top_token, torch.where(picked, rank, torch.full_like(rank, -1)))
-        position = position.transpose(1, 2)
-        expert_index = torch.arange(E, device=x.device).expand(G, S, E)
-        combine_weight = torch.where(keep, probs, torch.zeros_like(probs))
-        routing = Routing(expert_index, combine_weight, keep, position, probs, clean_probs, logits,
-                          noisy_logits, std, capacity, E)
-        if then is None:
-            return routing
-        then_fn = maybe_compiled(then[0], self.compile_routing, x.device, self.cuda_graphs)
-        return routing.detached(then_fn(routing, *then[1]))
+        return RoutingPlan(expert_choice_route, (x, self.proj.weight, self.proj.bias, noise, std, valid, capacity))
+
+    def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
+                all_valid: bool = False, causal: bool = False, decided: Optional[Routing] = None) -> Routing:
+        """As :meth:`TopKRouter.forward`."""
+        return decided if decided is not None else self.plan(x, valid, top_k, capacity_factor, all_valid, causal).run()
+
+
+def expert_choice_route(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Optional[Tensor], noise_std: float,
+                        valid: Tensor, capacity: int) -> Routing:
+    """:class:`ExpertChoiceRouter`'s decision as a function of tensors: ``x`` [G, S, D], ``weight`` [E, D],
+    ``noise`` [G, S, E] or None scaled by ``noise_std``, ``valid`` [G, S], each expert takes ``capacity`` tokens."""
+    G, S, _ = x.shape
+    E = weight.shape[0]
+    logits = _router_logits(x, weight, bias)
+    noisy_logits = logits if noise is None else logits + noise_std * noise
+    clean_probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(noisy_logits, dim=-1) if noise is not None else clean_probs
+    score = torch.where(valid.unsqueeze(-1), probs, torch.full_like(probs, -1.0))  # [G, S, E]
+    top_score, top_token = torch.topk(score.transpose(1, 2), capacity, dim=-1)  # [G, E, C]
+    picked = top_score >= 0  # masked tokens (score -1) are never taken
+    keep = torch.zeros(G, E, S, dtype=torch.bool, device=x.device)
+    keep.scatter_(2, top_token, picked)
+    keep = keep.transpose(1, 2)  # [G, S, E]
+    rank = torch.arange(capacity, device=x.device).expand(G, E, capacity)
+    position = torch.full((G, E, S), -1, dtype=torch.long, device=x.device)
+    position.scatter_(2, top_token, torch.where(picked, rank, torch.full_like(rank, -1)))
+    position = position.transpose(1, 2)
+    expert_index = torch.arange(E, device=x.device).expand(G, S, E)
+    combine_weight = torch.where(keep, probs, torch.zeros_like(probs))
+    return Routing(expert_index, combine_weight, keep, position, probs, clean_probs, logits, noisy_logits, noise_std,
+                   capacity, E)
 
 
 class SoftRouter(nn.Module):
