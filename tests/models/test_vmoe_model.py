@@ -246,3 +246,10 @@ def test_cuda_whole_model_compiles_to_one_graph():
     assert len(got) == len(ref) > 10
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_channel_mismatch_message_names_the_channels():
+    from zoo.layers import validate_images
+
+    with pytest.raises(ValueError, match=r"expected 3 channel\(s\), got 1 .*create the model with in_chans=1$"):
+        validate_images(torch.zeros(2, 1, 16, 16), 3, 16)
