@@ -13,15 +13,6 @@ from zoo.layers import resize_pos_embed
 from zoo.registry import get_family
 
 
-def _random(name: str, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    model = zoo.create_model(name, **overrides).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
 def _captions(n: int, length: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.zeros(n, length, dtype=torch.long)
@@ -34,8 +25,8 @@ def _captions(n: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture
-def limoe_folder(tmp_path):
-    model = _random("limoe_tiny_test")
+def limoe_folder(tmp_path, random_model):
+    model = random_model("limoe_tiny_test")
     hub.save_pretrained(model, tmp_path / "limoe")
     return model, f"local-dir:{tmp_path / 'limoe'}"
 
@@ -76,8 +67,8 @@ def test_limoe_longer_context_is_refused(limoe_folder):
         zoo.create_model(source, context_length=24)
 
 
-def test_vmoe_filter_keeps_the_cls_position(tmp_path):
-    model = _random("vmoe_tiny_test")
+def test_vmoe_filter_keeps_the_cls_position(tmp_path, random_model):
+    model = random_model("vmoe_tiny_test")
     hub.save_pretrained(model, tmp_path / "m")
     big = zoo.create_model(f"local-dir:{tmp_path / 'm'}", image_size=32)
     torch.testing.assert_close(big.pos_embed, resize_pos_embed(model.pos_embed.detach(), 8, 1), rtol=0, atol=0)
