@@ -169,7 +169,6 @@ def hub_download(repo_id: str, filename: str, *, revision: Optional[str] = None,
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
-
     offline = is_offline()
     where = f"hub repo {repo_id!r}" + (f" (revision {revision!r})" if revision else "")
     try:
@@ -425,7 +424,6 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, preset: Optio
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.clone().contiguous()
-
     metadata = {"format": "pt", "zoo_family": config["family"], "zoo_version": __version__}
     if preset:
         metadata["zoo_preset"] = preset

@@ -1,6 +1,5 @@
 """``python -m zoo.tasks.publish export``: Lightning checkpoint of ImageClassificationTask -> weights folder, manifest
-entry and
-preset ``pretrained:`` tag, then ``create_model(name, pretrained=True)`` gives the task's logits."""
+entry and preset ``pretrained:`` tag, then ``create_model(name, pretrained=True)`` gives the task's logits."""
 
 from __future__ import annotations
 
@@ -116,6 +115,6 @@ def test_export_rejects_wrong_preset(project):
 
 
 def test_export_cli_help():
-    proc = subprocess.run([sys.executable, "-m", "zoo.tasks.publish", "export", "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "zoo.tasks.publish", "export", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--checkpoint" in proc.stdout and "--metrics" in proc.stdout
