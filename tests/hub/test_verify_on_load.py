@@ -90,3 +90,11 @@ def test_list_pretrained_names_are_model_names(offline):
         zoo.create_model(DIGITS, pretrained="other")
     with pytest.raises(zoo.ConfigError, match="no pretrained tag 'digitz'"):
         zoo.create_model("vmoe_tiny_digits.digitz")
+
+
+def test_task_and_eval_accept_name_tag(offline):
+    """``eval.py --model NAME.TAG --pretrained`` builds its model through the same parser (the task's create_model)."""
+    from zoo.tasks.classification import ImageClassificationTask
+
+    task = ImageClassificationTask(model=DIGITS, pretrained=True)
+    assert (task.model.pretrained_cfg["preset"], task.model.pretrained_cfg["tag"]) == ("vmoe_tiny_digits", "digits")
