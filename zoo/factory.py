@@ -49,6 +49,13 @@ def parse_model_name(name: str) -> tuple[str, Optional[str]]:
     return preset, tag
 
 
+def _unknown_tag_message(name: str, tag: str, tags: Mapping[str, Any]) -> str:
+    hint = close_matches(tag, tags)
+    return (f"preset {name!r} has no pretrained tag {tag!r}"
+            + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "")
+            + f" Tags: {sorted(tags) or 'none'}. Or pass 'hf-hub:org/repo' / 'local-dir:PATH'.")
+
+
 def _overrides_num_classes(overrides: Mapping[str, Any]) -> bool:
     return "num_classes" in overrides
 
@@ -147,8 +154,8 @@ def create_model(name: str, pretrained: Any = None, **overrides: Any) -> nn.Modu
 
     ``pretrained``: ``True`` = the preset's default tag, ``"tag"`` = a tag of the preset's ``pretrained:`` section
     (from ``weights/`` if present, else the Hugging Face hub), ``"hf-hub:org/repo"`` or ``"local-dir:PATH"`` =
-    weights from there. ``name`` may be ``"preset.tag"`` (as :func:`zoo.list_pretrained` lists them: loads that
-    tag unless ``pretrained=False``), or ``"hf-hub:org/repo"`` / ``"local-dir:PATH"``: the config comes from that
+    weights from there. ``name`` may be ``"preset.tag"`` (as :func:`zoo.list_pretrained` lists them; as in timm,
+    ``pretrained=True`` loads that tag, without it the model is built as the tag's weights need), or ``"hf-hub:org/repo"`` / ``"local-dir:PATH"``: the config comes from that
     folder's ``config.json`` and its weights are loaded unless ``pretrained=False``.
     """
     if is_source(name):
@@ -158,7 +165,13 @@ def create_model(name: str, pretrained: Any = None, **overrides: Any) -> nn.Modu
         if pretrained not in (None, True, False, name_tag):
             raise ConfigError(f"{name}.{name_tag} already names the weights tag {name_tag!r}; pretrained="
                               f"{pretrained!r} contradicts it (use pretrained=True/False or the plain preset name)")
-        pretrained = name_tag if pretrained in (None, True) else pretrained
+        tags = pretrained_tags(name)
+        if name_tag not in tags:
+            raise ConfigError(_unknown_tag_message(name, name_tag, tags))
+        if pretrained in (None, False):  # as timm: the tag picks the weights, pretrained=True loads them
+            merged = merge(tags[name_tag].get("overrides") or {}, overrides)
+            return build_model(load_preset(name)["family"], model_config(name, **merged))
+        pretrained = name_tag
     preset = load_preset(name)
     if pretrained in (None, False):
         return build_model(preset["family"], model_config(name, **overrides))
@@ -171,10 +184,7 @@ def create_model(name: str, pretrained: Any = None, **overrides: Any) -> nn.Modu
     elif isinstance(pretrained, str):
         tag = pretrained
         if tag not in tags:
-            hint = close_matches(tag, tags)
-            raise ConfigError(f"preset {name!r} has no pretrained tag {tag!r}"
-                              + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "")
-                              + f" Tags: {sorted(tags) or 'none'}. Or pass 'hf-hub:org/repo' / 'local-dir:PATH'.")
+            raise ConfigError(_unknown_tag_message(name, tag, tags))
     else:
         raise ConfigError(f"pretrained must be True/False, a tag, 'hf-hub:org/repo' or 'local-dir:PATH'; "
                           f"got {pretrained!r}")

@@ -81,11 +81,12 @@ def test_list_pretrained_names_are_model_names(offline):
     assert DIGITS in names
     for name in names:
         preset, tag = name.rsplit(".", 1)
-        model = zoo.create_model(name)
+        model = zoo.create_model(name, pretrained=True)
         assert (model.pretrained_cfg["preset"], model.pretrained_cfg["tag"]) == (preset, tag)
-    a, b = zoo.create_model(DIGITS), zoo.create_model("vmoe_tiny_digits", pretrained="digits")
+    a, b = zoo.create_model(DIGITS, pretrained=True), zoo.create_model("vmoe_tiny_digits", pretrained="digits")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert not hasattr(zoo.create_model(DIGITS, pretrained=False), "pretrained_cfg")
+    for plain in (zoo.create_model(DIGITS), zoo.create_model(DIGITS, pretrained=False)):  # timm: no weights
+        assert not hasattr(plain, "pretrained_cfg") and plain.config == a.config
     with pytest.raises(zoo.ConfigError, match="contradicts"):
         zoo.create_model(DIGITS, pretrained="other")
     with pytest.raises(zoo.ConfigError, match="no pretrained tag 'digitz'"):
