@@ -209,3 +209,22 @@ def fake_hub(hub_server, tmp_path, monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     hub_server.requests.clear()
     return hub_server
+
+
+@pytest.fixture
+def random_model():
+    """``random_model(name, seed=0, **overrides)``: preset ``name`` in eval mode with every parameter moved off its
+    initialisation (so a load that silently keeps init values would show)."""
+    import torch
+
+    import zoo
+
+    def make(name: str, seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        model = zoo.create_model(name, **overrides).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        return model
+
+    return make

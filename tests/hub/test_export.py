@@ -1,5 +1,5 @@
-"""``python -m zoo.hub export``: Lightning checkpoint of ImageClassificationTask -> weights folder, manifest entry and
-preset ``pretrained:`` tag, then ``create_model(name, pretrained=True)`` gives the task's logits."""
+"""``python -m zoo.tasks.publish export``: Lightning checkpoint of ImageClassificationTask -> weights folder, manifest
+entry and preset ``pretrained:`` tag, then ``create_model(name, pretrained=True)`` gives the task's logits."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import yaml
 
 import zoo
 from zoo import hub
+from zoo.tasks import publish
 from zoo.config import ConfigError
 from zoo.registry import configs_dir
 
@@ -66,7 +67,7 @@ def test_export_lightning_checkpoint(project):
     yaml_path = project / "configs/models/vmoe/vmoe_tiny_test.yaml"
     before = yaml_path.read_text()
     out = project / "weights" / "vmoe_tiny_test.synthetic"
-    rc = hub.main(["export", "--checkpoint", str(ckpt), "--preset", "vmoe_tiny_test", "--tag", "synthetic",
+    rc = publish.main(["export", "--checkpoint", str(ckpt), "--preset", "vmoe_tiny_test", "--tag", "synthetic",
                    "--out", str(out), "--metrics", str(project / "metrics.json")])
     assert rc == 0
     # manifest
@@ -91,9 +92,9 @@ def test_export_lightning_checkpoint(project):
         torch.testing.assert_close(model.eval()(x).logits, task.model.eval()(x).logits, rtol=0, atol=0)
     card = (out / "README.md").read_text()
     assert "encoder.blocks.1.mlp" in card and "| accuracy | 0.5 |" in card and "label_smoothing" in card
-    assert hub.verify_manifest() == []
+    assert publish.verify_manifest() == []
     # exporting again replaces the entry; a second tag is not default
-    hub.main(["export", "--checkpoint", str(ckpt), "--preset", "vmoe_tiny_test", "--tag", "synthetic2",
+    publish.main(["export", "--checkpoint", str(ckpt), "--preset", "vmoe_tiny_test", "--tag", "synthetic2",
               "--out", str(project / "weights/vmoe_tiny_test.synthetic2"), "--dtype", "float16"])
     tags = yaml.safe_load(yaml_path.read_text())["pretrained"]
     assert tags["synthetic"]["default"] and not tags["synthetic2"]["default"]
@@ -108,12 +109,12 @@ def test_export_rejects_wrong_preset(project):
     ckpt = project / "last.ckpt"
     _task_checkpoint(ckpt)
     with pytest.raises(ConfigError, match="trained with model 'vmoe_tiny_test', not --preset 'vmoe_tiny_digits'"):
-        hub.export_checkpoint(ckpt, "vmoe_tiny_digits", "x", project / "weights/x", update_registry=False)
+        publish.export_checkpoint(ckpt, "vmoe_tiny_digits", "x", project / "weights/x", update_registry=False)
     with pytest.raises(hub.WeightsNotFoundError):
-        hub.export_checkpoint(project / "nope.ckpt", "vmoe_tiny_test", "x", project / "weights/x")
+        publish.export_checkpoint(project / "nope.ckpt", "vmoe_tiny_test", "x", project / "weights/x")
 
 
 def test_export_cli_help():
-    proc = subprocess.run([sys.executable, "-m", "zoo.hub", "export", "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "zoo.tasks.publish", "export", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--checkpoint" in proc.stdout and "--metrics" in proc.stdout

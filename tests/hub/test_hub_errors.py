@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import zoo
 from zoo import hub
+from zoo.tasks import publish
 from zoo.config import ConfigError
 from zoo.registry import configs_dir
 
@@ -33,7 +34,7 @@ def project(tmp_path, monkeypatch):
     cfg.mkdir(parents=True)
     for name in ("vmoe_tiny_test", "vmoe_tiny_digits"):  # copies without their pretrained: sections
         text = (configs_dir() / "models" / "vmoe" / f"{name}.yaml").read_text()
-        for key, start, end in reversed(hub._top_level_blocks(text)):
+        for key, start, end in reversed(publish._top_level_blocks(text)):
             if key == "pretrained":
                 text = text[:start] + text[end:]
         (cfg / f"{name}.yaml").write_text(text)
@@ -51,7 +52,7 @@ def _publish(project: Path, model, tag: str = "t1", **entry_overrides) -> dict:
              "sha256": hub.sha256_file(folder / "model.safetensors"), "local_dir": folder.name,
              "license": "apache-2.0", "input": {"size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3},
              "metrics": {"test/acc": 0.1}, **entry_overrides}
-    hub.write_preset_tag("vmoe_tiny_test", tag, entry)
+    publish.write_preset_tag("vmoe_tiny_test", tag, entry)
     return entry
 
 
@@ -73,7 +74,7 @@ def test_pretrained_true_and_tag_load_from_weights_dir(project):
     assert tags["t1"]["default"] is True and tags["t2"]["default"] is False
     torch.testing.assert_close(zoo.create_model("vmoe_tiny_test", pretrained="t2").eval()(x).logits,
                                model2(x).logits, rtol=0, atol=0)
-    assert hub.list_pretrained("vmoe_tiny_test") == ["vmoe_tiny_test.t1", "vmoe_tiny_test.t2"]
+    assert zoo.list_pretrained("vmoe_tiny_test") == ["vmoe_tiny_test.t1", "vmoe_tiny_test.t2"]
 
 
 def test_unknown_tag_and_preset_without_weights(project):

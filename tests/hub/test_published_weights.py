@@ -11,10 +11,12 @@ import torch
 
 import zoo
 from zoo import hub
+from zoo import registry
+from zoo.tasks import publish
 from zoo.config import merge, to_dict
 from zoo.registry import model_config
 
-MANIFEST = hub.read_manifest()
+MANIFEST = publish.read_manifest()
 ENTRIES = MANIFEST["weights"]
 IDS = [f"{w['name']}.{w['tag']}" for w in ENTRIES]
 
@@ -34,7 +36,7 @@ def test_manifest_lists_the_digits_weights():
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
 def test_manifest_entry_matches_preset_and_files(entry):
-    tags = hub.pretrained_tags(entry["name"])
+    tags = registry.pretrained_tags(entry["name"])
     tag = tags[entry["tag"]]
     for key in ("hf_hub_id", "file", "sha256", "local_dir", "size"):
         assert tag[key] == entry[key], key
@@ -45,7 +47,7 @@ def test_manifest_entry_matches_preset_and_files(entry):
     # config.json is exactly the preset's config (+ the tag's recorded overrides) plus the family
     config = json.loads((folder / "config.json").read_text())
     expected = to_dict(model_config(entry["name"], **merge({}, entry.get("overrides") or {})))
-    assert config == {"family": hub.load_preset(entry["name"])["family"], **expected}
+    assert config == {"family": registry.load_preset(entry["name"])["family"], **expected}
     assert (folder / "README.md").read_text().startswith("---\n")
 
 
@@ -58,7 +60,7 @@ def test_pretrained_true_offline_reproduces_predictions(entry, offline):
     if not check or not data:
         pytest.skip("no recorded prediction check / datamodule")
     try:
-        got = hub.prediction_check(model, data, max_images=check["first_n"])
+        got = publish.prediction_check(model, data, max_images=check["first_n"])
     except FileNotFoundError as err:
         pytest.skip(f"dataset not available here: {err}")
     flips = sum(a != b for a, b in zip(got["predictions"], check["predictions"]))
@@ -74,7 +76,7 @@ def test_pretrained_true_offline_reproduces_accuracy(entry, offline):
     model = zoo.create_model(entry["name"], pretrained=entry["tag"]).eval()
     metrics, data = entry["metrics"], entry["data"]
     try:
-        got = hub.prediction_check(model, data, max_images=1 << 30)
+        got = publish.prediction_check(model, data, max_images=1 << 30)
     except FileNotFoundError as err:
         pytest.skip(f"dataset not available here: {err}")
     n = got["first_n"]

@@ -195,7 +195,7 @@ def test_bad_images_raise_helpful_value_error(tiny, bad, match):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the device-side finite check")
 def test_cuda_image_check_does_not_wait_for_the_gpu():
-    from zoo.models.vmoe import validate_images
+    from zoo.layers import validate_images
 
     images = torch.randn(2, 3, 16, 16, device="cuda")
     torch.cuda.set_sync_debug_mode("error")  # any device->host read raises
@@ -212,7 +212,7 @@ def test_cuda_nan_images_stop_the_run():
     import subprocess
     import sys
 
-    code = ("import torch; from zoo.models.vmoe import validate_images; "
+    code = ("import torch; from zoo.layers import validate_images; "
             "validate_images(torch.full((2, 3, 16, 16), float('nan'), device='cuda'), 3, 16); "
             "torch.cuda.synchronize(); print('no error')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -246,3 +246,10 @@ def test_cuda_whole_model_compiles_to_one_graph():
     assert len(got) == len(ref) > 10
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_channel_mismatch_message_names_the_channels():
+    from zoo.layers import validate_images
+
+    with pytest.raises(ValueError, match=r"expected 3 channel\(s\), got 1 .*create the model with in_chans=1$"):
+        validate_images(torch.zeros(2, 1, 16, 16), 3, 16)

@@ -172,7 +172,7 @@ def test_default_task_has_no_ssl_head_and_ssl_checkpoints_load(tmp_path):
     assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
     # model-only reading (zoo.hub's checkpoint export keeps the `model.*` tensors) leaves the task's head out
     from zoo import create_model
-    from zoo.hub import _lightning_state_dict
+    from zoo.tasks.publish import _lightning_state_dict
 
     model_sd, _ = _lightning_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False), str(ckpt))
     model = create_model("limoe_tiny_test", **task.hparams.model_overrides)

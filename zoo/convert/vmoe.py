@@ -360,6 +360,7 @@ def convert_vmoe(checkpoint: PathLike, out: Optional[PathLike] = None, *, preset
     if pos_embed_resize not in ("zoo", "vmoe"):
         raise ConfigError(f"pos_embed_resize must be 'zoo' or 'vmoe', got {pos_embed_resize!r}")
     from zoo import hub
+    from zoo.checkpoint import load_state_dict_checked
     from zoo.registry import model_config
 
     name = Path(str(checkpoint)).name
@@ -402,7 +403,7 @@ def convert_vmoe(checkpoint: PathLike, out: Optional[PathLike] = None, *, preset
         params[pos_key] = vit_zoom_pos_embed(params[pos_key], cfg.image_size // cfg.patch_size,
                                              1 if cfg.classifier == "token" else 0)
     sd = map_vmoe_params(params, cfg)
-    hub.load_state_dict_checked(model, sd, source=f"official V-MoE checkpoint {checkpoint}")
+    load_state_dict_checked(model, sd, source=f"official V-MoE checkpoint {checkpoint}")
     if out is not None:
         recipe = {"converted_from": str(checkpoint), "official_code": "google-research/vmoe"}
         if known.get("description"):

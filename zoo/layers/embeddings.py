@@ -1,12 +1,15 @@
-"""Patch and position embeddings."""
+"""Patch and position embeddings: the ViT front end every image family shares."""
 
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zoo.layers.inputs import validate_images
 
 
 class PatchEmbed(nn.Module):
@@ -61,3 +64,31 @@ def resize_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 
     g = F.interpolate(g, size=(new_grid, new_grid), mode="bilinear", align_corners=False)
     g = g.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pos_embed.dtype)
     return torch.cat([prefix, g], dim=1)
+
+
+def embed_images(images: Tensor, patch_embed: PatchEmbed, pos_embed: Tensor,
+                 prefix_tokens: Optional[Tensor] = None) -> Tensor:
+    """The ViT front end shared by every image family: input checks, patch embedding, optional prefix tokens
+    (e.g. a CLS token ``[1, P, D]``), position embedding ``[1, P + N, D]``.
+
+    images [B, C, H, W] -> tokens [B, P + N, D]. The families keep their own parameters (their names are part of
+    the published checkpoints); this is the one place that combines them.
+    """
+    validate_images(images, patch_embed.in_chans, patch_embed.image_size)
+    x = patch_embed(images)
+    if prefix_tokens is not None:
+        x = torch.cat([prefix_tokens.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+    return x + pos_embed.to(images.dtype)
+
+
+def resize_grid_pos_embed(found: Tensor, target_shape: Sequence[int], num_prefix_tokens: int) -> Optional[Tensor]:
+    """A checkpoint's image position embedding ``[1, P + g*g, D]`` resized to ``target_shape`` ``[1, P + h*h, D]``
+    (same P prefix tokens, same D), or None when the shapes are not two square grids with those prefix tokens
+    (the caller then reports the shape mismatch)."""
+    if found.ndim != 3 or len(target_shape) != 3 or found.shape[-1] != target_shape[-1]:
+        return None
+    old, new = found.shape[1] - num_prefix_tokens, target_shape[1] - num_prefix_tokens
+    grid = math.isqrt(max(new, 0))
+    if old <= 0 or new <= 0 or grid * grid != new or math.isqrt(old) ** 2 != old:
+        return None
+    return resize_pos_embed(found, grid, num_prefix_tokens)

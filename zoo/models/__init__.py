@@ -2,11 +2,14 @@
 
 from zoo.models.output import ModelOutput
 from zoo.models.transformer import Block, Transformer, TransformerConfig, resolve_moe_layers
+from zoo.models import limoe, vmoe
 from zoo.models.vmoe import VMoE, VMoEConfig
 from zoo.models.limoe import LIMoE, LIMoEConfig
 from zoo.registry import register_family
 
-register_family("vmoe", VMoEConfig, VMoE)
-register_family("limoe", LIMoEConfig, LIMoE)
+register_family("vmoe", VMoEConfig, VMoE, checkpoint_filter=vmoe.checkpoint_filter_fn, card=vmoe.CARD,
+                input_size=vmoe.input_size, predict=vmoe.predict)
+register_family("limoe", LIMoEConfig, LIMoE, checkpoint_filter=limoe.checkpoint_filter_fn, card=limoe.CARD,
+                input_size=limoe.input_size)
 
 __all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig"]

@@ -49,11 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.layers import Mlp, PatchEmbed
+from zoo.errors import CheckpointMismatchError
+from zoo.layers import Mlp, PatchEmbed, embed_images, resize_grid_pos_embed
 from zoo.models.output import ModelOutput
 from zoo.models.transformer import Transformer, TransformerConfig, init_weights
-from zoo.models.vmoe import validate_images
 from zoo.moe import MoEConfig, RoutingStats, collect_moe_aux
+from zoo.registry import CardInfo
 
 IMAGE, TEXT = 0, 1  # modality ids carried by every token
 
@@ -327,8 +328,7 @@ class LIMoE(nn.Module):
 
     def image_tokens(self, images: Tensor):
         """[B, C, H, W] -> (final tokens [B, N, D], aux loss, aux losses, routing stats)."""
-        validate_images(images, self.config.in_chans, self.config.image_size)
-        x = self.patch_embed(images) + self.image_pos_embed.to(images.dtype)
+        x = embed_images(images, self.patch_embed, self.image_pos_embed)
         p = self.config.patch_dropout
         if self.training and p > 0:
             B, N, D = x.shape
@@ -422,3 +422,49 @@ class LIMoE(nn.Module):
                            text_embeds=txt_emb, logit_scale=scale, logit_bias=bias, image_routing=img_stats,
                            text_routing=txt_stats, image_features=img_feat, image_aux_loss=img_aux,
                            text_aux_loss=txt_aux)
+
+
+# ------------------------------------------------------------------------------- what the registry needs to know
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: LIMoE) -> tuple[dict[str, Tensor], list[str]]:
+    """Adapt a LIMoE checkpoint to ``model``. Returns (state dict, notes).
+
+    - ``image_pos_embed`` ``[1, g*g, D]`` (no prefix token: LIMoE has no CLS token) of another image grid is
+      bilinearly resized (:func:`zoo.layers.resize_pos_embed`).
+    - ``text_pos_embed`` ``[1, L, D]`` holds one learned vector per absolute text position, not a grid: a shorter
+      ``context_length`` keeps the first positions (what a text of that length uses anyway); a longer one is
+      refused, since positions past the trained length were never learned.
+    """
+    sd, notes = dict(state_dict), []
+    found, want = sd.get("image_pos_embed"), model.image_pos_embed
+    if found is not None and found.shape != want.shape:
+        resized = resize_grid_pos_embed(found, want.shape, num_prefix_tokens=0)
+        if resized is not None:
+            sd["image_pos_embed"] = resized
+            notes.append(f"image_pos_embed resized from {list(found.shape)} to {list(want.shape)}")
+    found, want = sd.get("text_pos_embed"), model.text_pos_embed
+    if found is not None and found.shape != want.shape and found.ndim == 3 and found.shape[-1] == want.shape[-1]:
+        have, need = found.shape[1], want.shape[1]
+        if need > have:
+            raise CheckpointMismatchError(
+                f"the checkpoint's text position embedding covers context_length={have} tokens, the model asks for "
+                f"context_length={need}: positions past {have} were never trained and text positions are not "
+                f"interpolated; create the model with context_length <= {have}")
+        sd["text_pos_embed"] = found[:, :need]
+        notes.append(f"text_pos_embed truncated from {list(found.shape)} to {list(want.shape)} "
+                     f"(context_length {have} -> {need}: the first {need} positions kept)")
+    return sd, notes
+
+
+def input_size(config: LIMoEConfig) -> list[int]:
+    return [config.in_chans, config.image_size, config.image_size]
+
+
+CARD = CardInfo(
+    pipeline_tag="zero-shot-image-classification",
+    citation="\n".join([
+        "@inproceedings{mustafa2022multimodal,",
+        "  title={Multimodal Contrastive Learning with LIMoE: the Language-Image Mixture of Experts},",
+        "  author={Mustafa, Basil and Riquelme, Carlos and Puigcerver, Joan and Jenatton, Rodolphe and",
+        "          Houlsby, Neil},",
+        "  booktitle={NeurIPS}, year={2022}}"]),
+)

@@ -15,10 +15,11 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from zoo.layers import PatchEmbed
+from zoo.layers import PatchEmbed, embed_images, resize_grid_pos_embed
 from zoo.models.output import ModelOutput
 from zoo.models.transformer import Transformer, TransformerConfig, init_weights
 from zoo.moe import collect_moe_aux
+from zoo.registry import CardInfo
 
 
 @dataclass
@@ -39,34 +40,6 @@ class VMoEConfig:
             raise ValueError(f"image_size={self.image_size} must be divisible by patch_size={self.patch_size}")
         if self.num_classes < 1 or self.in_chans < 1:
             raise ValueError("num_classes and in_chans must be >= 1")
-
-
-def validate_images(images: Tensor, in_chans: int, image_size: int) -> None:
-    """Raise a ValueError that says what is wrong with an image batch and how to fix it."""
-    if not isinstance(images, Tensor):
-        raise TypeError(f"images must be a torch.Tensor [B, C, H, W], got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape [B, C, H, W], got {tuple(images.shape)}; "
-                         "add a batch axis with images.unsqueeze(0) for a single image")
-    _, C, H, W = images.shape
-    if C != in_chans:
-        raise ValueError(f"expected {in_chans} channel(s), got {C} (shape {tuple(images.shape)}); "
-                         "convert the images or create the model with in_chans={C}")
-    if (H, W) != (image_size, image_size):
-        raise ValueError(f"expected {image_size}x{image_size} images, got {H}x{W}; resize the input or create "
-                         f"the model with image_size={H} (position embeddings are resized when loading weights)")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a floating-point tensor, got {images.dtype}; normalise them first")
-    finite_msg = "images contain NaN or Inf values; check the data pipeline / normalisation"
-    if images.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled: checked like on a GPU below
-        if not torch.isfinite(images).all():
-            raise ValueError(finite_msg)
-    elif torch.compiler.is_compiling() or not (images.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # On an accelerator, reading the answer back would make the host wait for the GPU at every forward (the
-        # eager training step is launch-bound, so that wait is not free). The check runs on the device instead:
-        # a NaN / Inf input stops the run with a device-side assert at the next synchronisation. Skipped while a
-        # CUDA graph is captured (the graph replays whatever was checked eagerly).
-        torch._assert_async(torch.isfinite(images).all(), finite_msg)
 
 
 class VMoE(nn.Module):
@@ -93,10 +66,7 @@ class VMoE(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         """[B, C, H, W] -> final tokens [B, 1+N, D]."""
-        validate_images(images, self.config.in_chans, self.config.image_size)
-        x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed
-        return self.encoder(x)
+        return self.encoder(embed_images(images, self.patch_embed, self.pos_embed, prefix_tokens=self.cls_token))
 
     def forward(self, images: Tensor) -> ModelOutput:
         tokens = self.forward_features(images)
@@ -105,3 +75,42 @@ class VMoE(nn.Module):
         aux_loss, aux_losses, routing = collect_moe_aux(self)
         return ModelOutput(logits=self.head(features), aux_loss=aux_loss.to(tokens.device), aux_losses=aux_losses,
                            routing=routing, features=features, hidden_states=tokens)
+
+
+# ------------------------------------------------------------------------------- what the registry needs to know
+NUM_PREFIX_TOKENS = 1  # the CLS token is always there (also with classifier="gap"): pos_embed is [1, 1 + N, D]
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VMoE) -> tuple[dict[str, Tensor], list[str]]:
+    """Adapt a V-MoE checkpoint to ``model``: a position embedding of another image grid is bilinearly resized
+    (:func:`zoo.layers.resize_pos_embed`, CLS position kept). Returns (state dict, notes)."""
+    sd, notes = dict(state_dict), []
+    found, want = sd.get("pos_embed"), model.pos_embed
+    if found is not None and found.shape != want.shape:
+        resized = resize_grid_pos_embed(found, want.shape, NUM_PREFIX_TOKENS)
+        if resized is not None:
+            sd["pos_embed"] = resized
+            notes.append(f"pos_embed resized from {list(found.shape)} to {list(want.shape)}")
+    return sd, notes
+
+
+def input_size(config: VMoEConfig) -> list[int]:
+    return [config.in_chans, config.image_size, config.image_size]
+
+
+@torch.no_grad()
+def predict(model: VMoE, images: Tensor) -> Tensor:
+    """Class ids [B] of an image batch (the export's prediction check)."""
+    return model(images).logits.argmax(-1)
+
+
+CARD = CardInfo(
+    pipeline_tag="image-classification",
+    usage=("logits = model(images).logits  # images [B, C, H, W], normalised as below",),
+    citation="\n".join([
+        "@inproceedings{riquelme2021scaling,",
+        "  title={Scaling Vision with Sparse Mixture of Experts},",
+        "  author={Riquelme, Carlos and Puigcerver, Joan and Mustafa, Basil and Neumann, Maxim and",
+        "          Jenatton, Rodolphe and Susano Pinto, Andr{\\'e} and Keysers, Daniel and Houlsby, Neil},",
+        "  booktitle={NeurIPS}, year={2021}}"]),
+)

@@ -296,13 +296,33 @@ def collect_moe_aux(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[R
 
 def set_eval_overrides(model: nn.Module, capacity_factor: Optional[float] = None, top_k: Optional[int] = None,
                        dropless: Optional[bool] = None) -> None:
-    """Change eval-time routing of every MoE layer (V-MoE evaluates with other capacity factors / k)."""
+    """Change eval-time routing of every MoE layer (V-MoE evaluates with other capacity factors / k).
+
+    One source of truth: the values are written into the :class:`MoEConfig` objects themselves (each layer's, and
+    those inside ``model.config``, which the layers share), so ``model.config`` shows them, ``save_pretrained``
+    writes them to config.json and a model loaded from there routes the same way. All values are validated before
+    anything changes. A config object shared with another model changes there too (build each model from its own
+    config to keep them apart)."""
+    import dataclasses
+
+    changes = {k: v for k, v in (("eval_capacity_factor", capacity_factor), ("eval_top_k", top_k),
+                                 ("eval_dropless", dropless)) if v is not None}
+    if not changes:
+        return
+    found: dict[int, MoEConfig] = {}
+
+    def collect(obj: object) -> None:  # the MoEConfig objects inside a (nested) config dataclass
+        if isinstance(obj, MoEConfig):
+            found.setdefault(id(obj), obj)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                collect(getattr(obj, f.name))
+
+    collect(getattr(model, "config", None))
     for layer in moe_layers(model):
-        changes = {}
-        if capacity_factor is not None:
-            changes["eval_capacity_factor"] = capacity_factor
-        if top_k is not None:
-            changes["eval_top_k"] = top_k
-        if dropless is not None:
-            changes["eval_dropless"] = dropless
-        layer.config = replace(layer.config, **changes)  # validates via __post_init__
+        collect(layer.config)
+    for config in found.values():
+        replace(config, **changes)  # validates via __post_init__ before anything is changed
+    for config in found.values():
+        for key, value in changes.items():
+            setattr(config, key, value)

@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.models.output import ModelOutput
 from zoo.moe import RoutingStats, set_eval_overrides
-from zoo.registry import create_model
+from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
 from zoo.tasks.optim import DecayName, OptimizerName
 

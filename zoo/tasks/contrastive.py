@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.moe import MoELayer, set_eval_overrides
-from zoo.registry import create_model
+from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
 from zoo.tasks.optim import DecayName, OptimizerName
 

@@ -199,7 +199,7 @@ def _evaluate_pretrained(args: argparse.Namespace) -> dict[str, Any]:
     """``--model NAME --pretrained [TAG]``: published weights on the data they were recorded on."""
     import lightning as L
 
-    from zoo.hub import build_datamodule as build_recorded_datamodule
+    from zoo.tasks.publish import build_datamodule as build_recorded_datamodule
 
     if args.model is None or args.pretrained is None:
         raise ValueError("--model and --pretrained go together: e.g. eval.py --model vmoe_small_mnist --pretrained")
