@@ -4,9 +4,11 @@ from zoo.models.output import ModelOutput
 from zoo.models.transformer import Block, Transformer, TransformerConfig, resolve_moe_layers
 from zoo.models.vmoe import VMoE, VMoEConfig
 from zoo.models.limoe import LIMoE, LIMoEConfig
+from zoo.models.decoder import DecoderConfig, DecoderLM
 from zoo.registry import register_family
 
 register_family("vmoe", VMoEConfig, VMoE)
 register_family("limoe", LIMoEConfig, LIMoE)
+register_family("decoder", DecoderConfig, DecoderLM)
 
-__all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig"]
+__all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig", "DecoderLM", "DecoderConfig"]
