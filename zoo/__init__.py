@@ -4,7 +4,7 @@ from zoo import models  # noqa: F401  (registers the model families)
 from zoo.config import ConfigError
 from zoo.hub import from_pretrained, list_pretrained, push_to_hub, save_pretrained
 from zoo.moe import MoEConfig, MoELayer
-from zoo.moe.upcycle import upcycle
+from zoo.models.upcycle import upcycle
 from zoo.registry import create_model, list_models, model_config
 
 __version__ = "0.1.0"
