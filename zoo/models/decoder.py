@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from zoo.layers.decoder_attention import DecoderAttention
 from zoo.layers.kv_cache import KVCache, causal_attention_mask, positions_from_mask
@@ -192,6 +193,9 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(cfg, self.rope, i, i in moe_at) for i in range(cfg.depth))
         self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=cfg.lm_head_bias)
+        # Training-time memory option (not part of the architecture, so not in the config): recompute each
+        # block's activations in the backward pass instead of keeping them.
+        self.gradient_checkpointing = False
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -233,8 +237,12 @@ class DecoderLM(nn.Module):
         else:
             slots, positions, attn_mask = cache.start_step(mask)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for block in self.blocks:
-            x = block(x, mask, cos, sin, attn_mask, cache, slots)
+            if checkpointing:
+                x = checkpoint(block, x, mask, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, mask, cos, sin, attn_mask, cache, slots)
         x = self.norm(x)
         aux_loss, aux_losses, routing = collect_moe_aux(self)
         return ModelOutput(logits=self.lm_head(x), aux_loss=aux_loss, aux_losses=aux_losses, routing=routing,
