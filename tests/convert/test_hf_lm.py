@@ -179,3 +179,22 @@ def test_qwen1_layout_by_hand_mapping_from_qwen2(tmp_path):
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         assert (ref(ids).logits - model(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe"])
+def test_in_memory_fused_expert_layout(model_type):
+    """transformers 5 holds experts fused (``mlp.experts.gate_up_proj [E, 2H, D]``); its in-memory state dict converts
+    too (what benchmarks/generate.py uses to give both implementations the same weights)."""
+    from zoo.convert.hf_lm import convert_state_dict, decoder_config_from_hf
+    from zoo.models.decoder import DecoderLM
+
+    ref = hf_model(model_type)
+    sd = ref.state_dict()
+    if not any(k.endswith("experts.gate_up_proj") for k in sd):
+        pytest.skip("this transformers version keeps per-expert tensors in memory")
+    cfg = decoder_config_from_hf(ref.config.to_dict())
+    model = DecoderLM(cfg).eval()
+    model.load_state_dict(convert_state_dict(ref.config.to_dict(), sd, cfg))
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert (ref(ids).logits - model(ids).logits).abs().max() <= 1e-4

@@ -274,7 +274,8 @@ def convert_state_dict(hf: dict[str, Any], tensors: dict[str, Tensor], cfg: Deco
             _linear(out, src, f"{z}.attn.q_norm", f"{attn}.q_norm")
             _linear(out, src, f"{z}.attn.k_norm", f"{attn}.k_norm")
         if i in moe_at:
-            moe = f"{hf_l}.block_sparse_moe" if model_type == "mixtral" else f"{hf_l}.mlp"
+            # Mixtral checkpoints name the block block_sparse_moe; transformers 5 models hold it as mlp.
+            moe = f"{hf_l}.block_sparse_moe" if f"{hf_l}.block_sparse_moe.gate.weight" in src else f"{hf_l}.mlp"
             names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
             out[f"{z}.mlp.router.proj.weight"] = src.take(f"{moe}.gate.weight")
             w1, w2 = _experts(src, f"{moe}.experts", cfg.moe.num_experts, names)
