@@ -6,7 +6,7 @@ from zoo.config import ConfigError
 from zoo.factory import create_model, from_pretrained, load_pretrained
 from zoo.hub import push_to_hub, save_pretrained
 from zoo.moe import MoEConfig, MoELayer
-from zoo.moe.upcycle import upcycle
+from zoo.models.upcycle import upcycle
 from zoo.registry import list_models, list_pretrained, model_config
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""``python -m zoo.convert vmoe --checkpoint PREFIX --out DIR [--preset NAME | --config official.json] ...``"""
+"""``python -m zoo.convert vmoe --checkpoint PREFIX --out DIR [--preset NAME | --config official.json] ...`` and
+``python -m zoo.convert hf-lm --checkpoint HF_DIR --out DIR``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     v.add_argument("--group-size", type=int, help="images per routing group (zoo counts images, vmoe tokens)")
     v.add_argument("--batch-priority", action=argparse.BooleanOptionalAction, default=None)
     v.add_argument("--tag", help="weights tag recorded in the folder")
+    h = sub.add_parser("hf-lm", help="transformers causal-LM folder (config.json + safetensors) -> zoo decoder DIR")
+    h.add_argument("--checkpoint", required=True, help="folder with config.json and model.safetensors (or shards "
+                   "with model.safetensors.index.json); model_type llama, qwen2, stablelm, phi, mixtral, olmoe, "
+                   "qwen2_moe or qwen")
+    h.add_argument("--out", required=True, help="output folder; load with zoo.create_model('local-dir:DIR')")
+    h.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="precision of the stored weights")
     lst = sub.add_parser("list", help="the published V-MoE checkpoints and how to convert them")
     del lst
     args = parser.parse_args(argv)
@@ -45,8 +53,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name, why in UNSUPPORTED_PUBLISHED.items():
             print(f"gs://vmoe_checkpoints/{name}\n    not supported: {why}")
         return 0
-    from zoo.convert.vmoe import convert_vmoe
     from zoo.config import to_dict
+
+    if args.cmd == "hf-lm":
+        import torch
+
+        from zoo.convert.hf_lm import convert_hf_lm
+
+        model = convert_hf_lm(args.checkpoint, args.out, dtype=getattr(torch, args.dtype))
+        n = sum(p.numel() for p in model.parameters())
+        print(json.dumps(to_dict(model.config)))
+        print(f"wrote {args.out} ({n:,} parameters); load with zoo.create_model('local-dir:{args.out}')")
+        return 0
+    from zoo.convert.vmoe import convert_vmoe
 
     model = convert_vmoe(args.checkpoint, args.out, preset=args.preset, config=args.config,
                          image_size=args.image_size, top_k=args.top_k, capacity_factor=args.capacity_factor,

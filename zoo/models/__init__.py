@@ -5,11 +5,13 @@ from zoo.models.transformer import Block, Transformer, TransformerConfig, resolv
 from zoo.models import limoe, vmoe
 from zoo.models.vmoe import VMoE, VMoEConfig
 from zoo.models.limoe import LIMoE, LIMoEConfig
+from zoo.models.decoder import DecoderConfig, DecoderLM
 from zoo.registry import register_family
 
 register_family("vmoe", VMoEConfig, VMoE, checkpoint_filter=vmoe.checkpoint_filter_fn, card=vmoe.CARD,
                 input_size=vmoe.input_size, predict=vmoe.predict)
 register_family("limoe", LIMoEConfig, LIMoE, checkpoint_filter=limoe.checkpoint_filter_fn, card=limoe.CARD,
                 input_size=limoe.input_size)
+register_family("decoder", DecoderConfig, DecoderLM)
 
-__all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig"]
+__all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig", "DecoderLM", "DecoderConfig"]

@@ -1,0 +1,200 @@
+"""Hugging Face causal-LM import (zoo/convert/hf_lm.py): a tiny random transformers model of each model_type is
+saved, converted with ``python -m zoo.convert hf-lm`` and loaded with ``zoo.create_model("local-dir:...")``; its
+logits and 20 greedy tokens must equal transformers'. transformers is a test-only dependency."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+import zoo
+from zoo.convert.__main__ import main as convert_main
+from zoo.convert.hf_lm import HFCheckpointError, load_hf_lm
+from zoo.moe import MoEConfig
+
+transformers = pytest.importorskip("transformers")
+
+HAS_SHARED_EXPERTS = "num_shared_experts" in {f.name for f in dataclasses.fields(MoEConfig)}
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, eos_token_id=None, bos_token_id=None,
+              pad_token_id=None)
+
+
+def hf_config(model_type: str):
+    T = transformers
+    if model_type == "llama":
+        return T.LlamaConfig(**COMMON, rms_norm_eps=1e-5, rope_theta=500.0)
+    if model_type == "qwen2":
+        return T.Qwen2Config(**COMMON, rope_theta=1000.0, tie_word_embeddings=True)
+    if model_type == "stablelm":
+        return T.StableLmConfig(**COMMON, use_qkv_bias=True, partial_rotary_factor=0.25)
+    if model_type == "phi":
+        return T.PhiConfig(**COMMON, partial_rotary_factor=0.5)
+    if model_type == "mixtral":
+        return T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if model_type == "olmoe":
+        return T.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2)
+    if model_type == "qwen2_moe":
+        return T.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                shared_expert_intermediate_size=40, decoder_sparse_step=1, mlp_only_layers=[1])
+    raise AssertionError(model_type)
+
+
+def hf_model(model_type: str, seed: int = 0):
+    """A random transformers model with weights large enough that logits (and so greedy tokens) are far apart."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(model_type), attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15 if p.ndim > 1 else 0.05)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+MODEL_TYPES = ["llama", "qwen2", "stablelm", "phi", "mixtral", "olmoe",
+               pytest.param("qwen2_moe", marks=pytest.mark.skipif(
+                   not HAS_SHARED_EXPERTS, reason="needs MoEConfig.num_shared_experts from the moe branch"))]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_converted_model_matches_transformers(model_type, tmp_path):
+    ref = hf_model(model_type)
+    ref.save_pretrained(tmp_path / "hf")
+    assert convert_main(["hf-lm", "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "zoo")]) == 0
+    model = zoo.create_model(f"local-dir:{tmp_path / 'zoo'}").eval()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        expected, got = ref(ids).logits, model(ids).logits
+    assert (expected - got).abs().max() <= 1e-4
+    prompt = ids[:1, :5]
+    hf_tokens = ref.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert model.generate(prompt, max_new_tokens=20).tolist() == hf_tokens.tolist()
+
+
+def test_sharded_checkpoint_and_missing_shard(tmp_path):
+    ref = hf_model("mixtral")
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    ids = torch.randint(0, 96, (1, 7))
+    with torch.no_grad():
+        assert (ref(ids).logits - load_hf_lm(tmp_path / "hf")(ids).logits).abs().max() <= 1e-4
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=shards[-1].name):
+        load_hf_lm(tmp_path / "hf")
+
+
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def olmoe_folder(tmp_path):
+    hf_model("olmoe").save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_unknown_model_type(olmoe_folder):
+    _edit_config(olmoe_folder, model_type="gpt2")
+    with pytest.raises(HFCheckpointError, match="model_type 'gpt2' is not supported; supported: .*llama"):
+        load_hf_lm(olmoe_folder)
+
+
+def test_config_weights_mismatch(olmoe_folder, tmp_path):
+    shallow = tmp_path / "shallow"
+    shutil.copytree(olmoe_folder, shallow)
+    _edit_config(shallow, num_hidden_layers=2)  # the weights have 3 layers
+    with pytest.raises(HFCheckpointError, match="have no place in the zoo model.*layers.2"):
+        load_hf_lm(shallow)
+    _edit_config(olmoe_folder, intermediate_size=64)  # the experts are 48 wide
+    with pytest.raises(HFCheckpointError, match="config/weights mismatch.*experts.w1"):
+        load_hf_lm(olmoe_folder)
+
+
+def test_missing_tensor_and_top_k_above_num_experts(olmoe_folder, tmp_path):
+    more = tmp_path / "more"
+    shutil.copytree(olmoe_folder, more)
+    _edit_config(more, num_hidden_layers=4)
+    with pytest.raises(HFCheckpointError, match="lacks tensor 'model.layers.3"):
+        load_hf_lm(more)
+    _edit_config(olmoe_folder, num_experts_per_tok=8)
+    with pytest.raises(HFCheckpointError, match=r"top_k must be in \[1, num_experts=4\], got 8"):
+        load_hf_lm(olmoe_folder)
+
+
+def test_not_a_checkpoint_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_hf_lm(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
+        load_hf_lm(tmp_path)
+
+
+def test_qwen1_layout_by_hand_mapping_from_qwen2(tmp_path):
+    """Qwen-1 (``model_type: qwen``) needs trust_remote_code, so its folder is written by hand from a Qwen2 model of
+    the same math (multi-head, q/k/v biases, RMSNorm, SwiGLU): fused ``c_attn`` = [q | k | v], ``w2`` = gate,
+    ``w1`` = up, ``intermediate_size`` counting both halves."""
+    from safetensors.torch import save_file
+
+    T = transformers
+    torch.manual_seed(0)
+    ref = T.Qwen2ForCausalLM(T.Qwen2Config(**{**COMMON, "num_key_value_heads": 4}, rms_norm_eps=1e-6,
+                                           rope_theta=10000.0)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.15)
+    sd = ref.state_dict()
+    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(COMMON["num_hidden_layers"]):
+        hf, q = f"model.layers.{i}", f"transformer.h.{i}"
+        a = f"{hf}.self_attn"
+        out[f"{q}.ln_1.weight"] = sd[f"{hf}.input_layernorm.weight"]
+        out[f"{q}.ln_2.weight"] = sd[f"{hf}.post_attention_layernorm.weight"]
+        for kind in ("weight", "bias"):
+            out[f"{q}.attn.c_attn.{kind}"] = torch.cat([sd[f"{a}.{p}_proj.{kind}"] for p in "qkv"])
+        out[f"{q}.attn.c_proj.weight"] = sd[f"{a}.o_proj.weight"]
+        out[f"{q}.mlp.w1.weight"] = sd[f"{hf}.mlp.up_proj.weight"]
+        out[f"{q}.mlp.w2.weight"] = sd[f"{hf}.mlp.gate_proj.weight"]
+        out[f"{q}.mlp.c_proj.weight"] = sd[f"{hf}.mlp.down_proj.weight"]
+    folder = tmp_path / "qwen1"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "qwen", "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "intermediate_size": 96, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0,
+        "seq_length": 128, "kv_channels": 8, "use_dynamic_ntk": False}))
+    model = load_hf_lm(folder)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert (ref(ids).logits - model(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe"])
+def test_in_memory_fused_expert_layout(model_type):
+    """transformers 5 holds experts fused (``mlp.experts.gate_up_proj [E, 2H, D]``); its in-memory state dict converts
+    too (what benchmarks/generate.py uses to give both implementations the same weights)."""
+    from zoo.convert.hf_lm import convert_state_dict, decoder_config_from_hf
+    from zoo.models.decoder import DecoderLM
+
+    ref = hf_model(model_type)
+    sd = ref.state_dict()
+    if not any(k.endswith("experts.gate_up_proj") for k in sd):
+        pytest.skip("this transformers version keeps per-expert tensors in memory")
+    cfg = decoder_config_from_hf(ref.config.to_dict())
+    model = DecoderLM(cfg).eval()
+    model.load_state_dict(convert_state_dict(ref.config.to_dict(), sd, cfg))
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert (ref(ids).logits - model(ids).logits).abs().max() <= 1e-4

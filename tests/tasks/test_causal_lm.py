@@ -1,0 +1,110 @@
+"""Causal-LM training: targets and loss masking, gradient checkpointing, the Flickr8k caption text data (split by
+photo) and the recipes through train.py's CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from zoo.tasks.causal_lm import IGNORE, CausalLMTask, next_token_targets
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "configs" / "train").glob("lm_*.yaml"))
+
+
+def test_next_token_targets_ignore_padding():
+    ids = torch.tensor([[2, 5, 6, 3, 0, 0], [2, 7, 3, 0, 0, 0]])
+    mask = ids != 0
+    assert next_token_targets(ids, mask).tolist() == [[5, 6, 3, IGNORE, IGNORE], [7, 3, IGNORE, IGNORE, IGNORE]]
+
+
+def test_loss_is_next_token_cross_entropy_plus_aux():
+    torch.manual_seed(0)
+    task = CausalLMTask(model="decoder_tiny_moe", vocab_size=50)
+    ids = torch.randint(4, 50, (3, 10))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 6:] = False
+    ids[~mask] = 0
+    loss, out, targets = task._shared_step({"input_ids": ids, "attention_mask": mask}, "train")
+    logits = out.logits[:, :-1]
+    keep = targets != IGNORE
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep]) + out.aux_loss
+    torch.testing.assert_close(loss, expected)
+    assert out.aux_loss > 0 and keep.sum() == 3 * 9 - 4
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 512, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = zoo.create_model("decoder_tiny_moe").train()
+        model.gradient_checkpointing = ckpt
+        out = model(ids)
+        (out.logits.square().mean() + out.aux_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_task_refuses_a_non_decoder_preset():
+    with pytest.raises(ValueError, match="needs a decoder LM preset"):
+        CausalLMTask(model="vmoe_tiny_test")
+
+
+def test_flickr8k_caption_text_is_split_by_photo(shared_dataset):
+    shared_dataset("flickr8k_1k_subset", "captions.txt")
+    from zoo.data.text import BOS, EOS, PAD, UNK, Flickr8kCaptionsLMDataModule
+
+    dm = Flickr8kCaptionsLMDataModule(context_length=24, num_val=100)
+    dm.setup()
+    split = dm.split_indices
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (700, 100, 200)
+    assert not set(split["train"]) & set(split["test"]) and not set(split["val"]) & set(split["test"])
+    assert dm.split_sizes == {"train": 3500, "val": 500, "test": 1000}  # 5 captions per photo
+    # the image-text datamodule's split rule: same permutation of photos for the same seed
+    order = np.random.default_rng(0).permutation(1000)
+    assert np.array_equal(split["test"], np.sort(order[800:1000]))
+    train = dm.train_set.input_ids
+    assert (train[:, 0] == BOS).all() and ((train == EOS).sum(1) == 1).all() and not (train == UNK).any()
+    assert train.max() < dm.vocab_size < 5000
+    test = dm.test_set.input_ids
+    unk_share = float((test == UNK).sum() / (test != PAD).sum())
+    assert 0 < unk_share < 0.1  # test photos have some words no training caption has
+    item = dm.test_set[0]
+    assert torch.equal(item["attention_mask"], item["input_ids"] != PAD)
+    assert len(dm.vocab.decode(item["input_ids"][1:]).split()) >= 3
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_lm_recipes_instantiate(recipe, tmp_path, shared_dataset):
+    shared_dataset("flickr8k_1k_subset", "captions.txt")
+    from zoo.tasks.cli import build_cli
+
+    cli = build_cli(["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}"])
+    assert type(cli.model).__name__ == "CausalLMTask"
+    # the vocabulary size came from the data as soon as both existed
+    assert cli.model.model.config.vocab_size == cli.datamodule.vocab_size == cli.model.hparams.vocab_size
+    assert cli.run_name == recipe.stem
+
+
+def test_moe_and_dense_recipes_have_equal_active_width():
+    """The MoE recipe's k experts together are as wide as the dense recipe's MLP, same depth, width, data and
+    optimiser (the perplexity comparison is fair)."""
+    import yaml
+
+    def task_of(name):
+        recipe = yaml.safe_load((REPO / "configs" / "train" / f"{name}.yaml").read_text())
+        args = dict(recipe["model"]["init_args"])
+        return recipe, CausalLMTask(**args, vocab_size=100).model.config
+
+    moe_recipe, moe = task_of("lm_tiny_flickr8k")
+    dense_recipe, dense = task_of("lm_tiny_dense_flickr8k")
+    assert moe.moe.top_k * moe.moe_mlp_dim == dense.mlp_dim and dense.moe is None
+    assert (moe.depth, moe.dim, moe.num_heads) == (dense.depth, dense.dim, dense.num_heads)
+    assert moe_recipe["data"] == dense_recipe["data"] and moe_recipe["trainer"] == dense_recipe["trainer"]

@@ -1,0 +1,255 @@
+"""Decoder-only language models: one typed config covers the LLaMA, Qwen, StableLM-2, Phi-2, Mixtral, OLMoE and
+Qwen2-MoE layouts (which differ only in config values, never in code paths chosen by name).
+
+    input_ids [B, S] -> embed [B, S, D] -> depth x DecoderBlock -> final norm -> lm_head -> logits [B, S, V]
+
+A block is pre-norm, either sequential (LLaMA and most):
+
+    x = x + attn(norm_attn(x));  x = x + mlp(norm_mlp(x))
+
+or parallel (Phi-2, GPT-J): one norm feeds both branches, ``x = x + attn(h) + mlp(h)`` with ``h = norm_attn(x)``.
+``mlp`` is a dense :class:`zoo.layers.Mlp` or a causal :class:`zoo.moe.MoELayer` (same call signature), placed by
+``moe_placement`` / ``moe_every`` / ``moe_last`` / ``moe_layers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from zoo.layers.decoder_attention import DecoderAttention
+from zoo.layers.kv_cache import KVCache, causal_attention_mask, positions_from_mask
+from zoo.layers.mlp import Mlp
+from zoo.layers.norm import NormType, make_norm
+from zoo.layers.rope import RotaryEmbedding
+from zoo.models.output import ModelOutput
+from zoo.models.transformer import resolve_moe_layers
+from zoo.moe import MoEConfig, MoELayer
+from zoo.moe.layer import collect_moe_aux
+
+MoEPlacement = Literal["all", "sparse", "first_half", "second_half", "dense"]
+PLACEMENTS = ("all", "sparse", "first_half", "second_half", "dense")
+
+
+def decoder_moe_layers(depth: int, placement: Union[str, Sequence[int], None] = None, every: Optional[int] = None,
+                       last: Optional[int] = None, layers: Optional[Sequence[int]] = None) -> tuple[int, ...]:
+    """0-based indices of the MoE blocks.
+
+    ``placement`` (MoE-LLaVA's values): "all"; "sparse" = every other block from 0 (0, 2, 4, ...); "first_half" /
+    "second_half" = blocks ``[0, depth/2)`` / ``[depth/2, depth)``; "dense" = none; or an explicit list of indices.
+    ``every`` / ``last`` / ``layers`` are V-MoE's (:func:`zoo.models.transformer.resolve_moe_layers`). At most one
+    of the four may be given; none = dense.
+    """
+    if placement is not None and not isinstance(placement, str):  # an explicit list given as the placement
+        if layers is not None:
+            raise ValueError("give the explicit MoE layers once (as placement or as layers)")
+        placement, layers = None, tuple(placement)
+    if placement is None:
+        return resolve_moe_layers(depth, every, last, tuple(layers) if layers is not None else None)
+    if any(x is not None for x in (every, last, layers)):
+        raise ValueError("give at most one of moe_placement, moe_every, moe_last, moe_layers")
+    half = depth // 2
+    table = {"all": range(depth), "sparse": range(0, depth, 2), "first_half": range(half),
+             "second_half": range(half, depth), "dense": range(0)}
+    if placement not in table:
+        raise ValueError(f"unknown MoE placement {placement!r}; expected one of {list(PLACEMENTS)} or a list of "
+                         "block indices")
+    return tuple(table[placement])
+
+
+@dataclass
+class DecoderConfig:
+    """Shape and layout of a decoder LM. ``None`` fields derive from others (see each line).
+
+    Attributes:
+        vocab_size, dim (D), depth, num_heads (H): the usual.
+        num_kv_heads: Hkv for grouped-query attention; None = H (multi-head).
+        head_dim: per-head width; None = D / H.
+        mlp_dim: hidden width of the dense MLPs; moe_mlp_dim: of each routed expert (None = mlp_dim).
+        activation: "swiglu" (gate and up projections) or "gelu" / "gelu_tanh" (Phi-2: "gelu_tanh").
+        mlp_bias / qkv_bias / attn_out_bias / lm_head_bias: biases of those projections.
+        fused_qkv: one ``qkv`` projection (Qwen-1 style) instead of ``q_proj`` / ``k_proj`` / ``v_proj``.
+        qk_norm: RMSNorm over the projected q and k (OLMoE).
+        norm, norm_eps, norm_bias: "rmsnorm" or "layernorm" (norm_bias: the LayerNorm's bias).
+        parallel_residual: Phi-2's block (one norm, attention and MLP in parallel).
+        rope_base, rotary_fraction: RoPE theta and the fraction of each head's channels rotated.
+        tie_embeddings: the LM head reuses the token embedding matrix.
+        max_seq_len: the context length the model was trained for (default KV-cache limit of generation).
+        moe: the MoE layers' config (None = dense model); moe_placement / moe_every / moe_last / moe_layers:
+            where they go (:func:`decoder_moe_layers`).
+        init_std: std of the normal init of linear and embedding weights.
+    """
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    depth: int = 32
+    num_heads: int = 32
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    mlp_dim: int = 11008
+    moe_mlp_dim: Optional[int] = None
+    activation: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
+    mlp_bias: bool = False
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    lm_head_bias: bool = False
+    fused_qkv: bool = False
+    qk_norm: bool = False
+    norm: NormType = "rmsnorm"
+    norm_eps: float = 1e-6
+    norm_bias: bool = True
+    parallel_residual: bool = False
+    rope_base: float = 10000.0
+    rotary_fraction: float = 1.0
+    tie_embeddings: bool = False
+    max_seq_len: int = 4096
+    moe: Optional[MoEConfig] = None
+    moe_placement: Optional[MoEPlacement] = None
+    moe_every: Optional[int] = None
+    moe_last: Optional[int] = None
+    moe_layers: Optional[tuple[int, ...]] = None
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "depth", "num_heads", "mlp_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim is None and self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}; set head_dim")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}")
+        indices = self.moe_layer_indices
+        if indices and self.moe is None:
+            raise ValueError(f"MoE blocks {list(indices)} are placed but moe is None; give a moe section or drop the "
+                             "placement")
+        if self.moe is not None and self.moe.router != "topk":
+            raise ValueError(f"a decoder LM needs causal routing: router {self.moe.router!r} lets later tokens "
+                             "change earlier tokens' outputs; use router='topk'")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.dim // self.num_heads
+
+    @property
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        return decoder_moe_layers(self.depth, self.moe_placement, self.moe_every, self.moe_last, self.moe_layers)
+
+
+def causal_moe_layer(dim: int, hidden_dim: int, config: MoEConfig) -> MoELayer:
+    """The decoder's MoE layer. HELPERS.md interface 1: once the moe branch lands this is
+    ``MoELayer(dim, hidden_dim, config, causal=True)`` (every sequence its own routing group, capacity filled in
+    position order). Until then only dropless top-k routing is causal (each token picks its experts alone)."""
+    return MoELayer(dim, hidden_dim, config)
+
+
+class DecoderBlock(nn.Module):
+    """One pre-norm block. ``forward(x [B, S, D], mask [B, S], cos, sin, attn_mask [B, 1, S, T], cache, slots)``."""
+
+    def __init__(self, cfg: DecoderConfig, rope: RotaryEmbedding, index: int, moe: bool) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
+        self.attn = DecoderAttention(cfg.dim, cfg.num_heads, cfg.kv_heads, cfg.head_width, rope, index,
+                                     qkv_bias=cfg.qkv_bias, out_bias=cfg.attn_out_bias, fused_qkv=cfg.fused_qkv,
+                                     qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
+        self.mlp_norm = None if cfg.parallel_residual else make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
+        if moe:
+            self.mlp: nn.Module = causal_moe_layer(cfg.dim, cfg.moe_mlp_dim or cfg.mlp_dim, cfg.moe)
+        else:
+            self.mlp = Mlp(cfg.dim, cfg.mlp_dim, cfg.activation, cfg.mlp_bias)
+
+    def forward(self, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
+                cache: Optional[KVCache] = None, slots: Optional[Tensor] = None) -> Tensor:
+        h = self.attn_norm(x)
+        attn = self.attn(h, cos, sin, attn_mask, cache, slots)
+        if self.mlp_norm is None:  # parallel residual: both branches read the same normed input
+            return x + attn + self.mlp(h, mask=mask)
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x), mask=mask)
+
+
+class DecoderLM(nn.Module):
+    """``forward(input_ids [B, S], attention_mask [B, S] | None, cache: KVCache | None) -> ModelOutput`` with
+    ``logits [B, S, V]`` and the MoE layers' ``aux_loss`` / ``aux_losses`` / ``routing``.
+
+    ``attention_mask`` (True / 1 = real token) may LEFT-pad a batch; RoPE positions count each sequence's real
+    tokens. Padding takes no part in attention or routing. With a ``cache`` (:meth:`new_cache`), the call appends
+    its tokens to the cache and attends over everything cached (prefill, then one token per decode step).
+    """
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg.head_width, cfg.rope_base, cfg.rotary_fraction)
+        moe_at = set(cfg.moe_layer_indices)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, self.rope, i, i in moe_at) for i in range(cfg.depth))
+        self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=cfg.lm_head_bias)
+        # Training-time memory option (not part of the architecture, so not in the config): recompute each
+        # block's activations in the backward pass instead of keeping them.
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) linear / embedding / expert weights, zero biases, unit norms."""
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, MoELayer):
+                for name, p in m.experts.named_parameters():
+                    nn.init.normal_(p, std=std) if name.startswith("w") else nn.init.zeros_(p)
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> KVCache:
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` (default ``config.max_seq_len``)
+        tokens, in the model's dtype and device."""
+        p = self.embed.weight
+        cfg = self.config
+        return KVCache(cfg.depth, batch_size, cfg.kv_heads, cfg.head_width, max_len or cfg.max_seq_len,
+                       dtype=dtype or p.dtype, device=p.device)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                cache: Optional[KVCache] = None) -> ModelOutput:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, S] token ids, got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        mask = (torch.ones(B, S, dtype=torch.bool, device=input_ids.device) if attention_mask is None
+                else attention_mask.to(torch.bool))
+        if mask.shape != (B, S):
+            raise ValueError(f"attention_mask must have the shape of input_ids {(B, S)}, got {tuple(mask.shape)}")
+        x = self.embed(input_ids)
+        if cache is None:
+            slots = None
+            positions = positions_from_mask(mask)
+            attn_mask = causal_attention_mask(mask, torch.arange(S, device=x.device))
+        else:
+            slots, positions, attn_mask = cache.start_step(mask)
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for block in self.blocks:
+            if checkpointing:
+                x = checkpoint(block, x, mask, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, mask, cos, sin, attn_mask, cache, slots)
+        x = self.norm(x)
+        aux_loss, aux_losses, routing = collect_moe_aux(self)
+        return ModelOutput(logits=self.lm_head(x), aux_loss=aux_loss, aux_losses=aux_losses, routing=routing,
+                           hidden_states=x)
+
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
+        """See :func:`zoo.models.generate.generate`."""
+        from zoo.models.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)

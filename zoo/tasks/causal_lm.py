@@ -1,0 +1,182 @@
+"""Causal language modelling with a zoo decoder (dense or MoE) as a LightningModule.
+
+    batch {"input_ids" [B, L], "attention_mask" [B, L]} -> DecoderLM -> logits [B, L, V]
+    loss = mean next-token cross entropy over real target tokens + the MoE layers' aux_loss
+
+Logged: ``{train,val,test}/loss``, ``/ce``, ``/aux_loss``, ``/aux/<name>``, ``val|test/perplexity``
+(torchmetrics, exp of the token-mean cross entropy over the split) and per MoE layer
+``<split>/moe/<layer>/{max_share,min_share,dropped}``. ``test`` also fills :attr:`CausalLMTask.test_routing`
+(tokens per expert per layer) for the summary and the expert-utilisation plot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.text import Perplexity
+
+from zoo.models.output import ModelOutput
+from zoo.moe import RoutingStats, set_eval_overrides
+from zoo.registry import create_model
+from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
+from zoo.tasks.classification import RoutingSummary
+from zoo.tasks.optim import DecayName, OptimizerName
+
+IGNORE = -100
+DATA_DIMS = ("vocab_size",)
+
+
+def next_token_targets(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """Targets ``[B, L-1]`` for logits at positions ``0..L-2``: the next token, ``IGNORE`` where it is padding."""
+    targets = input_ids[:, 1:].clone()
+    if attention_mask is not None:
+        targets[~attention_mask[:, 1:].to(torch.bool)] = IGNORE
+    return targets
+
+
+class CausalLMTask(ZooTask):
+    """Train / evaluate a decoder LM preset on next-token prediction.
+
+    Args:
+        model: a ``decoder`` preset (e.g. ``"decoder_tiny_moe"``); model_overrides: changes to its config.
+        vocab_size: None = the datamodule's (``take_from_datamodule``).
+        gradient_checkpointing: recompute block activations in the backward pass (less memory, ~1/3 more compute).
+        optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps: the recipe
+            optimiser and schedule (:class:`zoo.tasks.optim.RecipeOptimizerMixin`).
+        eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing.
+        pretrained: as :func:`zoo.create_model`.
+    """
+
+    def __init__(
+        self,
+        model: str = "decoder_tiny_moe",
+        model_overrides: Optional[dict[str, Any]] = None,
+        vocab_size: Optional[int] = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        lr_decay: DecayName = "cosine",
+        min_lr_ratio: float = 0.1,
+        total_steps: Optional[int] = None,
+        eval_capacity_factor: Optional[float] = None,
+        eval_top_k: Optional[int] = None,
+        eval_dropless: Optional[bool] = None,
+        pretrained: Optional[Union[bool, str]] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.model = self._build_model()
+        self.val_ppl, self.test_ppl = Perplexity(ignore_index=IGNORE), Perplexity(ignore_index=IGNORE)
+        self.test_routing: Optional[RoutingSummary] = None
+        self._test_tokens: list[Optional[Tensor]] = []
+        self._test_dropped = torch.zeros(0, dtype=torch.float64)  # [L] dropped fraction x valid tokens, summed
+        self._test_valid = 0
+
+    def _build_model(self) -> nn.Module:
+        hp = self.hparams
+        overrides = dict(hp.model_overrides or {})
+        if hp.get("vocab_size") is not None:
+            overrides["vocab_size"] = hp.vocab_size
+        model = create_model(hp.model, pretrained=hp.get("pretrained"), **overrides)
+        if not hasattr(model, "gradient_checkpointing"):
+            raise ValueError(f"CausalLMTask needs a decoder LM preset; {hp.model!r} builds a {type(model).__name__}")
+        model.gradient_checkpointing = bool(hp.gradient_checkpointing)
+        set_eval_overrides(model, capacity_factor=hp.eval_capacity_factor, top_k=hp.eval_top_k,
+                           dropless=hp.eval_dropless)
+        self.layer_names = moe_layer_names(model)
+        return model
+
+    def take_from_datamodule(self, dm: Any) -> None:
+        """The vocabulary size comes from the datamodule unless given (a disagreeing value is an error)."""
+        if fill_from_datamodule(self.hparams, DATA_DIMS, dm, self.model.config, "model"):
+            self.model = self._build_model()
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> ModelOutput:
+        return self.model(input_ids, attention_mask)
+
+    def _shared_step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, ModelOutput, Tensor]:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        out = self(ids, mask)
+        logits = out.logits[:, :-1].float()
+        targets = next_token_targets(ids, mask)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+        aux = out.aux_loss.to(ce.dtype)
+        loss = ce + aux
+        on_step = split == "train"
+        n_tokens = int((targets != IGNORE).sum())
+        log = dict(on_step=on_step, on_epoch=not on_step, batch_size=n_tokens, sync_dist=not on_step)
+        self.log(f"{split}/loss", loss, prog_bar=True, **log)
+        self.log(f"{split}/ce", ce, **log)
+        self.log(f"{split}/aux_loss", aux, **log)
+        for name, value in out.aux_losses.items():
+            self.log(f"{split}/aux/{name}", value.detach().float(), **log)
+        self._log_routing(out.routing, split, log)
+        if split != "train":
+            metric = self.val_ppl if split == "val" else self.test_ppl
+            metric(logits.detach(), targets)
+            self.log(f"{split}/perplexity", metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss, out, targets
+
+    def _log_routing(self, routing: list[RoutingStats], split: str, log: dict) -> None:
+        for i, (name, stats) in enumerate(zip(self.layer_names, routing)):
+            tpe = stats.tokens_per_expert.float()
+            share = tpe / tpe.sum().clamp_min(1e-12)
+            self.log(f"{split}/moe/{name}/dropped", stats.dropped_fraction.float(), **log)
+            self.log(f"{split}/moe/{name}/max_share", share.max(), **log)
+            self.log(f"{split}/moe/{name}/min_share", share.min(), **log)
+            if split == "test":
+                tokens = tpe.detach().double().cpu()
+                self._test_tokens[i] = tokens if self._test_tokens[i] is None else self._test_tokens[i] + tokens
+                self._test_dropped[i] += float(stats.dropped_fraction) * log["batch_size"]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, _, _ = self._shared_step(batch, "train")
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self._test_tokens = [None] * len(self.layer_names)
+        self._test_dropped, self._test_valid = torch.zeros(len(self.layer_names), dtype=torch.float64), 0
+        self.test_routing = None
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, _, targets = self._shared_step(batch, "test")
+        self._test_valid += int((targets != IGNORE).sum())
+
+    def on_test_epoch_end(self) -> None:
+        tokens = [t if t is not None else torch.zeros(0, dtype=torch.float64) for t in self._test_tokens]
+        dropped, valid = self._test_dropped, torch.tensor(float(self._test_valid), dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            def reduce(t: Tensor) -> Tensor:
+                return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
+
+            tokens, dropped, valid = [reduce(t) for t in tokens], reduce(dropped), reduce(valid)
+        frac = (dropped / valid.clamp_min(1)).tolist()
+        self.test_routing = RoutingSummary(self.layer_names, [], tokens, frac, [None] * len(tokens))
+
+    def write_test_plots(self, out_dir: Union[str, Path], title: str = "",
+                         class_names: Optional[list[str]] = None) -> list[str]:
+        """Expert utilisation (tokens per expert per MoE layer) of the last test pass."""
+        from zoo.plots import plot_expert_utilisation
+
+        routing = self.test_routing
+        if routing is None or not routing.layer_names:
+            return []
+        path = plot_expert_utilisation(routing.tokens_per_expert, routing.layer_names,
+                                       Path(out_dir) / "expert_utilisation.png",
+                                       title=f"{title}: expert utilisation" if title else None)
+        return [str(path)]
