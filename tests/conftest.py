@@ -1,7 +1,12 @@
-"""Shared test helpers: the real datasets under ../shared/data (or $ZOO_DATA), skipping when they are absent."""
+"""Shared test helpers: the real datasets under ../shared/data (or $ZOO_DATA), skipping when they are absent.
+
+Under CI (``CI=true``, as GitHub Actions and most CI services set it) a missing dataset FAILS the test instead:
+CI is meant to have the data, so a broken path must not hide as a skip.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,14 +15,26 @@ import pytest
 from zoo.data import find_dataset_dir
 
 
+def running_in_ci() -> bool:
+    """``CI`` is set to a true value (``true``, ``1``, ``yes``; any case)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _missing_data(reason: str) -> None:
+    """Skip (a developer machine without the data) or, under CI, fail: there the data must be present."""
+    if running_in_ci():
+        pytest.fail(f"CI=true but {reason} (CI must provide ../shared/data or ZOO_DATA)", pytrace=False)
+    pytest.skip(reason)
+
+
 def shared_dataset_dir(name: str, marker: str) -> Path:
-    """The real dataset folder, or skip the test saying where it was looked for."""
+    """The real dataset folder, or skip the test saying where it was looked for (fail under ``CI=true``)."""
     try:
         folder = find_dataset_dir(name)
     except FileNotFoundError as err:
-        pytest.skip(f"real data '{name}' not found, so this test cannot run: {err}")
+        _missing_data(f"real data '{name}' not found, so this test cannot run: {err}")
     if not (folder / marker).is_file():
-        pytest.skip(f"{folder} has no {marker}; set ZOO_DATA to a complete copy to run this test")
+        _missing_data(f"{folder} has no {marker}; set ZOO_DATA to a complete copy to run this test")
     return folder
 
 
@@ -25,3 +42,10 @@ def shared_dataset_dir(name: str, marker: str) -> Path:
 def shared_dataset() -> Callable[[str, str], Path]:
     """``shared_dataset(name, marker_file)``: the real dataset folder (e.g. ``"mnist"``), or skip the test."""
     return shared_dataset_dir
+
+
+@pytest.fixture(scope="session")
+def data_missing() -> Callable[[str], None]:
+    """``data_missing(reason)``: for a test that found its real data absent by other means (e.g. a datamodule's
+    FileNotFoundError): skip with the reason, or fail under ``CI=true``."""
+    return _missing_data

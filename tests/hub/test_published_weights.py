@@ -52,7 +52,7 @@ def test_manifest_entry_matches_preset_and_files(entry):
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
-def test_pretrained_true_offline_reproduces_predictions(entry, offline):
+def test_pretrained_true_offline_reproduces_predictions(entry, offline, data_missing):
     """Fast check for every entry: the first test images' predictions recorded at export time."""
     model = zoo.create_model(entry["name"], pretrained=entry["tag"]).eval()
     assert model.pretrained_cfg["source"].startswith("local-dir:")
@@ -62,7 +62,7 @@ def test_pretrained_true_offline_reproduces_predictions(entry, offline):
     try:
         got = publish.prediction_check(model, data, max_images=check["first_n"])
     except FileNotFoundError as err:
-        pytest.skip(f"dataset not available here: {err}")
+        data_missing(f"dataset not available here: {err}")
     flips = sum(a != b for a, b in zip(got["predictions"], check["predictions"]))
     assert got["first_n"] == check["first_n"] and flips <= 1, f"{flips} predictions differ"
 
@@ -71,18 +71,35 @@ SMALL = [e for e in ENTRIES if (e.get("metrics") or {}).get("n_examples", 1 << 3
 
 
 @pytest.mark.parametrize("entry", SMALL, ids=[f"{w['name']}.{w['tag']}" for w in SMALL])
-def test_pretrained_true_offline_reproduces_accuracy(entry, offline):
+def test_pretrained_true_offline_reproduces_accuracy(entry, offline, data_missing):
     """Small test splits (digits): the full recorded test accuracy (large ones: eval.py --model ... --pretrained)."""
     model = zoo.create_model(entry["name"], pretrained=entry["tag"]).eval()
     metrics, data = entry["metrics"], entry["data"]
     try:
         got = publish.prediction_check(model, data, max_images=1 << 30)
     except FileNotFoundError as err:
-        pytest.skip(f"dataset not available here: {err}")
+        data_missing(f"dataset not available here: {err}")
     n = got["first_n"]
     assert n == metrics["n_examples"]
     # same batches, same thread count: the same predictions; allow one flipped example for other BLAS builds
     assert abs(got["correct"] / n - metrics["accuracy"]) <= 1.0 / n + 1e-9, (got["correct"] / n, metrics["accuracy"])
+
+
+LARGE = [e for e in ENTRIES if e not in SMALL and e.get("data")]
+FIRST_N = 1024  # ~25-50 s for MNIST on 2 CPU cores; the whole 10,000 would take ~4 min
+
+
+@pytest.mark.parametrize("entry", LARGE, ids=[f"{w['name']}.{w['tag']}" for w in LARGE])
+def test_pretrained_true_offline_accuracy_on_the_first_test_images(entry, offline, data_missing):
+    """Large test splits (MNIST): accuracy on the first 1,024 test images (not only the 256 recorded predictions)
+    within 1.5 points of the recorded full-split accuracy (vmoe_small_mnist: 98.73% measured vs 98.92% recorded)."""
+    model = zoo.create_model(entry["name"], pretrained=entry["tag"]).eval()
+    try:
+        got = hub.prediction_check(model, entry["data"], max_images=FIRST_N)
+    except FileNotFoundError as err:
+        data_missing(f"dataset not available here: {err}")
+    assert got["first_n"] == FIRST_N > 256
+    assert got["correct"] / FIRST_N >= entry["metrics"]["accuracy"] - 0.015, got["correct"] / FIRST_N
 
 
 def test_default_tag_is_used_by_pretrained_true(offline):

@@ -190,7 +190,7 @@ def test_test_plots_only_where_asked_and_eval_overrides(tmp_path):
 
 
 def test_sigmoid_loss_through_the_task_trains_the_bias():
-    task = ContrastiveTask("limoe_tiny_test", model_overrides={"loss": "sigmoid"})
+    task = ContrastiveTask("limoe_tiny_test", model_overrides={"loss": "sigmoid"}, total_steps=10, warmup_steps=1)
     from zoo.data.image_text import CaptionTokenizer
 
     batch = {"image": torch.randn(3, 3, 16, 16), "text": CaptionTokenizer(16)(["a cat", "two dogs", "a red car"]),
@@ -199,6 +199,11 @@ def test_sigmoid_loss_through_the_task_trains_the_bias():
     loss = task._loss(out, batch)
     loss.backward()
     assert torch.isfinite(loss) and task.model.logit_bias.grad is not None and task.model.logit_scale.grad is not None
+    # one step of the task's own optimiser moves the bias (it is in the optimiser and its gradient is not zero)
+    bias_before = task.model.logit_bias.detach().clone()
+    optimizer = task.configure_optimizers()["optimizer"]
+    optimizer.step()
+    assert not torch.equal(task.model.logit_bias.detach(), bias_before)
 
 
 def test_several_captions_per_image_rectangular_loss():

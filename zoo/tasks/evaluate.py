@@ -28,6 +28,7 @@ import yaml
 
 from zoo.tasks.base import DATAMODULE_KEY, TRAINER_KEY, class_path, task_class_of
 from zoo.tasks.classification import ImageClassificationTask, write_routing_plots
+from zoo.tasks.fewshot import add_fewshot_args, evaluate_fewshot
 
 
 def _import_class(path: str) -> type:
@@ -116,6 +117,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, help="default: the precision the checkpoint was trained with")
     p.add_argument("--num-threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress-bar", action="store_true")
+    add_fewshot_args(p)  # --fewshot: few-shot linear evaluation (zoo/tasks/fewshot.py)
     return p.parse_args(argv)
 
 
@@ -135,6 +137,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     from zoo.tasks.cli import default_checkpoint
 
+    if args.fewshot:  # few-shot linear evaluation of the same checkpoint / published model (zoo/tasks/fewshot.py)
+        return evaluate_fewshot(args)
     if args.model is not None or args.pretrained is not None:
         return _evaluate_pretrained(args)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.root)
