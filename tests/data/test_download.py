@@ -106,7 +106,8 @@ def _cifar_tarball(folder: Path, sprites: Path) -> tuple[Path, dict[str, str]]:
     test = read_cifar_sprite(sprites / "cifar10_batch_50.png")
 
     def batch(images: np.ndarray, batch_labels: np.ndarray) -> bytes:  # rows: R plane, G plane, B plane
-        return pickle.dumps({"data": images.reshape(len(images), 3 * 32 * 32), "labels": [int(v) for v in batch_labels]})
+        return pickle.dumps({"data": images.reshape(len(images), 3 * 32 * 32),
+                             "labels": [int(v) for v in batch_labels]})
 
     members = {"data_batch_1": batch(train, labels[:4000])}
     for k in range(2, 6):
