@@ -5,6 +5,7 @@ plus PNG plots (expert utilisation per MoE layer, class-by-expert routing matric
     python eval.py                                   # the default run: runs/vmoe_digits/checkpoints/last.ckpt
     python eval.py --checkpoint PATH --split val --eval-capacity-factor 2.0 --eval-top-k 1 --output metrics.json
     python eval.py --model vmoe_small_mnist --pretrained           # published weights: recorded accuracy re-checked
+    python eval.py --model vmoe_small_mnist --pretrained --fewshot # few-shot linear evaluation (zoo/tasks/fewshot.py)
 """
 
 from zoo.tasks.evaluate import main

@@ -34,6 +34,7 @@ from zoo.data.base import (
     random_crop_flip,
     val_holdout,
 )
+from zoo.data.download import CIFAR10_TORCHVISION_DIR, cifar10_folder, mnist_folder, read_cifar10_batches
 from zoo.data.paths import find_dataset_dir, incomplete_dataset_error
 from zoo.data.readers import (
     CIFAR_SPRITE_ROWS,
@@ -122,6 +123,8 @@ class MNISTDataModule(ImageClassificationDataModule):
             ``<repo root>/../shared/data``, then ``./data``.
         augment: random translation of train images by up to 2 pixels (zero padding 2 + random 28x28 crop;
             no flips: they change digits). Val/test are never augmented.
+        download: when no ``mnist/`` folder is found, also read torchvision's ``<data root>/MNIST/raw`` and, if
+            that is absent too, download it there with torchvision (see :mod:`zoo.data.download`).
     """
 
     num_classes = 10
@@ -147,16 +150,21 @@ class MNISTDataModule(ImageClassificationDataModule):
         val_size: int | float = 5000,
         pin_memory: bool = False,
         augment: bool = False,
+        download: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         self.data_dir = data_dir
         self.val_size = val_size
         self.augment = bool(augment)
+        self.download = bool(download)
         self.save_hyperparameters()
 
     def find_files(self) -> dict[str, Path]:
         """Paths of the four IDX files; raises FileNotFoundError naming the folder and the missing files."""
-        folder = find_dataset_dir(self.FOLDER, self.data_dir, marker_files=[self.FILES["train_images"] + ".gz"])
+        try:
+            folder = find_dataset_dir(self.FOLDER, self.data_dir, marker_files=[self.FILES["train_images"] + ".gz"])
+        except FileNotFoundError as err:  # torchvision's layout, a download, or how to get it (zoo/data/download.py)
+            folder = mnist_folder(self.data_dir, self.download, err)
         found: dict[str, Path] = {}
         missing: list[str] = []
         for key, name in self.FILES.items():
@@ -210,6 +218,9 @@ class CIFAR10SpriteDataModule(ImageClassificationDataModule):
             then ``<repo root>/../shared/data``, then ``./data``.
         augment: random crop (zero padding 4) + horizontal flip on train images; val/test are never augmented.
         train_batches: which train sprites to load (only 0-3 exist in the shared copy).
+        download: when no sprite folder is found, also read torchvision's ``<data root>/cifar-10-batches-py`` (the
+            same images: train "batch" k = official train images 1000k..1000k+999, test = test images 0..999;
+            there every k in 0..49 exists) and, if that is absent too, download it with torchvision.
     """
 
     num_classes = 10
@@ -233,9 +244,11 @@ class CIFAR10SpriteDataModule(ImageClassificationDataModule):
         augment: bool = False,
         train_batches: Sequence[int] = (0, 1, 2, 3),
         pin_memory: bool = False,
+        download: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         self.data_dir = data_dir
+        self.download = bool(download)
         self.val_size = val_size
         self.augment = bool(augment)
         batches = [int(b) for b in train_batches]
@@ -249,7 +262,10 @@ class CIFAR10SpriteDataModule(ImageClassificationDataModule):
 
     def find_folder(self) -> Path:
         """The sprite folder, checked for the labels file and every needed sprite."""
-        folder = find_dataset_dir(self.FOLDER, self.data_dir, marker_files=[self.LABELS_FILE])
+        try:
+            folder = find_dataset_dir(self.FOLDER, self.data_dir, marker_files=[self.LABELS_FILE])
+        except FileNotFoundError as err:  # torchvision's layout, a download, or how to get it (zoo/data/download.py)
+            return cifar10_folder(self.data_dir, self.download, err)
         needed = [folder / self.LABELS_FILE] + [
             self.sprite_path(folder, b) for b in [*self.train_batches, self.TEST_BATCH]
         ]
@@ -262,6 +278,11 @@ class CIFAR10SpriteDataModule(ImageClassificationDataModule):
 
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         folder = self.find_folder()
+        augment = random_crop_flip(padding=4) if self.augment else None
+        if folder.name == CIFAR10_TORCHVISION_DIR:
+            train_x, train_y, test_x, test_y = map(torch.from_numpy, read_cifar10_batches(folder, self.train_batches))
+            return holdout_image_splits(train_x, train_y, test_x, test_y, self.mean, self.std, 255.0, self.val_size,
+                                        self.seed, augment)
         labels_path = folder / self.LABELS_FILE
         all_labels = read_convnetjs_labels(labels_path, num_classes=self.num_classes)
         needed = self.NUM_TRAIN_IMAGES + CIFAR_SPRITE_ROWS
@@ -281,8 +302,6 @@ class CIFAR10SpriteDataModule(ImageClassificationDataModule):
         train_y = torch.from_numpy(np.concatenate([batch_labels(b) for b in self.train_batches]))
         test_x = torch.from_numpy(read_cifar_sprite(self.sprite_path(folder, self.TEST_BATCH)))
         test_y = torch.from_numpy(batch_labels(self.TEST_BATCH).copy())
-
-        augment = random_crop_flip(padding=4) if self.augment else None
         return holdout_image_splits(train_x, train_y, test_x, test_y, self.mean, self.std, 255.0, self.val_size,
                                     self.seed, augment)
 

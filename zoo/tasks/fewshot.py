@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
@@ -236,7 +236,8 @@ def add_fewshot_args(parser: argparse.ArgumentParser) -> None:
                        help="few-shot linear evaluation of the frozen pre-logits features instead of the test metrics")
     group.add_argument("--fewshot-shots", default=",".join(map(str, DEFAULT_SHOTS)), metavar="K,K,...",
                        help="training images per class (default: %(default)s)")
-    group.add_argument("--fewshot-draws", type=int, default=DEFAULT_DRAWS, help="random shot draws (default: %(default)s)")
+    group.add_argument("--fewshot-draws", type=int, default=DEFAULT_DRAWS,
+                       help="random shot draws (default: %(default)s)")
     group.add_argument("--fewshot-seed", type=int, default=0, help="seed of the first draw (draw r uses seed + r)")
 
 
