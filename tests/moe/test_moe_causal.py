@@ -120,8 +120,13 @@ def test_a_non_causal_layer_does_leak():
 def test_causal_on_the_fused_path(monkeypatch):
     """The fused GPU path gets the causal router's keep (the kernel sorts kept slots by expert, stably in slot order,
     and decides nothing itself): with the kernel's reference standing in on CPU, causal outputs hold there too."""
-    calls = []
-    monkeypatch.setattr(layer_mod, "_fused_moe_or_none", lambda x, act: calls.append(act) or reference_moe)
+    calls = []  # activations the stand-in kernel ran with
+
+    def kernel(*args):
+        calls.append(args[-1])
+        return reference_moe(*args)
+
+    monkeypatch.setattr(layer_mod, "_fused_moe_or_none", lambda x, act: kernel)
     layer = make_layer(activation="gelu_tanh", **SETTINGS["k2-renorm0-bpr1-cf0.5"]).train()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 12, D, generator=g)

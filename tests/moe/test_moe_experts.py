@@ -65,8 +65,13 @@ def test_fused_path_only_for_experts_with_stacked_weights(monkeypatch):
     """With the fused kernel available (its plain-PyTorch reference standing in on CPU), the layer hands it the
     experts' stacked weights (merged LoRA weights included, with gradients to the low-rank factors); experts without
     stacked weights take the reference dispatcher."""
-    calls = []
-    monkeypatch.setattr(layer_mod, "_fused_moe_or_none", lambda x, act: calls.append(act) or reference_moe)
+    calls = []  # activations the stand-in kernel ran with
+
+    def kernel(*args):
+        calls.append(args[-1])
+        return reference_moe(*args)
+
+    monkeypatch.setattr(layer_mod, "_fused_moe_or_none", lambda x, act: kernel)
     torch.manual_seed(0)
     E, D, H = 4, 12, 16
     cfg = MoEConfig(num_experts=E, top_k=2, expert_bias=False, group_size=None, capacity_factor=1.0)
@@ -81,7 +86,7 @@ def test_fused_path_only_for_experts_with_stacked_weights(monkeypatch):
     unmerged.router.generator = torch.Generator().manual_seed(0)
     merged.router.generator = torch.Generator().manual_seed(0)
     torch.testing.assert_close(unmerged(x), merged(x), rtol=1e-5, atol=1e-6)
-    assert calls == ["gelu_tanh"] * 2  # the unmerged layer never asked for the kernel
+    assert calls == ["gelu_tanh"] * 2  # the unmerged layer did not run the kernel
     stacked = MoELayer(D, H, cfg).train()
     stacked(x)
     assert calls == ["gelu_tanh"] * 3
