@@ -12,7 +12,10 @@ to ``--mixtral-depth`` (4) blocks. Per shape and batch size (1 and 32):
     same run: read + write of a 2 GiB buffer), against the measured step time.
 Mixtral is also run in transformers' MixtralForCausalLM on the same weights (converted from its state dict with
 zoo.convert.hf_lm): its eager path (DynamicCache) and, where it works, static cache + torch.compile.
-Timings: CUDA-synchronised wall clock, median of ``--repeats`` runs after a warm-up run.
+Zoo decode steps run eagerly and, separately, as replays of one CUDA graph of the step (the KV cache is
+preallocated and its next slot lives on the device, so a captured step stays valid; a failed capture is recorded
+as an error row, the eager rows stand). Timings: CUDA-synchronised wall clock, median of ``--repeats`` runs after a
+warm-up run.
 """
 
 from __future__ import annotations
@@ -96,9 +99,31 @@ def kv_bytes(cfg, batch: int, length: int, element_size: int = 2) -> int:
     return 2 * cfg.depth * batch * cfg.kv_heads * length * cfg.head_width * element_size
 
 
+class GraphedDecodeStep:
+    """One decode step (``model(token [B, 1], cache=cache)``) captured as a CUDA graph on ``cache``: a replay
+    reads the token from a static buffer, writes the next KV slot and advances the cache's device-side slot."""
+
+    def __init__(self, model, cache, batch: int) -> None:
+        self.cache = cache
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.token, cache=cache).logits
+        cache.length -= 1  # capturing ran the host bookkeeping once without running the step
+
+    def __call__(self, token):
+        if self.cache.length + 1 > self.cache.max_len:
+            raise ValueError("KV cache full")
+        self.token.copy_(token)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
+
+
 @torch.no_grad()
-def run_zoo(model, batch: int, prompt: int, new: int) -> dict:
-    """One prefill + ``new`` decode steps; returns times and the experts each step used per MoE layer."""
+def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False) -> dict:
+    """One prefill + ``new`` decode steps (the first eager, the rest replays of a CUDA graph with ``graph``);
+    returns times and the experts each step used per MoE layer."""
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=DEVICE)
     cache = model.new_cache(batch, prompt + new)
@@ -108,21 +133,33 @@ def run_zoo(model, batch: int, prompt: int, new: int) -> dict:
     token = torch.randint(0, cfg.vocab_size, (batch, 1), device=DEVICE)
     chosen = []  # per step: [distinct experts used per MoE layer] (device tensors, read after timing)
 
+    def used():
+        return [(layer.aux.stats.tokens_per_expert > 0).sum() for layer in layers]
+
+    steps = new
+    if graph:  # one eager step (warms up the kernels), then capture
+        token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+        chosen.append(used())
+        step, steps = GraphedDecodeStep(model, cache, batch), new - 1
+    else:
+        def step(t):
+            return model(t, cache=cache).logits
+
     def decode():
         nonlocal token
-        for _ in range(new):
-            logits = model(token, cache=cache).logits
-            token = logits[:, -1:].argmax(-1)
-            chosen.append([(layer.aux.stats.tokens_per_expert > 0).sum() for layer in layers])
+        for _ in range(steps):
+            token = step(token)[:, -1:].argmax(-1)
+            chosen.append(used())
 
-    out["decode_s"] = sync_time(decode)
+    out["decode_s"] = sync_time(decode) * new / steps
     out["experts_per_step"] = [[int(c) for c in step] for step in chosen]
     return out
 
 
-def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, bandwidth: float) -> dict:
-    run_zoo(model, batch, min(prompt, 32), 4)  # warm-up (kernels, allocator)
-    runs = [run_zoo(model, batch, prompt, new) for _ in range(repeats)]
+def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, bandwidth: float,
+             graph: bool = False) -> dict:
+    run_zoo(model, batch, min(prompt, 32), 4, graph)  # warm-up (kernels, allocator)
+    runs = [run_zoo(model, batch, prompt, new, graph) for _ in range(repeats)]
     prefill = statistics.median(r["prefill_s"] for r in runs)
     decode = statistics.median(r["decode_s"] for r in runs)
     dense, experts = weight_bytes(model)
@@ -131,7 +168,7 @@ def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, 
     step_bytes = [dense + sum(n * eb for n, (eb, _) in zip(step, experts)) + kv_bytes(model.config, batch, prompt + i)
                   for i, step in enumerate(steps)]
     bound_s = sum(step_bytes) / bandwidth
-    return dict(impl="zoo", model=name, batch=batch, prompt=prompt, new=new,
+    return dict(impl="zoo + CUDA graph" if graph else "zoo", model=name, batch=batch, prompt=prompt, new=new,
                 prefill_tok_s=batch * prompt / prefill, decode_tok_s=batch * new / decode,
                 decode_step_ms=1e3 * decode / new, bound_step_ms=1e3 * bound_s / new,
                 bandwidth_fraction=bound_s / decode,
@@ -234,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mixtral-depth", type=int, default=4)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-static", action="store_true", help="skip transformers' static cache + torch.compile")
+    ap.add_argument("--no-cuda-graph", action="store_true", help="time only eager zoo decode steps")
     ap.add_argument("--smoke", action="store_true", help="toy widths on the CPU in fp32: checks the script runs")
     args = ap.parse_args(argv)
     global DEVICE
@@ -262,8 +300,11 @@ def main(argv: list[str] | None = None) -> None:
 
     with torch.device(DEVICE):
         phi = zoo.models.DecoderLM(fit(phi2x4_config(args.phi_depth))).to(dtype).eval()
-    for b in args.batches:
-        record(zoo_case, "phi2x4", phi, b, args.prompt, args.new, args.repeats, bandwidth)
+    # CUDA-graph rows last per model: a failed capture can leave the CUDA context unusable for what follows.
+    graph_modes = (False, True) if DEVICE == "cuda" and not args.no_cuda_graph else (False,)
+    for graph in graph_modes:
+        for b in args.batches:
+            record(zoo_case, "phi2x4", phi, b, args.prompt, args.new, args.repeats, bandwidth, graph)
     del phi
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -284,6 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         hf.forward = torch.compile(hf.forward, mode="reduce-overhead")
         for b in args.batches:
             record(hf_case, hf, "transformers static+compile", b, args.prompt, args.new, args.repeats, True)
+    del hf
+    for b in args.batches if True in graph_modes else ():
+        record(zoo_case, "mixtral", mix, b, args.prompt, args.new, args.repeats, bandwidth, True)
     write_report(data, out)
     print((out / "generate.md").read_text())
 
