@@ -229,7 +229,8 @@ TARGETS = "batch-1 decode >= 70% of the bandwidth limit; batch-32 decode >= 50%;
 def write_report(data: dict, out: Path) -> None:
     rows = data["results"]
     lines = [f"# Decoder-LM generation ({data['env']['device']}, {data['env']['date']})", "",
-             f"torch {data['env']['torch']}, transformers {data['env']['transformers']}; {data['dtype']}, random weights; "
+             f"torch {data['env']['torch']}, transformers {data['env']['transformers']}; {data['dtype']}, "
+             "random weights; "
              f"copy bandwidth {data['bandwidth_gb_s']:.0f} GB/s. Command: `{data['env']['command']}`", "",
              f"Targets: {TARGETS}.", "",
              "| model | impl | batch | prompt | prefill tok/s | decode tok/s | step ms | bound ms | of limit |",

@@ -11,4 +11,5 @@ register_family("vmoe", VMoEConfig, VMoE)
 register_family("limoe", LIMoEConfig, LIMoE)
 register_family("decoder", DecoderConfig, DecoderLM)
 
-__all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig", "DecoderLM", "DecoderConfig"]
+__all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig",
+           "DecoderLM", "DecoderConfig"]
