@@ -155,7 +155,8 @@ def test_qwen1_layout_by_hand_mapping_from_qwen2(tmp_path):
         for p in ref.parameters():
             p.normal_(0, 0.15)
     sd = ref.state_dict()
-    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"],
+    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
+           "transformer.ln_f.weight": sd["model.norm.weight"],
            "lm_head.weight": sd["lm_head.weight"]}
     for i in range(COMMON["num_hidden_layers"]):
         hf, q = f"model.layers.{i}", f"transformer.h.{i}"

@@ -177,7 +177,7 @@ def test_decode_step_reuses_the_preallocated_cache():
             model(torch.randint(0, 61, (2, 1)), cache=cache)
     hook.remove()
     assert (cache.keys.data_ptr(), cache.values.data_ptr(), cache.key_valid.data_ptr()) == ptrs
-    assert seen_shapes == {(2, 1, 5, 12), (2, 1, 1, 12)} and cache.length == 9
+    assert seen_shapes == {(2, 1, 5, 12), (2, 1, 1, 12)} and cache.length == 9 and cache.next_slot.item() == 9
     assert cache.keys[:, :, :, 9:].abs().sum() == 0  # untouched slots
 
 

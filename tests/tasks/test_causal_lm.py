@@ -108,3 +108,15 @@ def test_moe_and_dense_recipes_have_equal_active_width():
     assert moe.moe.top_k * moe.moe_mlp_dim == dense.mlp_dim and dense.moe is None
     assert (moe.depth, moe.dim, moe.num_heads) == (dense.depth, dense.dim, dense.num_heads)
     assert moe_recipe["data"] == dense_recipe["data"] and moe_recipe["trainer"] == dense_recipe["trainer"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="Lightning's FSDP strategy needs GPUs (it refuses "
+                    "accelerator='cpu'); run on a machine with 2 GPUs")
+def test_causal_lm_trains_under_fsdp():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("_fsdp_lm.py"))], capture_output=True,
+                            text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDP OK steps=3" in result.stdout

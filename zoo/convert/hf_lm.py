@@ -114,7 +114,8 @@ def _refuse(hf: dict[str, Any], **unsupported: Any) -> None:
 def _llama(hf):
     _refuse(hf, pretraining_tp=1)
     bias = bool(hf.get("attention_bias", False))
-    return {**_common(hf), **_swiglu(hf), "qkv_bias": bias, "attn_out_bias": bias, "mlp_bias": bool(hf.get("mlp_bias", False))}
+    return {**_common(hf), **_swiglu(hf), "qkv_bias": bias, "attn_out_bias": bias,
+            "mlp_bias": bool(hf.get("mlp_bias", False))}
 
 
 def _qwen2(hf):
@@ -139,13 +140,15 @@ def _phi(hf):
 
 def _mixtral(hf):
     _refuse(hf, router_jitter_noise=0.0)
-    return {**_common(hf), **_swiglu(hf), "moe_placement": "all", "moe": _moe(hf, hf["num_local_experts"], renormalize=True)}
+    return {**_common(hf), **_swiglu(hf), "moe_placement": "all",
+            "moe": _moe(hf, hf["num_local_experts"], renormalize=True)}
 
 
 def _olmoe(hf):
     _refuse(hf, clip_qkv=None)
     bias = bool(hf.get("attention_bias", False))
-    return {**_common(hf), **_swiglu(hf), "qk_norm": True, "qkv_bias": bias, "attn_out_bias": bias, "moe_placement": "all",
+    return {**_common(hf), **_swiglu(hf), "qk_norm": True, "qkv_bias": bias, "attn_out_bias": bias,
+            "moe_placement": "all",
             "moe": _moe(hf, hf["num_experts"], renormalize=bool(hf.get("norm_topk_prob", False)),
                         z_loss_weight=float(hf.get("router_z_loss_coef", 0.0)))}
 

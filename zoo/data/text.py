@@ -99,7 +99,8 @@ class Flickr8kCaptionsLMDataModule(SplitDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         self.data_dir = data_dir
         self.context_length = check_positive_int("context_length", context_length, minimum=3)
-        self.num_train, self.num_test = check_positive_int("num_train", num_train), check_positive_int("num_test", num_test)
+        self.num_train = check_positive_int("num_train", num_train)
+        self.num_test = check_positive_int("num_test", num_test)
         self.num_val = check_positive_int("num_val", num_val, minimum=0)
         self.tokenizer = CaptionTokenizer(self.context_length)
         self.vocab: Optional[CompactVocab] = None

@@ -5,8 +5,9 @@ token per sequence goes to the same slot of every row. Slots are positions in th
 positions come from its own mask (its first real token is position 0), not from the slot.
 
 The cache holds ``keys`` / ``values`` ``[L, B, Hkv, T, hd]`` and ``key_valid [B, T]`` allocated once; a step
-writes its S new slots in place (``index_copy_``) and attention always reads all T slots with a mask, so every
-decode step has the same shapes and the same tensors (what a CUDA graph needs).
+writes its S new slots in place (``index_copy_`` at slots computed on the device) and attention always reads all T
+slots with a mask, so every decode step has the same shapes, the same tensors and no host-side slot number (what a
+CUDA graph of the step needs).
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.num_real = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens so far per sequence
-        self.batch_size, self.max_len, self.length = batch_size, max_len, 0  # length: slots used (host int)
+        # The next free slot lives on the device too, so a captured decode step (CUDA graph) reads and advances it
+        # on every replay; ``length`` is its host copy, for the overflow check (a graph runner advances it itself).
+        self.next_slot = torch.zeros(1, dtype=torch.long, device=device)
+        self._offsets = torch.arange(max_len, device=device)
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
 
     def start_step(self, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, S = mask.shape
@@ -63,11 +68,12 @@ class KVCache:
             raise ValueError(f"{S} new tokens do not fit in the KV cache: {self.length} of its {self.max_len} slots "
                              f"are used. Make the cache longer (generate(..., max_cache_len=...) >= prompt length + "
                              "max_new_tokens) or shorten the prompt")
-        slots = torch.arange(self.length, self.length + S, device=self.keys.device)
+        slots = self.next_slot + self._offsets[:S]
         mask = mask.to(torch.bool)
         positions = positions_from_mask(mask, self.num_real)
-        self.key_valid[:, self.length:self.length + S] = mask
+        self.key_valid.index_copy_(1, slots, mask)
         self.num_real += mask.sum(-1)
+        self.next_slot += S
         self.length += S
         return slots, positions, causal_attention_mask(self.key_valid, slots)
 

@@ -14,4 +14,5 @@ register_family("limoe", LIMoEConfig, LIMoE, checkpoint_filter=limoe.checkpoint_
                 input_size=limoe.input_size)
 register_family("decoder", DecoderConfig, DecoderLM)
 
-__all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig", "DecoderLM", "DecoderConfig"]
+__all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig",
+           "DecoderLM", "DecoderConfig"]

@@ -47,7 +47,8 @@ def _blocks(model: nn.Module) -> tuple[Sequence[nn.Module], bool]:
     if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and all(hasattr(b, "mlp") for b in blocks):
         return blocks, False
     # A transformers causal LM: exactly one list of layers that all have an .mlp (model.model.layers).
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(b, "mlp") for b in m)]
+    lists = [m for m in model.modules()
+             if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(b, "mlp") for b in m)]
     if len(lists) == 1 and hasattr(model, "generate"):
         return lists[0], True
     raise TypeError(f"cannot find transformer blocks with an .mlp in {type(model).__name__}; upcycle supports "

@@ -1,0 +1,337 @@
+#!/usr/bin/env python
+"""Decoder-LM generation benchmark (issue 18 item 6), one GPU run, bf16, random weights.
+
+    python benchmarks/generate.py --out benchmarks/results            # writes generate.{json,md,png}
+
+Shapes: Phi-2x4 (MoE-LLaVA-Phi2: Phi-2 with 4 experts, top-2, MoE every other block from 0) and Mixtral-8x7B cut
+to ``--mixtral-depth`` (4) blocks. Per shape and batch size (1 and 32):
+  * prefill tokens/s: one forward of B x ``--prompt`` tokens into an empty KV cache;
+  * decode tokens/s: ``--new`` single-token steps after that prefill (B tokens per step);
+  * decode as a fraction of the bandwidth limit: bytes a step must read (every dense weight, the experts the step's
+    tokens chose in each MoE layer, and the KV cache filled so far) / the device's copy bandwidth (measured in the
+    same run: read + write of a 2 GiB buffer), against the measured step time.
+Mixtral is also run in transformers' MixtralForCausalLM on the same weights (converted from its state dict with
+zoo.convert.hf_lm): its eager path (DynamicCache) and, where it works, static cache + torch.compile.
+Zoo decode steps run eagerly and, separately, as replays of one CUDA graph of the step (the KV cache is
+preallocated and its next slot lives on the device, so a captured step stays valid; a failed capture is recorded
+as an error row, the eager rows stand). Timings: CUDA-synchronised wall clock, median of ``--repeats`` runs after a
+warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+import zoo  # noqa: E402
+from zoo.moe import moe_layers  # noqa: E402
+
+
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def sync_time(fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of a device-to-device copy (each byte read once and written once: 2 x size moved)."""
+    n = int(gib * 2**30)
+    src, dst = torch.empty(n, dtype=torch.uint8, device=DEVICE), torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    dst.copy_(src)
+    times = [sync_time(lambda: dst.copy_(src)) for _ in range(10)]
+    del src, dst
+    return 2 * n / statistics.median(times)
+
+
+def phi2x4_config(depth: int | None):
+    cfg = zoo.model_config("phi2")
+    moe = zoo.MoEConfig(num_experts=4, top_k=2, renormalize=True, dropless=True, noise_std=0.0, batch_priority=False,
+                        group_size=1, activation="gelu_tanh", expert_bias=True, importance_loss_weight=0.0,
+                        load_loss_weight=0.0, switch_loss_weight=0.01)
+    return replace(cfg, depth=depth or cfg.depth, moe=moe, moe_placement="sparse")
+
+
+def mixtral_config(depth: int):
+    return replace(zoo.model_config("mixtral_8x7b"), depth=depth)
+
+
+def shrink(cfg):
+    """``--smoke``: the same layout at toy width (a CPU check that the script runs end to end)."""
+    return replace(cfg, vocab_size=256, dim=64, num_heads=4, num_kv_heads=2 if cfg.num_kv_heads else None,
+                   mlp_dim=128, depth=min(cfg.depth, 2), max_seq_len=512)
+
+
+def weight_bytes(model) -> tuple[int, list[tuple[int, int]]]:
+    """(bytes of every non-expert parameter, [(bytes of one expert, E) per MoE layer])."""
+    expert_params = {id(p) for layer in moe_layers(model) for p in layer.experts.parameters()}
+    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
+    per_layer = []
+    for layer in moe_layers(model):
+        total = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
+        per_layer.append((total // layer.config.num_experts, layer.config.num_experts))
+    return dense, per_layer
+
+
+def kv_bytes(cfg, batch: int, length: int, element_size: int = 2) -> int:
+    return 2 * cfg.depth * batch * cfg.kv_heads * length * cfg.head_width * element_size
+
+
+class GraphedDecodeStep:
+    """One decode step (``model(token [B, 1], cache=cache)``) captured as a CUDA graph on ``cache``: a replay
+    reads the token from a static buffer, writes the next KV slot and advances the cache's device-side slot."""
+
+    def __init__(self, model, cache, batch: int) -> None:
+        self.cache = cache
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.token, cache=cache).logits
+        cache.length -= 1  # capturing ran the host bookkeeping once without running the step
+
+    def __call__(self, token):
+        if self.cache.length + 1 > self.cache.max_len:
+            raise ValueError("KV cache full")
+        self.token.copy_(token)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
+
+
+@torch.no_grad()
+def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False) -> dict:
+    """One prefill + ``new`` decode steps (the first eager, the rest replays of a CUDA graph with ``graph``);
+    returns times and the experts each step used per MoE layer."""
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=DEVICE)
+    cache = model.new_cache(batch, prompt + new)
+    layers = moe_layers(model)
+    out = {}
+    out["prefill_s"] = sync_time(lambda: model(ids, cache=cache))
+    token = torch.randint(0, cfg.vocab_size, (batch, 1), device=DEVICE)
+    chosen = []  # per step: [distinct experts used per MoE layer] (device tensors, read after timing)
+
+    def used():
+        return [(layer.aux.stats.tokens_per_expert > 0).sum() for layer in layers]
+
+    steps = new
+    if graph:  # one eager step (warms up the kernels), then capture
+        token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+        chosen.append(used())
+        step, steps = GraphedDecodeStep(model, cache, batch), new - 1
+    else:
+        def step(t):
+            return model(t, cache=cache).logits
+
+    def decode():
+        nonlocal token
+        for _ in range(steps):
+            token = step(token)[:, -1:].argmax(-1)
+            chosen.append(used())
+
+    out["decode_s"] = sync_time(decode) * new / steps
+    out["experts_per_step"] = [[int(c) for c in step] for step in chosen]
+    return out
+
+
+def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, bandwidth: float,
+             graph: bool = False) -> dict:
+    run_zoo(model, batch, min(prompt, 32), 4, graph)  # warm-up (kernels, allocator)
+    runs = [run_zoo(model, batch, prompt, new, graph) for _ in range(repeats)]
+    prefill = statistics.median(r["prefill_s"] for r in runs)
+    decode = statistics.median(r["decode_s"] for r in runs)
+    dense, experts = weight_bytes(model)
+    steps = runs[0]["experts_per_step"]
+    # bytes a step must read: dense weights + chosen experts + the KV cache filled so far (mean over the steps)
+    step_bytes = [dense + sum(n * eb for n, (eb, _) in zip(step, experts)) + kv_bytes(model.config, batch, prompt + i)
+                  for i, step in enumerate(steps)]
+    bound_s = sum(step_bytes) / bandwidth
+    return dict(impl="zoo + CUDA graph" if graph else "zoo", model=name, batch=batch, prompt=prompt, new=new,
+                prefill_tok_s=batch * prompt / prefill, decode_tok_s=batch * new / decode,
+                decode_step_ms=1e3 * decode / new, bound_step_ms=1e3 * bound_s / new,
+                bandwidth_fraction=bound_s / decode,
+                mean_step_gb=statistics.mean(step_bytes) / 1e9,
+                experts_per_step=statistics.mean(sum(s) for s in steps))
+
+
+def hf_mixtral(zoo_model):
+    """transformers MixtralForCausalLM with the zoo model's weights (mapping checked by tests/convert)."""
+    import transformers
+
+    cfg = zoo_model.config
+    hf_cfg = transformers.MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, num_local_experts=cfg.moe.num_experts,
+        num_experts_per_tok=cfg.moe.top_k, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_base,
+        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False)
+    with torch.device(DEVICE):
+        hf = transformers.MixtralForCausalLM(hf_cfg).to(zoo_model.embed.weight.dtype).eval()
+    from zoo.convert.hf_lm import convert_state_dict
+
+    zoo_model.load_state_dict(convert_state_dict(hf_cfg.to_dict(), hf.state_dict(), cfg))
+    return hf
+
+
+@torch.no_grad()
+def hf_case(hf, label: str, batch: int, prompt: int, new: int, repeats: int, static: bool) -> dict:
+    vocab = hf.config.vocab_size
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if static:
+        kw["cache_implementation"] = "static"
+
+    def gen(n):
+        ids = torch.randint(0, vocab, (batch, prompt), device=DEVICE)
+        return sync_time(lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw))
+
+    gen(2), gen(new)  # warm-up (and compilation for the static path)
+    prefill = statistics.median(gen(1) for _ in range(repeats))
+    total = statistics.median(gen(new + 1) for _ in range(repeats))
+    decode = max(total - prefill, 1e-9)
+    return dict(impl=label, model="mixtral", batch=batch, prompt=prompt, new=new,
+                prefill_tok_s=batch * prompt / prefill, decode_tok_s=batch * new / decode,
+                decode_step_ms=1e3 * decode / new)
+
+
+def env_info() -> dict:
+    import transformers
+
+    name = torch.cuda.get_device_properties(0).name if DEVICE == "cuda" else platform.processor() or "cpu"
+    return dict(device=name, torch=torch.__version__, transformers=transformers.__version__,
+                python=platform.python_version(), command="python " + " ".join(sys.argv),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+TARGETS = "batch-1 decode >= 70% of the bandwidth limit; batch-32 decode >= 50%; prefill >= 1.3x transformers' best"
+
+
+def write_report(data: dict, out: Path) -> None:
+    rows = data["results"]
+    lines = [f"# Decoder-LM generation ({data['env']['device']}, {data['env']['date']})", "",
+             f"torch {data['env']['torch']}, transformers {data['env']['transformers']}; {data['dtype']}, "
+             "random weights; "
+             f"copy bandwidth {data['bandwidth_gb_s']:.0f} GB/s. Command: `{data['env']['command']}`", "",
+             f"Targets: {TARGETS}.", "",
+             "| model | impl | batch | prompt | prefill tok/s | decode tok/s | step ms | bound ms | of limit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        frac = f"{100 * r['bandwidth_fraction']:.1f}%" if "bandwidth_fraction" in r else ""
+        bound = f"{r['bound_step_ms']:.2f}" if "bound_step_ms" in r else ""
+        lines.append(f"| {r['model']} | {r['impl']} | {r['batch']} | {r['prompt']} | {r['prefill_tok_s']:.0f} | "
+                     f"{r['decode_tok_s']:.1f} | {r['decode_step_ms']:.2f} | {bound} | {frac} |")
+    for err in data.get("errors", []):
+        lines.append(f"\n- failed: {err}")
+    (out / "generate.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4))
+        labels = [f"{r['model']}\n{r['impl']} bs{r['batch']}" for r in rows]
+        ax.bar(range(len(rows)), [r["decode_tok_s"] for r in rows])
+        ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=45, ha="right")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(out / "generate.png", dpi=120)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--phi-depth", type=int, default=None, help="Phi-2x4 blocks (default: Phi-2's 32)")
+    ap.add_argument("--mixtral-depth", type=int, default=4)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-static", action="store_true", help="skip transformers' static cache + torch.compile")
+    ap.add_argument("--no-cuda-graph", action="store_true", help="time only eager zoo decode steps")
+    ap.add_argument("--smoke", action="store_true", help="toy widths on the CPU in fp32: checks the script runs")
+    args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/generate.py needs a CUDA GPU (--smoke runs toy shapes on the CPU)")
+    fit = shrink if args.smoke else (lambda c: c)
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"env": env_info(), "bandwidth_gb_s": copy_bandwidth(0.0625 if args.smoke else 2.0) / 1e9, "results": [],
+            "errors": [], "dtype": str(dtype).replace("torch.", ""),
+            "args": vars(args)}
+    bandwidth = data["bandwidth_gb_s"] * 1e9
+
+    def record(fn, *a, **kw):
+        try:
+            row = fn(*a, **kw)
+            data["results"].append(row)
+            print(json.dumps(row), flush=True)
+        except Exception as err:  # one failed case must not lose the others
+            traceback.print_exc()
+            data["errors"].append(f"{fn.__name__}{a[1:4]}: {type(err).__name__}: {err}")
+        (out / "generate.json").write_text(json.dumps(data, indent=1))
+
+    with torch.device(DEVICE):
+        phi = zoo.models.DecoderLM(fit(phi2x4_config(args.phi_depth))).to(dtype).eval()
+    # CUDA-graph rows last per model: a failed capture can leave the CUDA context unusable for what follows.
+    graph_modes = (False, True) if DEVICE == "cuda" and not args.no_cuda_graph else (False,)
+    for graph in graph_modes:
+        for b in args.batches:
+            record(zoo_case, "phi2x4", phi, b, args.prompt, args.new, args.repeats, bandwidth, graph)
+    del phi
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    with torch.device(DEVICE):
+        mix = zoo.models.DecoderLM(fit(mixtral_config(args.mixtral_depth))).to(dtype).eval()
+    hf = None
+    if not args.skip_hf:
+        try:
+            hf = hf_mixtral(mix)
+        except Exception as err:
+            traceback.print_exc()
+            data["errors"].append(f"transformers Mixtral: {type(err).__name__}: {err}")
+    for b in args.batches:
+        record(zoo_case, "mixtral", mix, b, args.prompt, args.new, args.repeats, bandwidth)
+        if hf is not None:
+            record(hf_case, hf, "transformers eager", b, args.prompt, args.new, args.repeats, False)
+    if hf is not None and not args.skip_static and DEVICE == "cuda":
+        hf.forward = torch.compile(hf.forward, mode="reduce-overhead")
+        for b in args.batches:
+            record(hf_case, hf, "transformers static+compile", b, args.prompt, args.new, args.repeats, True)
+    del hf
+    for b in args.batches if True in graph_modes else ():
+        record(zoo_case, "mixtral", mix, b, args.prompt, args.new, args.repeats, bandwidth, True)
+    write_report(data, out)
+    print((out / "generate.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""benchmarks/generate.py runs end to end (toy widths on the CPU: --smoke) and writes its JSON / Markdown."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_generate_benchmark_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("generate_bench", REPO / "benchmarks" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--smoke", "--out", str(tmp_path), "--prompt", "8", "--new", "3", "--repeats", "1",
+                 "--batches", "1", "2"])
+    data = json.loads((tmp_path / "generate.json").read_text())
+    assert not data["errors"]
+    rows = {(r["model"], r["impl"], r["batch"]) for r in data["results"]}
+    assert rows == {("phi2x4", "zoo", 1), ("phi2x4", "zoo", 2), ("mixtral", "zoo", 1), ("mixtral", "zoo", 2),
+                    ("mixtral", "transformers eager", 1), ("mixtral", "transformers eager", 2)}
+    zoo_rows = [r for r in data["results"] if r["impl"] == "zoo"]
+    assert all(0 < r["bandwidth_fraction"] and r["experts_per_step"] > 0 for r in zoo_rows)
+    assert "| phi2x4 | zoo | 1 |" in (tmp_path / "generate.md").read_text()
