@@ -4,7 +4,6 @@ logits and 20 greedy tokens must equal transformers'. transformers is a test-onl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -14,11 +13,9 @@ import torch
 import zoo
 from zoo.convert.__main__ import main as convert_main
 from zoo.convert.hf_lm import HFCheckpointError, load_hf_lm
-from zoo.moe import MoEConfig
 
 transformers = pytest.importorskip("transformers")
 
-HAS_SHARED_EXPERTS = "num_shared_experts" in {f.name for f in dataclasses.fields(MoEConfig)}
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, eos_token_id=None, bos_token_id=None,
               pad_token_id=None)
@@ -59,8 +56,7 @@ def hf_model(model_type: str, seed: int = 0):
 
 
 MODEL_TYPES = ["llama", "qwen2", "stablelm", "phi", "mixtral", "olmoe",
-               pytest.param("qwen2_moe", marks=pytest.mark.skipif(
-                   not HAS_SHARED_EXPERTS, reason="needs MoEConfig.num_shared_experts from the moe branch"))]
+               "qwen2_moe"]
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -143,13 +143,6 @@ class DecoderConfig:
         return decoder_moe_layers(self.depth, self.moe_placement, self.moe_every, self.moe_last, self.moe_layers)
 
 
-def causal_moe_layer(dim: int, hidden_dim: int, config: MoEConfig) -> MoELayer:
-    """The decoder's MoE layer. HELPERS.md interface 1: once the moe branch lands this is
-    ``MoELayer(dim, hidden_dim, config, causal=True)`` (every sequence its own routing group, capacity filled in
-    position order). Until then only dropless top-k routing is causal (each token picks its experts alone)."""
-    return MoELayer(dim, hidden_dim, config)
-
-
 class DecoderBlock(nn.Module):
     """One pre-norm block. ``forward(x [B, S, D], mask [B, S], cos, sin, attn_mask [B, 1, S, T], cache, slots)``."""
 
@@ -161,7 +154,7 @@ class DecoderBlock(nn.Module):
                                      qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
         self.mlp_norm = None if cfg.parallel_residual else make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
         if moe:
-            self.mlp: nn.Module = causal_moe_layer(cfg.dim, cfg.moe_mlp_dim or cfg.mlp_dim, cfg.moe)
+            self.mlp: nn.Module = MoELayer(cfg.dim, cfg.moe_mlp_dim or cfg.mlp_dim, cfg.moe, causal=True)
         else:
             self.mlp = Mlp(cfg.dim, cfg.mlp_dim, cfg.activation, cfg.mlp_bias)
 

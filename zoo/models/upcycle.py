@@ -127,7 +127,7 @@ def upcycle(model: nn.Module, num_experts: int = 8, top_k: int = 2,
     ``create_model("local-dir:...")`` rebuild it. A transformers model's MoE layers see no attention mask (its
     blocks call ``mlp(x)``), so padding tokens are routed too.
     """
-    from zoo.models.decoder import DecoderLM, causal_moe_layer, decoder_moe_layers
+    from zoo.models.decoder import DecoderLM, decoder_moe_layers
 
     valid = {f.name for f in fields(MoEConfig)} - {"num_experts", "top_k", "activation", "expert_bias"}
     unknown = set(moe_kwargs) - valid
@@ -156,7 +156,7 @@ def upcycle(model: nn.Module, num_experts: int = 8, top_k: int = 2,
         dim, hidden = w2.shape[0], w2.shape[1]
         cfg = MoEConfig(num_experts=num_experts, top_k=top_k, activation=activation, expert_bias=b1 is not None,
                         **routing)
-        layer = causal_moe_layer(dim, hidden, cfg) if causal_lm else MoELayer(dim, hidden, cfg)
+        layer = MoELayer(dim, hidden, cfg, causal=causal_lm)
         layer = layer.to(device=w1.device, dtype=w1.dtype)
         layer.experts.load_dense(w1, b1, w2, b2)
         if noise:

@@ -261,7 +261,7 @@ def _load_task_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     if args.model is not None or args.pretrained is not None:
-        from zoo.hub import build_datamodule as build_recorded_datamodule
+        from zoo.tasks.publish import build_datamodule as build_recorded_datamodule
         from zoo.tasks.classification import ImageClassificationTask
 
         if args.model is None or args.pretrained is None:
