@@ -442,7 +442,8 @@ class ImageFolderDataModule(ImageClassificationDataModule):
 
     def _no_images_error(self, folder: Path, err: Exception) -> FileNotFoundError:
         empty = re.search(r"no valid file for the classes (.+?)\. Supported", str(err))
-        if empty:
+        empty_classes = set(empty.group(1).split(", ")) if empty else set()
+        if empty and empty_classes != set(self.class_names):  # some classes have images, these have none
             return FileNotFoundError(
                 f"class folder(s) {empty.group(1)} of ImageFolder tree {folder} hold no images; every class "
                 f"sub-folder needs image files (.jpg .jpeg .png .bmp .webp ...): add images or remove the folder")
