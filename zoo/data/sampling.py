@@ -15,15 +15,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 def derive_seed(*keys: int) -> int:
-    """A 63-bit seed mixing integer ``keys`` (e.g. ``(seed, epoch, position)``): nearby keys give unrelated seeds."""
-    words = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
+    """A 63-bit seed mixing integer ``keys`` (e.g. ``(seed, epoch, position)``) with SplitMix64, so nearby keys
+    give unrelated seeds. Pure integer arithmetic (~1 us): the sampler calls it once per training sample."""
+    h = 0
+    for key in keys:
+        h = _splitmix64(h ^ (int(key) & _MASK64))
+    return h >> 1
 
 
 class SeededIndex(int):

@@ -4,15 +4,22 @@
     python train.py --config configs/train/vmoe_mnist.yaml --trainer.max_epochs=5 --data.batch_size=256
     python train.py --config configs/train/limoe_mnist.yaml   # contrastive LIMoE: any LightningModule works
     python train.py --ckpt_path last                   # resume the run from runs/<run_name>/checkpoints/last.ckpt
+    python train.py --overwrite true                   # start the run again, deleting its old checkpoints/metrics
 
 ``model`` and ``data`` take any LightningModule / LightningDataModule by ``class_path`` (LightningCLI subclass
 mode); a ``model:`` section without ``class_path`` means :class:`~zoo.tasks.ImageClassificationTask` (the V-MoE
 recipes use that short form). ``--model.<arg>`` / ``--data.<arg>`` override the chosen class's arguments.
 
 A run writes ``<root>/runs/<run_name>/`` (root = ``--trainer.default_root_dir``, else the working directory):
-``checkpoints/last.ckpt`` (atomic writes; none with ``trainer.enable_checkpointing: false``), ``metrics.csv`` +
+``checkpoints/last.ckpt`` (atomic writes every ``checkpoint.every_n_train_steps`` steps and after the last batch;
+none with ``trainer.enable_checkpointing: false``), ``metrics.csv`` +
 ``hparams.yaml`` (CSVLogger), ``config.yaml`` (the full resolved config), ``test_metrics.json`` and ``plots/``.
 The last stdout line is one JSON object with the test metrics.
+
+Resuming (``--ckpt_path``) is exact: a run killed at any step and resumed ends with the uninterrupted run's weights
+(bit for bit on CPU; :mod:`zoo.tasks.resume`), and ``metrics.csv`` loses the rows logged after the checkpoint. A new
+run into a folder that holds one is refused unless ``--overwrite true``. A corrupt checkpoint, a non-finite loss
+(:mod:`zoo.tasks.guards`) and bad argument values are one-line errors.
 
 Task hooks used when the task has them (:class:`zoo.tasks.base.ZooTask` has all): ``adapt_to_datamodule`` (right
 after instantiation: the model takes its geometry from the data), ``write_test_plots`` (plots of the test pass),
@@ -43,6 +50,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from zoo.config import ConfigError
+from zoo.data.base import SplitDataModule
 from zoo.registry import configs_dir
 from zoo.tasks.checkpoints import CheckpointError, load_training_checkpoint
 from zoo.tasks.guards import NonFiniteLossError, NonFiniteLossGuard
@@ -446,6 +454,8 @@ def _main(args: Optional[list[str]]) -> dict[str, Any]:
     start = time.time()
     cli = build_cli(args)
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    if isinstance(dm, SplitDataModule):  # its state_dict records the position in the epoch (exact resume)
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
     ckpt_path = resume_checkpoint(cli)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
 
