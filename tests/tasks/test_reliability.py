@@ -4,6 +4,7 @@ give one clear error (tests/data/test_bad_data.py has item 6)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -13,8 +14,6 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from zoo.tasks.cli import AtomicModelCheckpoint, main
 from zoo.tasks.evaluate import main as evaluate
 from zoo.tasks.guards import NonFiniteLossError, NonFiniteLossGuard
-
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = str(REPO / "configs" / "train" / "vmoe_digits.yaml")

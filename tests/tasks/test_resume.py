@@ -14,8 +14,7 @@ import pytest
 import torch
 import yaml
 
-from zoo.config import ConfigError
-from zoo.tasks.cli import build_cli, checkpoint_callback, main
+from zoo.tasks.cli import DEFAULT_CHECKPOINT_EVERY_N_STEPS, build_cli, checkpoint_callback, main
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = str(REPO / "configs" / "train" / "vmoe_digits.yaml")
@@ -40,7 +39,9 @@ def _restore_threads():
 def test_every_recipe_checkpoints_during_training(config):
     recipe = yaml.safe_load(config.read_text())
     assert recipe.get("trainer", {}).get("enable_checkpointing", True) is not False
-    every = recipe["checkpoint"]["every_n_train_steps"]
+    checkpoint = recipe.get("checkpoint") or {}
+    assert checkpoint.get("every_n_epochs") is None and checkpoint.get("train_time_interval") is None
+    every = checkpoint.get("every_n_train_steps", DEFAULT_CHECKPOINT_EVERY_N_STEPS)  # none set: the callback's
     assert isinstance(every, int) and 1 <= every <= 200
 
 
@@ -48,6 +49,10 @@ def test_the_checkpoint_interval_reaches_the_callback(tmp_path):
     cb = checkpoint_callback(build_cli(["--config", DIGITS, f"--trainer.default_root_dir={tmp_path}"]).trainer)
     assert cb._every_n_train_steps == yaml.safe_load(open(DIGITS))["checkpoint"]["every_n_train_steps"]
     # a recipe without an interval still checkpoints during training (the callback's default)
+    bare = tmp_path / "bare.yaml"  # the digits recipe without its checkpoint section
+    bare.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(open(DIGITS)).items() if k != "checkpoint"}))
+    cb = checkpoint_callback(build_cli(["--config", str(bare), f"--trainer.default_root_dir={tmp_path}"]).trainer)
+    assert cb._every_n_train_steps == DEFAULT_CHECKPOINT_EVERY_N_STEPS
     cb = checkpoint_callback(build_cli(["--config", DIGITS, f"--trainer.default_root_dir={tmp_path}",
                                         "--checkpoint.every_n_train_steps=null"]).trainer)
     assert cb._every_n_train_steps == 0 or cb._every_n_train_steps is None  # explicit null: the user's choice
