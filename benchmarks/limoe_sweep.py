@@ -175,8 +175,9 @@ def main() -> None:
     while pending or running:
         while pending and len(running) < args.jobs:
             name, extra = pending.pop(0)
+            # --overwrite: a sweep re-runs its variants from scratch (train.py refuses to overwrite a run otherwise)
             cmd = [sys.executable, str(HERE / "limoe_run.py"), "--config", args.config, "--run_name", name,
-                   "--out", str(out / f"{name}.json"), *common, *extra]
+                   "--out", str(out / f"{name}.json"), "--overwrite", "true", *common, *extra]
             log = open(out / f"{name}.log", "w")
             running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time(), log))
             status[name] = {"command": " ".join(cmd[1:])}

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.data.sampling import ResumableShuffleSampler, SeededSampleDataset
+
 # The test split is seed-independent wherever we have to carve it ourselves (digits, single-tree ImageFolder),
 # so that test numbers stay comparable across training seeds; only the val hold-out follows `seed`.
 TEST_SPLIT_SEED = 0
@@ -205,8 +207,12 @@ class SplitDataModule(L.LightningDataModule):
     Args:
         batch_size: samples per batch (all loaders).
         num_workers: DataLoader worker processes; 0 loads in the main process (the tensors are in memory).
-        seed: seeds the val hold-out and the train shuffle order.
+        seed: seeds the val hold-out, the train shuffle order and the train augmentation.
         pin_memory: DataLoader ``pin_memory`` (useful when training on a GPU).
+
+    The train order and augmentation are functions of ``(seed, epoch, position)`` (:mod:`zoo.data.sampling`);
+    :meth:`state_dict` records where the running epoch stands, so a run resumed from a checkpoint continues with
+    exactly the batches the uninterrupted run would have seen next.
     """
 
     # Drop the last, smaller train batch (when the train split has more than one batch). Off by default; the
@@ -222,7 +228,8 @@ class SplitDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-        self._shuffle_generator: torch.Generator | None = None
+        self._train_sampler: ResumableShuffleSampler | None = None
+        self._resume_order: dict[str, Any] | None = None  # from a checkpoint, applied once the sampler exists
 
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         """Load the data and return the ``(train, val, test)`` datasets."""
@@ -232,8 +239,8 @@ class SplitDataModule(L.LightningDataModule):
         """Build all three splits once (cheap for these datasets, and keeps the split independent of stage)."""
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_splits()
-            # One generator for the module's lifetime: each epoch gets a new but reproducible order.
-            self._shuffle_generator = torch.Generator().manual_seed(self.seed)
+            self._train_sampler = ResumableShuffleSampler(len(self.train_set), self.seed)  # type: ignore[arg-type]
+            self._apply_resume_order()
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -245,14 +252,40 @@ class SplitDataModule(L.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must be called before using the dataloaders")
 
+    # ------------------------------------------------------------------------------- resumable order
+    def state_dict(self) -> dict[str, Any]:
+        """Where the train order stands (saved in checkpoints by Lightning): the epoch being iterated, how many
+        of its batches were trained, and whether that finished the epoch."""
+        sampler, trainer = self._train_sampler, self.trainer
+        if sampler is None or sampler.epoch < 0 or trainer is None:
+            return {}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return {"train_order": {"epoch": sampler.epoch, "batches_done": done, "batch_size": self.batch_size,
+                                "epoch_finished": done >= trainer.num_training_batches, "seed": self.seed}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        order = state_dict.get("train_order")
+        if order:
+            self._resume_order = dict(order)
+            self._apply_resume_order()
+
+    def _apply_resume_order(self) -> None:
+        order, sampler = self._resume_order, self._train_sampler
+        if order is None or sampler is None:
+            return
+        if order["epoch_finished"]:
+            sampler.resume_at(order["epoch"] + 1, 0)
+        else:
+            sampler.resume_at(order["epoch"], min(sampler.size, order["batches_done"] * order["batch_size"]))
+        self._resume_order = None
+
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         self._require_setup()
         assert dataset is not None
         return DataLoader(
-            dataset,
+            SeededSampleDataset(dataset) if shuffle else dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=self._shuffle_generator if shuffle else None,
+            sampler=self._train_sampler if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -18,6 +18,7 @@ ImageFolder        root/train    root/val    root/test (else carved from one tre
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -306,6 +307,25 @@ class CIFAR10SpriteDataModule(ImageClassificationDataModule):
                                     self.seed, augment)
 
 
+class UnreadableImageError(ValueError):
+    """An image file of the dataset cannot be decoded (truncated, corrupt, not an image)."""
+
+
+def readable_samples(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(readable, unreadable paths)``: each ``(path, label)`` of ``samples`` decoded once with PIL."""
+    from PIL import Image
+
+    good, bad = [], []
+    for path, label in samples:
+        try:
+            with Image.open(path) as img:
+                img.load()
+            good.append((path, label))
+        except (OSError, ValueError, SyntaxError):
+            bad.append(path)
+    return good, bad
+
+
 class _TransformedSubset(Dataset):
     """Rows ``indices`` of an ImageFolder that returns PIL images, each passed through ``transform``."""
 
@@ -318,7 +338,14 @@ class _TransformedSubset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = self.base[self.indices[i]]
+        row = self.indices[i]
+        try:
+            image, label = self.base[row]
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated / corrupt / not an image
+            path = self.base.samples[row][0] if hasattr(self.base, "samples") else f"row {row}"
+            raise UnreadableImageError(
+                f"cannot read image {path}: {type(err).__name__}: {err}. Remove or replace the file, or pass "
+                "skip_unreadable=True (--data.skip_unreadable true) to skip unreadable images at setup") from err
         return self.transform(image), torch.tensor(label, dtype=torch.int64)
 
     @property
@@ -344,6 +371,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     ``std`` (default: ImageNet statistics; grayscale uses their channel average 0.449 / 0.226).
     ``augment`` adds a random crop (padding image_size // 8) + horizontal flip to train images.
 
+    Checked at setup: at least 2 classes, no class folder without images. An image that cannot be decoded
+    (truncated JPEG, ...) fails with an error naming the file; ``skip_unreadable=True`` instead decodes every image
+    once at setup and leaves the unreadable ones out (their paths: ``skipped_images``, counted in a warning).
+
     ``class_names``/``num_classes`` scan the class folders on first access, so ``root`` must exist by then.
     """
 
@@ -366,9 +397,12 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         pin_memory: bool = False,
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         self.root = Path(root).expanduser()
+        self.skip_unreadable = bool(skip_unreadable)
+        self.skipped_images: list[str] = []  # unreadable files left out at setup (skip_unreadable=True)
         self.image_size = check_positive_int("image_size", image_size)
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans!r}")
@@ -426,6 +460,12 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         return len(self.class_names)
 
     def _no_images_error(self, folder: Path, err: Exception) -> FileNotFoundError:
+        empty = re.search(r"no valid file for the classes (.+?)\. Supported", str(err))
+        empty_classes = set(empty.group(1).split(", ")) if empty else set()
+        if empty and empty_classes != set(self.class_names):  # some classes have images, these have none
+            return FileNotFoundError(
+                f"class folder(s) {empty.group(1)} of ImageFolder tree {folder} hold no images; every class "
+                f"sub-folder needs image files (.jpg .jpeg .png .bmp .webp ...): add images or remove the folder")
         return FileNotFoundError(
             f"No images found under ImageFolder tree {folder}: expected one sub-folder per class holding image "
             f"files, e.g. {folder}/<class>/0001.png (.jpg .jpeg .png .bmp .webp ...). torchvision said: {err}"
@@ -443,6 +483,19 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                 f"Class folders of {folder} ({dataset.classes}) differ from those of the training split "
                 f"({self.class_names}); every split folder needs the same class sub-folders."
             )
+        if len(dataset.classes) < 2:
+            raise ValueError(f"ImageFolder tree {folder} has {len(dataset.classes)} class folder(s) "
+                             f"({dataset.classes}); classification needs at least 2: one sub-folder per class")
+        if self.skip_unreadable:
+            good, bad = readable_samples(dataset.samples)
+            if bad:
+                import warnings
+
+                warnings.warn(f"{folder}: skipped {len(bad)} unreadable image(s) of {len(dataset.samples)}, "
+                              f"e.g. {bad[0]}", stacklevel=2)
+                self.skipped_images += bad
+                dataset.samples = dataset.imgs = good
+                dataset.targets = [label for _, label in good]
         return dataset
 
     # -- transforms ---------------------------------------------------------------------------------------------

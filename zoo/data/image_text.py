@@ -37,7 +37,6 @@ import csv
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,109 +48,22 @@ from zoo.data.base import InMemoryImageDataset, SplitDataModule, check_positive_
 from zoo.data.paths import find_dataset_dir, incomplete_dataset_error
 
 PathLike = str | os.PathLike[str]
-
-# ---------------------------------------------------------------------------------------------- templates
-DIGIT_WORDS: list[str] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-# Templates are lists of strings with one "{}" for the class name. Train and held-out sets are disjoint.
-MNIST_TRAIN_TEMPLATES: list[str] = [
-    "a photo of the number {}.",
-    "a handwritten {}.",
-    "the digit {}.",
-    "an image of a {}.",
-    "a drawing of the number {}.",
-    "a black and white photo of a {}.",
-    "a scan of a handwritten {}.",
-    "{}.",
-]
-MNIST_HELDOUT_TEMPLATES: list[str] = [
-    "a picture of the digit {}.",
-    "a close-up photo of a {}.",
-    "this is a {}.",
-    "a blurry image of the number {}.",
-    "someone wrote the digit {}.",
-    "a low resolution photo of the number {}.",
-]
-# From CLIP's ImageNet / CIFAR prompt list, split in two.
-CIFAR10_TRAIN_TEMPLATES: list[str] = [
-    "a photo of a {}.",
-    "a blurry photo of a {}.",
-    "a photo of the {}.",
-    "a low resolution photo of the {}.",
-    "a close-up photo of a {}.",
-    "a bright photo of a {}.",
-    "a photo of a big {}.",
-    "a pixelated photo of the {}.",
-]
-CIFAR10_HELDOUT_TEMPLATES: list[str] = [
-    "a black and white photo of the {}.",
-    "a photo of the small {}.",
-    "a good photo of the {}.",
-    "a cropped photo of a {}.",
-    "a jpeg corrupted photo of a {}.",
-    "a photo of my {}.",
-]
-
-# CLIP's image normalisation (used for photos: Flickr8k, user CSVs).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def check_templates(train: Sequence[str], heldout: Sequence[str]) -> None:
-    """Raise a ValueError unless both lists are non-empty, every template has exactly one ``{}``, and no
-    held-out template appears among the training templates (compared case- and space-insensitively)."""
-    for name, group in (("train_templates", train), ("zero_shot_templates", heldout)):
-        if not group:
-            raise ValueError(f"{name} must not be empty")
-        bad = [t for t in group if not isinstance(t, str) or t.count("{}") != 1]
-        if bad:
-            raise ValueError(f"every template needs exactly one '{{}}' for the class name; bad in {name}: {bad}")
-    norm = {" ".join(t.lower().split()) for t in train}
-    overlap = [t for t in heldout if " ".join(t.lower().split()) in norm]
-    if overlap:
-        raise ValueError(f"zero-shot templates must not be seen in training; these are in both: {overlap}")
-
-
-# ---------------------------------------------------------------------------------------------- tokenizer
-@lru_cache(maxsize=8)
-def _simple_tokenizer(context_length: int):
-    from open_clip.tokenizer import SimpleTokenizer  # its BPE vocabulary ships inside the package
-
-    return SimpleTokenizer(context_length=context_length)
-
-
-class CaptionTokenizer:
-    """open_clip's BPE tokenizer at a given ``context_length``: ``tokenizer(list of str) -> int64 [N, L]``.
-
-    ``<start_of_text>`` = 49406, ``<end_of_text>`` = 49407, padding 0, vocabulary size 49408 (the LIMoE
-    config's defaults). Captions are lower-cased and whitespace-cleaned by open_clip; long ones are cut with
-    the end token kept.
-    """
-
-    vocab_size = 49408
-    sot_token_id, eot_token_id, pad_token_id = 49406, 49407, 0
-
-    def __init__(self, context_length: int = 16) -> None:
-        self.context_length = check_positive_int("context_length", context_length, minimum=3)
-
-    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if any(not isinstance(t, str) for t in texts):
-            raise TypeError("captions must be strings")
-        if not texts:
-            return torch.zeros(0, self.context_length, dtype=torch.long)
-        return _simple_tokenizer(self.context_length)(texts).to(torch.long)
-
-    def mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Valid positions: up to and including the end token (padding after it is False)."""
-        from zoo.models.limoe import text_mask_from_tokens
-
-        return text_mask_from_tokens(tokens, self.eot_token_id, self.pad_token_id)
-
-    def __repr__(self) -> str:
-        return f"CaptionTokenizer(open_clip BPE, context_length={self.context_length})"
+from zoo.data.prompts import (  # noqa: F401 (re-exported: the recipes and tests name them here)
+    CIFAR10_HELDOUT_TEMPLATES,
+    CIFAR10_TRAIN_TEMPLATES,
+    DIGIT_WORDS,
+    MNIST_HELDOUT_TEMPLATES,
+    MNIST_TRAIN_TEMPLATES,
+    check_templates,
+)
+from zoo.data.transforms import (  # noqa: F401 (re-exported)
+    CLIP_MEAN,
+    CLIP_STD,
+    chain_augment,
+    color_jitter_grayscale,
+    random_resized_crop_flip,
+)
+from zoo.tokenizer import CaptionTokenizer  # noqa: F401 (re-exported)
 
 
 # ------------------------------------------------------------------------------------ shared datamodule
@@ -314,86 +226,6 @@ def load_images(paths: Sequence[Path], image_size: int) -> torch.Tensor:
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"cannot read image {p}: {type(err).__name__}: {err}") from err
     return torch.from_numpy(out)
-
-
-def random_resized_crop_flip(scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
-    """Augmentation for one ``[C, H, W]`` image (any dtype, output same dtype and size): crop a random area
-    fraction in ``scale`` with aspect ratio in ``ratio`` (log-uniform), resize it back bilinearly, flip
-    horizontally with probability 1/2 (torch's global RNG, seeded by Lightning / the loader workers)."""
-    lo, hi = float(scale[0]), float(scale[1])
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {scale}")
-    log_r = (np.log(ratio[0]), np.log(ratio[1]))
-
-    def augment(image: torch.Tensor) -> torch.Tensor:
-        _, h, w = image.shape
-        area = h * w * (lo + (hi - lo) * float(torch.rand(())))
-        r = float(np.exp(log_r[0] + (log_r[1] - log_r[0]) * float(torch.rand(()))))
-        ch = int(round(min(h, max(1.0, (area / r) ** 0.5))))
-        cw = int(round(min(w, max(1.0, (area * r) ** 0.5))))
-        top = int(torch.randint(h - ch + 1, ()))
-        left = int(torch.randint(w - cw + 1, ()))
-        crop = image[:, top:top + ch, left:left + cw].float().unsqueeze(0)
-        out = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
-        if torch.rand(()) < 0.5:
-            out = out.flip(-1)
-        return out.round().clamp(0, 255).to(image.dtype) if not image.is_floating_point() else out.to(image.dtype)
-
-    return augment
-
-
-def _gray(image: torch.Tensor) -> torch.Tensor:
-    """[C, H, W] float -> [1, H, W] luma (ITU-R 601-2 weights for RGB, the channel mean otherwise)."""
-    if image.shape[0] == 3:
-        return (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]).unsqueeze(0)
-    return image.mean(0, keepdim=True)
-
-
-def color_jitter_grayscale(strength: float = 1.0, p_jitter: float = 0.8, p_gray: float = 0.2,
-                           pixel_max: float = 255.0):
-    """SimCLR's colour distortion (Chen et al. 2020) for one ``[C, H, W]`` image with pixels in ``[0, pixel_max]``
-    (any dtype, output same dtype and size): with probability ``p_jitter`` jitter brightness, contrast and
-    saturation (in a random order) by factors drawn uniformly from ``[max(0, 1 - 0.8 s), 1 + 0.8 s]``
-    (torchvision's ``ColorJitter(0.8 s, 0.8 s, 0.8 s)`` blends, clamped after each), then with probability
-    ``p_gray`` convert to grayscale. SimCLR's hue jitter (0.2 s) is left out. torch's global RNG, like
-    :func:`random_resized_crop_flip`."""
-    s = float(strength)
-    if s < 0 or not 0 <= p_jitter <= 1 or not 0 <= p_gray <= 1:
-        raise ValueError(f"need strength >= 0 and probabilities in [0, 1], got {strength}, {p_jitter}, {p_gray}")
-    lo, hi = max(0.0, 1.0 - 0.8 * s), 1.0 + 0.8 * s
-
-    def augment(image: torch.Tensor) -> torch.Tensor:
-        x = image.float()
-        if float(torch.rand(())) < p_jitter:
-            factors = lo + (hi - lo) * torch.rand(3)
-            for op in torch.randperm(3).tolist():
-                f = float(factors[op])
-                if op == 0:  # brightness: blend with black
-                    x = x * f
-                elif op == 1:  # contrast: blend with the mean grey level
-                    x = f * x + (1 - f) * _gray(x).mean()
-                else:  # saturation: blend with the grayscale image
-                    x = f * x + (1 - f) * _gray(x)
-                x = x.clamp(0, pixel_max)
-        if float(torch.rand(())) < p_gray:
-            x = _gray(x).expand_as(x)
-        return x.to(image.dtype) if image.is_floating_point() else x.round().clamp(0, pixel_max).to(image.dtype)
-
-    return augment
-
-
-def chain_augment(*steps):
-    """One augmentation applying ``steps`` in order (None steps are skipped; None when none is left)."""
-    steps = [f for f in steps if f is not None]
-    if not steps:
-        return None
-
-    def augment(image: torch.Tensor) -> torch.Tensor:
-        for f in steps:
-            image = f(image)
-        return image
-
-    return augment
 
 
 class CaptionedImageDataset(Dataset):

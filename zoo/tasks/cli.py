@@ -4,15 +4,22 @@
     python train.py --config configs/train/vmoe_mnist.yaml --trainer.max_epochs=5 --data.batch_size=256
     python train.py --config configs/train/limoe_mnist.yaml   # contrastive LIMoE: any LightningModule works
     python train.py --ckpt_path last                   # resume the run from runs/<run_name>/checkpoints/last.ckpt
+    python train.py --overwrite true                   # start the run again, deleting its old checkpoints/metrics
 
 ``model`` and ``data`` take any LightningModule / LightningDataModule by ``class_path`` (LightningCLI subclass
 mode); a ``model:`` section without ``class_path`` means :class:`~zoo.tasks.ImageClassificationTask` (the V-MoE
 recipes use that short form). ``--model.<arg>`` / ``--data.<arg>`` override the chosen class's arguments.
 
 A run writes ``<root>/runs/<run_name>/`` (root = ``--trainer.default_root_dir``, else the working directory):
-``checkpoints/last.ckpt`` (atomic writes; none with ``trainer.enable_checkpointing: false``), ``metrics.csv`` +
+``checkpoints/last.ckpt`` (atomic writes every ``checkpoint.every_n_train_steps`` steps and after the last batch;
+none with ``trainer.enable_checkpointing: false``), ``metrics.csv`` +
 ``hparams.yaml`` (CSVLogger), ``config.yaml`` (the full resolved config), ``test_metrics.json`` and ``plots/``.
 The last stdout line is one JSON object with the test metrics.
+
+Resuming (``--ckpt_path``) is exact: a run killed at any step and resumed ends with the uninterrupted run's weights
+(bit for bit on CPU; :mod:`zoo.tasks.resume`), and ``metrics.csv`` loses the rows logged after the checkpoint. A new
+run into a folder that holds one is refused unless ``--overwrite true``. A corrupt checkpoint, a non-finite loss
+(:mod:`zoo.tasks.guards`) and bad argument values are one-line errors.
 
 Task hooks used when the task has them (:class:`zoo.tasks.base.ZooTask` has all): ``adapt_to_datamodule`` (right
 after instantiation: the model takes its geometry from the data), ``write_test_plots`` (plots of the test pass),
@@ -29,6 +36,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,7 +50,11 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from zoo.config import ConfigError
+from zoo.data.base import SplitDataModule
 from zoo.registry import configs_dir
+from zoo.tasks.checkpoints import CheckpointError, load_training_checkpoint
+from zoo.tasks.guards import NonFiniteLossError, NonFiniteLossGuard
+from zoo.tasks.resume import SeedEachStep, truncate_metrics_csv
 
 DEFAULT_RECIPE = "vmoe_digits"
 # The task of a `model:` section without class_path (the V-MoE recipes' short form).
@@ -63,25 +75,57 @@ def default_checkpoint(root: Optional[str | os.PathLike] = None, run_name: str =
     return run_dir(root, run_name) / "checkpoints" / "last.ckpt"
 
 
+# Checkpoint interval (optimiser steps) of a recipe that sets none: a killed run loses at most this many steps.
+DEFAULT_CHECKPOINT_EVERY_N_STEPS = 100
+
+
 class AtomicModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose writes are atomic: each checkpoint goes to a hidden temp file in the same folder,
     is fsync'ed, then ``os.replace``-d over the target, so a run killed at any moment leaves the previous complete
     ``last.ckpt`` (the temp name never matches Lightning's ``last*.ckpt`` lookup). Defaults: ``save_last=True``,
     ``save_top_k=0`` (only ``last.ckpt``; set ``monitor=val/acc``, ``mode=max``, ``save_top_k=1`` to also keep the
-    best), and no ``last-v1.ckpt`` versions (a rerun overwrites its own run folder)."""
+    best), no ``last-v1.ckpt`` versions, and a save every :data:`DEFAULT_CHECKPOINT_EVERY_N_STEPS` optimiser steps
+    DURING training unless ``every_n_epochs`` or ``train_time_interval`` is given instead (so a killed run has
+    something to resume from), plus one when training ends."""
 
     def __init__(self, dirpath: Optional[str] = None, filename: Optional[str] = None, monitor: Optional[str] = None,
                  verbose: bool = False, save_last: Optional[bool] = True, save_top_k: int = 0,
                  save_weights_only: bool = False, mode: str = "min", auto_insert_metric_name: bool = True,
-                 every_n_train_steps: Optional[int] = None, every_n_epochs: Optional[int] = None,
+                 every_n_train_steps: Optional[int] = DEFAULT_CHECKPOINT_EVERY_N_STEPS,
+                 train_time_interval: Optional[timedelta] = None, every_n_epochs: Optional[int] = None,
                  save_on_train_epoch_end: Optional[bool] = None, enable_version_counter: bool = False) -> None:
+        if every_n_epochs is not None or train_time_interval is not None:
+            every_n_train_steps = None  # the three triggers are exclusive; an explicit other one wins
         super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, verbose=verbose, save_last=save_last,
                          save_top_k=save_top_k, save_weights_only=save_weights_only, mode=mode,
                          auto_insert_metric_name=auto_insert_metric_name, every_n_train_steps=every_n_train_steps,
-                         every_n_epochs=every_n_epochs, save_on_train_epoch_end=save_on_train_epoch_end,
+                         train_time_interval=train_time_interval, every_n_epochs=every_n_epochs,
+                         save_on_train_epoch_end=save_on_train_epoch_end,
                          enable_version_counter=enable_version_counter)
 
+    def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # The interval rarely falls on the last step: save the final state (what test / eval.py read) here, after
+        # the last batch, where a checkpoint resumes like any other (one written by on_train_end would start a
+        # new epoch when the run is extended, abandoning the rest of the current one).
+        last_step = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        last_epoch = (trainer.max_epochs is not None and trainer.max_epochs != -1
+                      and trainer.current_epoch + 1 >= trainer.max_epochs and batch_idx + 1 >= trainer.num_training_batches)
+        if (last_step or last_epoch) and self.save_last and self._last_global_step_saved != trainer.global_step \
+                and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: Trainer, pl_module) -> None:  # noqa: ANN001
+        # Training stopped early (early stopping, max_time): save where it stopped.
+        if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
+
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        for guard in trainer.callbacks:  # never write diverged weights over the last good checkpoint
+            if isinstance(guard, NonFiniteLossGuard):
+                guard.check(trainer)
         fs = get_filesystem(filepath)
         if "file" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
             return super()._save_checkpoint(trainer, filepath)  # remote storage: its own transactions
@@ -144,6 +188,9 @@ class RunCSVLogger(CSVLogger):
 _SUBCLASS_ERROR = re.compile(
     r'Parser key "(?P<key>[\w.]+)":.*?Problem with given class_path \'(?P<cls>[^\']+)\':\n(?P<inner>.*?)'
     r'\n\s*- Expected a <class \'NoneType\'>.*?Given value type: <class \'(?P<given>[\w.]+)\'>', re.S)
+# The same failure raised at instantiation (the class's __init__ refused a value): no parser key in the message.
+_INIT_ERROR = re.compile(r"Does not validate against any of the Union subtypes\n.*?Errors:\n.*?- Expected a <class "
+                         r"'NoneType'>\nGiven value type: .*?class_path='(?P<cls>[^']+)'", re.S)
 _NOT_ACCEPTED = re.compile(r"^Option '(?P<opt>[\w.]+)' is not accepted$")
 
 
@@ -193,6 +240,10 @@ class ZooCLI(LightningCLI):
         parser.add_argument("--num_threads", type=Optional[int], default=None,
                             help="torch.set_num_threads (CPU intra-op threads); default: torch's choice.")
         parser.add_argument("--test", type=bool, default=True, help="Evaluate on the test split after training.")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="Start a new run in a run folder that already holds one (its checkpoints and "
+                                 "metrics are deleted). Without it such a run is refused: resume it with "
+                                 "--ckpt_path last, or pick another --run_name.")
         parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
         parser.set_defaults({"model": {"class_path": DEFAULT_TASK}})
 
@@ -231,11 +282,35 @@ class ZooCLI(LightningCLI):
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         if trainer_config.get("enable_checkpointing") is False:
             callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        # the random numbers of each step depend on the step only, so a resumed run repeats the killed one exactly
+        callbacks.append(SeedEachStep())
+        callbacks.append(NonFiniteLossGuard())
         return self._instantiate_trainer(trainer_config, callbacks)
 
 
 def _has_config_flag(args: list[str]) -> bool:
     return any(a in ("--config", "-c") or a.startswith("--config=") for a in args)
+
+
+def _check_config_files(args: list[str]) -> None:
+    """An empty or non-mapping ``--config`` file is a clear error (jsonargparse says only "Unexpected config:")."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None)
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            content = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if content is None:
+            raise ConfigError(f"config file {path} is empty; a recipe needs at least its model: and data: sections "
+                              f"(see {default_config_path()})")
+        if not isinstance(content, dict):
+            raise ConfigError(f"config file {path} must be a YAML mapping (model:, data:, trainer: ...), "
+                              f"got a {type(content).__name__}")
 
 
 def _plain(value: Any) -> Any:
@@ -252,6 +327,7 @@ def build_cli(args: Optional[list[str]] = None, cli_class: type[ZooCLI] = ZooCLI
     args = list(sys.argv[1:] if args is None else args)
     if not _has_config_flag(args):
         args = ["--config", str(default_config_path())] + args
+    _check_config_files(args)
     # We pass sys.argv on as `args` (to prepend the default config); LightningCLI warns about that combination.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python")
     return cli_class(
@@ -278,23 +354,53 @@ def checkpoint_callback(trainer: Trainer) -> Optional[ModelCheckpoint]:
 def resume_checkpoint(cli: ZooCLI) -> Optional[str]:
     """The ``ckpt_path`` for ``trainer.fit`` from ``--ckpt_path``: ``last`` is this run's ``last.ckpt`` (None,
     with a note on stderr, when there is none yet: a first run with ``--ckpt_path last`` starts from scratch);
-    a path must exist."""
+    a path must exist.
+
+    Also guards the run folder: a new run (no ``--ckpt_path``) into a folder that holds a run is refused unless
+    ``--overwrite`` (which deletes the old checkpoints and metrics); a resumed run drops the ``metrics.csv`` rows
+    the interrupted run logged after its checkpoint (the resumed run logs them again)."""
     ckpt_path = cli.config.get("ckpt_path")
     ckpt_cb = checkpoint_callback(cli.trainer)
     if ckpt_path == "last" and ckpt_cb is not None and ckpt_cb.dirpath:
         if not (Path(ckpt_cb.dirpath) / "last.ckpt").is_file():
             print(f"[{Path(sys.argv[0]).name}] --ckpt_path last: no last.ckpt in {ckpt_cb.dirpath}; starting from "
                   "scratch", file=sys.stderr)
-            return None
+            ckpt_path = None
     elif ckpt_path == "last":
         raise ConfigError("--ckpt_path last: this run writes no checkpoints (trainer.enable_checkpointing is "
                           "false), so there is nothing to resume; enable checkpointing or pass a checkpoint path")
     elif ckpt_path and ckpt_path not in ("best", "hpc", "registry") and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    if cli.trainer.fast_dev_run:
+        return ckpt_path
+    metrics_csv = cli.run_dir / "metrics.csv"
+    if cli.config.get("ckpt_path") is None:
+        _refuse_or_clear_old_run(cli, ckpt_cb, metrics_csv)
+    elif ckpt_path is None:
+        truncate_metrics_csv(metrics_csv, 0)  # --ckpt_path last without a checkpoint: the old rows go
+    elif ckpt_path not in ("best", "hpc", "registry"):
+        path = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)  # type: ignore[union-attr]
+        step = int(load_training_checkpoint(path).get("global_step", 0))
+        truncate_metrics_csv(metrics_csv, step)
     return ckpt_path
 
 
-USER_ERRORS = (ConfigError, FileNotFoundError)
+def _refuse_or_clear_old_run(cli: ZooCLI, ckpt_cb: Optional[ModelCheckpoint], metrics_csv: Path) -> None:
+    old = [metrics_csv] if metrics_csv.is_file() else []
+    if ckpt_cb is not None and ckpt_cb.dirpath and Path(ckpt_cb.dirpath).is_dir():
+        old += sorted(Path(ckpt_cb.dirpath).glob("*.ckpt"))
+    if not old:
+        return
+    if not cli.config.get("overwrite"):
+        raise ConfigError(
+            f"{cli.run_dir} already holds a run ({', '.join(p.name for p in old)}). Resume it with --ckpt_path last, "
+            f"choose another --run_name, or pass --overwrite true to replace it")
+    for path in old:
+        path.unlink(missing_ok=True)
+    (cli.run_dir / "test_metrics.json").unlink(missing_ok=True)
+
+
+USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError)
 
 
 def _user_error(err: Optional[BaseException]) -> Optional[BaseException]:
@@ -314,11 +420,24 @@ def user_errors(prog: str) -> Iterator[None]:
     status 2; ``ZOO_DEBUG=1`` keeps the traceback."""
     try:
         yield
-    except (*USER_ERRORS, ValueError) as raised:
-        err = _user_error(raised)
-        if err is None or os.environ.get("ZOO_DEBUG"):
+    except NonFiniteLossError as err:  # not a user error, but the message says all there is to say
+        if os.environ.get("ZOO_DEBUG"):
             raise
         print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (*USER_ERRORS, ValueError) as raised:
+        err = _user_error(raised)
+        if os.environ.get("ZOO_DEBUG"):
+            raise
+        if err is not None:
+            print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        # a value the chosen class's __init__ refused (lr=-1, batch_size=0, ...): jsonargparse wraps it in a long
+        # message about Union subtypes; print its one meaningful line
+        m = _INIT_ERROR.search(str(raised))
+        if m is None or not isinstance(raised.__cause__, (ValueError, TypeError)):
+            raise
+        print(f"{prog}: error: class {m['cls']}: {raised.__cause__}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -335,6 +454,8 @@ def _main(args: Optional[list[str]]) -> dict[str, Any]:
     start = time.time()
     cli = build_cli(args)
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    if isinstance(dm, SplitDataModule):  # its state_dict records the position in the epoch (exact resume)
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
     ckpt_path = resume_checkpoint(cli)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
 

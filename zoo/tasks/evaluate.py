@@ -26,6 +26,8 @@ from typing import Any, Optional
 import torch
 import yaml
 
+from zoo.tasks.checkpoints import CheckpointError, load_training_checkpoint
+from zoo.tasks.guards import nonfinite_parameters
 from zoo.tasks.base import DATAMODULE_KEY, TRAINER_KEY, class_path, task_class_of
 from zoo.tasks.classification import ImageClassificationTask, write_routing_plots
 from zoo.tasks.fewshot import add_fewshot_args, evaluate_fewshot
@@ -146,7 +148,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         hint = ("run `python train.py` first (it trains the default recipe and writes that checkpoint), "
                 "or pass --checkpoint PATH") if not args.checkpoint else "check the path"
         raise FileNotFoundError(f"no checkpoint at {ckpt_path}: {hint}")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = load_training_checkpoint(ckpt_path)
     trained = checkpoint.get(TRAINER_KEY) or {}
     # Same CPU thread count as the run by default (when it used fewer): faster on a shared CPU and the same
     # reduction order, so the test accuracy is reproduced exactly.
@@ -155,6 +157,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(int(threads))
     task = task_class_of(checkpoint).load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    bad = nonfinite_parameters(task)
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt_path} holds non-finite (NaN / inf) weights, e.g. {', '.join(bad)}: "
+                              "the training that wrote it diverged; evaluate an earlier checkpoint or retrain "
+                              "(lower --model.lr)")
     task.set_eval_overrides(capacity_factor=args.eval_capacity_factor, top_k=args.eval_top_k,
                             dropless=True if args.eval_dropless else None)
     overrides = _parse_data_args(args.data_arg)
