@@ -170,7 +170,7 @@ def test_default_task_has_no_ssl_head_and_ssl_checkpoints_load(tmp_path):
     assert loaded.hparams.image_ssl_weight == 1.0 and loaded.image_ssl_head is not None
     sd, ref = loaded.state_dict(), task.state_dict()
     assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
-    # model-only reading (zoo.hub's checkpoint export keeps the `model.*` tensors) leaves the task's head out
+    # model-only reading (zoo.tasks.publish's checkpoint export keeps the `model.*` tensors) leaves the task's head out
     from zoo import create_model
     from zoo.tasks.publish import _lightning_state_dict
 

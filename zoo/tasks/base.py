@@ -28,7 +28,7 @@ from torch import nn
 from zoo.moe import MoELayer, set_eval_overrides
 from zoo.tasks.optim import RecipeOptimizerMixin
 
-# Checkpoint keys written by ZooTask.on_save_checkpoint (zoo.hub reads the datamodule / trainer ones too).
+# Checkpoint keys written by ZooTask.on_save_checkpoint (zoo.tasks.publish reads the datamodule / trainer ones too).
 TASK_KEY = "zoo_task"
 DATAMODULE_KEY = "zoo_datamodule"
 TRAINER_KEY = "zoo_trainer"

@@ -21,7 +21,7 @@ from torchmetrics.text import Perplexity
 
 from zoo.models.output import ModelOutput
 from zoo.moe import RoutingStats, set_eval_overrides
-from zoo.registry import create_model
+from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
 from zoo.tasks.classification import RoutingSummary
 from zoo.tasks.optim import DecayName, OptimizerName

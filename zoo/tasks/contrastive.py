@@ -110,7 +110,7 @@ class ContrastiveTask(ZooTask):
             (``LIMoEOutput.image_features``, i.e. ``_pool_image``) and :func:`nt_xent_loss` compares the two
             views at ``ssl_temperature``. The head exists only when the weight is > 0; it is trained with the
             model (same optimiser, lr schedule and weight-decay rules) and saved in the task's checkpoint, but is
-            not part of the model (``eval.py`` / :mod:`zoo.hub` use ``model.*`` only).
+            not part of the model (``eval.py`` / :mod:`zoo.tasks.publish` use ``model.*`` only).
         text_ssl_weight: weight of a text-text loss (0 = off): symmetric InfoNCE (:func:`contrastive_loss`, scale
             ``1 / ssl_temperature``) between the normalised text embeddings of each image's caption and of a
             DIFFERENT caption of the same image, ``"text_view2"`` (datamodule option ``text_views=2``): the two
