@@ -21,6 +21,10 @@ from zoo.distributed.expert_parallel import ShardedExperts
 from zoo.moe import MoEConfig, MoELayer, StackedExperts, sorted_dispatch
 
 TOL = dict(rtol=1e-5, atol=1e-6)
+# Expert-weight gradients are sums over the tokens of every rank, added in another order than the single-process
+# reference (all-to-all buckets vs one sorted batch): fp32 reordering moves them by ~1e-6 absolute on values ~0.03
+# (seen with torch 2.14's CPU kernels: 1.85e-6 at rel 7e-5). Outputs and input gradients keep TOL.
+GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def _gather_cat(t: torch.Tensor) -> torch.Tensor:
@@ -131,7 +135,7 @@ def dispatch_worker(rank: int, world: int) -> None:
         assert calls == ["swiglu"], calls
         torch.testing.assert_close(y, ref_y[rank].detach(), **TOL)
         for name, p in sharded.named_parameters():
-            torch.testing.assert_close(p.grad, sharded.local_slice(getattr(ref, name).grad), **TOL)
+            torch.testing.assert_close(p.grad, sharded.local_slice(getattr(ref, name).grad), **GRAD_TOL)
     finally:
         layer_mod._fused_moe_or_none = original
 
@@ -155,7 +159,7 @@ def dispatch_worker(rank: int, world: int) -> None:
     torch.testing.assert_close(out, ref_out[rank][0], **TOL)
     torch.testing.assert_close(s.grad, ref_out[rank][1], **TOL)
     for name, p in sharded.named_parameters():
-        torch.testing.assert_close(p.grad, sharded.local_slice(getattr(ref, name).grad), **TOL)
+        torch.testing.assert_close(p.grad, sharded.local_slice(getattr(ref, name).grad), **GRAD_TOL)
 
 
 def dispatch_and_layer_worker(rank: int, world: int) -> None:
