@@ -95,7 +95,7 @@ def test_pretrained_true_offline_accuracy_on_the_first_test_images(entry, offlin
     within 1.5 points of the recorded full-split accuracy (vmoe_small_mnist: 98.73% measured vs 98.92% recorded)."""
     model = zoo.create_model(entry["name"], pretrained=entry["tag"]).eval()
     try:
-        got = hub.prediction_check(model, entry["data"], max_images=FIRST_N)
+        got = publish.prediction_check(model, entry["data"], max_images=FIRST_N)
     except FileNotFoundError as err:
         data_missing(f"dataset not available here: {err}")
     assert got["first_n"] == FIRST_N > 256

@@ -25,7 +25,7 @@ def test_empty_batch_gives_an_empty_output(shape, mode, causal):
 @pytest.mark.parametrize("name", ["capacity_factor", "eval_capacity_factor"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_capacity_factor_fails_validation(name, value):
-    with pytest.raises(ValueError, match=f"{name} must be a finite number > 0"):
+    with pytest.raises(ValueError, match=f"{name} must be > 0 and finite"):
         MoEConfig(**{name: value})
 
 

@@ -113,7 +113,7 @@ class MoEConfig:
         for name in ("capacity_factor", "eval_capacity_factor"):
             cf = getattr(self, name)
             if cf is not None and not (math.isfinite(cf) and cf > 0):
-                raise ValueError(f"{name} must be a finite number > 0 (use dropless=True for unbounded capacity), "
+                raise ValueError(f"{name} must be > 0 and finite (use dropless=True for unbounded capacity), "
                                  f"got {cf}")
         for name, kind in (("router", RouterType), ("activation", Activation), ("dispatch", DispatchType)):
             if getattr(self, name) not in get_args(kind):
