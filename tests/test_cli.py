@@ -261,6 +261,14 @@ def _error_line(err: str) -> str:
     return next(line for line in err.splitlines() if line.startswith("error: "))
 
 
+def test_unknown_option_leads_with_the_error(capsys):
+    """The error is the first line, followed by where to find the options, not the 55-line usage listing."""
+    err = _error(capsys, ["--config", DIGITS, "--trainer.max_epoch=1", "--bogus"])
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("error: ") and "--bogus" in lines[0], err
+    assert len(lines) == 2 and lines[1].startswith("For the accepted options run: ") and lines[1].endswith(" --help")
+
+
 def test_unknown_config_key_is_named(capsys, tmp_path):
     err = _error(capsys, ["--config", DIGITS, "--model.lrr=0.1"])
     # one line naming the group, the option, where it came from and the class (not jsonargparse's Union dump)

@@ -213,10 +213,27 @@ def simplify_subclass_error(message: str, prog: str = "train.py") -> str:
 
 
 class ZooArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser with subclass-mode errors cut down to the line that matters."""
+    """LightningCLI's parser with subclass-mode errors cut down to the line that matters, and a command-line error
+    printed as that line plus where to find the options, without jsonargparse's usage listing of every option
+    (55 lines before the error, which scrolled it off the screen)."""
 
     def error(self, message: str, ex: Optional[Exception] = None):  # noqa: ANN201 (NoReturn in the base)
-        return super().error(simplify_subclass_error(message, Path(self.prog or "train.py").name), ex)
+        prog = Path(self.prog or "train.py").name
+        message = simplify_subclass_error(message, prog)
+        if not self.exit_on_error or callable(self._error_handler) or _jsonargparse_debug():
+            return super().error(message, ex)  # a nested parse or a debug run: jsonargparse's own handling
+        self._logger.error(message)
+        sys.stderr.write(f"error: {message}\n"
+                         f"For the accepted options run: {prog} --help\n")
+        self.exit(2)
+
+
+def _jsonargparse_debug() -> bool:
+    try:
+        from jsonargparse._common import debug_mode_active
+    except ImportError:  # moved in another jsonargparse version: behave as without debug mode
+        return False
+    return debug_mode_active()
 
 
 class ZooCLI(LightningCLI):
