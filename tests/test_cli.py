@@ -225,6 +225,30 @@ def test_any_lightning_module_trains_and_resumes(tmp_path, capsys):
     assert "not written by a zoo task" in capsys.readouterr().err
 
 
+def test_run_without_progress_bar_prints_a_line_per_epoch(tmp_path, capsys, monkeypatch):
+    """Recipes that turn the bar off (the LIMoE ones, 15-20 min on a CPU) still show progress: one stderr line per
+    epoch with the step, time per epoch, time left and the logged losses."""
+    recipe = tmp_path / "boring.yaml"
+    recipe.write_text(
+        "trainer: {accelerator: cpu, max_epochs: 3, limit_train_batches: 2, limit_val_batches: 2,\n"
+        "          enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}\n"
+        "model: {class_path: lightning.pytorch.demos.boring_classes.BoringModel}\n"
+        "data: {class_path: lightning.pytorch.demos.boring_classes.BoringDataModule}\n")
+    clock = iter(range(0, 1000, 10))  # fit start, then one reading per epoch end: 10 s per epoch
+    monkeypatch.setattr("zoo.tasks.progress.monotonic", lambda: float(next(clock)))
+    main(["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}", "--test=false"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[train.py] epoch ")]
+    assert [line.split(" · ")[:2] for line in lines] == [
+        ["[train.py] epoch 1/3", "step 2"], ["[train.py] epoch 2/3", "step 4"], ["[train.py] epoch 3/3", "step 6"]]
+    assert all(" s/epoch" in line and " left" in line for line in lines)
+    assert [line.split(" · ")[2:4] for line in lines] == [  # 10 s per epoch on the fake clock
+        ["10.0 s/epoch", "~20 s left"], ["10.0 s/epoch", "~10 s left"], ["10.0 s/epoch", "~0.0 s left"]]
+    # with the bar on, the bar is the progress: no extra lines
+    main(["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}", "--test=false", "--overwrite=true",
+          "--trainer.enable_progress_bar=true"])
+    assert "[train.py] epoch " not in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_train_config_parses_and_instantiates(config, tmp_path):

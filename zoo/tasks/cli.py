@@ -54,6 +54,7 @@ from zoo.data.base import SplitDataModule
 from zoo.registry import configs_dir
 from zoo.tasks.checkpoints import CheckpointError, load_training_checkpoint
 from zoo.tasks.guards import NonFiniteLossError, NonFiniteLossGuard
+from zoo.tasks.progress import EpochProgressLog
 from zoo.tasks.resume import SeedEachStep, truncate_metrics_csv
 
 DEFAULT_RECIPE = "vmoe_digits"
@@ -302,6 +303,7 @@ class ZooCLI(LightningCLI):
         # the random numbers of each step depend on the step only, so a resumed run repeats the killed one exactly
         callbacks.append(SeedEachStep())
         callbacks.append(NonFiniteLossGuard())
+        callbacks.append(EpochProgressLog())  # a line per epoch when the recipe turns the progress bar off
         return self._instantiate_trainer(trainer_config, callbacks)
 
 
