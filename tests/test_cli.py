@@ -63,6 +63,7 @@ def _restore_threads():
 # ------------------------------------------------------------------------------------------------- end to end
 def test_train_then_eval_reproduces_test_accuracy(tmp_path):
     train = run("train.py", "--config", DIGITS, *TINY, f"--trainer.default_root_dir={tmp_path}", "--run_name=tiny")
+    assert "Tip:" not in train.stderr and "LeafSpec" not in train.stderr  # quieted library notices
     summary = last_json(train.stdout)
     run_dir = tmp_path / "runs" / "tiny"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -247,6 +248,32 @@ def test_run_without_progress_bar_prints_a_line_per_epoch(tmp_path, capsys, monk
     main(["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}", "--test=false", "--overwrite=true",
           "--trainer.enable_progress_bar=true"])
     assert "[train.py] epoch " not in capsys.readouterr().err
+
+
+def test_commands_quiet_library_tips_and_known_deprecations_but_importing_zoo_does_not():
+    code = """
+import logging, sys, warnings
+import zoo, zoo.tasks, zoo.tasks.cli, zoo.tasks.evaluate
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+warnings.simplefilter("always")
+def say(tag):
+    rank_zero_info("\U0001f4a1 Tip: try installing litlogger")
+    rank_zero_info(tag + " other info")
+    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+    warnings.warn(tag + " another FutureWarning", FutureWarning)
+say("library")
+from zoo.tasks.quiet import quiet_library_notices
+quiet_library_notices()
+say("command")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    # imported as a library: every notice shown
+    assert err.count("Tip: try installing litlogger") == 1 and err.count("LeafSpec") == 1, err
+    # after the commands' quieting: the tip and the known deprecation gone, anything else still shown
+    assert "command other info" in err and "command another FutureWarning" in err, err
 
 
 # ------------------------------------------------------------------------------------------------ configs

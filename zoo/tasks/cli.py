@@ -55,6 +55,7 @@ from zoo.registry import configs_dir
 from zoo.tasks.checkpoints import CheckpointError, load_training_checkpoint
 from zoo.tasks.guards import NonFiniteLossError, NonFiniteLossGuard
 from zoo.tasks.progress import EpochProgressLog
+from zoo.tasks.quiet import quiet_library_notices
 from zoo.tasks.resume import SeedEachStep, truncate_metrics_csv
 
 DEFAULT_RECIPE = "vmoe_digits"
@@ -465,6 +466,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, Any]:
 
     User errors (unknown preset / config key, missing data) print ``train.py: error: ...`` and exit with status 2;
     set ``ZOO_DEBUG=1`` for the traceback."""
+    quiet_library_notices()
     with user_errors("train.py"):
         return _main(args)
 

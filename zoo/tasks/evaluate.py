@@ -268,6 +268,9 @@ def _evaluate_pretrained(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    from zoo.tasks.quiet import quiet_library_notices
+
+    quiet_library_notices()
     args = parse_args(argv)
     try:
         out = evaluate(args)
