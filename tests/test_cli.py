@@ -401,15 +401,12 @@ def test_mnist_recipe_smoke_on_real_data(tmp_path, shared_dataset):
     assert set(summary["routing"]) == {"block1", "block3", "block5"}
 
 
-def test_eval_published_weights_reproduce_recorded_accuracy():
-    """`eval.py --model NAME --pretrained` loads weights/ offline and re-measures the recorded test accuracy."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_eval_published_weights_reproduce_recorded_accuracy(tmp_path):
+    """`eval.py --model NAME --pretrained` loads weights/ offline, re-measures the recorded test accuracy and writes
+    the routing plots by default (under --root)."""
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "eval.py", "--model", "vmoe_tiny_digits", "--pretrained", "--no-progress-bar"],
+    proc = subprocess.run([sys.executable, "eval.py", "--model", "vmoe_tiny_digits", "--pretrained", "--no-progress-bar",
+                           "--root", str(tmp_path)],
                           cwd=root, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -417,6 +414,12 @@ def test_eval_published_weights_reproduce_recorded_accuracy():
     assert out["pretrained"] == "digits" and out["n_examples"] == 360
     assert out["reproduced"] is True, out
     assert out["accuracy"] >= 0.95
+    plots = [Path(p) for p in out["plots"]]
+    assert {p.name for p in plots} == {"expert_utilisation.png", "routing_matrix_block1.png",
+                                       "routing_matrix_block3.png"}
+    assert {p.parent for p in plots} == {tmp_path / "runs" / "pretrained" / "vmoe_tiny_digits_digits_test_plots"}
+    for p in plots:
+        assert_png(p)
 
 
 def test_eval_pretrained_needs_a_model():
