@@ -471,6 +471,12 @@ def main(args: Optional[list[str]] = None) -> dict[str, Any]:
         return _main(args)
 
 
+def model_label(model: L.LightningModule) -> str:
+    """How plot titles name the model: the zoo task's model preset, else the LightningModule's class."""
+    name = getattr(model, "hparams", {}).get("model")
+    return name if isinstance(name, str) else type(model).__name__
+
+
 def _main(args: Optional[list[str]]) -> dict[str, Any]:
     start = time.time()
     cli = build_cli(args)
@@ -510,10 +516,10 @@ def _main(args: Optional[list[str]]) -> dict[str, Any]:
                 from zoo.plots import plot_training_curves
 
                 plots.append(str(plot_training_curves(metrics_csv, out / "plots" / "training_curves.png",
-                                                      title=cli.run_name)))
+                                                      title=f"{model_label(model)}, run {cli.run_name}: training")))
             write_test_plots = getattr(model, "write_test_plots", None)
             if "test" in summary and callable(write_test_plots):
-                plots += write_test_plots(out / "plots", title=f"{cli.run_name} (test)")
+                plots += write_test_plots(out / "plots", title=f"{model_label(model)}, run {cli.run_name} (test)")
         except ValueError as err:  # e.g. no metrics logged: plots are a convenience, never fail the run
             print(f"[train.py] plots skipped: {err}", file=sys.stderr)
         summary["plots"] = plots
