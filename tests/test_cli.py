@@ -63,6 +63,7 @@ def _restore_threads():
 # ------------------------------------------------------------------------------------------------- end to end
 def test_train_then_eval_reproduces_test_accuracy(tmp_path):
     train = run("train.py", "--config", DIGITS, *TINY, f"--trainer.default_root_dir={tmp_path}", "--run_name=tiny")
+    assert "Tip:" not in train.stderr and "LeafSpec" not in train.stderr  # quieted library notices
     summary = last_json(train.stdout)
     run_dir = tmp_path / "runs" / "tiny"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -225,6 +226,56 @@ def test_any_lightning_module_trains_and_resumes(tmp_path, capsys):
     assert "not written by a zoo task" in capsys.readouterr().err
 
 
+def test_run_without_progress_bar_prints_a_line_per_epoch(tmp_path, capsys, monkeypatch):
+    """Recipes that turn the bar off (the LIMoE ones, 15-20 min on a CPU) still show progress: one stderr line per
+    epoch with the step, time per epoch, time left and the logged losses."""
+    recipe = tmp_path / "boring.yaml"
+    recipe.write_text(
+        "trainer: {accelerator: cpu, max_epochs: 3, limit_train_batches: 2, limit_val_batches: 2,\n"
+        "          enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}\n"
+        "model: {class_path: lightning.pytorch.demos.boring_classes.BoringModel}\n"
+        "data: {class_path: lightning.pytorch.demos.boring_classes.BoringDataModule}\n")
+    clock = iter(range(0, 1000, 10))  # fit start, then one reading per epoch end: 10 s per epoch
+    monkeypatch.setattr("zoo.tasks.progress.monotonic", lambda: float(next(clock)))
+    main(["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}", "--test=false"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[train.py] epoch ")]
+    assert [line.split(" · ")[:2] for line in lines] == [
+        ["[train.py] epoch 1/3", "step 2"], ["[train.py] epoch 2/3", "step 4"], ["[train.py] epoch 3/3", "step 6"]]
+    assert all(" s/epoch" in line and " left" in line for line in lines)
+    assert [line.split(" · ")[2:4] for line in lines] == [  # 10 s per epoch on the fake clock
+        ["10.0 s/epoch", "~20 s left"], ["10.0 s/epoch", "~10 s left"], ["10.0 s/epoch", "~0.0 s left"]]
+    # with the bar on, the bar is the progress: no extra lines
+    main(["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}", "--test=false", "--overwrite=true",
+          "--trainer.enable_progress_bar=true"])
+    assert "[train.py] epoch " not in capsys.readouterr().err
+
+
+def test_commands_quiet_library_tips_and_known_deprecations_but_importing_zoo_does_not():
+    code = """
+import logging, sys, warnings
+import zoo, zoo.tasks, zoo.tasks.cli, zoo.tasks.evaluate
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+warnings.simplefilter("always")
+def say(tag):
+    rank_zero_info("\U0001f4a1 Tip: try installing litlogger")
+    rank_zero_info(tag + " other info")
+    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+    warnings.warn(tag + " another FutureWarning", FutureWarning)
+say("library")
+from zoo.tasks.quiet import quiet_library_notices
+quiet_library_notices()
+say("command")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    # imported as a library: every notice shown
+    assert err.count("Tip: try installing litlogger") == 1 and err.count("LeafSpec") == 1, err
+    # after the commands' quieting: the tip and the known deprecation gone, anything else still shown
+    assert "command other info" in err and "command another FutureWarning" in err, err
+
+
 # ------------------------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_train_config_parses_and_instantiates(config, tmp_path):
@@ -259,6 +310,14 @@ def _error(capsys, args) -> str:
 
 def _error_line(err: str) -> str:
     return next(line for line in err.splitlines() if line.startswith("error: "))
+
+
+def test_unknown_option_leads_with_the_error(capsys):
+    """The error is the first line, followed by where to find the options, not the 55-line usage listing."""
+    err = _error(capsys, ["--config", DIGITS, "--trainer.max_epoch=1", "--bogus"])
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("error: ") and "--bogus" in lines[0], err
+    assert len(lines) == 2 and lines[1].startswith("For the accepted options run: ") and lines[1].endswith(" --help")
 
 
 def test_unknown_config_key_is_named(capsys, tmp_path):
@@ -342,15 +401,12 @@ def test_mnist_recipe_smoke_on_real_data(tmp_path, shared_dataset):
     assert set(summary["routing"]) == {"block1", "block3", "block5"}
 
 
-def test_eval_published_weights_reproduce_recorded_accuracy():
-    """`eval.py --model NAME --pretrained` loads weights/ offline and re-measures the recorded test accuracy."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_eval_published_weights_reproduce_recorded_accuracy(tmp_path):
+    """`eval.py --model NAME --pretrained` loads weights/ offline, re-measures the recorded test accuracy and writes
+    the routing plots by default (under --root)."""
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "eval.py", "--model", "vmoe_tiny_digits", "--pretrained", "--no-progress-bar"],
+    proc = subprocess.run([sys.executable, "eval.py", "--model", "vmoe_tiny_digits", "--pretrained", "--no-progress-bar",
+                           "--root", str(tmp_path)],
                           cwd=root, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -358,6 +414,12 @@ def test_eval_published_weights_reproduce_recorded_accuracy():
     assert out["pretrained"] == "digits" and out["n_examples"] == 360
     assert out["reproduced"] is True, out
     assert out["accuracy"] >= 0.95
+    plots = [Path(p) for p in out["plots"]]
+    assert {p.name for p in plots} == {"expert_utilisation.png", "routing_matrix_block1.png",
+                                       "routing_matrix_block3.png"}
+    assert {p.parent for p in plots} == {tmp_path / "runs" / "pretrained" / "vmoe_tiny_digits_digits_test_plots"}
+    for p in plots:
+        assert_png(p)
 
 
 def test_eval_pretrained_needs_a_model():

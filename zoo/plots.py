@@ -200,6 +200,7 @@ def plot_training_curves(metrics_csv: PathLike, path: PathLike, groups: Optional
             ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, linewidth=1.2, label=name)
         ax.set_title(panel)
         ax.set_xlabel("step")
+        ax.set_ylabel(panel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if title:
@@ -220,7 +221,7 @@ def plot_image_share(summary: "ModalityRoutingSummary", path: str | Path, title:
     cmap = plt.get_cmap("coolwarm").copy()
     cmap.set_bad("lightgrey")
     im = ax.imshow(share, vmin=0, vmax=1, cmap=cmap, aspect="auto", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="image share (modality-balanced)")
+    fig.colorbar(im, ax=ax, label="image share of the expert's tokens (1 = image only; modality-balanced)")
     for i in range(L_):
         for e in range(E):
             if share[i, e] == share[i, e]:  # not NaN
@@ -232,11 +233,7 @@ def plot_image_share(summary: "ModalityRoutingSummary", path: str | Path, title:
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_modality_routing_plots(summary: "ModalityRoutingSummary", out_dir: str | Path, prefix: str = "routing",
@@ -256,11 +253,11 @@ def write_modality_routing_plots(summary: "ModalityRoutingSummary", out_dir: str
     L_, M, E = summary.counts.shape
     rows = [f"{name}/{mod}" for name in summary.layer_names for mod in summary.modality_names[:M]]
     paths = [plot_routing_matrix(summary.counts.reshape(L_ * M, E), rows, out_dir / f"{prefix}_by_modality.png",
-                                 title=(title + ": " if title else "") + "share of each modality's tokens per expert",
-                                 normalize="row", row_label="layer / modality")]
+                                 title=(title + ": " if title else "") + "routing by modality",
+                                 normalize="row", row_label="layer / modality", col_label="expert")]  # top-k counts
     if M >= 2:
         paths.append(plot_image_share(summary, out_dir / f"{prefix}_expert_mix.png",
-                                      (title + ": " if title else "") + "image share of each expert (1 = image only)"))
+                                      (title + ": " if title else "") + "expert mix"))
     for m, mod in enumerate(summary.modality_names[:M]):
         paths.append(plot_expert_utilisation([summary.counts[i, m] for i in range(L_)], summary.layer_names,
                                              out_dir / f"{prefix}_utilisation_{mod}.png",

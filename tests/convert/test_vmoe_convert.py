@@ -86,14 +86,43 @@ def test_cli_writes_folder_that_create_model_loads(tmp_path, images):
     assert cfg["family"] == "vmoe" and cfg["encoder"]["moe"]["capacity_factor"] == 1.0
 
 
-def test_other_resolution_resizes_position_embeddings(images):
-    model = convert_vmoe(PREFIX, config=FIXTURE / "config.json", image_size=64)
+def _native_weights_with_pos_embed(native, cfg, pos_embed: torch.Tensor):
+    """A model of config ``cfg`` with the native-resolution converted weights and ``pos_embed`` swapped in: the
+    reference for a conversion at another resolution (everything but the position embedding is resolution-free)."""
+    from zoo.models.vmoe import VMoE
+
+    ref = VMoE(cfg).eval()
+    state = {k: v for k, v in native.state_dict().items() if k != "pos_embed"}
+    ref.load_state_dict({**state, "pos_embed": pos_embed}, strict=True)
+    return ref
+
+
+@pytest.mark.parametrize("rule", ["zoo", "vmoe"])
+def test_other_resolution_resizes_position_embeddings(images, rule):
+    """Converted at 64 px (8x8 grid from the checkpoint's 4x4): the logits equal those of the native conversion
+    with only its position embedding resized, by :func:`zoo.layers.resize_pos_embed` ("zoo") or by the official
+    ``vit_zoom`` rule, ``scipy.ndimage.zoom(order=1)`` on the grid ("vmoe")."""
+    model = convert_vmoe(PREFIX, config=FIXTURE / "config.json", image_size=64, pos_embed_resize=rule)
     assert model.pos_embed.shape == (1, 1 + 64, 32) and model.config.encoder.moe.group_size == 2
+    native = convert_vmoe(PREFIX, config=FIXTURE / "config.json")
+    pos = native.pos_embed.detach()
+    if rule == "zoo":
+        from zoo.layers.embeddings import resize_pos_embed
+
+        resized = resize_pos_embed(pos, 8)
+    else:
+        scipy_ndimage = pytest.importorskip("scipy.ndimage")
+        grid = scipy_ndimage.zoom(pos[:, 1:].numpy().reshape(1, 4, 4, 32), (1, 2, 2, 1), order=1)
+        resized = torch.cat([pos[:, :1], torch.from_numpy(grid.reshape(1, 64, 32))], dim=1)
+    reference = _native_weights_with_pos_embed(native, model.config, resized)
     x = torch.nn.functional.interpolate(images, size=64, mode="bilinear", align_corners=False)
-    assert np.isfinite(_logits(model, x)).all()
+    ours, ref = _logits(model, x), _logits(reference, x)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+    # and the resize matters: the two rules give different logits at this resolution
+    assert np.abs(ours - _logits(convert_vmoe(PREFIX, config=FIXTURE / "config.json", image_size=64,
+                                              pos_embed_resize="vmoe" if rule == "zoo" else "zoo"), x)).max() > 1e-3
     # the CLS position is kept as is
-    same = convert_vmoe(PREFIX, config=FIXTURE / "config.json")
-    torch.testing.assert_close(model.pos_embed[:, 0], same.pos_embed[:, 0])
+    torch.testing.assert_close(model.pos_embed[:, 0], native.pos_embed[:, 0])
 
 
 def test_official_vit_zoom_resize_matches_scipy(official_params):

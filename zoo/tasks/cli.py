@@ -54,6 +54,8 @@ from zoo.data.base import SplitDataModule
 from zoo.registry import configs_dir
 from zoo.tasks.checkpoints import CheckpointError, load_training_checkpoint
 from zoo.tasks.guards import NonFiniteLossError, NonFiniteLossGuard
+from zoo.tasks.progress import EpochProgressLog
+from zoo.tasks.quiet import quiet_library_notices
 from zoo.tasks.resume import SeedEachStep, truncate_metrics_csv
 
 DEFAULT_RECIPE = "vmoe_digits"
@@ -213,10 +215,27 @@ def simplify_subclass_error(message: str, prog: str = "train.py") -> str:
 
 
 class ZooArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser with subclass-mode errors cut down to the line that matters."""
+    """LightningCLI's parser with subclass-mode errors cut down to the line that matters, and a command-line error
+    printed as that line plus where to find the options, without jsonargparse's usage listing of every option
+    (55 lines before the error, which scrolled it off the screen)."""
 
     def error(self, message: str, ex: Optional[Exception] = None):  # noqa: ANN201 (NoReturn in the base)
-        return super().error(simplify_subclass_error(message, Path(self.prog or "train.py").name), ex)
+        prog = Path(self.prog or "train.py").name
+        message = simplify_subclass_error(message, prog)
+        if not self.exit_on_error or callable(self._error_handler) or _jsonargparse_debug():
+            return super().error(message, ex)  # a nested parse or a debug run: jsonargparse's own handling
+        self._logger.error(message)
+        sys.stderr.write(f"error: {message}\n"
+                         f"For the accepted options run: {prog} --help\n")
+        self.exit(2)
+
+
+def _jsonargparse_debug() -> bool:
+    try:
+        from jsonargparse._common import debug_mode_active
+    except ImportError:  # moved in another jsonargparse version: behave as without debug mode
+        return False
+    return debug_mode_active()
 
 
 class ZooCLI(LightningCLI):
@@ -285,6 +304,7 @@ class ZooCLI(LightningCLI):
         # the random numbers of each step depend on the step only, so a resumed run repeats the killed one exactly
         callbacks.append(SeedEachStep())
         callbacks.append(NonFiniteLossGuard())
+        callbacks.append(EpochProgressLog())  # a line per epoch when the recipe turns the progress bar off
         return self._instantiate_trainer(trainer_config, callbacks)
 
 
@@ -446,8 +466,15 @@ def main(args: Optional[list[str]] = None) -> dict[str, Any]:
 
     User errors (unknown preset / config key, missing data) print ``train.py: error: ...`` and exit with status 2;
     set ``ZOO_DEBUG=1`` for the traceback."""
+    quiet_library_notices()
     with user_errors("train.py"):
         return _main(args)
+
+
+def model_label(model: L.LightningModule) -> str:
+    """How plot titles name the model: the zoo task's model preset, else the LightningModule's class."""
+    name = getattr(model, "hparams", {}).get("model")
+    return name if isinstance(name, str) else type(model).__name__
 
 
 def _main(args: Optional[list[str]]) -> dict[str, Any]:
@@ -489,10 +516,10 @@ def _main(args: Optional[list[str]]) -> dict[str, Any]:
                 from zoo.plots import plot_training_curves
 
                 plots.append(str(plot_training_curves(metrics_csv, out / "plots" / "training_curves.png",
-                                                      title=cli.run_name)))
+                                                      title=f"{model_label(model)}, run {cli.run_name}: training")))
             write_test_plots = getattr(model, "write_test_plots", None)
             if "test" in summary and callable(write_test_plots):
-                plots += write_test_plots(out / "plots", title=f"{cli.run_name} (test)")
+                plots += write_test_plots(out / "plots", title=f"{model_label(model)}, run {cli.run_name} (test)")
         except ValueError as err:  # e.g. no metrics logged: plots are a convenience, never fail the run
             print(f"[train.py] plots skipped: {err}", file=sys.stderr)
         summary["plots"] = plots

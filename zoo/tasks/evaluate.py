@@ -113,7 +113,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-dropless", action="store_true", help="no capacity limit at eval")
     p.add_argument("--output", default=None, help="write the metrics JSON here too")
     p.add_argument("--plots-dir", default=None,
-                   help="PNG folder (default: <checkpoint folder>/<checkpoint stem>_<split>_plots)")
+                   help="PNG folder (default: <checkpoint folder>/<checkpoint stem>_<split>_plots; with --pretrained "
+                        "<root>/runs/pretrained/<model>_<tag>_<split>_plots)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--precision", default=None, help="default: the precision the checkpoint was trained with")
@@ -206,6 +207,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def pretrained_plots_dir(args: argparse.Namespace, tag: Any) -> Path:
+    """Default plot folder of ``--model NAME --pretrained``: ``<root>/runs/pretrained/<NAME>_<tag>_<split>_plots``
+    (root = ``--root``, else the working directory), like a checkpoint's ``<stem>_<split>_plots``."""
+    import re
+
+    safe_tag = re.sub(r"[^\w.-]+", "_", str(tag)).strip("_") or "default"
+    return Path(args.root or Path.cwd()) / "runs" / "pretrained" / f"{args.model}_{safe_tag}_{args.split}_plots"
+
+
 def _evaluate_pretrained(args: argparse.Namespace) -> dict[str, Any]:
     """``--model NAME --pretrained [TAG]``: published weights on the data they were recorded on."""
     import lightning as L
@@ -257,10 +267,11 @@ def _evaluate_pretrained(args: argparse.Namespace) -> dict[str, Any]:
         "reproduced": None if want is None or acc is None else abs(acc - want) < 1e-6,
         "layers": routing.as_dict() if routing else {},
     }
-    if not args.no_plots and args.plots_dir:
+    if not args.no_plots:
         names = list(getattr(dm, "class_names", []) or [])
-        out["plots"] = write_routing_plots(task, names, Path(args.plots_dir),
-                                           title=f"{args.model} ({out['pretrained']}) on {type(dm).__name__}")
+        out["plots"] = write_routing_plots(task, names, Path(args.plots_dir or pretrained_plots_dir(args, out["pretrained"])),
+                                           title=f"{args.model} ({out['pretrained']}) on {type(dm).__name__} "
+                                                 f"({args.split})")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=2))
@@ -268,6 +279,9 @@ def _evaluate_pretrained(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    from zoo.tasks.quiet import quiet_library_notices
+
+    quiet_library_notices()
     args = parse_args(argv)
     try:
         out = evaluate(args)
