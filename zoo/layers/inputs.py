@@ -18,8 +18,8 @@ def check_token_ids(ids: Tensor, vocab_size: int, name: str = "token ids") -> No
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
-            raise ValueError(f"{name} hold id {bad}, outside [0, vocab_size={vocab_size}); use the model's tokenizer "
-                             "or a model with a larger vocab_size")
+            raise ValueError(f"{name}: token ids must be in [0, vocab_size={vocab_size}), got id {bad}; use the "
+                             "model's tokenizer or a model with a larger vocab_size")
 
 
 def validate_images(images: Tensor, in_chans: int, image_size: int,
