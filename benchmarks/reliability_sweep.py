@@ -1,7 +1,7 @@
 """Reliability sweep (issue 17): a table of concrete bad inputs and faults a demanding user would try, each run and
 its outcome classified automatically.
 
-    PYTHONPATH=$PWD python benchmarks/reliability_sweep.py                 # all cases, writes results/reliability_sweep.*
+    PYTHONPATH=$PWD python benchmarks/reliability_sweep.py            # all cases, writes results/reliability_sweep.*
     PYTHONPATH=$PWD python benchmarks/reliability_sweep.py --no-cli        # in-process cases only (seconds)
     PYTHONPATH=$PWD python benchmarks/reliability_sweep.py --only moe_config --print
 
@@ -494,7 +494,8 @@ def _add_model_input_cases() -> None:
         b = model(x.contiguous(memory_format=torch.channels_last)).logits
         torch.testing.assert_close(a, b)
 
-    case("vmoe.channels_last_memory", "model_inputs", "channels_last memory format gives the same logits", channels_last)
+    case("vmoe.channels_last_memory", "model_inputs", "channels_last memory format gives the same logits",
+         channels_last)
 
     def limoe(images=None, text=None, mask=None):
         def run(ctx):
@@ -527,7 +528,8 @@ def _add_model_input_cases() -> None:
     case("limoe.token_negative", "model_inputs", "LIMoE given a negative token id",
          limoe(text=lambda: tokens(2, 16).index_fill_(1, torch.tensor([3]), -5)), E, ("vocab_size",))
     case("limoe.mask_shape", "model_inputs", "LIMoE text_mask of another shape",
-         limoe(text=lambda: tokens(2, 16), mask=lambda: torch.ones(2, 15, dtype=torch.bool)), E, ("text_mask", "(2, 15)"))
+         limoe(text=lambda: tokens(2, 16), mask=lambda: torch.ones(2, 15, dtype=torch.bool)), E,
+         ("text_mask", "(2, 15)"))
     case("limoe.mask_empty_row", "model_inputs", "LIMoE caption with no valid token",
          limoe(text=lambda: tokens(2, 16), mask=lambda: torch.zeros(2, 16, dtype=torch.bool)), E, ("valid token",))
 
@@ -607,7 +609,8 @@ def _add_model_input_cases() -> None:
         padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], 1)
         mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 5)], 1).long()
         out = model.generate(padded, attention_mask=mask, max_new_tokens=6)
-        assert torch.equal(out[:, -6:], alone[:, -6:]), f"left-padded {out[:, -6:].tolist()} vs {alone[:, -6:].tolist()}"
+        assert torch.equal(out[:, -6:], alone[:, -6:]), f"left-padded {out[:, -6:].tolist()} vs alone " \
+                                                         f"{alone[:, -6:].tolist()}"
 
     case("generate.left_padding", "model_inputs", "left-padded prompt generates the unpadded prompt's tokens",
          left_padding)
@@ -852,7 +855,8 @@ def _add_hub_cases() -> None:
              load(f"cunk{via}", config_edit(lambda d: d.update(family="vmoee")), via),
              (CheckpointMismatchError, ConfigError), ("vmoee",))
         case(f"hub.{via}.config_list", "hub", f"{via}: config.json holds a list",
-             load(f"clist{via}", write("config.json", "[1, 2]"), via), (CorruptCheckpointError, CheckpointMismatchError),
+             load(f"clist{via}", write("config.json", "[1, 2]"), via),
+             (CorruptCheckpointError, CheckpointMismatchError),
              ("config.json",))
         case(f"hub.{via}.config_empty", "hub", f"{via}: empty config.json",
              load(f"cempty{via}", write("config.json", ""), via), CorruptCheckpointError, ("config.json",))
@@ -1226,7 +1230,8 @@ def _add_cli_cases() -> None:
          cli("train.py", lambda ctx: ["--config", yaml_file("bad.yaml", "model: [unclosed\n")(ctx)], ("bad.yaml",)),
          CliClear, cli=True)
     case("cli.train_empty_yaml", "cli", "train.py --config of an empty file",
-         cli("train.py", lambda ctx: ["--config", yaml_file("empty.yaml", "")(ctx)], ("empty.yaml",)), CliClear, cli=True)
+         cli("train.py", lambda ctx: ["--config", yaml_file("empty.yaml", "")(ctx)], ("empty.yaml",)), CliClear,
+         cli=True)
     case("cli.train_missing_config", "cli", "train.py --config of a missing file",
          cli("train.py", lambda ctx: ["--config", str(ctx.path("missing.yaml"))], ("missing.yaml",)), CliClear,
          cli=True)

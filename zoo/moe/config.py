@@ -125,7 +125,8 @@ class MoEConfig:
                 raise ValueError(f"{name} must be a finite number > 0 (use dropless=True for unbounded capacity), "
                                  f"got {cf}")
         if self.capacity_multiple_of < 0:
-            raise ValueError(f"capacity_multiple_of must be >= 0 (0 or 1 = no rounding), got {self.capacity_multiple_of}")
+            raise ValueError(f"capacity_multiple_of must be >= 0 (0 or 1 = no rounding), got "
+                             f"{self.capacity_multiple_of}")
         if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
             raise ValueError(f"noise_std must be a finite number >= 0 (0 = no router noise), got {self.noise_std}")
         for name in ("importance_loss_weight", "load_loss_weight", "switch_loss_weight", "z_loss_weight",
