@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.config import flatten, to_dict
-from zoo.errors import CheckpointMismatchError
+from zoo.errors import CheckpointMismatchError, CorruptCheckpointError
 from zoo.registry import family_of_model
 
 logger = logging.getLogger("zoo.checkpoint")
@@ -68,6 +68,11 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, Tensor], 
         shown = bad[:12] + ([f"... and {len(bad) - 12} more"] if len(bad) > 12 else [])
         raise CheckpointMismatchError(f"{source}: config/weights mismatch, {len(bad)} tensor(s) have other "
                                       "shapes:\n  " + "\n  ".join(shown) + diff_msg)
+    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:  # a diverged run's or damaged weights: loading them gives NaN outputs / chance accuracy
+        raise CorruptCheckpointError(f"{source} holds non-finite (NaN / inf) weights in {len(nonfinite)} tensor(s), "
+                                     f"e.g. {nonfinite[:4]}; it is damaged or from a diverged run: use an earlier "
+                                     "checkpoint")
     with torch.no_grad():
         for k, v in sd.items():
             if v.dtype != own[k].dtype and own[k].is_floating_point():

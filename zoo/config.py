@@ -86,6 +86,30 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def check_field_types(obj: Any, where: str | None = None) -> None:
+    """Check every field of dataclass instance ``obj`` against its annotation, as :func:`from_dict` checks YAML
+    values (ints stay ints, floats accept ints, Literals their listed values, None only where the field is
+    Optional), and store the normalised values (lists become tuples where the field is a tuple). For configs built
+    directly in Python, which skip :func:`from_dict`.
+
+    Raises:
+        ConfigError: naming the field, the bad value and the expected type.
+    """
+    where = where or type(obj).__name__
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if value is None and not _is_optional(tp) and tp is not Any:
+            raise ConfigError(f"{where}.{f.name} must not be None (it is not optional)")
+        converted = _convert(value, tp, f"{where}.{f.name}")
+        if converted is not value:
+            object.__setattr__(obj, f.name, converted)
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -> T:
     """Build dataclass ``cls`` from ``data``; nested dataclass fields take nested mappings.
 

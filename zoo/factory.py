@@ -158,6 +158,9 @@ def create_model(name: str, pretrained: Any = None, **overrides: Any) -> nn.Modu
     ``pretrained=True`` loads that tag, without it the model is built as the tag's weights need), or ``"hf-hub:org/repo"`` / ``"local-dir:PATH"``: the config comes from that
     folder's ``config.json`` and its weights are loaded unless ``pretrained=False``.
     """
+    if not isinstance(name, str):
+        raise ConfigError(f"the model name must be a str (a preset such as 'vmoe_tiny_digits', 'preset.tag', "
+                          f"'hf-hub:org/repo' or 'local-dir:PATH'), got {name!r}; zoo.list_models() lists the presets")
     if is_source(name):
         return from_pretrained(name, True if pretrained is None else pretrained, **overrides)
     name, name_tag = parse_model_name(name)

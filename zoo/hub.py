@@ -248,7 +248,12 @@ def read_config_file(path: PathLike, where: str = "") -> tuple[str, dict[str, An
 
 
 def read_meta(source: str, *, cache_dir: Optional[PathLike] = None) -> dict[str, Any]:
-    """``pretrained.json`` of a published folder ({} if it has none or it is unreadable)."""
+    """``pretrained.json`` of a published folder ({} if it has none).
+
+    Raises:
+        CorruptCheckpointError: the file is not a JSON object (it records the weights' sha256, so ignoring it would
+            switch verification off).
+    """
     try:
         path = fetch_file(source, META_NAME, cache_dir=cache_dir, required=False)
     except WeightsNotFoundError:
@@ -257,10 +262,12 @@ def read_meta(source: str, *, cache_dir: Optional[PathLike] = None) -> dict[str,
         return {}
     try:
         meta = json.loads(Path(path).read_text())
-    except json.JSONDecodeError:
-        logger.warning("%s: ignoring unreadable %s", source, META_NAME)
-        return {}
-    return meta if isinstance(meta, dict) else {}
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpointError(f"{source}: {META_NAME} is not valid JSON ({err}); it records the weights' "
+                                     f"sha256: restore it from the original folder") from err
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(f"{source}: {META_NAME} must hold a JSON object, found {type(meta).__name__}")
+    return meta
 
 
 # ------------------------------------------------------------------------------------- reading weights
@@ -416,6 +423,8 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, preset: Optio
     """
     config = model_config_dict(model)
     out = Path(save_directory)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"save_pretrained needs a folder, but {out} is a file; choose another save_directory")
     out.mkdir(parents=True, exist_ok=True)
     preset = preset or find_preset(model)
     tensors = {}

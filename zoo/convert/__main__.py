@@ -15,7 +15,8 @@ from zoo.convert.vmoe import PUBLISHED, UNSUPPORTED_PUBLISHED
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zoo.convert", description="Convert external checkpoints "
                                      "to zoo published folders (config.json + model.safetensors + README.md)")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    # metavar: argparse names a missing subcommand by it ("required: {vmoe,hf-lm,list}", not "required: cmd")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{vmoe,hf-lm,list}")
     v = sub.add_parser("vmoe", help="official V-MoE checkpoint (PREFIX.index + PREFIX.data-*) -> DIR",
                        description="Config source: --config, else --preset, else inferred from the checkpoint "
                                    "(routing settings from the options below / the published-checkpoint table).")

@@ -31,17 +31,17 @@ class HFCheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------- reading
 def read_hf_folder(folder: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(config.json as a dict, {tensor name: tensor})`` of a transformers checkpoint folder."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; expected a transformers checkpoint folder "
                                 "(config.json + model.safetensors or sharded safetensors with an index)")
-    config = json.loads(cfg_path.read_text())
+    config = _read_json(cfg_path)
+    if not isinstance(config, dict):
+        raise HFCheckpointError(f"{cfg_path} must hold a JSON object, found {type(config).__name__}")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        weight_map = _read_json(index).get("weight_map") or {}
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
@@ -49,7 +49,7 @@ def read_hf_folder(folder: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]
                                     "whole checkpoint folder")
         tensors: dict[str, Tensor] = {}
         for shard in shards:
-            tensors.update(load_file(str(folder / shard)))
+            tensors.update(_read_safetensors(folder / shard))
         absent = sorted(set(weight_map) - set(tensors))
         if absent:
             raise HFCheckpointError(f"{index.name} maps {len(absent)} tensor(s) (e.g. {absent[:3]}) to shards that do "
@@ -60,7 +60,23 @@ def read_hf_folder(folder: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]
         found = sorted(p.name for p in folder.iterdir())
         raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json (found "
                                 f"{found}); .bin checkpoints: re-save them with safetensors first")
-    return config, load_file(str(single))
+    return config, _read_safetensors(single)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise HFCheckpointError(f"{path} is not valid JSON ({err}); re-download the checkpoint folder") from err
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    from zoo.hub import check_safetensors
+
+    check_safetensors(path)  # names the file and what is wrong (truncated, not safetensors) before reading it
+    return load_file(str(path))
 
 
 # ---------------------------------------------------------------------------------------- config maps

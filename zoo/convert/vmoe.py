@@ -336,12 +336,21 @@ def vit_zoom_pos_embed(pos: np.ndarray, new_grid: int, num_prefix_tokens: int = 
 
 # ---------------------------------------------------------------------------------------------- convert
 def load_official_config(path: PathLike) -> dict[str, Any]:
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
+    """The mapping in a JSON (or ``.yaml`` / ``.yml``) config file; a :class:`ConfigError` naming the file if it is
+    missing, unparsable or not a mapping."""
+    import yaml
 
-        return yaml.safe_load(text)
-    return json.loads(text)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the official config.model kwargs as JSON/YAML, "
+                          "or use --preset")
+    try:
+        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path} could not be parsed: {err}") from err
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of model kwargs, found {type(data).__name__}")
+    return dict(data)
 
 
 def convert_vmoe(checkpoint: PathLike, out: Optional[PathLike] = None, *, preset: Optional[str] = None,
@@ -367,6 +376,11 @@ def convert_vmoe(checkpoint: PathLike, out: Optional[PathLike] = None, *, preset
     known = PUBLISHED.get(name, {})
     if name in UNSUPPORTED_PUBLISHED:
         raise ConfigError(f"{name}: {UNSUPPORTED_PUBLISHED[name]}; not convertible to a zoo V-MoE")
+    # the cheap arguments first: a typo in the preset or config file should not wait for (or hide behind) the checkpoint
+    if preset is not None:
+        model_config(preset)
+    if config is not None and not isinstance(config, (Mapping, VMoEConfig)):
+        config = load_official_config(config)
     params = read_checkpoint(checkpoint)
     in_chans = int(params["embedding/kernel"].shape[2]) if "embedding/kernel" in params else 3
     routing = {k: v for k, v in {"encoder.moe.top_k": top_k, "encoder.moe.capacity_factor": capacity_factor,

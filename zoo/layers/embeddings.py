@@ -12,6 +12,15 @@ from torch import Tensor, nn
 from zoo.layers.inputs import validate_images
 
 
+def check_image_geometry(image_size: int, patch_size: int) -> None:
+    """The image-family config checks of the input grid: positive sizes, the patch size dividing the image size."""
+    for name, value in (("image_size", image_size), ("patch_size", patch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}")
+
+
 class PatchEmbed(nn.Module):
     """Image -> one token per ``patch x patch`` cell: [B, C, H, W] -> [B, (H/p)*(W/p), D].
 
@@ -74,7 +83,7 @@ def embed_images(images: Tensor, patch_embed: PatchEmbed, pos_embed: Tensor,
     images [B, C, H, W] -> tokens [B, P + N, D]. The families keep their own parameters (their names are part of
     the published checkpoints); this is the one place that combines them.
     """
-    validate_images(images, patch_embed.in_chans, patch_embed.image_size)
+    validate_images(images, patch_embed.in_chans, patch_embed.image_size, pos_embed.dtype)
     x = patch_embed(images)
     if prefix_tokens is not None:
         x = torch.cat([prefix_tokens.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)

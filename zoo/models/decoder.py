@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.layers.decoder_attention import DecoderAttention
+from zoo.layers.inputs import check_token_ids
 from zoo.layers.kv_cache import KVCache, causal_attention_mask, positions_from_mask
 from zoo.layers.mlp import Mlp
 from zoo.layers.norm import NormType, make_norm
@@ -215,8 +216,10 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 cache: Optional[KVCache] = None) -> ModelOutput:
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [B, S] token ids, got shape {tuple(input_ids.shape)}")
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be [B, S] token ids, got shape {shape}")
+        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         B, S = input_ids.shape
         mask = (torch.ones(B, S, dtype=torch.bool, device=input_ids.device) if attention_mask is None
                 else attention_mask.to(torch.bool))

@@ -52,6 +52,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tenso
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     B, S = input_ids.shape
+    if S == 0:
+        raise ValueError("the prompt is empty (input_ids has 0 tokens): give at least one token, e.g. the BOS id")
     mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
             else attention_mask.to(device=input_ids.device, dtype=torch.bool))
     if not bool(mask[:, -1].all()):

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.errors import CheckpointMismatchError
-from zoo.layers import Mlp, PatchEmbed, embed_images, resize_grid_pos_embed
+from zoo.layers import Mlp, PatchEmbed, check_image_geometry, check_token_ids, embed_images, resize_grid_pos_embed
 from zoo.models.output import ModelOutput
 from zoo.models.transformer import Transformer, TransformerConfig, init_weights
 from zoo.moe import MoEConfig, RoutingStats, collect_moe_aux
@@ -128,8 +128,7 @@ class LIMoEConfig:
     encoder: TransformerConfig = field(default_factory=_default_encoder)
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} must be divisible by patch_size={self.patch_size}")
+        check_image_geometry(self.image_size, self.patch_size)
         for name in ("in_chans", "vocab_size", "context_length", "embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -300,15 +299,15 @@ class LIMoE(nn.Module):
 
     def _check_text(self, tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
         if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
-            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            shape = (f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor)
+                     else type(tokens).__name__)
             raise ValueError(f"text must be integer token ids [B, L], got {shape}; tokenize captions with "
                              "zoo.data.image_text.CaptionTokenizer (open_clip BPE)")
         L = tokens.shape[1]
         if L > self.config.context_length:
             raise ValueError(f"text has {L} tokens but the model's context_length is {self.config.context_length}; "
                              f"tokenize with context_length={self.config.context_length}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size})")
+        check_token_ids(tokens, self.config.vocab_size, "text")
         mask = self.text_mask(tokens) if mask is None else mask.to(torch.bool)
         if mask.shape != tokens.shape:
             raise ValueError(f"text_mask must have the shape of text {tuple(tokens.shape)}, got {tuple(mask.shape)}")

@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from zoo.layers import PatchEmbed, embed_images, resize_grid_pos_embed
+from zoo.layers import PatchEmbed, check_image_geometry, embed_images, resize_grid_pos_embed
 from zoo.models.output import ModelOutput
 from zoo.models.transformer import Transformer, TransformerConfig, init_weights
 from zoo.moe import collect_moe_aux
@@ -36,10 +36,10 @@ class VMoEConfig:
     encoder: TransformerConfig = field(default_factory=TransformerConfig)
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} must be divisible by patch_size={self.patch_size}")
-        if self.num_classes < 1 or self.in_chans < 1:
-            raise ValueError("num_classes and in_chans must be >= 1")
+        check_image_geometry(self.image_size, self.patch_size)
+        for name in ("num_classes", "in_chans"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class VMoE(nn.Module):

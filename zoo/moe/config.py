@@ -104,6 +104,15 @@ class MoEConfig:
     cuda_graphs: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        from zoo.config import check_field_types
+
+        if self.capacity_factor is None:  # the likely meaning ("no limit") has its own setting: say which
+            raise ValueError("capacity_factor=None: capacity_factor must be a number; use dropless=True for "
+                             "unbounded capacity")
+        for name, kind in (("router", RouterType), ("activation", Activation), ("dispatch", DispatchType)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {get_args(kind)}")
+        check_field_types(self)  # a config built in Python gets the type checks a YAML one gets in from_dict
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         for name in ("top_k", "eval_top_k"):
@@ -115,9 +124,16 @@ class MoEConfig:
             if cf is not None and not (math.isfinite(cf) and cf > 0):
                 raise ValueError(f"{name} must be > 0 and finite (use dropless=True for unbounded capacity), "
                                  f"got {cf}")
-        for name, kind in (("router", RouterType), ("activation", Activation), ("dispatch", DispatchType)):
-            if getattr(self, name) not in get_args(kind):
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {get_args(kind)}")
+        if self.capacity_multiple_of < 0:
+            raise ValueError(f"capacity_multiple_of must be >= 0 (0 or 1 = no rounding), got "
+                             f"{self.capacity_multiple_of}")
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0 (0 = no router noise), got {self.noise_std}")
+        for name in ("importance_loss_weight", "load_loss_weight", "switch_loss_weight", "z_loss_weight",
+                     "local_entropy_weight", "global_entropy_weight"):
+            weight = getattr(self, name)
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0 switches the loss off), got {weight}")
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.shared_expert_hidden_dim is not None and self.shared_expert_hidden_dim < 1:
@@ -130,7 +146,8 @@ class MoEConfig:
         if self.num_modalities < 1:
             raise ValueError(f"num_modalities must be >= 1, got {self.num_modalities}")
         if self.global_entropy_min_experts < 1:
-            raise ValueError("global_entropy_min_experts must be >= 1 (tau = log of it)")
+            raise ValueError(f"global_entropy_min_experts must be >= 1 (tau = log of it), got "
+                             f"{self.global_entropy_min_experts}")
         if self.slots_per_expert < 1:
             raise ValueError(f"slots_per_expert must be >= 1, got {self.slots_per_expert}")
         for name in ("local_entropy_weight", "global_entropy_weight", "global_entropy_min_experts"):

@@ -99,6 +99,9 @@ class MoELayer(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, config: MoEConfig, *, causal: bool = False,
                  experts: Optional[nn.Module] = None) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoELayer {name} must be an int >= 1, got {value!r}")
         self.dim, self.hidden_dim, self.config, self.causal = dim, hidden_dim, config, causal
         E = config.num_experts
         if causal:
@@ -177,6 +180,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"mask must have shape [B, S] = {(B, S)}, got {tuple(valid.shape)}")
         if modality is not None and modality.shape != (B, S):
             raise ValueError(f"modality must have shape [B, S] = {(B, S)}, got {tuple(modality.shape)}")
+        self._check_values(x, modality)
         # Drop the last step's outputs first: on the CUDA-graph path their memory is reused once nothing holds them.
         self.aux = None
         self.last_routing = None
@@ -199,6 +203,27 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             y = y + self._shared_forward(x, None if mask is None else valid)
         return y
+
+    def _check_values(self, x: Tensor, modality: Optional[Tensor]) -> None:
+        """Dtype checks, and the modality id range as a device-side assert (no host read: on CPU it raises here, on
+        an accelerator at the next synchronisation)."""
+        weight_dtype = next(self.router.parameters()).dtype
+        if not x.is_floating_point():
+            raise TypeError(f"MoELayer expects floating-point x, got {x.dtype}; convert it (x.float())")
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the layer's weights are {weight_dtype}; convert one of them "
+                            f"(x.to({weight_dtype}) or layer.to({x.dtype})) or run under torch.autocast")
+        if modality is None:
+            return
+        if modality.is_floating_point() or modality.dtype == torch.bool:
+            raise TypeError(f"modality must hold integer ids in [0, num_modalities), got {modality.dtype} "
+                            "(modality.long())")
+        M = self.config.num_modalities
+        message = f"modality ids must be in [0, num_modalities={M}); set MoEConfig.num_modalities or fix the ids"
+        try:
+            torch._assert_async(((modality >= 0) & (modality < M)).all(), message)
+        except RuntimeError as err:  # raised at once on CPU: name the values found (this read is the error path only)
+            raise ValueError(f"{message}; got values in [{int(modality.min())}, {int(modality.max())}]") from err
 
     def _sparse_forward(self, xg: Tensor, vg: Tensor, mg: Optional[Tensor], all_valid: bool):
         """Token-choice or expert-choice routing of groups ``xg`` [G, S, D]: (output [G, S, D], record tensors or
