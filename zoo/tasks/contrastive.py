@@ -54,11 +54,7 @@ DATA_DIMS = ("in_chans", "image_size", "context_length")
 from zoo.plots import plot_image_share, write_modality_routing_plots  # noqa: E402,F401 (re-exported)
 from zoo.tasks.losses import contrastive_loss, nt_xent_loss  # noqa: E402,F401 (re-exported)
 from zoo.tasks.retrieval import retrieval_chance, retrieval_recall, zero_shot_classifier  # noqa: E402,F401
-from zoo.tasks.routing_report import (  # noqa: E402,F401 (re-exported)
-    MODALITY_NAMES,
-    ModalityRoutingAccumulator,
-    ModalityRoutingSummary,
-)
+from zoo.tasks.routing_report import MODALITY_NAMES, ModalityRoutingSummary, RoutingReport  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------- task
@@ -70,7 +66,7 @@ class _EvalState:
     text_owner: list[Tensor] = field(default_factory=list)
     num_images: int = 0
     classifier: Optional[Tensor] = None
-    routing: Optional[ModalityRoutingAccumulator] = None
+    routing: Optional[RoutingReport] = None
 
 
 class ContrastiveTask(ZooTask):
@@ -338,7 +334,7 @@ class ContrastiveTask(ZooTask):
         if self._trainer is not None and self.trainer.world_size > 1:
             warnings.warn("ContrastiveTask evaluates per process (zero-shot / retrieval over the local shard)")
         state = _EvalState()
-        state.routing = ModalityRoutingAccumulator(self.model).attach()
+        state.routing = RoutingReport(self.model).start()
         dm = self.attached_datamodule()
         names, templates = getattr(dm, "class_names", None), getattr(dm, "zero_shot_templates", None)
         tokenizer = getattr(dm, "tokenizer", None)
@@ -350,7 +346,6 @@ class ContrastiveTask(ZooTask):
         state = self._eval[split]
         images, text = batch["image"], batch.get("text")
         out = self(images)
-        state.routing.update(out.routing)
         state.image_embeds.append(out.image_embeds.float().cpu())
         state.labels.append(batch["label"].cpu() if "label" in batch else torch.full((images.shape[0],), -1))
         B = images.shape[0]
@@ -358,12 +353,10 @@ class ContrastiveTask(ZooTask):
             flat, owner = self.flatten_captions(batch)
             owner = owner + state.num_images
             tout = self(text=flat)
-            state.routing.update(tout.routing)
             state.text_embeds.append(tout.text_embeds.float().cpu())
             state.text_owner.append(owner.cpu())
         elif text is not None:  # one caption per image: the contrastive loss
             tout = self(text=text, text_mask=batch.get("text_mask"))
-            state.routing.update(tout.routing)
             out.text_embeds, out.logit_scale, out.logit_bias = tout.text_embeds, tout.logit_scale, tout.logit_bias
             loss = self._loss(out, batch)
             self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=B, prog_bar=True)
@@ -371,7 +364,7 @@ class ContrastiveTask(ZooTask):
 
     def _finish_eval(self, split: str) -> dict[str, float]:
         state = self._eval.pop(split)
-        state.routing.detach()
+        state.routing.stop()
         metrics: dict[str, float] = {}
         if state.image_embeds:
             img = torch.cat(state.image_embeds)
@@ -386,8 +379,7 @@ class ContrastiveTask(ZooTask):
             if state.text_embeds:
                 txt, owner = torch.cat(state.text_embeds), torch.cat(state.text_owner)
                 metrics.update(retrieval_recall(img @ txt.t(), owner, self.hparams.retrieval_ks))
-        summary = state.routing.summary()
-        summary.num_examples = state.num_images
+        summary = state.routing.modality_summary(num_examples=state.num_images)
         if summary.layer_names:
             for k, v in summary.means().items():
                 metrics[f"routing/{k}"] = v
