@@ -120,3 +120,28 @@ def test_causal_lm_trains_under_fsdp():
                             text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FSDP OK steps=3" in result.stdout
+
+
+def test_test_pass_reports_routing_and_records_only_then():
+    """A test pass fills ``test_routing`` through RoutingReport (tokens per expert = the layers' kept slots, the
+    examples counted); the layers record their routing only during that pass."""
+    import lightning as L
+
+    from zoo.moe import moe_layers
+
+    torch.manual_seed(0)
+    task = CausalLMTask(model="decoder_tiny_moe", vocab_size=50)
+    ids = torch.randint(4, 50, (6, 10))
+    loader = torch.utils.data.DataLoader([{"input_ids": row, "attention_mask": torch.ones(10, dtype=torch.bool)}
+                                          for row in ids], batch_size=3)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.test(task, loader, verbose=False)
+    routing = task.test_routing
+    layers = moe_layers(task.model)
+    assert routing.layer_names == task.layer_names and len(routing.tokens_per_expert) == len(layers) > 0
+    assert routing.num_examples == 6
+    k = layers[0].config.k(False)
+    for tokens, dropped in zip(routing.tokens_per_expert, routing.dropped_fraction):
+        assert float(tokens.sum()) == pytest.approx((1 - dropped) * k * 6 * 10)
+    assert not any(layer.record_routing for layer in layers) and all(layer.last_routing is None for layer in layers)
