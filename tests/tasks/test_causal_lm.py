@@ -145,3 +145,25 @@ def test_test_pass_reports_routing_and_records_only_then():
     for tokens, dropped in zip(routing.tokens_per_expert, routing.dropped_fraction):
         assert float(tokens.sum()) == pytest.approx((1 - dropped) * k * 6 * 10)
     assert not any(layer.record_routing for layer in layers) and all(layer.last_routing is None for layer in layers)
+
+
+def test_param_groups_with_tied_embeddings():
+    """A tied LM head shares the token embedding: the optimiser gets that tensor once, without weight decay (it is
+    an embedding), under the name ``named_parameters`` gives it; a training step runs."""
+    from zoo.tasks.optim import build_optimizer, param_groups
+
+    task = CausalLMTask(model="decoder_tiny_moe", vocab_size=50, model_overrides={"tie_embeddings": True})
+    model = task.model
+    assert model.lm_head.weight is model.embed.weight
+    groups = param_groups(model, 0.1)
+    names = [n for g in groups for n in g["names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # every tensor once
+    tied = {n for n, p in model.named_parameters() if p is model.lm_head.weight}
+    assert len(tied) == 1 and tied <= set(groups[-1]["names"]) and groups[-1]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    optimizer = build_optimizer(model, "adamw", 1e-3, 0.1)
+    ids = torch.randint(4, 50, (2, 8))
+    loss, _, _ = task._shared_step({"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool)},
+                                   "train")
+    loss.backward()
+    optimizer.step()

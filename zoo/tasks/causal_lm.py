@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
 from zoo.models.output import ModelOutput
-from zoo.moe import RoutingStats, set_eval_overrides
+from zoo.moe import RoutingStats
 from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
-from zoo.tasks.optim import DecayName, OptimizerName
+from zoo.tasks.optim import OptimizerConfig
 from zoo.tasks.routing_report import RoutingReport, RoutingSummary
 
 IGNORE = -100
@@ -46,11 +46,13 @@ class CausalLMTask(ZooTask):
         model: a ``decoder`` preset (e.g. ``"decoder_tiny_moe"``); model_overrides: changes to its config.
         vocab_size: None = the datamodule's (``take_from_datamodule``).
         gradient_checkpointing: recompute block activations in the backward pass (less memory, ~1/3 more compute).
-        optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps: the recipe
-            optimiser and schedule (:class:`zoo.tasks.optim.RecipeOptimizerMixin`).
-        eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing.
         pretrained: as :func:`zoo.create_model`.
+        **shared: the optimiser, LR schedule and eval-time routing every task takes (:class:`ZooTask`,
+            :class:`zoo.tasks.optim.OptimizerConfig`); defaults: ``optimizer_defaults`` (betas (0.9, 0.95), weight
+            decay 0.1, final LR 0.1 x peak).
     """
+
+    optimizer_defaults = OptimizerConfig(betas=(0.9, 0.95), weight_decay=0.1, min_lr_ratio=0.1)
 
     def __init__(
         self,
@@ -58,24 +60,10 @@ class CausalLMTask(ZooTask):
         model_overrides: Optional[dict[str, Any]] = None,
         vocab_size: Optional[int] = None,
         gradient_checkpointing: bool = False,
-        optimizer: OptimizerName = "adamw",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 100,
-        lr_decay: DecayName = "cosine",
-        min_lr_ratio: float = 0.1,
-        total_steps: Optional[int] = None,
-        eval_capacity_factor: Optional[float] = None,
-        eval_top_k: Optional[int] = None,
-        eval_dropless: Optional[bool] = None,
         pretrained: Optional[Union[bool, str]] = None,
+        **shared: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        super().__init__(**shared)
         self.model = self._build_model()
         self.val_ppl, self.test_ppl = Perplexity(ignore_index=IGNORE), Perplexity(ignore_index=IGNORE)
         self.test_routing: Optional[RoutingSummary] = None
@@ -90,8 +78,7 @@ class CausalLMTask(ZooTask):
         if not hasattr(model, "gradient_checkpointing"):
             raise ValueError(f"CausalLMTask needs a decoder LM preset; {hp.model!r} builds a {type(model).__name__}")
         model.gradient_checkpointing = bool(hp.gradient_checkpointing)
-        set_eval_overrides(model, capacity_factor=hp.eval_capacity_factor, top_k=hp.eval_top_k,
-                           dropless=hp.eval_dropless)
+        self.apply_eval_routing(model)
         self.layer_names = moe_layer_names(model)
         return model
 

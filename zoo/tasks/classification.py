@@ -26,10 +26,9 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.models.output import ModelOutput
-from zoo.moe import RoutingStats, set_eval_overrides
+from zoo.moe import RoutingStats
 from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
-from zoo.tasks.optim import DecayName, OptimizerName
 from zoo.tasks.routing_report import RoutingReport, RoutingSummary  # noqa: F401 (RoutingSummary re-exported)
 
 # Model config keys the datamodule decides (so one recipe works on any dataset).
@@ -77,17 +76,11 @@ class ImageClassificationTask(ZooTask):
         num_classes, in_chans, image_size: the input/output geometry. ``None`` = taken from the datamodule in
             :meth:`take_from_datamodule` (``train.py`` calls it as soon as the datamodule exists), else the
             preset's values.
-        optimizer: ``"adamw"`` (decoupled weight decay) or ``"adam"`` (L2). Norms, biases and position / class
-            embeddings never get weight decay (see :func:`zoo.tasks.optim.is_no_decay`).
-        lr: peak learning rate. betas, eps, weight_decay: optimiser settings.
-        warmup_steps: linear warmup (in optimiser steps), then ``lr_decay`` ("cosine", "linear", "constant") to
-            ``min_lr_ratio * lr`` at the end of training; stepped every optimiser step.
-        total_steps: steps of the schedule; ``None`` = the Trainer's estimate (``max_steps`` / ``max_epochs``).
         label_smoothing: of the cross entropy.
-        eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing, via :func:`zoo.moe.set_eval_overrides`
-            (``None`` = as in training).
         pretrained: start from published weights: ``True`` (the preset's default tag), a tag, ``"hf-hub:ORG/REPO"``
             or ``"local-dir:PATH"`` (see :func:`zoo.create_model`); fine-tune with ``--model.pretrained mnist``.
+        **shared: the optimiser, LR schedule and eval-time routing every task takes (:class:`ZooTask`,
+            :class:`zoo.tasks.optim.OptimizerConfig`); defaults: ``OptimizerConfig()``.
     """
 
     def __init__(
@@ -97,27 +90,13 @@ class ImageClassificationTask(ZooTask):
         num_classes: Optional[int] = None,
         in_chans: Optional[int] = None,
         image_size: Optional[int] = None,
-        optimizer: OptimizerName = "adamw",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 100,
-        lr_decay: DecayName = "cosine",
-        min_lr_ratio: float = 0.0,
-        total_steps: Optional[int] = None,
         label_smoothing: float = 0.0,
-        eval_capacity_factor: Optional[float] = None,
-        eval_top_k: Optional[int] = None,
-        eval_dropless: Optional[bool] = None,
         pretrained: Optional[Union[bool, str]] = None,
+        **shared: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**shared)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
         self.model = self._build_model()
         self._init_metrics()
         self.test_routing: Optional[RoutingSummary] = None
@@ -131,8 +110,7 @@ class ImageClassificationTask(ZooTask):
             if hp.get(key) is not None:
                 overrides[key] = hp[key]
         model = create_model(hp.model, pretrained=hp.get("pretrained"), **overrides)
-        set_eval_overrides(model, capacity_factor=hp.eval_capacity_factor, top_k=hp.eval_top_k,
-                           dropless=hp.eval_dropless)
+        self.apply_eval_routing(model)
         self._layer_names = moe_layer_names(model)
         return model
 

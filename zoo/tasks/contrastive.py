@@ -43,10 +43,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.moe import set_eval_overrides
 from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
-from zoo.tasks.optim import DecayName, OptimizerName
+from zoo.tasks.optim import OptimizerConfig
 
 # Model config keys the datamodule decides (the task takes them in take_from_datamodule()).
 DATA_DIMS = ("in_chans", "image_size", "context_length")
@@ -80,11 +79,9 @@ class ContrastiveTask(ZooTask):
             in :meth:`setup` unless given here.
         positives: "pairs" (each image's own caption is its only positive) or "labels" (items with equal
             ``batch["label"]`` are positives).
-        optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps: as
-            :class:`zoo.tasks.ImageClassificationTask` (AdamW; no decay on norms, biases, embeddings, position
-            embeddings, temperature).
-        eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing via :func:`zoo.moe.set_eval_overrides`
-            (None = as in training).
+        **shared: the optimiser, LR schedule and eval-time routing every task takes (:class:`ZooTask`,
+            :class:`zoo.tasks.optim.OptimizerConfig`); defaults: ``optimizer_defaults`` (AdamW, betas (0.9, 0.98),
+            eps 1e-6, weight decay 0.1; no decay on norms, biases, embeddings, position embeddings, temperature).
         aux_loss_weight: multiplies the model's auxiliary (MoE) loss; the per-loss weights live in the model
             config (``encoder.moe.*_weight``).
         retrieval_ks: the K of recall@K.
@@ -122,24 +119,14 @@ class ContrastiveTask(ZooTask):
     self-supervised loss differs from a run without it). ``train/aux_loss`` logs that total.
     """
 
+    optimizer_defaults = OptimizerConfig(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+
     def __init__(
         self,
         model: str = "limoe_tiny_test",
         model_overrides: Optional[dict[str, Any]] = None,
         positives: Literal["pairs", "labels"] = "pairs",
-        optimizer: OptimizerName = "adamw",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 100,
-        lr_decay: DecayName = "cosine",
-        min_lr_ratio: float = 0.0,
-        total_steps: Optional[int] = None,
         aux_loss_weight: float = 1.0,
-        eval_capacity_factor: Optional[float] = None,
-        eval_top_k: Optional[int] = None,
-        eval_dropless: Optional[bool] = None,
         retrieval_ks: Sequence[int] = (1, 5, 10),
         plot_val: bool = False,
         plot_dir: Optional[str] = None,
@@ -148,13 +135,11 @@ class ContrastiveTask(ZooTask):
         ssl_temperature: float = 0.1,
         ssl_hidden_dim: Optional[int] = None,
         ssl_out_dim: Optional[int] = None,
+        **shared: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**shared)
         if positives not in ("pairs", "labels"):
             raise ValueError(f"positives must be 'pairs' or 'labels', got {positives!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
         if image_ssl_weight < 0 or text_ssl_weight < 0:
             raise ValueError(f"image_ssl_weight / text_ssl_weight must be >= 0, got {image_ssl_weight}, "
                              f"{text_ssl_weight}")
@@ -172,8 +157,7 @@ class ContrastiveTask(ZooTask):
     def _build_model(self) -> nn.Module:
         hp = self.hparams
         model = create_model(hp.model, **dict(hp.model_overrides or {}))
-        set_eval_overrides(model, capacity_factor=hp.get("eval_capacity_factor"), top_k=hp.get("eval_top_k"),
-                           dropless=hp.get("eval_dropless"))
+        self.apply_eval_routing(model)
         for attr in ("scale_and_bias", "encode_text", "encode_image"):
             if not hasattr(model, attr):
                 raise TypeError(f"model {hp.model!r} ({type(model).__name__}) is not a dual encoder: no {attr}()")
