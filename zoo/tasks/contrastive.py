@@ -19,6 +19,7 @@ Evaluation (val / test), from the datamodule (:mod:`zoo.data.image_text`):
 - zero-shot classification when it has ``class_names`` and ``zero_shot_templates``: class embedding = the
   normalised mean of the normalised prompt embeddings (CLIP prompt ensembling); top-1 accuracy
   (torchmetrics) of ``argmax_c image . class_c`` -> ``<split>/zero_shot_acc`` (+ ``_top5`` with > 5 classes);
+  accuracies and recalls are fractions in [0, 1], as every task's logged metrics;
 - retrieval when batches carry all captions of each image (``"text" [B, K, L]`` + ``"num_captions"``):
   image->text and text->image recall@K -> ``<split>/i2t_R@K``, ``<split>/t2i_R@K`` (an image->text hit is
   any of the image's captions in the top K);
@@ -356,10 +357,9 @@ class ContrastiveTask(ZooTask):
             if state.classifier is not None and (labels >= 0).all():
                 logits = img @ state.classifier.float().cpu().t()
                 C = logits.shape[1]
-                metrics["zero_shot_acc"] = 100.0 * float(MulticlassAccuracy(C, top_k=1, average="micro")(logits, labels))
+                metrics["zero_shot_acc"] = float(MulticlassAccuracy(C, top_k=1, average="micro")(logits, labels))
                 if C > 5:
-                    metrics["zero_shot_acc_top5"] = 100.0 * float(
-                        MulticlassAccuracy(C, top_k=5, average="micro")(logits, labels))
+                    metrics["zero_shot_acc_top5"] = float(MulticlassAccuracy(C, top_k=5, average="micro")(logits, labels))
             if state.text_embeds:
                 txt, owner = torch.cat(state.text_embeds), torch.cat(state.text_owner)
                 metrics.update(retrieval_recall(img @ txt.t(), owner, self.hparams.retrieval_ks))
