@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -181,6 +181,17 @@ class ZooTask(RecipeOptimizerMixin, L.LightningModule):
         for key, value in zip(EVAL_ROUTING_KEYS, (capacity_factor, top_k, dropless)):
             if value is not None:
                 self.hparams[key] = value
+
+    def cross_process_sum(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """A function summing a CPU tensor over the processes of the run (for :meth:`RoutingReport.summary`), or
+        None in a single process."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return None
+        strategy = self.trainer.strategy
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            return strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
+        return reduce
 
     def write_test_plots(self, out_dir: str | Path, title: str = "",
                          class_names: Optional[list[str]] = None) -> list[str]:

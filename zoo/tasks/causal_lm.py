@@ -144,11 +144,7 @@ class CausalLMTask(ZooTask):
         if report is None:
             return
         report.stop()
-        reduce = None
-        if self.trainer.world_size > 1:
-            def reduce(t: Tensor) -> Tensor:
-                return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
-        self.test_routing = report.summary(reduce)
+        self.test_routing = report.summary(self.cross_process_sum())
 
     def write_test_plots(self, out_dir: Union[str, Path], title: str = "",
                          class_names: Optional[list[str]] = None) -> list[str]:

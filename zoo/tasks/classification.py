@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union, Any, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -207,13 +206,7 @@ class ImageClassificationTask(ZooTask):
         if report is None:
             return
         report.stop()
-        strategy = self.trainer.strategy
-        if self.trainer.world_size > 1:
-            def reduce(t: Tensor) -> Tensor:
-                return strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
-        else:
-            reduce = None
-        self.test_routing = report.summary(reduce)
+        self.test_routing = report.summary(self.cross_process_sum())
 
     # optimiser and LR schedule: RecipeOptimizerMixin (zoo/tasks/optim.py); checkpoint records: ZooTask
 
