@@ -109,21 +109,23 @@ class ZooTask(RecipeOptimizerMixin, L.LightningModule):
 
     Args:
         optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps: the
-            :class:`~zoo.tasks.optim.OptimizerConfig` fields; None = the task's default
-            (``optimizer_defaults``).
+            :class:`~zoo.tasks.optim.OptimizerConfig` fields. ``optimizer``, ``lr``, ``warmup_steps`` and
+            ``lr_decay`` have one default for every task, given here with their plain types (so the CLI's type
+            errors name them simply); the others are None = the task's default (``optimizer_defaults``), which a
+            task sets where its recipe differs (betas, eps, weight decay, final LR ratio).
         eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing written into the model's MoE configs
             (:func:`zoo.moe.set_eval_overrides`, :meth:`apply_eval_routing`); None = as in training.
     """
 
     def __init__(
         self,
-        optimizer: Optional[OptimizerName] = None,
-        lr: Optional[float] = None,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
         betas: Optional[tuple[float, float]] = None,
         eps: Optional[float] = None,
         weight_decay: Optional[float] = None,
-        warmup_steps: Optional[int] = None,
-        lr_decay: Optional[DecayName] = None,
+        warmup_steps: int = 100,
+        lr_decay: DecayName = "cosine",
         min_lr_ratio: Optional[float] = None,
         total_steps: Optional[int] = None,
         eval_capacity_factor: Optional[float] = None,
