@@ -77,6 +77,25 @@ def _seed(run: dict) -> str:
     return parts[parts.index("--seed_everything") + 1] if "--seed_everything" in parts else "0"
 
 
+# Metrics this report shows in percent. Run JSONs written by limoe_run.py since 2026-12-03 say
+# "metric_unit": "fraction" (the unit every task logs); older recorded runs have no such key and are in percent.
+PERCENT_METRICS = ("zero_shot_acc", "zero_shot_acc_top5", *(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)))
+
+
+def in_percent(run: dict) -> dict:
+    """``run`` with its val / test accuracies and recalls in percent, whichever unit it was recorded in."""
+    unit = run.get("metric_unit", "percent")
+    if unit == "percent":
+        return run
+    if unit != "fraction":
+        raise ValueError(f"unknown metric_unit {unit!r} in a run JSON; expected 'fraction' or 'percent'")
+    out = dict(run, metric_unit="percent")
+    for split in ("val", "test"):
+        if run.get(split):
+            out[split] = {k: (100.0 * v if k in PERCENT_METRICS and v is not None else v) for k, v in run[split].items()}
+    return out
+
+
 def _mean_row(runs: list[dict], section: str, keys: list[str]) -> dict[str, float]:
     out = {}
     for k in keys:
@@ -94,8 +113,8 @@ def main() -> None:
     p.add_argument("--off", required=True, nargs="+", help="run JSON(s) with the entropy losses off (one per seed)")
     p.add_argument("--notes", default="", help="extra markdown appended to the report")
     a = p.parse_args()
-    on = [json.loads(Path(f).read_text()) for f in a.on]
-    off = [json.loads(Path(f).read_text()) for f in a.off]
+    on = [in_percent(json.loads(Path(f).read_text())) for f in a.on]
+    off = [in_percent(json.loads(Path(f).read_text())) for f in a.off]
     runs: dict[str, dict] = {}
     for tag, group in (("entropy_on", on), ("entropy_off", off)):
         for i, r in enumerate(group):
@@ -114,7 +133,7 @@ def main() -> None:
     else:
         from zoo.tasks.contrastive import retrieval_chance
 
-        chance = retrieval_chance(200, 5)
+        chance = {k: 100.0 * v for k, v in retrieval_chance(200, 5).items()}  # percent, as the runs here
         out["chance"] = chance
         head = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
         mean_on = _mean_row(on, "test", head)

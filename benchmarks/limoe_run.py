@@ -92,6 +92,9 @@ def _main(args: list[str]) -> dict[str, Any]:
         "model_overrides": task.hparams.model_overrides,
         "model_config": _plain_config(task.model.config),
         "num_params": sum(p.numel() for p in task.model.parameters()),
+        # Accuracies and recalls in "val" / "test" are fractions in [0, 1] (runs recorded before 2026-12-03 have no
+        # metric_unit and are in percent: benchmarks/limoe_report.py tells them apart).
+        "metric_unit": "fraction",
         "val": task.last_metrics.get("val"),
     }
     if cli.config.get("test"):

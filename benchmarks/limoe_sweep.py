@@ -144,7 +144,10 @@ VARIANTS = {round_name: {name: ([] if round_name == "flickr8k_mix" else _NO_TXT_
 
 
 def metric(res: dict, split: str, key: str):
-    m = (res or {}).get(split) or {}
+    """A recall of a limoe_run.py JSON in percent (the unit of the recorded sweep tables)."""
+    from limoe_report import in_percent  # noqa: PLC0415 (benchmarks/ is on sys.path when run as a script)
+
+    m = (in_percent(res) if res else {}).get(split) or {}
     return m.get(key)
 
 

@@ -120,3 +120,50 @@ def test_causal_lm_trains_under_fsdp():
                             text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FSDP OK steps=3" in result.stdout
+
+
+def test_test_pass_reports_routing_and_records_only_then():
+    """A test pass fills ``test_routing`` through RoutingReport (tokens per expert = the layers' kept slots, the
+    examples counted); the layers record their routing only during that pass."""
+    import lightning as L
+
+    from zoo.moe import moe_layers
+
+    torch.manual_seed(0)
+    task = CausalLMTask(model="decoder_tiny_moe", vocab_size=50)
+    ids = torch.randint(4, 50, (6, 10))
+    loader = torch.utils.data.DataLoader([{"input_ids": row, "attention_mask": torch.ones(10, dtype=torch.bool)}
+                                          for row in ids], batch_size=3)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.test(task, loader, verbose=False)
+    routing = task.test_routing
+    layers = moe_layers(task.model)
+    assert routing.layer_names == task.layer_names and len(routing.tokens_per_expert) == len(layers) > 0
+    assert routing.num_examples == 6
+    k = layers[0].config.k(False)
+    for tokens, dropped in zip(routing.tokens_per_expert, routing.dropped_fraction):
+        assert float(tokens.sum()) == pytest.approx((1 - dropped) * k * 6 * 10)
+    assert not any(layer.record_routing for layer in layers) and all(layer.last_routing is None for layer in layers)
+
+
+def test_param_groups_with_tied_embeddings():
+    """A tied LM head shares the token embedding: the optimiser gets that tensor once, without weight decay (it is
+    an embedding), under the name ``named_parameters`` gives it; a training step runs."""
+    from zoo.tasks.optim import build_optimizer, param_groups
+
+    task = CausalLMTask(model="decoder_tiny_moe", vocab_size=50, model_overrides={"tie_embeddings": True})
+    model = task.model
+    assert model.lm_head.weight is model.embed.weight
+    groups = param_groups(model, 0.1)
+    names = [n for g in groups for n in g["names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # every tensor once
+    tied = {n for n, p in model.named_parameters() if p is model.lm_head.weight}
+    assert len(tied) == 1 and tied <= set(groups[-1]["names"]) and groups[-1]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    optimizer = build_optimizer(model, "adamw", 1e-3, 0.1)
+    ids = torch.randint(4, 50, (2, 8))
+    loss, _, _ = task._shared_step({"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool)},
+                                   "train")
+    loss.backward()
+    optimizer.step()

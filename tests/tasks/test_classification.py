@@ -206,3 +206,25 @@ def test_plots_write_valid_pngs(tmp_path):
             w.writerow({"epoch": 0, "step": step, "train/loss": 2.0 - step / 5, "train/lr": 0.001})
         w.writerow({"epoch": 0, "step": 4, "val/acc": 0.5})
     assert_png(plot_training_curves(csv_path, tmp_path / "curves.png"))
+
+
+def test_shared_optimiser_group_resolves_per_task_defaults():
+    """The optimiser / eval-routing arguments are declared once (ZooTask); each task keeps its own defaults, the
+    hyper-parameters hold every value used, and a bad value fails at construction with the field's name."""
+    from zoo.tasks.contrastive import ContrastiveTask
+    from zoo.tasks.optim import OptimizerConfig
+
+    task = ImageClassificationTask(model="vmoe_tiny_digits", lr=0.01, eval_top_k=1)
+    assert task.optimizer_config() == OptimizerConfig(lr=0.01)
+    assert task.hparams.lr == 0.01 and task.hparams.betas == (0.9, 0.999) and task.hparams.eval_top_k == 1
+    assert all(m.config.eval_top_k == 1 for m in moe_layers(task.model))
+    con = ContrastiveTask("limoe_tiny_test", weight_decay=0.3)
+    assert con.optimizer_config() == OptimizerConfig(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.3)
+    assert con.hparams.eps == 1e-6 and con.hparams.weight_decay == 0.3
+    task.hparams.total_steps = 10  # no trainer to estimate it
+    opt = task.configure_optimizers()["optimizer"]
+    assert opt.defaults["lr"] == 0.01 and opt.defaults["betas"] == (0.9, 0.999)
+    for bad, match in (({"lr": 0.0}, "lr must be > 0"), ({"lr_decay": "step"}, "unknown lr decay"),
+                       ({"optimizer": "sgd"}, "unknown optimizer"), ({"min_lr_ratio": 2.0}, "min_lr_ratio")):
+        with pytest.raises(ValueError, match=match):
+            ImageClassificationTask(model="vmoe_tiny_digits", **bad)

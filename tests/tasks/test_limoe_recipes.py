@@ -67,10 +67,30 @@ def test_limoe_runner_results_json(tmp_path, shared_dataset):
     summary = _runner().main(args)
     recorded = json.loads((REPO / "benchmarks" / "results" / "limoe_mnist.json").read_text())["runs"]["entropy_on"]
     assert json.loads(out.read_text()) == summary
-    assert set(summary) == set(recorded) | {"seed"}  # `seed` was added after the recorded runs
+    # `seed` and `metric_unit` were added after the recorded runs (which are in percent)
+    assert set(summary) == set(recorded) | {"seed", "metric_unit"} and summary["metric_unit"] == "fraction"
     assert summary["command"] == "python benchmarks/limoe_run.py " + " ".join(args)
     assert summary["run_dir"] == str(tmp_path / "runs" / "limoe_mnist") and summary["global_step"] == 2
-    assert set(summary["test_routing"]) == {"block1", "block3"} and 0 <= summary["test"]["zero_shot_acc"] <= 100
+    assert set(summary["test_routing"]) == {"block1", "block3"} and 0 <= summary["test"]["zero_shot_acc"] <= 1
     assert sorted(Path(p).name for p in summary["plots"]) == [
         "routing_test_by_modality.png", "routing_test_expert_mix.png", "routing_test_utilisation_image.png",
         "routing_test_utilisation_text.png"]
+
+
+def test_limoe_report_reads_both_metric_units():
+    """benchmarks/limoe_report.py shows percent: recorded runs (no metric_unit, percent) stay as they are, runs in
+    fractions (what tasks log now) are scaled, so a new run is never read as 100x worse than a recorded one."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("limoe_report", REPO / "benchmarks" / "limoe_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    recorded = json.loads((REPO / "benchmarks" / "results" / "limoe_mnist.json").read_text())["runs"]["entropy_on"]
+    assert "metric_unit" not in recorded and recorded["test"]["zero_shot_acc"] > 1  # recorded in percent
+    assert report.in_percent(recorded) == recorded
+    new = {"metric_unit": "fraction", "test": {"zero_shot_acc": 0.9, "i2t_R@10": 0.25, "loss": 1.5}, "val": None}
+    shown = report.in_percent(new)
+    assert shown["test"] == {"zero_shot_acc": 90.0, "i2t_R@10": 25.0, "loss": 1.5} and shown["metric_unit"] == "percent"
+    with pytest.raises(ValueError, match="unknown metric_unit"):
+        report.in_percent({"metric_unit": "permille"})

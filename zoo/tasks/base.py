@@ -16,8 +16,9 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from zoo.moe import MoELayer, set_eval_overrides
-from zoo.tasks.optim import RecipeOptimizerMixin
+from zoo.tasks.optim import DecayName, OptimizerName, RecipeOptimizerMixin
 
 # Checkpoint keys written by ZooTask.on_save_checkpoint (zoo.tasks.publish reads the datamodule / trainer ones too).
 TASK_KEY = "zoo_task"
@@ -92,15 +93,64 @@ def task_class_of(checkpoint: dict[str, Any]) -> type["ZooTask"]:
     return cls
 
 
-class ZooTask(RecipeOptimizerMixin, L.LightningModule):
-    """Base of the zoo's tasks: hyper-parameters with the recipe optimiser (:class:`RecipeOptimizerMixin`) and
-    ``eval_capacity_factor`` / ``eval_top_k`` / ``eval_dropless``; the network is ``self.model``."""
+# The eval-time routing keys every task takes (None = as in training), written into each MoE layer's config.
+EVAL_ROUTING_KEYS = ("eval_capacity_factor", "eval_top_k", "eval_dropless")
 
-    def __init__(self) -> None:
+
+class ZooTask(RecipeOptimizerMixin, L.LightningModule):
+    """Base of the zoo's tasks: the init args every task shares, the hyper-parameters, the recipe optimiser
+    (:class:`RecipeOptimizerMixin`); the network is ``self.model``.
+
+    A task's ``__init__`` takes its own arguments plus ``**shared`` and calls ``super().__init__(**shared)``: the
+    shared arguments are declared once, here, and the CLI still takes them flat (``--model.lr``; jsonargparse
+    follows ``**shared`` into this signature). ``__init__`` records the task's init args as hyper-parameters
+    (no ``save_hyperparameters()`` in the task), with the optimiser group resolved against the task's
+    ``optimizer_defaults``, so ``hparams`` holds every value the run used.
+
+    Args:
+        optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps: the
+            :class:`~zoo.tasks.optim.OptimizerConfig` fields. ``optimizer``, ``lr``, ``warmup_steps`` and
+            ``lr_decay`` have one default for every task, given here with their plain types (so the CLI's type
+            errors name them simply); the others are None = the task's default (``optimizer_defaults``), which a
+            task sets where its recipe differs (betas, eps, weight decay, final LR ratio).
+        eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing written into the model's MoE configs
+            (:func:`zoo.moe.set_eval_overrides`, :meth:`apply_eval_routing`); None = as in training.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
+        betas: Optional[tuple[float, float]] = None,
+        eps: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        warmup_steps: int = 100,
+        lr_decay: DecayName = "cosine",
+        min_lr_ratio: Optional[float] = None,
+        total_steps: Optional[int] = None,
+        eval_capacity_factor: Optional[float] = None,
+        eval_top_k: Optional[int] = None,
+        eval_dropless: Optional[bool] = None,
+    ) -> None:
         super().__init__()
+        given = dict(optimizer=optimizer, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                     warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio, total_steps=total_steps)
+        optim = self.optimizer_defaults.updated(given)  # validates: a bad value fails here, not at fit
+        # The calling task's init args (every subclass __init__ up the call), then the resolved shared group.
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        self.save_hyperparameters({**dict(self.hparams), **optim.as_dict(),
+                                   "eval_capacity_factor": eval_capacity_factor, "eval_top_k": eval_top_k,
+                                   "eval_dropless": eval_dropless})
         self.start_global_step: Optional[int] = None
         # class names recorded in a loaded checkpoint (for plots when no datamodule is attached)
         self.checkpoint_class_names: list[str] = []
+
+    def apply_eval_routing(self, model: nn.Module) -> None:
+        """Write the hyper-parameters' eval-time routing into ``model``'s MoE configs (tasks call it on every
+        model they build)."""
+        hp = self.hparams
+        set_eval_overrides(model, capacity_factor=hp.get("eval_capacity_factor"), top_k=hp.get("eval_top_k"),
+                           dropless=hp.get("eval_dropless"))
 
     # ------------------------------------------------------------------------------------------ data
     def attached_datamodule(self) -> Optional[L.LightningDataModule]:
@@ -130,10 +180,20 @@ class ZooTask(RecipeOptimizerMixin, L.LightningModule):
                            dropless: Optional[bool] = None) -> None:
         """Change eval-time routing after construction (e.g. on a loaded checkpoint); recorded in hparams."""
         set_eval_overrides(self.model, capacity_factor=capacity_factor, top_k=top_k, dropless=dropless)
-        for key, value in (("eval_capacity_factor", capacity_factor), ("eval_top_k", top_k),
-                           ("eval_dropless", dropless)):
+        for key, value in zip(EVAL_ROUTING_KEYS, (capacity_factor, top_k, dropless)):
             if value is not None:
                 self.hparams[key] = value
+
+    def cross_process_sum(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """A function summing a CPU tensor over the processes of the run (for :meth:`RoutingReport.summary`), or
+        None in a single process."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return None
+        strategy = self.trainer.strategy
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            return strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
+        return reduce
 
     def write_test_plots(self, out_dir: str | Path, title: str = "",
                          class_names: Optional[list[str]] = None) -> list[str]:

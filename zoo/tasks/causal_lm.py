@@ -6,7 +6,8 @@
 Logged: ``{train,val,test}/loss``, ``/ce``, ``/aux_loss``, ``/aux/<name>``, ``val|test/perplexity``
 (torchmetrics, exp of the token-mean cross entropy over the split) and per MoE layer
 ``<split>/moe/<layer>/{max_share,min_share,dropped}``. ``test`` also fills :attr:`CausalLMTask.test_routing`
-(tokens per expert per layer) for the summary and the expert-utilisation plot.
+(tokens per expert per layer, from a :class:`~zoo.tasks.routing_report.RoutingReport`) for the summary and the
+expert-utilisation plot.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
 from zoo.models.output import ModelOutput
-from zoo.moe import RoutingStats, set_eval_overrides
+from zoo.moe import RoutingStats
 from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
-from zoo.tasks.classification import RoutingSummary
-from zoo.tasks.optim import DecayName, OptimizerName
+from zoo.tasks.optim import OptimizerConfig
+from zoo.tasks.routing_report import RoutingReport, RoutingSummary
 
 IGNORE = -100
 DATA_DIMS = ("vocab_size",)
@@ -45,11 +46,13 @@ class CausalLMTask(ZooTask):
         model: a ``decoder`` preset (e.g. ``"decoder_tiny_moe"``); model_overrides: changes to its config.
         vocab_size: None = the datamodule's (``take_from_datamodule``).
         gradient_checkpointing: recompute block activations in the backward pass (less memory, ~1/3 more compute).
-        optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps: the recipe
-            optimiser and schedule (:class:`zoo.tasks.optim.RecipeOptimizerMixin`).
-        eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing.
         pretrained: as :func:`zoo.create_model`.
+        **shared: the optimiser, LR schedule and eval-time routing every task takes (:class:`ZooTask`,
+            :class:`zoo.tasks.optim.OptimizerConfig`); defaults: ``optimizer_defaults`` (betas (0.9, 0.95), weight
+            decay 0.1, final LR 0.1 x peak).
     """
+
+    optimizer_defaults = OptimizerConfig(betas=(0.9, 0.95), weight_decay=0.1, min_lr_ratio=0.1)
 
     def __init__(
         self,
@@ -57,30 +60,14 @@ class CausalLMTask(ZooTask):
         model_overrides: Optional[dict[str, Any]] = None,
         vocab_size: Optional[int] = None,
         gradient_checkpointing: bool = False,
-        optimizer: OptimizerName = "adamw",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 100,
-        lr_decay: DecayName = "cosine",
-        min_lr_ratio: float = 0.1,
-        total_steps: Optional[int] = None,
-        eval_capacity_factor: Optional[float] = None,
-        eval_top_k: Optional[int] = None,
-        eval_dropless: Optional[bool] = None,
         pretrained: Optional[Union[bool, str]] = None,
+        **shared: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        super().__init__(**shared)
         self.model = self._build_model()
         self.val_ppl, self.test_ppl = Perplexity(ignore_index=IGNORE), Perplexity(ignore_index=IGNORE)
         self.test_routing: Optional[RoutingSummary] = None
-        self._test_tokens: list[Optional[Tensor]] = []
-        self._test_dropped = torch.zeros(0, dtype=torch.float64)  # [L] dropped fraction x valid tokens, summed
-        self._test_valid = 0
+        self._routing_report: Optional[RoutingReport] = None
 
     def _build_model(self) -> nn.Module:
         hp = self.hparams
@@ -91,8 +78,7 @@ class CausalLMTask(ZooTask):
         if not hasattr(model, "gradient_checkpointing"):
             raise ValueError(f"CausalLMTask needs a decoder LM preset; {hp.model!r} builds a {type(model).__name__}")
         model.gradient_checkpointing = bool(hp.gradient_checkpointing)
-        set_eval_overrides(model, capacity_factor=hp.eval_capacity_factor, top_k=hp.eval_top_k,
-                           dropless=hp.eval_dropless)
+        self.apply_eval_routing(model)
         self.layer_names = moe_layer_names(model)
         return model
 
@@ -128,16 +114,12 @@ class CausalLMTask(ZooTask):
         return loss, out, targets
 
     def _log_routing(self, routing: list[RoutingStats], split: str, log: dict) -> None:
-        for i, (name, stats) in enumerate(zip(self.layer_names, routing)):
+        for name, stats in zip(self.layer_names, routing):
             tpe = stats.tokens_per_expert.float()
             share = tpe / tpe.sum().clamp_min(1e-12)
             self.log(f"{split}/moe/{name}/dropped", stats.dropped_fraction.float(), **log)
             self.log(f"{split}/moe/{name}/max_share", share.max(), **log)
             self.log(f"{split}/moe/{name}/min_share", share.min(), **log)
-            if split == "test":
-                tokens = tpe.detach().double().cpu()
-                self._test_tokens[i] = tokens if self._test_tokens[i] is None else self._test_tokens[i] + tokens
-                self._test_dropped[i] += float(stats.dropped_fraction) * log["batch_size"]
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, _, _ = self._shared_step(batch, "train")
@@ -149,24 +131,20 @@ class CausalLMTask(ZooTask):
         self._shared_step(batch, "val")
 
     def on_test_epoch_start(self) -> None:
-        self._test_tokens = [None] * len(self.layer_names)
-        self._test_dropped, self._test_valid = torch.zeros(len(self.layer_names), dtype=torch.float64), 0
+        self._routing_report = RoutingReport(self.model).start()
         self.test_routing = None
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        _, _, targets = self._shared_step(batch, "test")
-        self._test_valid += int((targets != IGNORE).sum())
+        self._shared_step(batch, "test")
+        if self._routing_report is not None:
+            self._routing_report.count_examples(batch["input_ids"].shape[0])
 
     def on_test_epoch_end(self) -> None:
-        tokens = [t if t is not None else torch.zeros(0, dtype=torch.float64) for t in self._test_tokens]
-        dropped, valid = self._test_dropped, torch.tensor(float(self._test_valid), dtype=torch.float64)
-        if self.trainer.world_size > 1:
-            def reduce(t: Tensor) -> Tensor:
-                return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
-
-            tokens, dropped, valid = [reduce(t) for t in tokens], reduce(dropped), reduce(valid)
-        frac = (dropped / valid.clamp_min(1)).tolist()
-        self.test_routing = RoutingSummary(self.layer_names, [], tokens, frac, [None] * len(tokens))
+        report, self._routing_report = self._routing_report, None
+        if report is None:
+            return
+        report.stop()
+        self.test_routing = report.summary(self.cross_process_sum())
 
     def write_test_plots(self, out_dir: Union[str, Path], title: str = "",
                          class_names: Optional[list[str]] = None) -> list[str]:

@@ -10,27 +10,25 @@ Logged (``/``-separated names, one CSV column each):
 - per MoE layer ``<split>/moe/<layer>/dropped`` (fraction of token slots over capacity), ``/max_share`` and
   ``/min_share`` (largest / smallest expert's share of the kept assignments; uniform = 1/E) and ``/capacity``.
 
-``test`` also fills :attr:`ImageClassificationTask.test_routing` (see :class:`RoutingSummary`): per MoE layer the
-[num_classes, E] count of tokens whose top-1 expert is e among images of class c, the tokens each expert kept,
-and the dropped fraction, for :mod:`zoo.plots`.
+``test`` also fills :attr:`ImageClassificationTask.test_routing` (a :class:`~zoo.tasks.routing_report.RoutingSummary`
+from a :class:`~zoo.tasks.routing_report.RoutingReport`): per MoE layer the [num_classes, E] count of tokens whose
+top-1 expert is e among images of class c, the tokens each expert kept, and the dropped fraction, for :mod:`zoo.plots`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union, Any, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.models.output import ModelOutput
-from zoo.moe import RoutingStats, set_eval_overrides
+from zoo.moe import RoutingStats
 from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
-from zoo.tasks.optim import DecayName, OptimizerName
+from zoo.tasks.routing_report import RoutingReport, RoutingSummary  # noqa: F401 (RoutingSummary re-exported)
 
 # Model config keys the datamodule decides (so one recipe works on any dataset).
 DATA_DIMS = ("num_classes", "in_chans", "image_size")
@@ -48,82 +46,6 @@ def tokens_by_image(top1: Tensor, batch: int, seq_len: Optional[int] = None) -> 
     if flat.numel() % seq_len or flat.numel() // seq_len < batch:
         raise ValueError(f"top1_expert of shape {tuple(top1.shape)} does not hold {batch} images of {seq_len} tokens")
     return flat.reshape(-1, seq_len)[:batch]
-
-
-@dataclass
-class RoutingSummary:
-    """Routing of one evaluation pass, per MoE layer (index l in ``layer_names``).
-
-    class_by_expert [L][num_classes, E]: tokens of images of class c whose top-1 (clean) expert is e.
-    tokens_per_expert [L][E]: kept (token, expert) assignments per expert (all k choices, after capacity).
-    dropped_fraction [L]: fraction of token slots dropped by capacity, weighted by tokens.
-    capacity [L]: the largest per-group capacity seen (None when dropless).
-    """
-
-    layer_names: list[str]
-    class_by_expert: list[Tensor] = field(default_factory=list)
-    tokens_per_expert: list[Tensor] = field(default_factory=list)
-    dropped_fraction: list[float] = field(default_factory=list)
-    capacity: list[Optional[int]] = field(default_factory=list)
-    num_examples: int = 0
-
-    def shares(self) -> list[list[float]]:
-        """Each layer's tokens-per-expert normalised to sum 1."""
-        return [(t / t.sum().clamp_min(1e-12)).tolist() for t in self.tokens_per_expert]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            name: {
-                "dropped_fraction": self.dropped_fraction[i],
-                "tokens_per_expert_share": self.shares()[i],
-                "tokens_per_expert": self.tokens_per_expert[i].tolist(),
-                "capacity": self.capacity[i],
-            }
-            for i, name in enumerate(self.layer_names)
-        }
-
-
-class _RoutingAccumulator:
-    """Sums routing statistics over the batches of one pass (single process; summed across ranks at the end)."""
-
-    def __init__(self, layer_names: list[str], num_classes: int) -> None:
-        self.layer_names, self.num_classes = layer_names, num_classes
-        self.class_by_expert: list[Optional[Tensor]] = [None] * len(layer_names)
-        self.tokens: list[Optional[Tensor]] = [None] * len(layer_names)
-        self.dropped = torch.zeros(len(layer_names), dtype=torch.float64)
-        self.valid_tokens = torch.zeros(len(layer_names), dtype=torch.float64)
-        self.capacity: list[Optional[int]] = [None] * len(layer_names)
-        self.num_examples = 0
-
-    def update(self, routing: list[RoutingStats], labels: Tensor, seq_len: Optional[int]) -> None:
-        B = labels.shape[0]
-        self.num_examples += B
-        labels = labels.detach().cpu()
-        for i, stats in enumerate(routing):
-            top1 = tokens_by_image(stats.top1_expert.detach().cpu(), B, seq_len)  # [B, S], -1 = masked
-            E = stats.tokens_per_expert.shape[0]
-            valid = top1 >= 0
-            cls = labels.unsqueeze(1).expand_as(top1)[valid]
-            counts = torch.bincount(cls * E + top1[valid], minlength=self.num_classes * E)
-            counts = counts.reshape(self.num_classes, E).double()
-            tpe = stats.tokens_per_expert.detach().cpu().double()
-            self.class_by_expert[i] = counts if self.class_by_expert[i] is None else self.class_by_expert[i] + counts
-            self.tokens[i] = tpe if self.tokens[i] is None else self.tokens[i] + tpe
-            n_valid = float(valid.sum())
-            self.dropped[i] += float(stats.dropped_fraction) * n_valid
-            self.valid_tokens[i] += n_valid
-            if stats.capacity is not None:
-                self.capacity[i] = max(self.capacity[i] or 0, int(stats.capacity))
-
-    def summary(self, reduce=None) -> RoutingSummary:
-        """``reduce`` (tensor -> summed tensor across processes) is applied to every count."""
-        red = reduce or (lambda t: t)
-        cbe = [red(c) if c is not None else torch.zeros(0) for c in self.class_by_expert]
-        tok = [red(t) if t is not None else torch.zeros(0) for t in self.tokens]
-        dropped, valid = red(self.dropped.clone()), red(self.valid_tokens.clone())
-        n = int(red(torch.tensor(float(self.num_examples), dtype=torch.float64)))
-        frac = (dropped / valid.clamp_min(1)).tolist()
-        return RoutingSummary(self.layer_names, cbe, tok, frac, list(self.capacity), n)
 
 
 def write_routing_plots(task: "ImageClassificationTask", class_names: list[str], out_dir: Path,
@@ -153,17 +75,11 @@ class ImageClassificationTask(ZooTask):
         num_classes, in_chans, image_size: the input/output geometry. ``None`` = taken from the datamodule in
             :meth:`take_from_datamodule` (``train.py`` calls it as soon as the datamodule exists), else the
             preset's values.
-        optimizer: ``"adamw"`` (decoupled weight decay) or ``"adam"`` (L2). Norms, biases and position / class
-            embeddings never get weight decay (see :func:`zoo.tasks.optim.is_no_decay`).
-        lr: peak learning rate. betas, eps, weight_decay: optimiser settings.
-        warmup_steps: linear warmup (in optimiser steps), then ``lr_decay`` ("cosine", "linear", "constant") to
-            ``min_lr_ratio * lr`` at the end of training; stepped every optimiser step.
-        total_steps: steps of the schedule; ``None`` = the Trainer's estimate (``max_steps`` / ``max_epochs``).
         label_smoothing: of the cross entropy.
-        eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing, via :func:`zoo.moe.set_eval_overrides`
-            (``None`` = as in training).
         pretrained: start from published weights: ``True`` (the preset's default tag), a tag, ``"hf-hub:ORG/REPO"``
             or ``"local-dir:PATH"`` (see :func:`zoo.create_model`); fine-tune with ``--model.pretrained mnist``.
+        **shared: the optimiser, LR schedule and eval-time routing every task takes (:class:`ZooTask`,
+            :class:`zoo.tasks.optim.OptimizerConfig`); defaults: ``OptimizerConfig()``.
     """
 
     def __init__(
@@ -173,31 +89,17 @@ class ImageClassificationTask(ZooTask):
         num_classes: Optional[int] = None,
         in_chans: Optional[int] = None,
         image_size: Optional[int] = None,
-        optimizer: OptimizerName = "adamw",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 100,
-        lr_decay: DecayName = "cosine",
-        min_lr_ratio: float = 0.0,
-        total_steps: Optional[int] = None,
         label_smoothing: float = 0.0,
-        eval_capacity_factor: Optional[float] = None,
-        eval_top_k: Optional[int] = None,
-        eval_dropless: Optional[bool] = None,
         pretrained: Optional[Union[bool, str]] = None,
+        **shared: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**shared)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
         self.model = self._build_model()
         self._init_metrics()
         self.test_routing: Optional[RoutingSummary] = None
-        self._routing_acc: Optional[_RoutingAccumulator] = None
+        self._routing_report: Optional[RoutingReport] = None
 
     # ------------------------------------------------------------------------------------------ model
     def _build_model(self) -> nn.Module:
@@ -207,8 +109,7 @@ class ImageClassificationTask(ZooTask):
             if hp.get(key) is not None:
                 overrides[key] = hp[key]
         model = create_model(hp.model, pretrained=hp.get("pretrained"), **overrides)
-        set_eval_overrides(model, capacity_factor=hp.eval_capacity_factor, top_k=hp.eval_top_k,
-                           dropless=hp.eval_dropless)
+        self.apply_eval_routing(model)
         self._layer_names = moe_layer_names(model)
         return model
 
@@ -292,26 +193,20 @@ class ImageClassificationTask(ZooTask):
         self._eval_step(batch, "val")
 
     def on_test_epoch_start(self) -> None:
-        self._routing_acc = _RoutingAccumulator(self.layer_names, self.num_classes)
+        self._routing_report = RoutingReport(self.model, num_classes=self.num_classes).start()
         self.test_routing = None
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        out = self._eval_step(batch, "test")
-        if self._routing_acc is not None:
-            seq_len = out.hidden_states.shape[1] if out.hidden_states is not None else None
-            self._routing_acc.update(out.routing, batch[1], seq_len)
+        if self._routing_report is not None:
+            self._routing_report.set_labels(batch[1])
+        self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        if self._routing_acc is None:
+        report, self._routing_report = self._routing_report, None
+        if report is None:
             return
-        strategy = self.trainer.strategy
-        if self.trainer.world_size > 1:
-            def reduce(t: Tensor) -> Tensor:
-                return strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
-        else:
-            reduce = None
-        self.test_routing = self._routing_acc.summary(reduce)
-        self._routing_acc = None
+        report.stop()
+        self.test_routing = report.summary(self.cross_process_sum())
 
     # optimiser and LR schedule: RecipeOptimizerMixin (zoo/tasks/optim.py); checkpoint records: ZooTask
 

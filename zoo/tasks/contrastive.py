@@ -19,6 +19,7 @@ Evaluation (val / test), from the datamodule (:mod:`zoo.data.image_text`):
 - zero-shot classification when it has ``class_names`` and ``zero_shot_templates``: class embedding = the
   normalised mean of the normalised prompt embeddings (CLIP prompt ensembling); top-1 accuracy
   (torchmetrics) of ``argmax_c image . class_c`` -> ``<split>/zero_shot_acc`` (+ ``_top5`` with > 5 classes);
+  accuracies and recalls are fractions in [0, 1], as every task's logged metrics;
 - retrieval when batches carry all captions of each image (``"text" [B, K, L]`` + ``"num_captions"``):
   image->text and text->image recall@K -> ``<split>/i2t_R@K``, ``<split>/t2i_R@K`` (an image->text hit is
   any of the image's captions in the top K);
@@ -43,10 +44,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.moe import set_eval_overrides
 from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
-from zoo.tasks.optim import DecayName, OptimizerName
+from zoo.tasks.optim import OptimizerConfig
 
 # Model config keys the datamodule decides (the task takes them in take_from_datamodule()).
 DATA_DIMS = ("in_chans", "image_size", "context_length")
@@ -54,11 +54,7 @@ DATA_DIMS = ("in_chans", "image_size", "context_length")
 from zoo.plots import plot_image_share, write_modality_routing_plots  # noqa: E402,F401 (re-exported)
 from zoo.tasks.losses import contrastive_loss, nt_xent_loss  # noqa: E402,F401 (re-exported)
 from zoo.tasks.retrieval import retrieval_chance, retrieval_recall, zero_shot_classifier  # noqa: E402,F401
-from zoo.tasks.routing_report import (  # noqa: E402,F401 (re-exported)
-    MODALITY_NAMES,
-    ModalityRoutingAccumulator,
-    ModalityRoutingSummary,
-)
+from zoo.tasks.routing_report import MODALITY_NAMES, ModalityRoutingSummary, RoutingReport  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------- task
@@ -70,7 +66,7 @@ class _EvalState:
     text_owner: list[Tensor] = field(default_factory=list)
     num_images: int = 0
     classifier: Optional[Tensor] = None
-    routing: Optional[ModalityRoutingAccumulator] = None
+    routing: Optional[RoutingReport] = None
 
 
 class ContrastiveTask(ZooTask):
@@ -84,11 +80,9 @@ class ContrastiveTask(ZooTask):
             in :meth:`setup` unless given here.
         positives: "pairs" (each image's own caption is its only positive) or "labels" (items with equal
             ``batch["label"]`` are positives).
-        optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps: as
-            :class:`zoo.tasks.ImageClassificationTask` (AdamW; no decay on norms, biases, embeddings, position
-            embeddings, temperature).
-        eval_capacity_factor, eval_top_k, eval_dropless: eval-time routing via :func:`zoo.moe.set_eval_overrides`
-            (None = as in training).
+        **shared: the optimiser, LR schedule and eval-time routing every task takes (:class:`ZooTask`,
+            :class:`zoo.tasks.optim.OptimizerConfig`); defaults: ``optimizer_defaults`` (AdamW, betas (0.9, 0.98),
+            eps 1e-6, weight decay 0.1; no decay on norms, biases, embeddings, position embeddings, temperature).
         aux_loss_weight: multiplies the model's auxiliary (MoE) loss; the per-loss weights live in the model
             config (``encoder.moe.*_weight``).
         retrieval_ks: the K of recall@K.
@@ -126,24 +120,14 @@ class ContrastiveTask(ZooTask):
     self-supervised loss differs from a run without it). ``train/aux_loss`` logs that total.
     """
 
+    optimizer_defaults = OptimizerConfig(betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+
     def __init__(
         self,
         model: str = "limoe_tiny_test",
         model_overrides: Optional[dict[str, Any]] = None,
         positives: Literal["pairs", "labels"] = "pairs",
-        optimizer: OptimizerName = "adamw",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 100,
-        lr_decay: DecayName = "cosine",
-        min_lr_ratio: float = 0.0,
-        total_steps: Optional[int] = None,
         aux_loss_weight: float = 1.0,
-        eval_capacity_factor: Optional[float] = None,
-        eval_top_k: Optional[int] = None,
-        eval_dropless: Optional[bool] = None,
         retrieval_ks: Sequence[int] = (1, 5, 10),
         plot_val: bool = False,
         plot_dir: Optional[str] = None,
@@ -152,13 +136,11 @@ class ContrastiveTask(ZooTask):
         ssl_temperature: float = 0.1,
         ssl_hidden_dim: Optional[int] = None,
         ssl_out_dim: Optional[int] = None,
+        **shared: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**shared)
         if positives not in ("pairs", "labels"):
             raise ValueError(f"positives must be 'pairs' or 'labels', got {positives!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
         if image_ssl_weight < 0 or text_ssl_weight < 0:
             raise ValueError(f"image_ssl_weight / text_ssl_weight must be >= 0, got {image_ssl_weight}, "
                              f"{text_ssl_weight}")
@@ -176,8 +158,7 @@ class ContrastiveTask(ZooTask):
     def _build_model(self) -> nn.Module:
         hp = self.hparams
         model = create_model(hp.model, **dict(hp.model_overrides or {}))
-        set_eval_overrides(model, capacity_factor=hp.get("eval_capacity_factor"), top_k=hp.get("eval_top_k"),
-                           dropless=hp.get("eval_dropless"))
+        self.apply_eval_routing(model)
         for attr in ("scale_and_bias", "encode_text", "encode_image"):
             if not hasattr(model, attr):
                 raise TypeError(f"model {hp.model!r} ({type(model).__name__}) is not a dual encoder: no {attr}()")
@@ -338,7 +319,7 @@ class ContrastiveTask(ZooTask):
         if self._trainer is not None and self.trainer.world_size > 1:
             warnings.warn("ContrastiveTask evaluates per process (zero-shot / retrieval over the local shard)")
         state = _EvalState()
-        state.routing = ModalityRoutingAccumulator(self.model).attach()
+        state.routing = RoutingReport(self.model).start()
         dm = self.attached_datamodule()
         names, templates = getattr(dm, "class_names", None), getattr(dm, "zero_shot_templates", None)
         tokenizer = getattr(dm, "tokenizer", None)
@@ -350,7 +331,6 @@ class ContrastiveTask(ZooTask):
         state = self._eval[split]
         images, text = batch["image"], batch.get("text")
         out = self(images)
-        state.routing.update(out.routing)
         state.image_embeds.append(out.image_embeds.float().cpu())
         state.labels.append(batch["label"].cpu() if "label" in batch else torch.full((images.shape[0],), -1))
         B = images.shape[0]
@@ -358,12 +338,10 @@ class ContrastiveTask(ZooTask):
             flat, owner = self.flatten_captions(batch)
             owner = owner + state.num_images
             tout = self(text=flat)
-            state.routing.update(tout.routing)
             state.text_embeds.append(tout.text_embeds.float().cpu())
             state.text_owner.append(owner.cpu())
         elif text is not None:  # one caption per image: the contrastive loss
             tout = self(text=text, text_mask=batch.get("text_mask"))
-            state.routing.update(tout.routing)
             out.text_embeds, out.logit_scale, out.logit_bias = tout.text_embeds, tout.logit_scale, tout.logit_bias
             loss = self._loss(out, batch)
             self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=B, prog_bar=True)
@@ -371,7 +349,7 @@ class ContrastiveTask(ZooTask):
 
     def _finish_eval(self, split: str) -> dict[str, float]:
         state = self._eval.pop(split)
-        state.routing.detach()
+        state.routing.stop()
         metrics: dict[str, float] = {}
         if state.image_embeds:
             img = torch.cat(state.image_embeds)
@@ -379,15 +357,13 @@ class ContrastiveTask(ZooTask):
             if state.classifier is not None and (labels >= 0).all():
                 logits = img @ state.classifier.float().cpu().t()
                 C = logits.shape[1]
-                metrics["zero_shot_acc"] = 100.0 * float(MulticlassAccuracy(C, top_k=1, average="micro")(logits, labels))
+                metrics["zero_shot_acc"] = float(MulticlassAccuracy(C, top_k=1, average="micro")(logits, labels))
                 if C > 5:
-                    metrics["zero_shot_acc_top5"] = 100.0 * float(
-                        MulticlassAccuracy(C, top_k=5, average="micro")(logits, labels))
+                    metrics["zero_shot_acc_top5"] = float(MulticlassAccuracy(C, top_k=5, average="micro")(logits, labels))
             if state.text_embeds:
                 txt, owner = torch.cat(state.text_embeds), torch.cat(state.text_owner)
                 metrics.update(retrieval_recall(img @ txt.t(), owner, self.hparams.retrieval_ks))
-        summary = state.routing.summary()
-        summary.num_examples = state.num_images
+        summary = state.routing.modality_summary(num_examples=state.num_images)
         if summary.layer_names:
             for k, v in summary.means().items():
                 metrics[f"routing/{k}"] = v

@@ -1,13 +1,15 @@
-"""Optimiser pieces of the training recipes: weight-decay parameter groups and the warmup + decay schedule.
+"""Optimiser pieces of the training recipes: the settings every task shares (:class:`OptimizerConfig`),
+weight-decay parameter groups and the warmup + decay schedule.
 
-Kept free of Lightning so every task (classification now, contrastive / language later) shares them.
+Kept free of Lightning so every task (classification, contrastive, language) shares them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, Optional, get_args
 
 import torch
 from torch import nn
@@ -16,6 +18,64 @@ from zoo.moe.experts import StackedExperts
 
 OptimizerName = Literal["adamw", "adam"]
 DecayName = Literal["cosine", "linear", "constant"]
+
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimiser and LR schedule of a training recipe, the one group every task shares.
+
+    Tasks take these fields as flat init args (``--model.lr``, ``model.init_args.lr`` in a recipe; see
+    :class:`zoo.tasks.base.ZooTask`), each task with its own defaults (``ZooTask.optimizer_defaults``).
+
+    optimizer: ``"adamw"`` (decoupled weight decay) or ``"adam"`` (L2). Norms, biases and position / class
+        embeddings never get weight decay (:func:`is_no_decay`).
+    lr: peak learning rate. betas, eps, weight_decay: optimiser settings.
+    warmup_steps: linear warmup (in optimiser steps), then ``lr_decay`` ("cosine", "linear", "constant") to
+        ``min_lr_ratio * lr`` at the end of training; stepped every optimiser step.
+    total_steps: steps of the schedule; ``None`` = the Trainer's estimate (``max_steps`` / ``max_epochs``).
+    """
+
+    optimizer: OptimizerName = "adamw"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    lr_decay: DecayName = "cosine"
+    min_lr_ratio: float = 0.0
+    total_steps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in get_args(OptimizerName):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected 'adamw' or 'adam'")
+        if self.lr_decay not in get_args(DecayName):
+            raise ValueError(f"unknown lr decay {self.lr_decay!r}; expected 'cosine', 'linear' or 'constant'")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if len(tuple(self.betas)) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need eps > 0 and weight_decay >= 0, got eps={self.eps}, weight_decay={self.weight_decay}")
+        if self.warmup_steps < 0 or (self.total_steps is not None and self.total_steps < 1):
+            raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1 (or None), got {self.warmup_steps} and "
+                             f"{self.total_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def updated(self, values: Mapping[str, Any]) -> "OptimizerConfig":
+        """A copy with the fields ``values`` gives (keys that are not fields and None values are ignored: None
+        means "the default")."""
+        return replace(self, **{k: values[k] for k in self.names() if values.get(k) is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.names()}
+
 
 # Parameters (by their last name component) that never get weight decay: position / class embeddings and the
 # learned prefix tokens of every family. Biases, norm scales and anything else with ndim <= 1 are caught by shape.
@@ -44,15 +104,20 @@ def is_no_decay(name: str, param: nn.Parameter, module: nn.Module, extra: Iterab
 def split_decay_params(model: nn.Module) -> tuple[list[str], list[str]]:
     """``(decay names, no-decay names)`` of ``model``'s trainable parameters (see :func:`is_no_decay`).
 
-    A model may add names with a timm-style ``no_weight_decay()`` method returning a set of names."""
+    A model may add names with a timm-style ``no_weight_decay()`` method returning a set of names. A parameter
+    shared by several modules (tied input / output embeddings) appears once, under the name
+    ``model.named_parameters()`` gives it, and gets no decay if any of its owners says so (an embedding)."""
     extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for mod_name, module in model.named_modules():
+    no_decay_ids: set[int] = set()
+    for mod_name, module in model.named_modules(remove_duplicate=False):
         for leaf, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
             name = f"{mod_name}.{leaf}" if mod_name else leaf
-            (no_decay if is_no_decay(name, param, module, extra) else decay).append(name)
+            if is_no_decay(name, param, module, extra):
+                no_decay_ids.add(id(param))
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():  # each tensor once
+        if param.requires_grad:
+            (no_decay if id(param) in no_decay_ids else decay).append(name)
     return decay, no_decay
 
 
@@ -122,13 +187,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 class RecipeOptimizerMixin:
     """``configure_optimizers`` of every task: :func:`build_optimizer` + the per-step warmup/decay schedule.
 
-    Mixed into a LightningModule whose hyper-parameters hold ``optimizer, lr, weight_decay, betas, eps,
-    warmup_steps, lr_decay, min_lr_ratio, total_steps`` and whose network is ``self.model``.
+    Mixed into a LightningModule whose hyper-parameters hold the :class:`OptimizerConfig` fields and whose network
+    is ``self.model``.
     """
 
+    # The task's defaults for the fields a recipe does not set (a task class overrides it).
+    optimizer_defaults: OptimizerConfig = OptimizerConfig()
+
+    def optimizer_config(self) -> OptimizerConfig:
+        """The recipe's optimiser settings, read from the hyper-parameters (changes to them count)."""
+        return self.optimizer_defaults.updated(self.hparams)
+
     def schedule_total_steps(self) -> int:
-        if self.hparams.total_steps is not None:
-            return int(self.hparams.total_steps)
+        total = self.optimizer_config().total_steps
+        if total is not None:
+            return int(total)
         est = self.trainer.estimated_stepping_batches
         if est is None or est == float("inf"):
             raise ValueError("cannot infer the LR schedule length: set trainer max_steps or max_epochs, "
@@ -141,11 +214,11 @@ class RecipeOptimizerMixin:
         return []
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        optimizer = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps)
+        cfg = self.optimizer_config()
+        optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
         for module in self.extra_trainable_modules():
-            for group in param_groups(module, hp.weight_decay):
+            for group in param_groups(module, cfg.weight_decay):
                 optimizer.add_param_group(group)
-        scheduler = build_scheduler(optimizer, hp.warmup_steps, self.schedule_total_steps(), hp.lr_decay,
-                                    hp.min_lr_ratio)
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, self.schedule_total_steps(), cfg.lr_decay,
+                                    cfg.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

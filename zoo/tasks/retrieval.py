@@ -14,7 +14,8 @@ def retrieval_recall(similarity: Tensor, text_to_image: Tensor, ks: Sequence[int
     """Recall@K both ways from ``similarity [N_images, N_texts]`` and each text's image ``text_to_image
     [N_texts]``. image->text: an image is a hit when ANY of its texts is among its K most similar texts;
     text->image: a text is a hit when its image is among its K most similar images. Ties count against
-    (strictly-greater scores rank ahead). Returns ``{"i2t_R@K": %, "t2i_R@K": %}`` in percent."""
+    (strictly-greater scores rank ahead). Returns ``{"i2t_R@K": r, "t2i_R@K": r}``, fractions in [0, 1] (the unit
+    of every logged metric)."""
     n_img, n_txt = similarity.shape
     sim = similarity.float()
     owner = text_to_image.long()
@@ -28,20 +29,20 @@ def retrieval_recall(similarity: Tensor, text_to_image: Tensor, ks: Sequence[int
     has_text = is_own.any(1)
     out = {}
     for k in ks:
-        out[f"i2t_R@{k}"] = 100.0 * float((rank_i2t[has_text] < k).float().mean()) if has_text.any() else float("nan")
-        out[f"t2i_R@{k}"] = 100.0 * float((rank_t2i < k).float().mean()) if n_txt else float("nan")
+        out[f"i2t_R@{k}"] = float((rank_i2t[has_text] < k).float().mean()) if has_text.any() else float("nan")
+        out[f"t2i_R@{k}"] = float((rank_t2i < k).float().mean()) if n_txt else float("nan")
     return out
 
 
 def retrieval_chance(num_images: int, captions_per_image: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Expected recall@K (percent) of a random ranking: t2i ``K / N_images``; i2t ``1 - C(T - c, K) / C(T, K)``
+    """Expected recall@K (a fraction in [0, 1]) of a random ranking: t2i ``K / N_images``; i2t ``1 - C(T - c, K) / C(T, K)``
     with T texts of which c belong to the image."""
     T, c = num_images * captions_per_image, captions_per_image
     out = {}
     for k in ks:
         miss = math.comb(T - c, k) / math.comb(T, k) if T - c >= k else 0.0
-        out[f"i2t_R@{k}"] = 100.0 * (1 - miss)
-        out[f"t2i_R@{k}"] = 100.0 * min(1.0, k / num_images)
+        out[f"i2t_R@{k}"] = 1 - miss
+        out[f"t2i_R@{k}"] = min(1.0, k / num_images)
     return out
 
 

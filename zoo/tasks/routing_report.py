@@ -1,18 +1,27 @@
-"""Routing by modality of an evaluation pass: per MoE layer, how many image / text tokens each expert got, the
-router's per-token entropy per modality, how many experts each modality effectively uses and how differently the
-two modalities route (Jensen-Shannon divergence). :class:`ModalityRoutingAccumulator` collects it during the
-pass, :class:`ModalityRoutingSummary` holds the result."""
+"""Routing reports of an evaluation pass, for any task: :class:`RoutingReport` collects, per MoE layer, what the
+layer records about its own routing (``MoELayer.record_routing`` -> ``layer.last_routing``, a
+:class:`~zoo.moe.RoutingRecord`, plus ``layer.aux.stats``, a :class:`~zoo.moe.RoutingStats`) after every forward of
+the layer, and gives two views of it:
+
+- :class:`RoutingSummary` (:meth:`RoutingReport.summary`): tokens per expert, dropped fraction, capacity and, when
+  the task gives labels, the class-by-expert matrix of top-1 experts (classification, language modelling);
+- :class:`ModalityRoutingSummary` (:meth:`RoutingReport.modality_summary`): per modality, tokens per expert, the
+  router's per-token and global entropy, effective experts, image/text divergence (LIMoE's analysis).
+
+The layers record (which costs a copy of the routing per forward) only between :meth:`RoutingReport.start` and
+:meth:`RoutingReport.stop`.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from zoo.moe import MoELayer
+from zoo.moe import moe_layers
 from zoo.tasks.base import moe_layer_names
 
 MODALITY_NAMES = ("image", "text")
@@ -113,70 +122,158 @@ class ModalityRoutingSummary:
         return out
 
 
-class ModalityRoutingAccumulator:
-    """Sums routing statistics per layer and modality over evaluation batches.
+@dataclass
+class RoutingSummary:
+    """Routing of one evaluation pass, per MoE layer (index l in ``layer_names``).
 
-    Counts come from :class:`~zoo.moe.RoutingStats` (``tokens_per_expert_by_modality``); the router's
-    probabilities (for the entropies) from hooks on each :class:`MoELayer` while :meth:`attach` -ed.
+    class_by_expert [L][num_classes, E]: tokens of examples of class c whose top-1 (clean) expert is e (empty
+        when the pass had no labels).
+    tokens_per_expert [L][E]: kept (token, expert) assignments per expert (all k choices, after capacity).
+    dropped_fraction [L]: fraction of token slots dropped by capacity, weighted by tokens.
+    capacity [L]: the largest per-group capacity seen (None when dropless).
     """
 
-    def __init__(self, model: nn.Module, num_modalities: int = 2) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        self.layer_names = moe_layer_names(model)
-        L_, M = len(self.layers), num_modalities
-        E = self.layers[0].config.num_experts if self.layers else 1
-        self.counts = torch.zeros(L_, M, E, dtype=torch.float64)
-        self.prob_sum = torch.zeros(L_, M, E, dtype=torch.float64)
-        self.entropy_sum = torch.zeros(L_, M, dtype=torch.float64)
-        self.tokens = torch.zeros(L_, M, dtype=torch.float64)
-        self._handles: list = []
-        self._modality: dict[int, Optional[Tensor]] = {}
+    layer_names: list[str]
+    class_by_expert: list[Tensor] = field(default_factory=list)
+    tokens_per_expert: list[Tensor] = field(default_factory=list)
+    dropped_fraction: list[float] = field(default_factory=list)
+    capacity: list[Optional[int]] = field(default_factory=list)
+    num_examples: int = 0
 
-    def attach(self) -> "ModalityRoutingAccumulator":
+    def shares(self) -> list[list[float]]:
+        """Each layer's tokens-per-expert normalised to sum 1."""
+        return [(t / t.sum().clamp_min(1e-12)).tolist() for t in self.tokens_per_expert]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            name: {
+                "dropped_fraction": self.dropped_fraction[i],
+                "tokens_per_expert_share": self.shares()[i],
+                "tokens_per_expert": self.tokens_per_expert[i].tolist(),
+                "capacity": self.capacity[i],
+            }
+            for i, name in enumerate(self.layer_names)
+        }
+
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+class RoutingReport:
+    """Sums the routing of every MoE layer of ``model`` over the forwards between :meth:`start` and :meth:`stop`.
+
+    A forward hook on each layer reads the layer's public record right after it ran (so a model that runs a layer
+    twice in one call, as LIMoE's image and text passes, is counted twice): ``layer.aux.stats`` for kept tokens per
+    expert (overall and per modality), drops and capacity; ``layer.last_routing`` for the clean router
+    probabilities (entropies, top-1 expert per class). ``num_classes``: set to count top-1 experts per class; the
+    task then passes each batch's labels to :meth:`set_labels` before its forward.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: Optional[int] = None) -> None:
+        self.layers = moe_layers(model)
+        self.layer_names = moe_layer_names(model)
+        self.num_classes = num_classes
+        L_ = len(self.layers)
+        E = self.layers[0].config.num_experts if self.layers else 1
+        M = max((layer.config.num_modalities for layer in self.layers), default=1)
+        f64 = dict(dtype=torch.float64)
+        self.tokens_per_expert = torch.zeros(L_, E, **f64)
+        self.dropped = torch.zeros(L_, **f64)  # dropped fraction x valid tokens, summed
+        self.valid_tokens = torch.zeros(L_, **f64)
+        self.capacity: list[Optional[int]] = [None] * L_
+        self.class_by_expert = torch.zeros(L_, num_classes or 0, E, **f64)
+        self.counts_by_modality = torch.zeros(L_, M, E, **f64)
+        self.prob_sum = torch.zeros(L_, M, E, **f64)
+        self.entropy_sum = torch.zeros(L_, M, **f64)
+        self.tokens_by_modality = torch.zeros(L_, M, **f64)
+        self.num_examples = 0
+        self._labels: Optional[Tensor] = None
+        self._handles: list = []
+
+    # ------------------------------------------------------------------------------------------ collecting
+    def start(self) -> "RoutingReport":
+        """Turn the layers' routing record on and collect after each of their forwards."""
+        if self._handles:
+            raise RuntimeError("RoutingReport.start() called twice without stop()")
         for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
-            self._handles.append(layer.router.register_forward_hook(self._router_hook(i)))
+            layer.record_routing = True
+            self._handles.append(layer.register_forward_hook(self._hook(i)))
         return self
 
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
+    def stop(self) -> None:
+        """Remove the hooks and turn the record off (it copies the routing on every forward)."""
+        for handle in self._handles:
+            handle.remove()
         self._handles = []
+        for layer in self.layers:
+            layer.record_routing = False
+            layer.last_routing = None
 
-    def _pre_hook(self, i: int):
-        def hook(module, args, kwargs):  # noqa: ANN001
-            mod = kwargs.get("modality", args[2] if len(args) > 2 else None)
-            self._modality[i] = None if mod is None else mod.detach()
-        return hook
+    def count_examples(self, n: int) -> None:
+        """Add ``n`` examples to the pass's count (``RoutingSummary.num_examples``)."""
+        self.num_examples += int(n)
 
-    def _router_hook(self, i: int):
-        def hook(module, args, output):  # noqa: ANN001
-            probs = getattr(output, "clean_probs", None)
-            if probs is None:
+    def set_labels(self, labels: Tensor) -> None:
+        """Class ids ``[B]`` of the examples of the next forwards (and counts them: :meth:`count_examples`)."""
+        if self.num_classes is None:
+            raise ValueError("RoutingReport was made without num_classes; it counts no classes")
+        self._labels = labels.detach().cpu().long()
+        self.count_examples(labels.shape[0])
+
+    def _hook(self, i: int):
+        def hook(layer, args, output) -> None:  # noqa: ANN001
+            record, aux = layer.last_routing, layer.aux
+            if record is None or aux is None or aux.stats is None:  # empty batch: nothing routed
                 return
-            valid = args[1].reshape(-1)
-            p = probs.detach().reshape(-1, probs.shape[-1]).double()
-            mod = self._modality.get(i)
-            flat_mod = torch.zeros_like(valid, dtype=torch.long)
-            if mod is not None:  # grouping pads whole sequences at the end of the batch
-                m = mod.reshape(-1)
-                flat_mod[: m.numel()] = m
-            ent = _entropy(p)
-            for m_id in range(self.counts.shape[1]):
-                sel = (valid & (flat_mod == m_id)).cpu()
-                if sel.any():
-                    self.prob_sum[i, m_id] += p.cpu()[sel].sum(0)
-                    self.entropy_sum[i, m_id] += ent.cpu()[sel].sum()
-                    self.tokens[i, m_id] += float(sel.sum())
+            self._add(i, record, aux.stats)
         return hook
 
-    def update(self, routing: Sequence) -> None:
-        for i, stats in enumerate(routing[: len(self.layers)]):
-            self.counts[i] += stats.tokens_per_expert_by_modality.detach().cpu().double()
+    def _add(self, i: int, record, stats) -> None:  # noqa: ANN001
+        valid = record.valid.cpu()
+        probs = record.probs.cpu().double()
+        n_valid = float(valid.sum())
+        self.tokens_per_expert[i] += stats.tokens_per_expert.detach().cpu().double()
+        self.dropped[i] += float(stats.dropped_fraction) * n_valid
+        self.valid_tokens[i] += n_valid
+        if stats.capacity is not None:
+            self.capacity[i] = max(self.capacity[i] or 0, int(stats.capacity))
+        by_mod = stats.tokens_per_expert_by_modality.detach().cpu().double()
+        self.counts_by_modality[i, : by_mod.shape[0]] += by_mod
+        modality = torch.zeros_like(valid, dtype=torch.long) if record.modality is None else record.modality.cpu()
+        entropy = _entropy(probs)
+        for m in range(self.tokens_by_modality.shape[1]):
+            sel = valid & (modality == m)
+            self.prob_sum[i, m] += probs[sel].sum(0)
+            self.entropy_sum[i, m] += entropy[sel].sum()
+            self.tokens_by_modality[i, m] += float(sel.sum())
+        if self.num_classes is not None:
+            labels = self._labels
+            if labels is None or labels.shape[0] != valid.shape[0]:
+                raise ValueError(f"RoutingReport counts classes: call set_labels() with the {valid.shape[0]} labels "
+                                 "of the batch before its forward")
+            E = probs.shape[-1]
+            top1 = probs.argmax(-1)
+            cls = labels.unsqueeze(1).expand_as(top1)[valid]
+            counts = torch.bincount(cls * E + top1[valid], minlength=self.num_classes * E)
+            self.class_by_expert[i] += counts.reshape(self.num_classes, E).double()
 
-    def summary(self) -> ModalityRoutingSummary:
-        tok = self.tokens.clamp_min(1)
-        return ModalityRoutingSummary(self.layer_names, self.counts.clone(), self.prob_sum / tok.unsqueeze(-1),
-                                      self.entropy_sum / tok, self.tokens.clone())
+    # --------------------------------------------------------------------------------------------- results
+    def summary(self, reduce: Optional[Reduce] = None) -> RoutingSummary:
+        """Tokens per expert, drops, capacity and (with labels) class-by-expert counts. ``reduce`` (tensor ->
+        tensor summed across processes) is applied to every count."""
+        red = reduce or (lambda t: t)
+        L_ = len(self.layer_names)
+        tokens = red(self.tokens_per_expert.clone())
+        dropped, valid = red(self.dropped.clone()), red(self.valid_tokens.clone())
+        n = int(red(torch.tensor(float(self.num_examples), dtype=torch.float64)))
+        cbe = red(self.class_by_expert.clone()) if self.num_classes is not None else None
+        return RoutingSummary(self.layer_names, [] if cbe is None else list(cbe.unbind()),
+                              list(tokens.unbind()) if L_ else [], (dropped / valid.clamp_min(1)).tolist(),
+                              list(self.capacity), n)
 
-
+    def modality_summary(self, num_examples: int = 0) -> ModalityRoutingSummary:
+        """Per modality: kept tokens per expert, mean router probabilities, per-token entropy, tokens seen."""
+        tok = self.tokens_by_modality.clamp_min(1)
+        return ModalityRoutingSummary(self.layer_names, self.counts_by_modality.clone(),
+                                      self.prob_sum / tok.unsqueeze(-1), self.entropy_sum / tok,
+                                      self.tokens_by_modality.clone(), num_examples=num_examples)
