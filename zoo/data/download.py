@@ -80,15 +80,22 @@ def download_mnist(data_dir: Optional[PathLike]) -> Path:
     return root / MNIST_TORCHVISION_DIR
 
 
-def mnist_folder(data_dir: Optional[PathLike], download: bool, err: FileNotFoundError) -> Path:
-    """The MNIST folder when the project's ``mnist/`` was not found (``err``): torchvision's layout, else a
-    download when asked, else ``err`` with how to get the data."""
-    folder = torchvision_mnist_dir(data_dir)
+def _existing_or_downloaded(find, download_fn, name: str, data_dir: Optional[PathLike], download: bool,
+                            err: FileNotFoundError) -> Path:
+    """``find(data_dir)`` (torchvision's layout) when it finds the folder, else ``download_fn(data_dir)`` when
+    ``download``, else ``err`` with how to get dataset ``name``."""
+    folder = find(data_dir)
     if folder is not None:
         return folder
     if download:
-        return download_mnist(data_dir)
-    raise missing_dataset_error("mnist", err) from None
+        return download_fn(data_dir)
+    raise missing_dataset_error(name, err) from None
+
+
+def mnist_folder(data_dir: Optional[PathLike], download: bool, err: FileNotFoundError) -> Path:
+    """The MNIST folder when the project's ``mnist/`` was not found (``err``): torchvision's layout, else a
+    download when asked, else ``err`` with how to get the data."""
+    return _existing_or_downloaded(torchvision_mnist_dir, download_mnist, "mnist", data_dir, download, err)
 
 
 # ---------------------------------------------------------------------------------------------------- CIFAR-10
@@ -114,12 +121,7 @@ def download_cifar10(data_dir: Optional[PathLike]) -> Path:
 def cifar10_folder(data_dir: Optional[PathLike], download: bool, err: FileNotFoundError) -> Path:
     """The torchvision CIFAR-10 folder when the sprite folder was not found (``err``), downloading when asked;
     else ``err`` with how to get the data."""
-    folder = torchvision_cifar10_dir(data_dir)
-    if folder is not None:
-        return folder
-    if download:
-        return download_cifar10(data_dir)
-    raise missing_dataset_error("cifar10", err) from None
+    return _existing_or_downloaded(torchvision_cifar10_dir, download_cifar10, "cifar10", data_dir, download, err)
 
 
 def read_cifar10_batches(folder: Path, train_batches: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray,

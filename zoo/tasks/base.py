@@ -195,6 +195,29 @@ class ZooTask(RecipeOptimizerMixin, L.LightningModule):
             return strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
         return reduce
 
+    def log_losses_and_routing(self, split: str, loss: torch.Tensor, ce: torch.Tensor, aux: torch.Tensor,
+                               out: Any, batch_size: int) -> None:
+        """What every task logs per step: ``{split}/loss`` (on the progress bar), ``/ce``, ``/aux_loss``, each
+        ``/aux/<loss>`` of ``out.aux_losses``, and per MoE layer ``{split}/moe/<layer>/dropped``, ``max_share``,
+        ``min_share`` (and ``capacity`` where capacity applies) from ``out.routing``. Per step in training, as
+        epoch means (weighted by ``batch_size``, synced across processes) otherwise."""
+        on_step = split == "train"
+        log = dict(on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+        self.log(f"{split}/loss", loss, prog_bar=True, **log)
+        self.log(f"{split}/ce", ce, **log)
+        self.log(f"{split}/aux_loss", aux, **log)
+        for name, value in out.aux_losses.items():
+            self.log(f"{split}/aux/{name}", value.detach().float(), **log)
+        for name, stats in zip(self.layer_names, out.routing):
+            tpe = stats.tokens_per_expert.float()
+            share = tpe / tpe.sum().clamp_min(1e-12)
+            prefix = f"{split}/moe/{name}"
+            self.log(f"{prefix}/dropped", stats.dropped_fraction.float(), **log)
+            self.log(f"{prefix}/max_share", share.max(), **log)
+            self.log(f"{prefix}/min_share", share.min(), **log)
+            if stats.capacity is not None:
+                self.log(f"{prefix}/capacity", float(stats.capacity), **log)
+
     def write_test_plots(self, out_dir: str | Path, title: str = "",
                          class_names: Optional[list[str]] = None) -> list[str]:
         """PNG plots of the last test pass into ``out_dir``; returns their paths. ``title`` names the run or

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
 from zoo.models.output import ModelOutput
-from zoo.moe import RoutingStats
 from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
 from zoo.tasks.optim import OptimizerConfig
@@ -98,28 +97,15 @@ class CausalLMTask(ZooTask):
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
         aux = out.aux_loss.to(ce.dtype)
         loss = ce + aux
-        on_step = split == "train"
-        n_tokens = int((targets != IGNORE).sum())
-        log = dict(on_step=on_step, on_epoch=not on_step, batch_size=n_tokens, sync_dist=not on_step)
-        self.log(f"{split}/loss", loss, prog_bar=True, **log)
-        self.log(f"{split}/ce", ce, **log)
-        self.log(f"{split}/aux_loss", aux, **log)
-        for name, value in out.aux_losses.items():
-            self.log(f"{split}/aux/{name}", value.detach().float(), **log)
-        self._log_routing(out.routing, split, log)
+        # Epoch means weigh batches by their target tokens; training logs per step, where the weight is unused, so
+        # it takes no count (a Python int from a device tensor would wait for the GPU every step).
+        n_tokens = ids.shape[0] if split == "train" else int((targets != IGNORE).sum())
+        self.log_losses_and_routing(split, loss, ce, aux, out, batch_size=n_tokens)
         if split != "train":
             metric = self.val_ppl if split == "val" else self.test_ppl
             metric(logits.detach(), targets)
             self.log(f"{split}/perplexity", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss, out, targets
-
-    def _log_routing(self, routing: list[RoutingStats], split: str, log: dict) -> None:
-        for name, stats in zip(self.layer_names, routing):
-            tpe = stats.tokens_per_expert.float()
-            share = tpe / tpe.sum().clamp_min(1e-12)
-            self.log(f"{split}/moe/{name}/dropped", stats.dropped_fraction.float(), **log)
-            self.log(f"{split}/moe/{name}/max_share", share.max(), **log)
-            self.log(f"{split}/moe/{name}/min_share", share.min(), **log)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, _, _ = self._shared_step(batch, "train")

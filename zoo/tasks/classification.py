@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.models.output import ModelOutput
-from zoo.moe import RoutingStats
 from zoo.factory import create_model
 from zoo.tasks.base import ZooTask, fill_from_datamodule, moe_layer_names
 from zoo.tasks.routing_report import RoutingReport, RoutingSummary  # noqa: F401 (RoutingSummary re-exported)
@@ -153,26 +152,8 @@ class ImageClassificationTask(ZooTask):
         ce = F.cross_entropy(out.logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
         aux = out.aux_loss.to(ce.dtype)
         loss = ce + aux
-        on_step = split == "train"
-        log = dict(on_step=on_step, on_epoch=not on_step, batch_size=labels.shape[0], sync_dist=not on_step)
-        self.log(f"{split}/loss", loss, prog_bar=True, **log)
-        self.log(f"{split}/ce", ce, **log)
-        self.log(f"{split}/aux_loss", aux, **log)
-        for name, value in out.aux_losses.items():
-            self.log(f"{split}/aux/{name}", value.detach().float(), **log)
-        self._log_routing(out.routing, split, log)
+        self.log_losses_and_routing(split, loss, ce, aux, out, batch_size=labels.shape[0])
         return loss, out, labels
-
-    def _log_routing(self, routing: list[RoutingStats], split: str, log: dict) -> None:
-        for name, stats in zip(self.layer_names, routing):
-            tpe = stats.tokens_per_expert.float()
-            share = tpe / tpe.sum().clamp_min(1e-12)
-            prefix = f"{split}/moe/{name}"
-            self.log(f"{prefix}/dropped", stats.dropped_fraction.float(), **log)
-            self.log(f"{prefix}/max_share", share.max(), **log)
-            self.log(f"{prefix}/min_share", share.min(), **log)
-            if stats.capacity is not None:
-                self.log(f"{prefix}/capacity", float(stats.capacity), **log)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, out, labels = self._shared_step(batch, "train")
