@@ -133,7 +133,7 @@ def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_hf_lm(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors, pytorch_model.bin"):
         load_hf_lm(tmp_path)
 
 
@@ -195,3 +195,19 @@ def test_in_memory_fused_expert_layout(model_type):
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         assert (ref(ids).logits - model(ids).logits).abs().max() <= 1e-4
+
+
+def test_pytorch_bin_checkpoint_reads_like_safetensors(olmoe_folder, tmp_path):
+    """Older hub folders (MoE-LLaVA, Uni-MoE) ship ``pytorch_model.bin``; it is read with ``weights_only``."""
+    from safetensors.torch import load_file
+
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "config.json").write_text((olmoe_folder / "config.json").read_text())
+    torch.save(load_file(str(olmoe_folder / "model.safetensors")), bin_folder / "pytorch_model.bin")
+    ids = torch.randint(0, 96, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(load_hf_lm(olmoe_folder)(ids).logits, load_hf_lm(bin_folder)(ids).logits)
+    (bin_folder / "pytorch_model.bin").write_bytes(b"not a zip")
+    with pytest.raises(HFCheckpointError, match="pytorch_model.bin is not a readable PyTorch state dict"):
+        load_hf_lm(bin_folder)

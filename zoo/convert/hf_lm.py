@@ -18,65 +18,10 @@ import torch
 from torch import Tensor
 
 from zoo.config import ConfigError, from_dict
+from zoo.convert.hf_files import HFCheckpointError, TensorPool, read_hf_folder
 from zoo.models.decoder import DecoderConfig, DecoderLM
 
 PathLike = Union[str, Path]
-
-
-class HFCheckpointError(ValueError):
-    """A transformers checkpoint folder that cannot be converted (unknown model type, missing or extra tensors,
-    a config that does not match the weights)."""
-
-
-# ------------------------------------------------------------------------------------------- reading
-def read_hf_folder(folder: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(config.json as a dict, {tensor name: tensor})`` of a transformers checkpoint folder."""
-    folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; expected a transformers checkpoint folder "
-                                "(config.json + model.safetensors or sharded safetensors with an index)")
-    config = _read_json(cfg_path)
-    if not isinstance(config, dict):
-        raise HFCheckpointError(f"{cfg_path} must hold a JSON object, found {type(config).__name__}")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map") or {}
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index.name} lists shard(s) {missing} that are not in {folder}; download the "
-                                    "whole checkpoint folder")
-        tensors: dict[str, Tensor] = {}
-        for shard in shards:
-            tensors.update(_read_safetensors(folder / shard))
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise HFCheckpointError(f"{index.name} maps {len(absent)} tensor(s) (e.g. {absent[:3]}) to shards that do "
-                                    "not hold them: the folder is from mixed versions")
-        return config, tensors
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        found = sorted(p.name for p in folder.iterdir())
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json (found "
-                                f"{found}); .bin checkpoints: re-save them with safetensors first")
-    return config, _read_safetensors(single)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise HFCheckpointError(f"{path} is not valid JSON ({err}); re-download the checkpoint folder") from err
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    from zoo.hub import check_safetensors
-
-    check_safetensors(path)  # names the file and what is wrong (truncated, not safetensors) before reading it
-    return load_file(str(path))
 
 
 # ---------------------------------------------------------------------------------------- config maps
@@ -213,41 +158,13 @@ def decoder_config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
 
 
 # --------------------------------------------------------------------------------------- weight maps
-class _Tensors:
-    """The checkpoint's tensors; ``take`` hands each out once and ``left`` lists what was never taken."""
-
-    IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints stored; zoo recomputes them
-
-    def __init__(self, tensors: dict[str, Tensor]) -> None:
-        self.tensors, self.taken = tensors, set()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def take(self, name: str) -> Tensor:
-        if name not in self.tensors:
-            raise HFCheckpointError(f"the checkpoint lacks tensor {name!r} that its config.json implies; the "
-                                    "config and the weights do not belong together (or a shard is incomplete)")
-        self.taken.add(name)
-        return self.tensors[name]
-
-    def left(self) -> list[str]:
-        return sorted(n for n in self.tensors if n not in self.taken and not n.endswith(self.IGNORED))
-
-
-def _linear(out: dict[str, Tensor], src: _Tensors, zoo_name: str, hf_name: str, bias: Optional[bool] = None) -> None:
-    out[f"{zoo_name}.weight"] = src.take(f"{hf_name}.weight")
-    if bias or (bias is None and f"{hf_name}.bias" in src):
-        out[f"{zoo_name}.bias"] = src.take(f"{hf_name}.bias")
-
-
-def _gated(src: _Tensors, prefix: str, gate: str, up: str, down: str) -> tuple[Tensor, Tensor]:
+def _gated(src: TensorPool, prefix: str, gate: str, up: str, down: str) -> tuple[Tensor, Tensor]:
     """``(fc1 [2H, D] = [gate | up], fc2 [D, H])`` of a SwiGLU MLP stored as three linears under ``prefix``."""
     w1 = torch.cat([src.take(f"{prefix}.{gate}.weight"), src.take(f"{prefix}.{up}.weight")])
     return w1, src.take(f"{prefix}.{down}.weight")
 
 
-def _experts(src: _Tensors, prefix: str, num_experts: int, names: tuple[str, str, str]) -> tuple[Tensor, Tensor]:
+def _experts(src: TensorPool, prefix: str, num_experts: int, names: tuple[str, str, str]) -> tuple[Tensor, Tensor]:
     """Stacked expert weights ``w1 [E, D, 2H]``, ``w2 [E, H, D]`` from per-expert linears (``prefix.e.name``) or from
     transformers 5's fused ``prefix.gate_up_proj [E, 2H, D]`` / ``prefix.down_proj [E, D, H]``."""
     if f"{prefix}.gate_up_proj" in src:
@@ -259,39 +176,39 @@ def _experts(src: _Tensors, prefix: str, num_experts: int, names: tuple[str, str
 def convert_state_dict(hf: dict[str, Any], tensors: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, Tensor]:
     """Zoo decoder state dict from a transformers checkpoint's tensors (every tensor must be used)."""
     model_type = hf["model_type"]
-    src = _Tensors(tensors)
+    src = TensorPool(tensors, ignored_suffixes=("rotary_emb.inv_freq",))  # old checkpoints stored it; zoo recomputes
     out: dict[str, Tensor] = {}
     qwen1 = model_type == "qwen"
     root, layer_fmt = ("transformer", "transformer.h.{}") if qwen1 else ("model", "model.layers.{}")
     out["embed.weight"] = src.take(f"{root}.wte.weight" if qwen1 else f"{root}.embed_tokens.weight")
     final_norm = {"qwen": "transformer.ln_f", "phi": "model.final_layernorm"}.get(model_type, "model.norm")
-    _linear(out, src, "norm", final_norm)
+    src.take_linear(out, "norm", final_norm)
     if "lm_head.weight" in src or not cfg.tie_embeddings:
-        _linear(out, src, "lm_head", "lm_head", bias=cfg.lm_head_bias)
+        src.take_linear(out, "lm_head", "lm_head", bias=cfg.lm_head_bias)
     else:  # tied: the checkpoint stores the matrix once
         out["lm_head.weight"] = out["embed.weight"]
     moe_at = set(cfg.moe_layer_indices)
     for i in range(cfg.depth):
         hf_l, z = layer_fmt.format(i), f"blocks.{i}"
         if qwen1:
-            _linear(out, src, f"{z}.attn_norm", f"{hf_l}.ln_1")
-            _linear(out, src, f"{z}.mlp_norm", f"{hf_l}.ln_2")
-            _linear(out, src, f"{z}.attn.qkv", f"{hf_l}.attn.c_attn")
-            _linear(out, src, f"{z}.attn.o_proj", f"{hf_l}.attn.c_proj")
+            src.take_linear(out, f"{z}.attn_norm", f"{hf_l}.ln_1")
+            src.take_linear(out, f"{z}.mlp_norm", f"{hf_l}.ln_2")
+            src.take_linear(out, f"{z}.attn.qkv", f"{hf_l}.attn.c_attn")
+            src.take_linear(out, f"{z}.attn.o_proj", f"{hf_l}.attn.c_proj")
             # Qwen-1's MLP is c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection.
             out[f"{z}.mlp.fc1.weight"], out[f"{z}.mlp.fc2.weight"] = _gated(src, f"{hf_l}.mlp", "w2", "w1", "c_proj")
             continue
-        _linear(out, src, f"{z}.attn_norm", f"{hf_l}.input_layernorm")
+        src.take_linear(out, f"{z}.attn_norm", f"{hf_l}.input_layernorm")
         if not cfg.parallel_residual:
-            _linear(out, src, f"{z}.mlp_norm", f"{hf_l}.post_attention_layernorm")
+            src.take_linear(out, f"{z}.mlp_norm", f"{hf_l}.post_attention_layernorm")
         attn = f"{hf_l}.self_attn"
         for proj in ("q_proj", "k_proj", "v_proj"):
-            _linear(out, src, f"{z}.attn.{proj}", f"{attn}.{proj}", bias=cfg.qkv_bias)
-        _linear(out, src, f"{z}.attn.o_proj", f"{attn}.dense" if model_type == "phi" else f"{attn}.o_proj",
+            src.take_linear(out, f"{z}.attn.{proj}", f"{attn}.{proj}", bias=cfg.qkv_bias)
+        src.take_linear(out, f"{z}.attn.o_proj", f"{attn}.dense" if model_type == "phi" else f"{attn}.o_proj",
                 bias=cfg.attn_out_bias)
         if cfg.qk_norm:
-            _linear(out, src, f"{z}.attn.q_norm", f"{attn}.q_norm")
-            _linear(out, src, f"{z}.attn.k_norm", f"{attn}.k_norm")
+            src.take_linear(out, f"{z}.attn.q_norm", f"{attn}.q_norm")
+            src.take_linear(out, f"{z}.attn.k_norm", f"{attn}.k_norm")
         if i in moe_at:
             # Mixtral checkpoints name the block block_sparse_moe; transformers 5 models hold it as mlp.
             moe = f"{hf_l}.block_sparse_moe" if f"{hf_l}.block_sparse_moe.gate.weight" in src else f"{hf_l}.mlp"
@@ -304,8 +221,8 @@ def convert_state_dict(hf: dict[str, Any], tensors: dict[str, Tensor], cfg: Deco
                 out[f"{z}.mlp.shared_expert.fc1.weight"], out[f"{z}.mlp.shared_expert.fc2.weight"] = w1s, w2s
                 out[f"{z}.mlp.shared_expert_gate.weight"] = src.take(f"{moe}.shared_expert_gate.weight")
         elif model_type == "phi":
-            _linear(out, src, f"{z}.mlp.fc1", f"{hf_l}.mlp.fc1", bias=True)
-            _linear(out, src, f"{z}.mlp.fc2", f"{hf_l}.mlp.fc2", bias=True)
+            src.take_linear(out, f"{z}.mlp.fc1", f"{hf_l}.mlp.fc1", bias=True)
+            src.take_linear(out, f"{z}.mlp.fc2", f"{hf_l}.mlp.fc2", bias=True)
         else:
             out[f"{z}.mlp.fc1.weight"], out[f"{z}.mlp.fc2.weight"] = _gated(src, f"{hf_l}.mlp", "gate_proj", "up_proj",
                                                                             "down_proj")
