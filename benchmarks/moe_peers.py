@@ -8,6 +8,7 @@ Written for this benchmark (no code copied from the peer projects); the external
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -181,3 +182,80 @@ class SonicPeer:
         y, _ = moe_general_routing_inputs(x, scores, tok, ei.reshape(-1).to(torch.int32), w1, b1, w2, b2,
                                           ex.num_experts, self.stream, self.act, False, True)
         return y
+
+
+class DeepSpeedTop2MoE(torch.nn.Module):
+    """MoE-LLaVA's MoE layer as it runs in the official code (DeepSpeed 0.9.5 ``MOELayer`` with ``top2gating`` and its
+    one-hot einsum dispatch), written here as a benchmark peer: a drop-in replacement for a zoo ``MoELayer``
+    (``forward(x [B, S, D], mask=None, modality=None) -> [B, S, D]``) holding the same router and expert weights.
+
+    The algorithm, as DeepSpeed 0.9.5 computes it: all B*S tokens of the call form ONE group; gates = softmax of the
+    fp32 router logits; expert 1 = argmax, expert 2 = argmax of the logits with expert 1 masked (DeepSpeed adds Gumbel
+    noise there, also in eval; off here unless ``second_expert_noise``, the zoo's default being deterministic);
+    capacity = ceil(T / E * capacity_factor * 2), at least ``min_capacity``; slots are taken in token order, all first
+    choices before any second choice; the two kept gates are renormalised to sum 1; dense ``[T, E, C]`` combine and
+    dispatch tensors; ``einsum("sec,sm->ecm")`` dispatch, each expert on its buffer, ``einsum("sec,ecm->sm")`` combine.
+    ``l_aux`` = E * mean over experts of (mean gate prob * fraction of first choices), the GShard loss. Padding is
+    routed like any token (DeepSpeed has no mask)."""
+
+    def __init__(self, layer, capacity_factor: float = 1.5, min_capacity: int = 4,
+                 second_expert_noise: bool = False) -> None:
+        super().__init__()
+        self.router_weight = layer.router.proj.weight  # [E, D], shared with the zoo layer (same values)
+        self.experts = layer.experts
+        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
+        self.second_expert_noise = second_expert_noise
+        self.l_aux = None
+
+    def forward(self, x, mask=None, modality=None):
+        B, S, D = x.shape
+        tokens = x.reshape(-1, D)
+        T = tokens.shape[0]
+        logits = F.linear(tokens.float(), self.router_weight.float())  # router in fp32, as MoE-LLaVA
+        E = logits.shape[1]
+        gates = F.softmax(logits, dim=1)
+        idx1 = gates.argmax(dim=1)
+        mask1 = F.one_hot(idx1, E)
+        second = logits
+        if self.second_expert_noise:
+            u = torch.rand_like(logits)
+            second = logits - torch.log(-torch.log(u))
+        idx2 = second.masked_fill(mask1.bool(), float("-inf")).argmax(dim=1)
+        mask2 = F.one_hot(idx2, E)
+        capacity = max(math.ceil(T / E * self.capacity_factor * 2), self.min_capacity)
+        loc1 = torch.cumsum(mask1, dim=0) - 1
+        loc2 = torch.cumsum(mask2, dim=0) - 1 + mask1.sum(dim=0, keepdim=True)
+        self.l_aux = (gates.mean(0) * mask1.float().mean(0)).sum() * E
+        mask1 = mask1 * (loc1 < capacity)
+        mask2 = mask2 * (loc2 < capacity)
+        pos1 = (loc1 * mask1).sum(1)
+        pos2 = (loc2 * mask2).sum(1)
+        g1 = (gates * mask1).sum(1)
+        g2 = (gates * mask2).sum(1)
+        denom = (g1 + g2).clamp_min(torch.finfo(gates.dtype).eps)
+        g1, g2 = g1 / denom, g2 / denom
+        combine = (g1[:, None, None] * mask1[:, :, None] * F.one_hot(pos1, capacity)[:, None, :]
+                   + g2[:, None, None] * mask2[:, :, None] * F.one_hot(pos2, capacity)[:, None, :])  # [T, E, C]
+        dispatch = combine.bool().to(x.dtype)
+        buffers = torch.einsum("sec,sm->ecm", dispatch, tokens)  # [E, C, D]
+        out = torch.stack([self.experts.expert(e, buffers[e]) for e in range(E)])  # each expert on its buffer
+        return torch.einsum("sec,ecm->sm", combine.to(x.dtype), out).reshape(B, S, D)
+
+
+def replace_moe_layers_with_deepspeed(model, **kwargs) -> int:
+    """Swap every zoo ``MoELayer`` of ``model`` for a :class:`DeepSpeedTop2MoE` holding the same weights; returns how
+    many were swapped. The peer's ``l_aux`` values are read with :func:`deepspeed_aux_loss`."""
+    from zoo.moe import MoELayer
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MoELayer):
+                setattr(parent, name, DeepSpeedTop2MoE(child, **kwargs))
+                swapped += 1
+    return swapped
+
+
+def deepspeed_aux_loss(model):
+    terms = [m.l_aux for m in model.modules() if isinstance(m, DeepSpeedTop2MoE) and m.l_aux is not None]
+    return sum(terms) if terms else None

@@ -50,3 +50,56 @@ def test_dispatch_combine_timers_compute_the_weighted_sum_of_kept_slots():
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["dropped"] > 0  # the capacity dropped some slots, so keep matters
     assert res["ours"] < 1e-5 and res["einsum"] < 1e-5, res
+
+
+def _ds_peer():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import moe_peers
+
+    return moe_peers
+
+
+def test_deepspeed_peer_equals_the_zoo_layer_when_nothing_is_dropped():
+    """The MoE-LLaVA benchmark peer (DeepSpeed 0.9.5's top-2 gating + einsum dispatch) computes the same function
+    as the zoo layer with renormalised top-2 routing when its capacity keeps every token."""
+    import torch
+
+    from zoo.moe import MoEConfig, MoELayer
+
+    P = _ds_peer()
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, MoEConfig(num_experts=4, top_k=2, renormalize=True, dropless=True, group_size=None,
+                                      activation="swiglu", expert_bias=False)).eval()
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_(std=0.3)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        want = layer(x)
+        got = P.DeepSpeedTop2MoE(layer, capacity_factor=4.0)(x)
+    assert (want - got).abs().max() <= 1e-5
+
+
+def test_deepspeed_peer_capacity_rule_queues_second_choices_after_all_first_choices():
+    import torch
+
+    from zoo.moe import MoEConfig, MoELayer
+
+    P = _ds_peer()
+    layer = MoELayer(2, 4, MoEConfig(num_experts=2, top_k=2, renormalize=True, dropless=True, group_size=None))
+    with torch.no_grad():  # router = identity: expert 0 first when x[0] > x[1]
+        layer.router.proj.weight.copy_(torch.eye(2))
+    peer = P.DeepSpeedTop2MoE(layer, capacity_factor=0.25, min_capacity=1)  # C = ceil(4 / 2 * 0.25 * 2) = 1
+    captured = {}
+
+    class Spy(torch.nn.Module):
+        def expert(self, e, buf):
+            captured[e] = buf.clone()
+            return buf * 0
+
+    peer.experts = Spy()
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0]]])
+    peer(x)
+    # expert 0's one slot: token 0 (first choice), expert 1's: token 1 (first choice); token 0's second choice
+    # (expert 1) queues after all first choices and is dropped.
+    assert torch.equal(captured[0], x[0, :1]) and torch.equal(captured[1], x[0, 1:2])

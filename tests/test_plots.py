@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import zoo.plots as plots
+from zoo.tasks import routing_report
 from zoo.tasks.routing_report import ModalityRoutingSummary
 
 
@@ -22,7 +23,7 @@ def figures(monkeypatch):
         fig.savefig(path)
         return Path(path)
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(plots, "save_figure", keep)
     yield saved
     for fig in saved:
         plots.plt.close(fig)
@@ -47,7 +48,7 @@ def test_modality_routing_titles_name_the_plot_and_colour_bars_the_quantity(tmp_
     summary = ModalityRoutingSummary(layer_names=["block1"], counts=counts, mean_probs=counts / 4,
                                      token_entropy=torch.ones(1, 2), tokens=torch.full((1, 2), 4.0),
                                      modality_names=("image", "text"))
-    plots.write_modality_routing_plots(summary, tmp_path, "routing_val", title="limoe_tiny_mnist (val)")
+    routing_report.write_modality_routing_plots(summary, tmp_path, "routing_val", title="limoe_tiny_mnist (val)")
     titles = [fig._suptitle.get_text() if fig._suptitle else fig.axes[0].get_title() for fig in figures]
     assert titles == ["limoe_tiny_mnist (val): routing by modality", "limoe_tiny_mnist (val): expert mix",
                       "limoe_tiny_mnist (val): image tokens per expert",

@@ -15,12 +15,10 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import matplotlib
 
-if TYPE_CHECKING:
-    from zoo.tasks.routing_report import ModalityRoutingSummary
 
 matplotlib.use("Agg")  # never needs a display; set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
@@ -36,7 +34,7 @@ def _np(x: ArrayLike) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _save(fig: plt.Figure, path: PathLike) -> Path:
+def save_figure(fig: plt.Figure, path: PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -82,7 +80,7 @@ def plot_expert_utilisation(shares: Sequence[ArrayLike], layer_names: Sequence[s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_routing_matrix(matrix: ArrayLike, row_names: Sequence[str], path: PathLike, title: Optional[str] = None,
@@ -127,7 +125,7 @@ def plot_routing_matrix(matrix: ArrayLike, row_names: Sequence[str], path: PathL
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_routing_matrices(matrices: Sequence[ArrayLike], row_names: Sequence[str], layer_names: Sequence[str],
@@ -206,60 +204,4 @@ def plot_training_curves(metrics_csv: PathLike, path: PathLike, groups: Optional
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-# --------------------------------------------------------------------------------- routing by modality
-def plot_image_share(summary: "ModalityRoutingSummary", path: str | Path, title: str = "") -> Path:
-    """Heatmap [layers, experts] of :meth:`ModalityRoutingSummary.image_share` (1 = image-only expert,
-    0 = text-only, grey = unused), annotated."""
-    from zoo.plots import plt  # Agg backend set there
-
-    share = summary.image_share().numpy()
-    L_, E = share.shape
-    fig, ax = plt.subplots(figsize=(min(2.5 + 0.5 * E, 16), 1.4 + 0.4 * L_))
-    cmap = plt.get_cmap("coolwarm").copy()
-    cmap.set_bad("lightgrey")
-    im = ax.imshow(share, vmin=0, vmax=1, cmap=cmap, aspect="auto", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="image share of the expert's tokens (1 = image only; modality-balanced)")
-    for i in range(L_):
-        for e in range(E):
-            if share[i, e] == share[i, e]:  # not NaN
-                ax.text(e, i, f"{share[i, e]:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(E))
-    ax.set_yticks(range(L_), labels=summary.layer_names)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def write_modality_routing_plots(summary: "ModalityRoutingSummary", out_dir: str | Path, prefix: str = "routing",
-                                 title: str = "") -> list[Path]:
-    """PNG plots (``zoo.plots``) of one :class:`ModalityRoutingSummary`:
-
-    - ``<prefix>_by_modality.png``: rows = (layer, modality), columns = experts, each row the modality's share
-      of tokens per expert (which experts image vs text tokens use, per layer);
-    - ``<prefix>_expert_mix.png``: each expert's balanced image / text mix per layer (1 = image-only);
-    - ``<prefix>_utilisation_<modality>.png``: per-layer bars of each modality's expert shares.
-    """
-    from zoo.plots import plot_expert_utilisation, plot_routing_matrix
-
-    out_dir = Path(out_dir)
-    if not summary.layer_names:
-        return []
-    L_, M, E = summary.counts.shape
-    rows = [f"{name}/{mod}" for name in summary.layer_names for mod in summary.modality_names[:M]]
-    paths = [plot_routing_matrix(summary.counts.reshape(L_ * M, E), rows, out_dir / f"{prefix}_by_modality.png",
-                                 title=(title + ": " if title else "") + "routing by modality",
-                                 normalize="row", row_label="layer / modality", col_label="expert")]  # top-k counts
-    if M >= 2:
-        paths.append(plot_image_share(summary, out_dir / f"{prefix}_expert_mix.png",
-                                      (title + ": " if title else "") + "expert mix"))
-    for m, mod in enumerate(summary.modality_names[:M]):
-        paths.append(plot_expert_utilisation([summary.counts[i, m] for i in range(L_)], summary.layer_names,
-                                             out_dir / f"{prefix}_utilisation_{mod}.png",
-                                             title=(title + ": " if title else "") + f"{mod} tokens per expert"))
-    return paths
+    return save_figure(fig, path)

@@ -72,15 +72,17 @@ def class_path(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+LEGACY_TASK_CLASS_PATH = "zoo.tasks.classification.ImageClassificationTask"
+
+
 def task_class_of(checkpoint: dict[str, Any]) -> type["ZooTask"]:
     """The task class that wrote ``checkpoint``; ValueError for a checkpoint no zoo task wrote."""
     path = (checkpoint.get(TASK_KEY) or {}).get("class_path")
+    if not path and TRAINER_KEY in checkpoint:
+        # Before the task was recorded only image classification wrote checkpoints (with TRAINER_KEY): resolved by
+        # its class path like any recorded task, so this base module never imports a task built on it.
+        path = LEGACY_TASK_CLASS_PATH
     if not path:
-        if TRAINER_KEY in checkpoint:
-            # Before the task was recorded only ImageClassificationTask wrote checkpoints (with TRAINER_KEY).
-            from zoo.tasks.classification import ImageClassificationTask
-
-            return ImageClassificationTask
         raise ValueError("the checkpoint was not written by a zoo task (it records no zoo.tasks.base.ZooTask "
                          "subclass); eval.py evaluates checkpoints of zoo tasks only")
     module, _, name = path.rpartition(".")

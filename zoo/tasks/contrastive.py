@@ -51,7 +51,7 @@ from zoo.tasks.optim import OptimizerConfig
 # Model config keys the datamodule decides (the task takes them in take_from_datamodule()).
 DATA_DIMS = ("in_chans", "image_size", "context_length")
 
-from zoo.plots import plot_image_share, write_modality_routing_plots  # noqa: E402,F401 (re-exported)
+from zoo.tasks.routing_report import plot_image_share, write_modality_routing_plots  # noqa: E402,F401 (re-exported)
 from zoo.tasks.losses import contrastive_loss, nt_xent_loss  # noqa: E402,F401 (re-exported)
 from zoo.tasks.retrieval import retrieval_chance, retrieval_recall, zero_shot_classifier  # noqa: E402,F401
 from zoo.tasks.routing_report import MODALITY_NAMES, ModalityRoutingSummary, RoutingReport  # noqa: E402,F401

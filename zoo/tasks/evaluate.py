@@ -16,77 +16,19 @@ per-layer routing under ``layers``.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 
 from zoo.tasks.checkpoints import CheckpointError, load_training_checkpoint
 from zoo.tasks.guards import nonfinite_parameters
-from zoo.tasks.base import DATAMODULE_KEY, TRAINER_KEY, class_path, task_class_of
+from zoo.tasks.base import TRAINER_KEY, class_path, task_class_of
+from zoo.tasks.datamodule_factory import build_datamodule, datamodule_of_checkpoint, parse_data_args
 from zoo.tasks.classification import ImageClassificationTask, write_routing_plots
 from zoo.tasks.fewshot import add_fewshot_args, evaluate_fewshot
-
-
-def _import_class(path: str) -> type:
-    from zoo.data import IMAGE_CLASSIFICATION_DATAMODULES
-
-    if path in IMAGE_CLASSIFICATION_DATAMODULES:
-        return IMAGE_CLASSIFICATION_DATAMODULES[path]
-    module, _, name = path.rpartition(".")
-    if not module:
-        import zoo.data
-
-        if hasattr(zoo.data, name):
-            return getattr(zoo.data, name)
-        raise ValueError(f"unknown datamodule {path!r}; use one of {sorted(IMAGE_CLASSIFICATION_DATAMODULES)} "
-                         "or a class path such as zoo.data.MNISTDataModule")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import datamodule {path!r}: {err}") from err
-
-
-def saved_datamodule(checkpoint: dict[str, Any]) -> tuple[Optional[str], dict[str, Any]]:
-    """``(class path, init args)`` of the datamodule a checkpoint was trained with (None if not recorded)."""
-    info = checkpoint.get(DATAMODULE_KEY)
-    if info:
-        return info.get("class_path"), dict(info.get("init_args") or {})
-    hp = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    cls = hp.pop("_class_path", None)
-    return cls, {k: v for k, v in hp.items() if not k.startswith("_")}
-
-
-def build_datamodule(checkpoint: dict[str, Any], data: Optional[str] = None, overrides: Optional[dict] = None):
-    """The checkpoint's datamodule (or ``data``), with ``overrides`` applied to its init args."""
-    saved_cls, saved_args = saved_datamodule(checkpoint)
-    cls_path = data or saved_cls
-    if not cls_path:
-        raise ValueError("the checkpoint does not record its datamodule; pass --data (e.g. --data digits)")
-    cls = _import_class(cls_path)
-    args = saved_args if saved_cls and _import_class(saved_cls) is cls else {}
-    params = inspect.signature(cls.__init__).parameters
-    args = {k: v for k, v in args.items() if k in params}
-    args.update(overrides or {})
-    unknown = [k for k in args if k not in params]
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no argument(s) {unknown}; it takes {sorted(set(params) - {'self'})}")
-    return cls(**args)
-
-
-def _parse_data_args(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--data-arg expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -165,12 +107,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                               "(lower --model.lr)")
     task.set_eval_overrides(capacity_factor=args.eval_capacity_factor, top_k=args.eval_top_k,
                             dropless=True if args.eval_dropless else None)
-    overrides = _parse_data_args(args.data_arg)
+    overrides = parse_data_args(args.data_arg)
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
-    dm = build_datamodule(checkpoint, args.data, overrides)
+    dm = datamodule_of_checkpoint(checkpoint, args.data, overrides)
     precision = args.precision or trained.get("precision") or "32-true"
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False,
@@ -220,8 +162,6 @@ def _evaluate_pretrained(args: argparse.Namespace) -> dict[str, Any]:
     """``--model NAME --pretrained [TAG]``: published weights on the data they were recorded on."""
     import lightning as L
 
-    from zoo.tasks.publish import build_datamodule as build_recorded_datamodule
-
     if args.model is None or args.pretrained is None:
         raise ValueError("--model and --pretrained go together: e.g. eval.py --model vmoe_small_mnist --pretrained")
     if args.checkpoint:
@@ -230,19 +170,16 @@ def _evaluate_pretrained(args: argparse.Namespace) -> dict[str, Any]:
     task.set_eval_overrides(capacity_factor=args.eval_capacity_factor, top_k=args.eval_top_k,
                             dropless=True if args.eval_dropless else None)
     info = getattr(task.model, "pretrained_cfg", None) or {}
-    overrides = _parse_data_args(args.data_arg)
+    overrides = parse_data_args(args.data_arg)
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     recorded = info.get("data")
-    if args.data:
-        dm = build_datamodule({}, args.data, overrides)
-    elif recorded:
-        recorded = {**recorded, "init_args": {**recorded.get("init_args", {}), **overrides}}
-        dm = build_recorded_datamodule(recorded)
-    else:
+    if not (args.data or recorded):
         raise ValueError(f"the weights of {args.model} do not record their datamodule; pass --data")
+    recorded = recorded or {}
+    dm = build_datamodule(recorded.get("class_path"), recorded.get("init_args"), data=args.data, overrides=overrides)
     threads = args.num_threads or (recorded or {}).get("num_threads")
     if threads:
         torch.set_num_threads(int(threads))

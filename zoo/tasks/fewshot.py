@@ -253,15 +253,14 @@ def _parse_shots(text: str) -> list[int]:
 
 def _load_task_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, Any]]:
     """The model and datamodule ``eval.py`` would evaluate (checkpoint, or --model/--pretrained) + a description."""
-    from zoo.tasks.evaluate import _parse_data_args, build_datamodule
+    from zoo.tasks.datamodule_factory import build_datamodule, datamodule_of_checkpoint, parse_data_args
 
-    overrides = _parse_data_args(args.data_arg)
+    overrides = parse_data_args(args.data_arg)
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     if args.model is not None or args.pretrained is not None:
-        from zoo.tasks.publish import build_datamodule as build_recorded_datamodule
         from zoo.tasks.classification import ImageClassificationTask
 
         if args.model is None or args.pretrained is None:
@@ -270,12 +269,11 @@ def _load_task_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[
         task = ImageClassificationTask(model=args.model, pretrained=args.pretrained)
         info = getattr(task.model, "pretrained_cfg", None) or {}
         recorded = info.get("data")
-        if args.data:
-            dm = build_datamodule({}, args.data, overrides)
-        elif recorded:
-            dm = build_recorded_datamodule({**recorded, "init_args": {**recorded.get("init_args", {}), **overrides}})
-        else:
+        if not (args.data or recorded):
             raise ValueError(f"the weights of {args.model} do not record their datamodule; pass --data")
+        recorded = recorded or {}
+        dm = build_datamodule(recorded.get("class_path"), recorded.get("init_args"), data=args.data,
+                              overrides=overrides)
         threads = args.num_threads or (recorded or {}).get("num_threads")
         source = {"model": args.model, "pretrained": info.get("tag", args.pretrained)}
     else:
@@ -287,7 +285,7 @@ def _load_task_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[
             raise FileNotFoundError(f"no checkpoint at {ckpt_path}: pass --checkpoint PATH (or run train.py first)")
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         task = task_class_of(checkpoint).load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
-        dm = build_datamodule(checkpoint, args.data, overrides)
+        dm = datamodule_of_checkpoint(checkpoint, args.data, overrides)
         threads = args.num_threads or (checkpoint.get(TRAINER_KEY) or {}).get("num_threads")
         source = {"checkpoint": str(ckpt_path.resolve()), "model": task.hparams.get("model")}
     if threads and int(threads) < torch.get_num_threads():

@@ -25,6 +25,7 @@ from zoo.checkpoint import load_state_dict_checked
 from zoo.config import ConfigError, flatten, merge, to_dict
 from zoo.errors import CorruptCheckpointError, PretrainedError, WeightsNotFoundError
 from zoo.factory import create_model
+from zoo.tasks.datamodule_factory import build_datamodule
 from zoo.hub import WEIGHTS_NAME, PathLike, dumps_json, json_safe, save_pretrained, sha256_file, upload_folder
 from zoo.moe import set_eval_overrides
 from zoo.registry import (build_model, family_of_model, get_family, list_pretrained, load_preset, model_config,
@@ -213,17 +214,6 @@ def split_eval_metrics(metrics: Optional[Mapping[str, Any]]) -> tuple[dict[str, 
     return {k: v for k, v in scalars.items() if v is not None}, routing
 
 
-def build_datamodule(data: Mapping[str, Any]) -> Any:
-    """The datamodule recorded in a tag's ``data`` (``class_path`` + ``init_args``), unknown arguments dropped."""
-    import importlib
-    import inspect
-
-    module, _, name = str(data["class_path"]).rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    params = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in dict(data.get("init_args") or {}).items() if k in params})
-
-
 @torch.no_grad()
 def prediction_check(model: nn.Module, data: Mapping[str, Any], max_images: int = 256) -> dict[str, Any]:
     """Predictions on the first ``max_images`` test images (recorded datamodule, batch size and threads, fp32, CPU):
@@ -231,7 +221,7 @@ def prediction_check(model: nn.Module, data: Mapping[str, Any], max_images: int 
     fam = family_of_model(model)
     if fam is None or fam.predict is None:
         raise ValueError(f"{type(model).__name__}: its family registers no predict() for a prediction check")
-    dm = build_datamodule(data)
+    dm = build_datamodule(data["class_path"], data.get("init_args"))
     dm.setup("test")
     threads = torch.get_num_threads()
     if data.get("num_threads"):

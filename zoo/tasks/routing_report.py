@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from zoo.moe import moe_layers
+from zoo import plots
+from zoo.plots import plot_expert_utilisation, plot_routing_matrix, plt  # plt: Agg backend set there
 from zoo.tasks.base import moe_layer_names
 
 MODALITY_NAMES = ("image", "text")
@@ -277,3 +280,55 @@ class RoutingReport:
         return ModalityRoutingSummary(self.layer_names, self.counts_by_modality.clone(),
                                       self.prob_sum / tok.unsqueeze(-1), self.entropy_sum / tok,
                                       self.tokens_by_modality.clone(), num_examples=num_examples)
+
+
+# --------------------------------------------------------------------------------- routing by modality
+def plot_image_share(summary: ModalityRoutingSummary, path: str | Path, title: str = "") -> Path:
+    """Heatmap [layers, experts] of :meth:`ModalityRoutingSummary.image_share` (1 = image-only expert,
+    0 = text-only, grey = unused), annotated."""
+    share = summary.image_share().numpy()
+    L_, E = share.shape
+    fig, ax = plt.subplots(figsize=(min(2.5 + 0.5 * E, 16), 1.4 + 0.4 * L_))
+    cmap = plt.get_cmap("coolwarm").copy()
+    cmap.set_bad("lightgrey")
+    im = ax.imshow(share, vmin=0, vmax=1, cmap=cmap, aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="image share of the expert's tokens (1 = image only; modality-balanced)")
+    for i in range(L_):
+        for e in range(E):
+            if share[i, e] == share[i, e]:  # not NaN
+                ax.text(e, i, f"{share[i, e]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(E))
+    ax.set_yticks(range(L_), labels=summary.layer_names)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return plots.save_figure(fig, path)  # module attribute: tests keep the figures
+
+
+def write_modality_routing_plots(summary: ModalityRoutingSummary, out_dir: str | Path, prefix: str = "routing",
+                                 title: str = "") -> list[Path]:
+    """PNG plots (drawn with ``zoo.plots``) of one :class:`ModalityRoutingSummary`:
+
+    - ``<prefix>_by_modality.png``: rows = (layer, modality), columns = experts, each row the modality's share
+      of tokens per expert (which experts image vs text tokens use, per layer);
+    - ``<prefix>_expert_mix.png``: each expert's balanced image / text mix per layer (1 = image-only);
+    - ``<prefix>_utilisation_<modality>.png``: per-layer bars of each modality's expert shares.
+    """
+    out_dir = Path(out_dir)
+    if not summary.layer_names:
+        return []
+    L_, M, E = summary.counts.shape
+    rows = [f"{name}/{mod}" for name in summary.layer_names for mod in summary.modality_names[:M]]
+    paths = [plot_routing_matrix(summary.counts.reshape(L_ * M, E), rows, out_dir / f"{prefix}_by_modality.png",
+                                 title=(title + ": " if title else "") + "routing by modality",
+                                 normalize="row", row_label="layer / modality", col_label="expert")]  # top-k counts
+    if M >= 2:
+        paths.append(plot_image_share(summary, out_dir / f"{prefix}_expert_mix.png",
+                                      (title + ": " if title else "") + "expert mix"))
+    for m, mod in enumerate(summary.modality_names[:M]):
+        paths.append(plot_expert_utilisation([summary.counts[i, m] for i in range(L_)], summary.layer_names,
+                                             out_dir / f"{prefix}_utilisation_{mod}.png",
+                                             title=(title + ": " if title else "") + f"{mod} tokens per expert"))
+    return paths
