@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zoo.convert.hf_files import HFCheckpointError
-from zoo.convert.hf_vision import hf_vision_state_dict, vision_config_from_hf, vision_tower_from_hf
+from zoo.convert.hf_vision import (hf_vision_state_dict, vision_config_from_hf, vision_tower_from_hf,
+                                  vision_tower_from_tensors)
 from zoo.layers.activations import apply_activation
 from zoo.models.towers import KNOWN_TOWERS, VisionTower, VisionTowerConfig, known_tower_config, \
     vision_tower_from_open_clip
@@ -196,6 +197,33 @@ def test_config_that_does_not_fit_the_weights(saved, tmp_path):
     (dst / "config.json").write_text(json.dumps({**cfg, "image_size": 35}))
     with pytest.raises(HFCheckpointError, match=r"position_embedding.*\(1, 17, 32\).*\(1, 26, 32\)"):
         vision_tower_from_hf(dst)
+
+
+def test_tower_inside_a_multimodal_checkpoint(saved):
+    """A multimodal checkpoint stores the tower under its own prefix next to other tensors (the LM, the projector)."""
+    folder, vision = saved["siglip_vision"]
+    inner = load_file(folder / "model.safetensors")
+    prefix = "model.image_tower.image_tower.vision_model."
+    tensors = {prefix + k: v.half() for k, v in inner.items()}
+    tensors["model.mm_projector.0.weight"] = torch.zeros(2, 2)
+    hf_config = json.loads((folder / "config.json").read_text())
+    tower = vision_tower_from_tensors(hf_config, tensors, prefix, feature_layer=-1)
+    x = images_for(vision)
+    with torch.no_grad():
+        assert tower.pos_embed.dtype == torch.float32
+        assert (tower(x) - reference_states(vision, x)[-1]).abs().max() <= 1e-2  # fp16-rounded weights
+
+
+def test_legacy_and_list_config_values():
+    """CLIPConfig's legacy vision_config_dict wins over vision_config (as in transformers); [s, s] sizes are read."""
+    hf = {"model_type": "clip", "vision_config": {**CLIP_VISION, "image_size": [28, 28]},
+          "vision_config_dict": {"num_hidden_layers": 2}}
+    cfg = vision_config_from_hf(hf)
+    assert (cfg.depth, cfg.image_size, cfg.class_token, cfg.pre_norm, cfg.patch_bias) == (2, 28, True, True, False)
+    with pytest.raises(HFCheckpointError, match="square"):
+        vision_config_from_hf({"model_type": "siglip_vision_model", "image_size": [28, 42]})
+    with pytest.raises(HFCheckpointError, match="hidden_act 'relu'"):
+        vision_config_from_hf({"model_type": "clip_vision_model", "hidden_act": "relu"})
 
 
 def test_hub_name_resolves_offline_and_dtype(saved, tmp_path):

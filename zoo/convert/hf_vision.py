@@ -194,13 +194,26 @@ def vision_tower_from_hf(folder_or_name: PathLike, feature_layer: int = -2, sele
     hf_config = read_json(folder / "config.json")
     if not isinstance(hf_config, dict):
         raise HFCheckpointError(f"{folder / 'config.json'} must hold a JSON object")
-    config = vision_config_from_hf(hf_config, feature_layer=feature_layer, select=select)  # before reading weights
+    vision_config_from_hf(hf_config)  # refuse another model type before reading its weights
     tensors = read_hf_weights(folder)
     prefix, _ = split_hf_vision_tensors(tensors)
+    try:
+        tower = vision_tower_from_tensors(hf_config, tensors, prefix, feature_layer=feature_layer, select=select)
+    except HFCheckpointError as err:
+        raise HFCheckpointError(f"{folder}: {err}") from err
+    return tower.to(dtype) if dtype is not None else tower
+
+
+def vision_tower_from_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, Tensor], prefix: str = "", *,
+                              feature_layer: int = -2, select: str = "patch") -> VisionTower:
+    """A :class:`VisionTower` from a CLIP / SigLIP config dict and the tensors named ``prefix + <name>`` (e.g. the
+    tower stored inside a multimodal checkpoint under ``model.image_tower.image_tower.vision_model.``; tensors
+    outside ``prefix`` are the caller's). float32, whatever the tensors' dtype."""
+    config = vision_config_from_hf(hf_config, feature_layer=feature_layer, select=select)
     state, sources = hf_vision_state_dict(tensors, config, prefix)
     tower = VisionTower(config)
     try:
         tower.load_converted(state, sources)
     except ValueError as err:
-        raise HFCheckpointError(f"{folder}: {err}") from err
-    return tower.to(dtype) if dtype is not None else tower
+        raise HFCheckpointError(str(err)) from err
+    return tower

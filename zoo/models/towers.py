@@ -40,9 +40,9 @@ class VisionTowerConfig:
     """Shape and layout of a ViT vision tower, and which tokens it returns.
 
     Shape: ``image_size`` (square; a size the patch does not divide leaves the last ``image_size % patch_size``
-    pixel rows / columns unseen, as the official "valid" patch convolution does), ``patch_size``, ``in_chans``, width ``dim`` = Dv, ``depth`` blocks, ``num_heads``,
-    MLP hidden ``mlp_dim``, ``activation`` (``quick_gelu`` CLIP, ``gelu_tanh`` SigLIP, ``gelu`` open_clip's non-OpenAI
-    towers), LayerNorm ``norm_eps``. Layout: ``class_token`` (a learned token before the patches), ``pre_norm`` (a
+    pixel rows / columns unseen, as the official "valid" patch convolution does), ``patch_size``, ``in_chans``,
+    width ``dim`` = Dv, ``depth`` blocks, ``num_heads``, MLP hidden ``mlp_dim``, ``activation`` (``quick_gelu``
+    CLIP, ``gelu_tanh`` SigLIP, ``gelu`` open_clip's non-OpenAI towers), LayerNorm ``norm_eps``. Layout: ``class_token`` (a learned token before the patches), ``pre_norm`` (a
     LayerNorm on the embeddings before the blocks), ``patch_bias`` (the patch convolution has a bias).
 
     Features: ``feature_layer`` indexes the hidden states exactly as transformers' ``output_hidden_states``:
