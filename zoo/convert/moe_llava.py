@@ -165,7 +165,7 @@ def moe_config_from_official(official: dict[str, Any]) -> Optional[MoEConfig]:
             batch_priority=False, capacity_factor=float(moe.get("capacity_factor", 1.0)),
             eval_capacity_factor=float(moe.get("eval_capacity_factor", 1.0)), capacity_multiple_of=1,
             group_size=1, activation=activation, expert_bias=official["model_type"] == "moe_llava_phi",
-            importance_loss_weight=0.0, load_loss_weight=0.0,
+            importance_loss_weight=0.0, load_loss_weight=0.0, num_modalities=2,  # routers see text / image ids
             switch_loss_weight=float(moe.get("router_aux_loss_coef", 0.01)))
     except ValueError as err:
         raise HFCheckpointError(f"config.json \"moe\": {err}") from err
@@ -336,3 +336,47 @@ def read_moe_llava(checkpoint: PathLike, image_tower: Optional[PathLike] = None)
     return MoELLaVAParts(decoder=decoder, tower=tower_cfg, projector=proj_kind, lm=lm_state,
                          vision_tower=tower_state, projector_state=proj_state, official=official,
                          tower_folder=tower_folder, notes=notes)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_moe_llava(parts: MoELLaVAParts):
+    """The zoo :class:`zoo.models.moe_llava.MoELLaVA` holding ``parts`` (float32, eval mode). Every parameter is
+    filled with a tensor of its shape; anything missing or extra is an error naming it."""
+    from zoo.models.moe_llava import MoELLaVA, MoELLaVAConfig
+
+    max_len = parts.official.get("tokenizer_model_max_length")
+    config = MoELLaVAConfig(vision=parts.tower, projector=parts.projector, decoder=parts.decoder,
+                            tokenizer_model_max_length=int(max_len) if max_len else None)
+    model = MoELLaVA(config)
+    state = {**{f"decoder.{n}": t for n, t in parts.lm.items()},
+             **{f"vision_tower.{n}": t for n, t in parts.vision_tower.items()},
+             **{f"projector.{n}": t for n, t in parts.projector_state.items()}}
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise HFCheckpointError(f"converted MoE-LLaVA state does not fit the zoo model: missing {missing[:4]}, "
+                                f"unexpected {extra[:4]} (converter / model version mismatch)")
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise HFCheckpointError(f"config/weights mismatch: zoo {name} expects {tuple(expected[name].shape)} from "
+                                    f"config.json, the checkpoint gives {tuple(value.shape)}")
+    model.load_state_dict({n: t.float() for n, t in state.items()}, strict=True)
+    return model.eval()
+
+
+def load_moe_llava(checkpoint: PathLike, image_tower: Optional[PathLike] = None):
+    """An official MoE-LLaVA checkpoint folder as a zoo ``MoELLaVA`` (float32, eval mode)."""
+    return build_moe_llava(read_moe_llava(checkpoint, image_tower))
+
+
+def convert_moe_llava(checkpoint: PathLike, out: PathLike, image_tower: Optional[PathLike] = None,
+                      dtype: Optional[torch.dtype] = None):
+    """Convert ``checkpoint`` (official MoE-LLaVA folder) and write a zoo folder to ``out`` that
+    ``zoo.create_model("local-dir:OUT")`` loads. ``image_tower``: the tower's folder or hub id (default: the
+    config's ``mm_image_tower``, resolved offline). ``dtype``: stored precision (default float32)."""
+    from zoo.hub import save_pretrained
+
+    parts = read_moe_llava(checkpoint, image_tower)
+    model = build_moe_llava(parts)
+    save_pretrained(model, out, dtype=dtype, tag=f"converted from {Path(checkpoint).name}")
+    return model
