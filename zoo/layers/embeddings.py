@@ -29,18 +29,25 @@ class PatchEmbed(nn.Module):
     log2(p) 3x3 stride-2 convolutions, each followed by BatchNorm + ReLU, widths doubling up to D (the first is
     ``D / 2**(log2(p) - 1)``), then a 1x1 convolution to D. Same token grid as ``"patch"``; overlapping receptive
     fields and early normalisation make small-data training better conditioned. Needs a power-of-2 patch size.
+    ``bias=False`` drops the patch projection's bias (``stem="patch"`` only; OpenAI CLIP's towers have none).
+    ``drop_remainder=True`` accepts an image size the patch size does not divide: like a "valid" convolution, the
+    last ``image_size % patch_size`` rows and columns are not seen (SigLIP so400m: 384 px, patch 14 -> 27 x 27
+    patches, 6 pixels unused); ``stem="patch"`` only.
     """
 
-    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, stem: str = "patch") -> None:
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, stem: str = "patch",
+                 bias: bool = True, drop_remainder: bool = False) -> None:
         super().__init__()
-        if image_size % patch_size:
+        if image_size % patch_size and not (drop_remainder and stem == "patch" and image_size >= patch_size):
             raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}")
         self.image_size, self.patch_size, self.in_chans = image_size, patch_size, in_chans
         self.grid = image_size // patch_size
         self.num_patches = self.grid**2
         if stem == "patch":
-            self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+            self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, bias=bias)
         elif stem == "conv":
+            if not bias:
+                raise ValueError("bias=False is only for stem='patch' (the conv stem's last 1x1 keeps its bias)")
             n = patch_size.bit_length() - 1
             if patch_size < 2 or 2**n != patch_size:
                 raise ValueError(f"stem='conv' halves the resolution per 3x3 stride-2 convolution, so patch_size "
