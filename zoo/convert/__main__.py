@@ -1,5 +1,6 @@
 """``python -m zoo.convert vmoe --checkpoint PREFIX --out DIR [--preset NAME | --config official.json] ...`` and
-``python -m zoo.convert hf-lm --checkpoint HF_DIR --out DIR``."""
+``python -m zoo.convert hf-lm --checkpoint HF_DIR --out DIR`` and
+``python -m zoo.convert moe-llava --checkpoint DIR --out DIR [--image-tower DIR_OR_ID]``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zoo.convert", description="Convert external checkpoints "
                                      "to zoo published folders (config.json + model.safetensors + README.md)")
     # metavar: argparse names a missing subcommand by it ("required: {vmoe,hf-lm,list}", not "required: cmd")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{vmoe,hf-lm,list}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{vmoe,hf-lm,moe-llava,list}")
     v = sub.add_parser("vmoe", help="official V-MoE checkpoint (PREFIX.index + PREFIX.data-*) -> DIR",
                        description="Config source: --config, else --preset, else inferred from the checkpoint "
                                    "(routing settings from the options below / the published-checkpoint table).")
@@ -43,6 +44,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     h.add_argument("--out", required=True, help="output folder; load with zoo.create_model('local-dir:DIR')")
     h.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="precision of the stored weights")
+    ml = sub.add_parser("moe-llava", help="official MoE-LLaVA checkpoint (LanguageBind/MoE-LLaVA-*) -> zoo "
+                        "moe_llava DIR")
+    ml.add_argument("--checkpoint", required=True, help="folder with config.json (model_type moe_llava_stablelm, "
+                    "moe_llava_phi or moe_llava_qwen) and its weights")
+    ml.add_argument("--out", required=True, help="output folder; load with zoo.create_model('local-dir:DIR')")
+    ml.add_argument("--image-tower", help="the vision tower's Hugging Face folder or hub id (default: the config's "
+                    "mm_image_tower, looked up offline next to the checkpoint and in the Hugging Face cache)")
+    ml.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="precision of the stored weights")
     lst = sub.add_parser("list", help="the published V-MoE checkpoints and how to convert them")
     del lst
     args = parser.parse_args(argv)
@@ -64,6 +74,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = convert_hf_lm(args.checkpoint, args.out, dtype=getattr(torch, args.dtype))
         n = sum(p.numel() for p in model.parameters())
         print(json.dumps(to_dict(model.config)))
+        print(f"wrote {args.out} ({n:,} parameters); load with zoo.create_model('local-dir:{args.out}')")
+        return 0
+    if args.cmd == "moe-llava":
+        import torch
+
+        from zoo.convert.moe_llava import convert_moe_llava
+
+        model = convert_moe_llava(args.checkpoint, args.out, image_tower=args.image_tower,
+                                  dtype=getattr(torch, args.dtype))
+        n = sum(p.numel() for p in model.parameters())
         print(f"wrote {args.out} ({n:,} parameters); load with zoo.create_model('local-dir:{args.out}')")
         return 0
     from zoo.convert.vmoe import convert_vmoe

@@ -6,6 +6,8 @@ from zoo.models import limoe, vmoe
 from zoo.models.vmoe import VMoE, VMoEConfig
 from zoo.models.limoe import LIMoE, LIMoEConfig
 from zoo.models.decoder import DecoderConfig, DecoderLM
+from zoo.models import moe_llava
+from zoo.models.moe_llava import MoELLaVA, MoELLaVAConfig
 from zoo.registry import register_family
 
 register_family("vmoe", VMoEConfig, VMoE, checkpoint_filter=vmoe.checkpoint_filter_fn, card=vmoe.CARD,
@@ -13,6 +15,7 @@ register_family("vmoe", VMoEConfig, VMoE, checkpoint_filter=vmoe.checkpoint_filt
 register_family("limoe", LIMoEConfig, LIMoE, checkpoint_filter=limoe.checkpoint_filter_fn, card=limoe.CARD,
                 input_size=limoe.input_size)
 register_family("decoder", DecoderConfig, DecoderLM)
+register_family("moe_llava", MoELLaVAConfig, MoELLaVA, card=moe_llava.CARD, input_size=moe_llava.input_size)
 
 __all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig",
-           "DecoderLM", "DecoderConfig"]
+           "DecoderLM", "DecoderConfig", "MoELLaVA", "MoELLaVAConfig"]

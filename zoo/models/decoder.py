@@ -160,18 +160,27 @@ class DecoderBlock(nn.Module):
             self.mlp = Mlp(cfg.dim, cfg.mlp_dim, cfg.activation, cfg.mlp_bias)
 
     def forward(self, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
-                cache: Optional[KVCache] = None, slots: Optional[Tensor] = None) -> Tensor:
+                cache: Optional[KVCache] = None, slots: Optional[Tensor] = None,
+                modality: Optional[Tensor] = None) -> Tensor:
+        """``modality [B, S]``: per-token modality ids for an MoE layer's router statistics and per-modality losses
+        (a dense MLP ignores them)."""
         h = self.attn_norm(x)
         attn = self.attn(h, cos, sin, attn_mask, cache, slots)
         if self.mlp_norm is None:  # parallel residual: both branches read the same normed input
-            return x + attn + self.mlp(h, mask=mask)
+            return x + attn + self.mlp(h, mask=mask, modality=modality)
         x = x + attn
-        return x + self.mlp(self.mlp_norm(x), mask=mask)
+        return x + self.mlp(self.mlp_norm(x), mask=mask, modality=modality)
 
 
 class DecoderLM(nn.Module):
-    """``forward(input_ids [B, S], attention_mask [B, S] | None, cache: KVCache | None) -> ModelOutput`` with
-    ``logits [B, S, V]`` and the MoE layers' ``aux_loss`` / ``aux_losses`` / ``routing``.
+    """``forward(input_ids [B, S], attention_mask [B, S] | None, cache: KVCache | None, *, inputs_embeds
+    [B, S, D] | None, modality [B, S] | None) -> ModelOutput`` with ``logits [B, S, V]`` and the MoE layers'
+    ``aux_loss`` / ``aux_losses`` / ``routing``.
+
+    Exactly one of ``input_ids`` and ``inputs_embeds`` is given: multimodal models (MoE-LLaVA, Uni-MoE) splice media
+    tokens into the embedded text (:mod:`zoo.models.multimodal`) and pass the result as ``inputs_embeds``, with
+    ``modality`` ids (0 text, 1 image, ...) that every MoE layer's router receives (per-modality statistics and
+    losses; ids must be < ``moe.num_modalities``).
 
     ``attention_mask`` (True / 1 = real token) may LEFT-pad a batch; RoPE positions count each sequence's real
     tokens. Padding takes no part in attention or routing. With a ``cache`` (:meth:`new_cache`), the call appends
@@ -214,18 +223,21 @@ class DecoderLM(nn.Module):
         return KVCache(cfg.depth, batch_size, cfg.kv_heads, cfg.head_width, max_len or cfg.max_seq_len,
                        dtype=dtype or p.dtype, device=p.device)
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None) -> ModelOutput:
-        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be [B, S] token ids, got shape {shape}")
-        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
-        B, S = input_ids.shape
-        mask = (torch.ones(B, S, dtype=torch.bool, device=input_ids.device) if attention_mask is None
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                cache: Optional[KVCache] = None, *, inputs_embeds: Optional[Tensor] = None,
+                modality: Optional[Tensor] = None) -> ModelOutput:
+        x = self._embed_inputs(input_ids, inputs_embeds)
+        B, S = x.shape[:2]
+        mask = (torch.ones(B, S, dtype=torch.bool, device=x.device) if attention_mask is None
                 else attention_mask.to(torch.bool))
         if mask.shape != (B, S):
-            raise ValueError(f"attention_mask must have the shape of input_ids {(B, S)}, got {tuple(mask.shape)}")
-        x = self.embed(input_ids)
+            what = "input_ids" if input_ids is not None else "inputs_embeds [B, S]"
+            raise ValueError(f"attention_mask must have the shape of {what} {(B, S)}, got {tuple(mask.shape)}")
+        if modality is not None:
+            if not isinstance(modality, Tensor) or modality.shape != (B, S):
+                shape = tuple(modality.shape) if isinstance(modality, Tensor) else type(modality).__name__
+                raise ValueError(f"modality must be [B, S] = {(B, S)} integer ids (0 = text), got {shape}")
+            modality = modality.to(x.device)
         if cache is None:
             slots = None
             positions = positions_from_mask(mask)
@@ -236,16 +248,38 @@ class DecoderLM(nn.Module):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for block in self.blocks:
             if checkpointing:
-                x = checkpoint(block, x, mask, cos, sin, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, cos, sin, attn_mask, None, None, modality, use_reentrant=False)
             else:
-                x = block(x, mask, cos, sin, attn_mask, cache, slots)
+                x = block(x, mask, cos, sin, attn_mask, cache, slots, modality)
         x = self.norm(x)
         aux_loss, aux_losses, routing = collect_moe_aux(self)
         return ModelOutput(logits=self.lm_head(x), aux_loss=aux_loss, aux_losses=aux_losses, routing=routing,
                            hidden_states=x)
 
-    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
-        """See :func:`zoo.models.generate.generate`."""
+    def _embed_inputs(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Tensor:
+        """The token embeddings [B, S, D] of ``input_ids`` [B, S], or ``inputs_embeds`` [B, S, D] checked."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids [B, S] (token ids) and inputs_embeds [B, S, D] "
+                             f"(already embedded tokens), got {'both' if input_ids is not None else 'neither'}")
+        if inputs_embeds is not None:
+            D = self.config.dim
+            if not isinstance(inputs_embeds, Tensor) or inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != D:
+                shape = (tuple(inputs_embeds.shape) if isinstance(inputs_embeds, Tensor)
+                         else type(inputs_embeds).__name__)
+                raise ValueError(f"inputs_embeds must be [B, S, D={D}] embeddings, got shape {shape}")
+            if not inputs_embeds.is_floating_point():
+                raise ValueError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}; pass token ids "
+                                 "as input_ids instead")
+            return inputs_embeds
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be [B, S] token ids, got shape {shape}")
+        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
+        return self.embed(input_ids)
+
+    def generate(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                 **kwargs: Any) -> Tensor:
+        """See :func:`zoo.models.generate.generate` (``inputs_embeds=`` / ``modality=`` prefill from embeddings)."""
         from zoo.models.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)

@@ -1,5 +1,6 @@
-"""Autoregressive generation for :class:`zoo.models.decoder.DecoderLM`: prefill the prompt into a preallocated
-KV cache, then one token per sequence per step (greedy, or sampling with temperature / top-k / top-p)."""
+"""Autoregressive generation for :class:`zoo.models.decoder.DecoderLM`: prefill the prompt (token ids, or
+embeddings for multimodal prompts) into a preallocated KV cache, then one token per sequence per step (greedy, or
+sampling with temperature / top-k / top-p)."""
 
 from __future__ import annotations
 
@@ -34,28 +35,42 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: Optional[int]
 
 
 @torch.no_grad()
-def generate(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
-             do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+def generate(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-             max_cache_len: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Continue each prompt of ``input_ids [B, S]`` by up to ``max_new_tokens`` tokens.
+             max_cache_len: Optional[int] = None, generator: Optional[torch.Generator] = None, *,
+             inputs_embeds: Optional[Tensor] = None, modality: Optional[Tensor] = None) -> Tensor:
+    """Continue each prompt of ``input_ids [B, S]`` (or of ``inputs_embeds [B, S, D]``) by up to
+    ``max_new_tokens`` tokens.
 
     ``attention_mask [B, S]`` marks real tokens; batches must be LEFT-padded (every row's last token real).
     Greedy (``do_sample=False``) is deterministic. A sequence that emits ``eos_token_id`` is finished: later
     steps give it ``pad_token_id`` (default: the eos id); generation stops early once all are finished.
     ``max_cache_len``: KV-cache slots (default S + max_new_tokens); too few raise ValueError.
 
-    Returns ``[B, S + N]`` token ids: the prompt followed by the N <= max_new_tokens generated tokens.
+    ``inputs_embeds`` (instead of ``input_ids``): the prompt is already embedded (a multimodal model's spliced text
+    and media tokens, :mod:`zoo.models.multimodal`); it is prefilled as is, with ``modality [B, S]`` ids for the
+    MoE routers, and each generated token is then embedded by the model (text, modality 0).
+
+    Returns ``[B, S + N]`` token ids: the prompt followed by the N <= max_new_tokens generated tokens; with
+    ``inputs_embeds`` (no prompt ids to return) only the ``[B, N]`` generated tokens.
     """
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids [B, S] and inputs_embeds [B, S, D] as the prompt")
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    if prompt.ndim != (2 if input_ids is not None else 3):
+        name = "input_ids must be [B, S]" if input_ids is not None else "inputs_embeds must be [B, S, D]"
+        raise ValueError(f"{name}, got shape {tuple(prompt.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    B, S = input_ids.shape
+    B, S = prompt.shape[:2]
+    device = prompt.device
     if S == 0:
         raise ValueError("the prompt is empty (input_ids has 0 tokens): give at least one token, e.g. the BOS id")
-    mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-            else attention_mask.to(device=input_ids.device, dtype=torch.bool))
+    mask = (torch.ones(B, S, dtype=torch.bool, device=device) if attention_mask is None
+            else attention_mask.to(device=device, dtype=torch.bool))
+    if mask.shape != (B, S):
+        raise ValueError(f"attention_mask must have the prompt's shape {(B, S)}, got {tuple(mask.shape)}")
     if not bool(mask[:, -1].all()):
         raise ValueError("attention_mask has padding at the end of a row: pad batches on the LEFT for generation "
                          "(tokenizer.padding_side = 'left')")
@@ -67,11 +82,16 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tenso
     model.eval()
     try:
         cache = model.new_cache(B, cache_len)
-        logits = model(input_ids, mask, cache=cache).logits[:, -1]
-        step_mask = torch.ones(B, 1, dtype=torch.bool, device=input_ids.device)
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        if input_ids is not None:
+            logits = model(input_ids, mask, cache=cache, modality=modality).logits[:, -1]
+        else:
+            logits = model(None, mask, cache=cache, inputs_embeds=inputs_embeds, modality=modality).logits[:, -1]
+        step_mask = torch.ones(B, 1, dtype=torch.bool, device=device)
+        # Generated tokens are text: modality 0 where the prompt carried modality ids.
+        step_modality = None if modality is None else torch.zeros(B, 1, dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
         pad = eos_token_id if pad_token_id is None else pad_token_id
-        out = [input_ids]
+        out = [] if input_ids is None else [input_ids]
         for step in range(max_new_tokens):
             if do_sample:
                 probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
@@ -84,7 +104,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tenso
             out.append(token[:, None])
             if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                 break
-            logits = model(token[:, None], step_mask, cache=cache).logits[:, -1]
+            logits = model(token[:, None], step_mask, cache=cache, modality=step_modality).logits[:, -1]
     finally:
         model.train(was_training)
     return torch.cat(out, dim=1)
