@@ -432,7 +432,7 @@ class InstructDataModuleBase(SplitDataModule):
             return self.tokenizer_spec
         if self._restored_tokenizer is not None:
             return CompactTokenizer.from_state_dict(self._restored_tokenizer)
-        return CompactTokenizer.build(t for s in train for t in self.template.texts(s.conversations))
+        return CompactTokenizer.build(t for s in train for t in self.template.texts(s.conversations, f"sample {s.id}"))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

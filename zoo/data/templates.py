@@ -242,10 +242,10 @@ class ConversationTemplate:
         ids += tokenize_with_media(rounds[-1][0], tokenizer)
         return ids, turns[-1]["value"]
 
-    def texts(self, conversation: Sequence[Mapping[str, str]]) -> list[str]:
+    def texts(self, conversation: Sequence[Mapping[str, str]], sample: str = "conversation") -> list[str]:
         """Every text piece this template tokenizes for ``conversation`` (media tags removed): what a vocabulary
         built from training data must cover."""
-        turns = check_conversation(conversation)
+        turns = check_conversation(conversation, sample)
         out = []
         for instruction, answer in self._round_texts(turns):
             out += [p for p in _TAG_SPLIT.split(instruction + answer) if p and p not in MEDIA_TAGS]
