@@ -218,6 +218,8 @@ class SplitDataModule(L.LightningDataModule):
     # Drop the last, smaller train batch (when the train split has more than one batch). Off by default; the
     # contrastive datamodules set it: a small last batch has few negatives, so its loss is noisier.
     drop_last_train: bool = False
+    # How a loader turns a list of samples into a batch (None: torch's default_collate); instruction data pads.
+    collate_fn: Callable[[list[Any]], Any] | None = None
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
@@ -290,6 +292,7 @@ class SplitDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and self.drop_last_train and len(dataset) > self.batch_size,  # type: ignore[arg-type]
+            collate_fn=self.collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
