@@ -443,3 +443,8 @@ __all__ = [
     "check_disjoint",
     "write_instruct_sets",
 ]
+
+
+# How each task's test answers are scored (zoo.tasks.instruct.score_answers): exact match for every task; yes/no tasks
+# also report accuracy and the share of "yes" answers (POPE's yes-ratio); caption tasks BLEU-4 and CIDEr-D.
+TASK_METRICS: dict[str, str] = {"pope": "yes_no", "crossmodal": "yes_no", "flickr8k_captions": "caption"}

@@ -65,10 +65,18 @@ class ModalityRoutingSummary:
         """[L, M]: entropy of the mean router distribution (the LIMoE global entropy), nats."""
         return _entropy(self.mean_probs)
 
+    def _image_text(self) -> tuple[Tensor, Tensor]:
+        """``(image usage [L, E], text usage [L, E])``, found by modality name (LIMoE numbers image 0 / text 1, the
+        multimodal LMs text 0 / image 1)."""
+        names = list(self.modality_names)
+        if "image" not in names or "text" not in names:
+            raise ValueError(f"image-vs-text routing measures need 'image' and 'text' modalities, have {names}")
+        u = self.usage()
+        return u[:, names.index("image")], u[:, names.index("text")]
+
     def js_divergence(self) -> Tensor:
         """[L]: Jensen-Shannon divergence (bits, 0..1) between the image and the text usage."""
-        u = self.usage()
-        p, q = u[:, 0], u[:, 1]
+        p, q = self._image_text()
         m = (p + q) / 2
         kl = lambda a, b: (a * (a.clamp_min(1e-20) / b.clamp_min(1e-20)).log()).sum(-1)  # noqa: E731
         return ((kl(p, m) + kl(q, m)) / 2) / math.log(2)
@@ -76,15 +84,15 @@ class ModalityRoutingSummary:
     def image_share(self) -> Tensor:
         """[L, E]: of an expert's (modality-balanced) load, the image part: ``u_img / (u_img + u_txt)``; NaN
         for unused experts. 1 = image-only expert, 0 = text-only."""
-        u = self.usage()
-        total = u[:, 0] + u[:, 1]
-        return torch.where(total > 0, u[:, 0] / total.clamp_min(1e-12), torch.full_like(total, float("nan")))
+        img, txt = self._image_text()
+        total = img + txt
+        return torch.where(total > 0, img / total.clamp_min(1e-12), torch.full_like(total, float("nan")))
 
     def specialised_experts(self, threshold: float = 0.9, min_usage: float = 0.01) -> dict[str, list[int]]:
         """Per layer, how many experts are image-specific (image share >= threshold), text-specific
         (<= 1 - threshold) or shared, among experts that receive >= ``min_usage`` of either modality."""
-        share, u = self.image_share(), self.usage()
-        used = (u[:, 0] >= min_usage) | (u[:, 1] >= min_usage)
+        share, (img, txt) = self.image_share(), self._image_text()
+        used = (img >= min_usage) | (txt >= min_usage)
         img = ((share >= threshold) & used).sum(-1).tolist()
         txt = ((share <= 1 - threshold) & used).sum(-1).tolist()
         both = (used.sum(-1) - torch.tensor(img) - torch.tensor(txt)).tolist()

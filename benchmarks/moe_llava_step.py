@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""One MoE-Tuning stage-III training step of a MoE-LLaVA model: the zoo against the official algorithm, one GPU run.
+
+    python benchmarks/moe_llava_step.py --out benchmarks/results     # Phi-2 x4 shape; writes moe_llava_step.{json,md}
+    python benchmarks/moe_llava_step.py --preset moe_llava_tiny --device cpu --steps 1 --warmup 0 --batch 2 \
+        --text-tokens 8 --out /tmp/x                                  # the CPU smoke run the tests use
+
+Both implementations are the same zoo model (``--preset``, default ``moe_llava_phi2_2_7b_4e``: CLIP ViT-L/14-336
+tower, mlp2x_gelu projector, Phi-2 decoder with 4 experts top-2 in every other block; random weights), the same
+batch (each sample: one image = 576 image tokens after splicing, plus ``--text-tokens`` text tokens, all supervised),
+the same step: bf16 autocast over fp32 weights, gradient checkpointing of the decoder blocks, stage III's freeze spec
+(experts and routers trainable; :func:`zoo.models.freeze.moe_tuning_stage`), loss = shifted cross entropy + MoE
+balance loss, backward, AdamW update. They differ only in the MoE layers:
+
+- ``zoo``: :class:`zoo.moe.MoELayer` as the preset builds it (causal per-sequence capacity 1.5, fused GPU experts,
+  routing + losses compiled and replayed as CUDA graphs where enabled);
+- ``deepspeed``: every MoE layer swapped for ``benchmarks/moe_peers.py:DeepSpeedTop2MoE`` holding the same weights:
+  DeepSpeed 0.9.5's ``top2gating`` over the micro-batch, one-hot ``[T, E, C]`` einsum dispatch / combine, each
+  expert on its buffer (what MoE-LLaVA runs), capacity factor 1.5, min capacity 4, balance loss 0.01.
+
+Each implementation runs in its own process (a clean peak-memory count). Reported: median step time over
+``--steps`` after ``--warmup`` steps (CUDA-synchronised wall time), tokens/s = batch x (576 + text tokens) / step,
+peak allocated memory. Target (issue 19): zoo >= 2x the tokens/s of the official algorithm.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+TARGET = 2.0
+IMPLS = ("zoo", "deepspeed")
+
+
+def build(args):
+    import zoo
+    from zoo.models.freeze import apply_freeze, moe_tuning_stage
+
+    with torch.device(args.device):  # build on the device: initialising billions of weights on the CPU takes minutes
+        model = zoo.create_model(args.preset)
+    model.decoder.gradient_checkpointing = not args.no_checkpointing
+    apply_freeze(model, moe_tuning_stage(3))
+    if args.impl == "deepspeed":  # after the freeze: the peer holds the same (already frozen / trainable) tensors
+        import moe_peers
+
+        swapped = moe_peers.replace_moe_layers_with_deepspeed(model.decoder, capacity_factor=1.5, min_capacity=4)
+        assert swapped > 0, "the preset has no MoE layers to compare"
+    return model.train()
+
+
+def batch(model, args, gen):
+    from zoo.models.multimodal import IMAGE_TOKEN_ID
+
+    cfg = model.config
+    B, L = args.batch, args.text_tokens
+    ids = torch.randint(0, cfg.decoder.vocab_size, (B, L + 1), generator=gen)
+    ids[:, 1] = IMAGE_TOKEN_ID  # one token of text, the image, then the rest of the text
+    labels = ids.clone()
+    labels[:, :2] = -100
+    images = torch.randn(B, cfg.vision.in_chans, cfg.vision.image_size, cfg.vision.image_size, generator=gen)
+    dev = args.device
+    return ids.to(dev), torch.ones_like(ids, dtype=torch.bool).to(dev), images.to(dev), labels.to(dev)
+
+
+def run_one(args) -> dict:
+    torch.manual_seed(0)
+    model = build(args)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5, fused=args.device == "cuda")
+    gen = torch.Generator().manual_seed(0)
+    inputs = [batch(model, args, gen) for _ in range(2)]  # two batches: routing changes between steps
+    image_tokens = model.vision_tower.num_tokens
+    cuda = args.device == "cuda"
+    peer = None
+    if args.impl == "deepspeed":
+        import moe_peers
+        peer = moe_peers
+
+    def step(i):
+        ids, mask, images, labels = inputs[i % len(inputs)]
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=not args.fp32):
+            out = model(ids, mask, images, labels)
+            loss = out.loss
+            if peer is not None:
+                loss = loss + 0.01 * peer.deepspeed_aux_loss(model.decoder)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for i in range(args.warmup):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.steps):
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        t0 = time.perf_counter()
+        loss = step(i)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens = args.batch * (image_tokens + args.text_tokens)
+    return dict(impl=args.impl, preset=args.preset, batch=args.batch, image_tokens=image_tokens,
+                text_tokens=args.text_tokens, tokens_per_step=tokens, step_ms=1e3 * step_s,
+                step_ms_all=[round(1e3 * t, 2) for t in times], tokens_per_s=tokens / step_s,
+                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                params=params, trainable_params=sum(p.numel() for p in trainable), final_loss=float(loss),
+                gradient_checkpointing=not args.no_checkpointing, dtype="float32" if args.fp32 else "bf16-autocast")
+
+
+def env_info(args) -> dict:
+    dev = torch.cuda.get_device_properties(0).name if args.device == "cuda" else platform.processor() or "cpu"
+    return dict(device=dev, torch=torch.__version__, python=platform.python_version(),
+                command="python " + " ".join(sys.argv),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def write_report(data: dict, out: Path) -> None:
+    rows = {r["impl"]: r for r in data["results"] if "error" not in r}
+    env = data["env"]
+    lines = [f"# MoE-LLaVA stage-III training step ({env['device']}, {env['date']})", "",
+             f"torch {env['torch']}. Command: `{env['command']}`", "",
+             "One step = forward (bf16 autocast) + loss + backward (gradient checkpointing) + AdamW on the experts and "
+             "routers (stage III's freeze spec); random weights and inputs (`benchmarks/moe_llava_step.py`).", "",
+             f"Target: zoo >= {TARGET:.0f}x the tokens/s of the official algorithm (DeepSpeed 0.9.5 top-2 einsum "
+             "dispatch, `benchmarks/moe_peers.py:DeepSpeedTop2MoE`).", "",
+             "| impl | preset | batch | tokens/step | step ms (median) | tokens/s | peak GB | trainable params |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | failed: {r['error'][:200]} |  |  |  |  |  |  |")
+            continue
+        peak = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "n/a"
+        lines.append(f"| {r['impl']} | {r['preset']} | {r['batch']} | {r['tokens_per_step']} | {r['step_ms']:.1f} | "
+                     f"{r['tokens_per_s']:.0f} | {peak} | {r['trainable_params']:,} |")
+    if {"zoo", "deepspeed"} <= set(rows):
+        ratio = rows["zoo"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
+        data["speedup"] = ratio
+        lines += ["", f"zoo / official tokens/s: **{ratio:.2f}x** (target {TARGET:.0f}x: "
+                  f"{'met' if ratio >= TARGET else 'missed'})."]
+    (out / "moe_llava_step.md").write_text("\n".join(lines) + "\n")
+    (out / "moe_llava_step.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="moe_llava_phi2_2_7b_4e")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--text-tokens", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (CPU smoke runs)")
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--impl", choices=IMPLS, help="run one implementation in this process (else: each in its own)")
+    ap.add_argument("--out", type=Path, help="folder for moe_llava_step.{json,md}")
+    args = ap.parse_args(argv)
+    if args.impl:
+        result = run_one(args)
+        print(json.dumps(result))
+        return result
+    results = []
+    for impl in IMPLS:
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--impl", impl]
+        cmd = [c for i, c in enumerate(cmd) if not (c == "--out" or (i > 0 and cmd[i - 1] == "--out"))]
+        print(f"[moe_llava_step] {impl} ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"[moe_llava_step] {impl}: {results[-1]['tokens_per_s']:.0f} tokens/s, step "
+                  f"{results[-1]['step_ms']:.1f} ms", flush=True)
+        else:
+            err = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+            results.append(dict(impl=impl, error=err))
+            print(f"[moe_llava_step] {impl} failed:\n{proc.stderr[-3000:]}", flush=True)
+    data = dict(env=env_info(args), results=results)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_report(data, args.out)
+    return data
+
+
+if __name__ == "__main__":
+    main()
