@@ -166,7 +166,7 @@ def test_limoe_recipe_trains_resumes_and_evaluates(tmp_path, shared_dataset):
     assert summary["run_dir"] == str(run_dir) and summary["checkpoint"] == str(ckpt) and ckpt.is_file()
     assert summary["global_step"] == 2 and summary["start_global_step"] == 0 and summary["resumed_from"] is None
     test = summary["test"]
-    assert 0.0 <= test["test/zero_shot_acc"] <= 100.0 and 1.0 <= test["test/routing/effective_experts_text"] <= 8.0
+    assert 0.0 <= test["test/zero_shot_acc"] <= 1.0 and 1.0 <= test["test/routing/effective_experts_text"] <= 8.0
     assert summary["test_accuracy"] is None  # no classification accuracy in a contrastive task
     assert set(summary["routing"]) == {"block1", "block3"} and "js_divergence_bits" in summary["routing"]["block1"]
     assert json.loads((run_dir / "test_metrics.json").read_text()) == summary

@@ -101,7 +101,7 @@ def test_every_preset_loads_and_builds(name):
 
     preset = load_preset(name)
     cfg = zoo.model_config(name)
-    assert type(cfg).__name__.lower().startswith(preset["family"])
+    assert type(cfg) is zoo.registry.get_family(preset["family"]).config_cls
     with torch.device("meta"):
         model = zoo.create_model(name)
     n_params = sum(p.numel() for p in model.parameters())

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from zoo.factory import create_model
 from zoo.models.freeze import apply_freeze, trainable_counts, trainable_table
 from zoo.models.multimodal import IGNORE_INDEX, MODALITY_NAMES
+from zoo.moe import MoELayer
 from zoo.tasks.base import ZooTask, moe_layer_names
 from zoo.tasks.checkpoints import load_training_checkpoint
 from zoo.tasks.optim import OptimizerConfig
@@ -65,7 +66,7 @@ class InstructTask(ZooTask):
         trainable: the parameter groups this stage trains (:mod:`zoo.models.freeze`; MoE-Tuning:
             ``zoo.models.freeze.MOE_TUNING_STAGES``); None = every parameter the model does not freeze itself.
         init_from: the previous stage's ``train.py`` checkpoint, a path or ``"run:NAME"`` (= ``runs/NAME/checkpoints/
-            last.ckpt`` under this run's root, ``--trainer.default_root_dir``); its model weights are loaded at the
+            last.ckpt`` beside this run's folder ``runs/<run_name>``); its model weights are loaded at the
             start of a fresh run (not when resuming this stage: then this stage's own checkpoint holds them).
         upcycle: MoE-Tuning stage III: ``{"placement": "sparse", "num_experts": 4, "top_k": 2, ...}`` (the other keys
             are :class:`zoo.moe.MoEConfig` fields): the dense model (``model`` + ``init_from``) is upcycled, every
@@ -160,10 +161,12 @@ class InstructTask(ZooTask):
             self.logger.log_metrics({f"params/{g}/trainable": float(t) for g, (t, f) in counts.items()}, step=0)
 
     def _resolve_init_from(self, value: str) -> str:
+        """``"run:NAME"`` -> ``NAME``'s ``checkpoints/last.ckpt`` beside this run (``train.py`` runs this one in
+        ``<root>/runs/<run_name>``, so NAME's is ``<root>/runs/NAME``); a path is returned as is."""
         if not value.startswith("run:"):
             return value
-        root = Path(self.trainer.default_root_dir if self._trainer is not None else ".")
-        path = root / "runs" / value[len("run:"):] / "checkpoints" / "last.ckpt"
+        here = Path(self.trainer.default_root_dir if self._trainer is not None else Path.cwd() / "runs" / "_")
+        path = here.parent / value[len("run:"):] / "checkpoints" / "last.ckpt"
         if not path.is_file():
             raise FileNotFoundError(f"init_from={value!r}: no checkpoint at {path}; train that stage first (its recipe "
                                     "names the run) or give the checkpoint's path")
@@ -183,8 +186,10 @@ class InstructTask(ZooTask):
             src = self._upcycled(src)
         target = self.model.state_dict()
         new = src.state_dict()
-        if self.hparams.get("upcycle"):  # routers stay this model's fresh ones (seeded by the run)
-            new = {k: (target[k] if k not in state and k in target else v) for k, v in new.items()}
+        if self.hparams.get("upcycle"):  # routers stay this model's fresh ones (seeded by the run); experts are copies
+            routers = {f"{name}.router.{p}" for name, layer in self.model.named_modules() if isinstance(layer, MoELayer)
+                       for p, _ in layer.router.named_parameters()}
+            new = {k: (target[k] if k in routers else v) for k, v in new.items()}
         self.model.load_state_dict(new, strict=True)
 
     # ------------------------------------------------------------------------------------------ steps
