@@ -1,4 +1,4 @@
-"""InstructTask: MoE-Tuning's three stages on real MNIST instruction data (tiny model, a few CPU steps each)."""
+"""InstructTask: MoE-Tuning's three stages on real MNIST instruction data (tiny model, a few CPU steps each). (Named apart from tests/data/test_instruct.py: test folders have no __init__, so basenames must be unique.)"""
 
 import lightning as L
 import pytest
