@@ -8,6 +8,9 @@ from zoo.models.limoe import LIMoE, LIMoEConfig
 from zoo.models.decoder import DecoderConfig, DecoderLM
 from zoo.models import moe_llava
 from zoo.models.moe_llava import MoELLaVA, MoELLaVAConfig
+from zoo.models.audio import WhisperEncoder, WhisperEncoderConfig, audio_features
+from zoo.models.qformer import (Blip2QFormer, Blip2QFormerConfig, SpeechConnector, WhisperQFormer,
+                                WhisperQFormerConfig, encode_speech)
 from zoo.registry import register_family
 
 register_family("vmoe", VMoEConfig, VMoE, checkpoint_filter=vmoe.checkpoint_filter_fn, card=vmoe.CARD,
@@ -18,4 +21,5 @@ register_family("decoder", DecoderConfig, DecoderLM)
 register_family("moe_llava", MoELLaVAConfig, MoELLaVA, card=moe_llava.CARD, input_size=moe_llava.input_size)
 
 __all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig",
-           "DecoderLM", "DecoderConfig", "MoELLaVA", "MoELLaVAConfig"]
+           "DecoderLM", "DecoderConfig", "MoELLaVA", "MoELLaVAConfig", "WhisperEncoder", "WhisperEncoderConfig", "audio_features", "WhisperQFormer",
+           "WhisperQFormerConfig", "SpeechConnector", "encode_speech", "Blip2QFormer", "Blip2QFormerConfig"]
