@@ -195,7 +195,8 @@ class Blip2QFormer(nn.Module):
     """``forward(encoder_out [B, S, De], encoder_mask [B, S] | None) -> [B, Q, D]``.
 
     Parameters: ``query_tokens`` ``[1, Q, D]`` (normal(0.02) at init, as BLIP-2), ``query_norm`` (BLIP-2's
-    LayerNorm on the query embeddings), ``blocks``."""
+    LayerNorm on the query embeddings), ``blocks``. Uni-MoE's audio aligner feeds such a Q-Former (transformers'
+    ``Blip2QFormerModel``) 50 query tokens that start at zero: use ``num_queries=50`` and zero ``query_tokens``."""
 
     def __init__(self, config: Blip2QFormerConfig) -> None:
         super().__init__()
