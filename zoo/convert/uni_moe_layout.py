@@ -55,7 +55,8 @@ class UniMoELayout:
       ``lm_head.weight``.
     - ``routers[i]``: ``[num_experts, hidden]`` router of layer ``i`` (official ``model.layers.{i}.mlp.gate``).
     - ``experts[i][e]``: ``{"gate_proj.weight", "up_proj.weight", "down_proj.weight"}`` of expert ``e``.
-    - ``dense_mlps[i]``: same keys for a layer without MoE (only when ``config["moe"]`` is null).
+    - ``dense_mlps[i]``: same keys for a layer without MoE (``config["moe"]`` null, or a layer skipped by the
+      8-expert code's ``moe_type: "sparse"`` / ``moe_stride``).
     - ``projector``: ``{"0.weight", "0.bias", "2.weight", "2.bias"}`` (``mlp2x_gelu``) of ``model.mm_projector``.
     - ``audio_aligner``: ``decoder.*`` (WhisperDecoder names: ``embed_positions.weight``, ``layers.{j}.self_attn.*``,
       ``layers.{j}.encoder_attn.*``, ``layers.{j}.fc1/fc2.*``, ``layers.{j}.*_layer_norm.*``, ``layer_norm.*``;
@@ -85,6 +86,18 @@ _ADAPTER_FILES = {"projector": ("mm_projector.bin", ("model.mm_projector.",)),
                   "audio_aligner": ("mm_audio_aligner.bin", ("model.mm_audio_aligner.", "model.query_tokens"))}
 
 
+def _moe_layers(cfg: dict[str, Any]) -> list[int]:
+    """v1: every layer once ``moe`` is set. The 8-expert (v2) code also reads ``moe_type``: ``"dense"`` = every
+    layer, ``"sparse"`` = layers ``i % moe_stride == 0``."""
+    n, kind = cfg["num_hidden_layers"], cfg.get("moe_type")
+    if kind is None or kind == "dense":
+        return list(range(n))
+    if kind == "sparse":
+        stride = int(cfg.get("moe_stride") or 1)
+        return [i for i in range(n) if i % stride == 0]
+    raise HFCheckpointError(f"Uni-MoE config.json moe_type {kind!r} is neither 'sparse' nor 'dense'")
+
+
 def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                            "vocab_size") if k not in cfg]
@@ -107,7 +120,7 @@ def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
         "eos_token_id": cfg.get("eos_token_id"),
         "moe": moe, "num_experts": cfg.get("num_experts") if moe else 0,
         "top_k": cfg.get("num_experts_per_tok") if moe else 0,
-        "moe_layers": list(range(cfg["num_hidden_layers"])) if moe else [],
+        "moe_layers": _moe_layers(cfg) if moe else [],
         "mm_projector_type": cfg.get("mm_projector_type", "linear"), "mm_hidden_size": cfg.get("mm_hidden_size"),
         "mm_vision_select_layer": cfg.get("mm_vision_select_layer", -2),
         "mm_vision_select_feature": cfg.get("mm_vision_select_feature", "patch"),
@@ -186,7 +199,7 @@ def read_uni_moe_layout(folder: PathLike, *, vision_tower_dir: Optional[PathLike
         for n in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                   "self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"):
             lm[f"layers.{i}.{n}"] = take(p + n)
-        if s["moe"]:
+        if i in s["moe_layers"]:
             E = s["num_experts"]
             routers[i] = take(p + "mlp.gate.weight")
             if tuple(routers[i].shape) != (E, H):
