@@ -134,3 +134,57 @@ def test_reference_outputs_are_finite_and_match_the_spliced_sequences():
         sam = ref[f"{b}_spliced_attention_mask"].int()
         assert (sam[:, 1:] <= sam[:, :-1]).all()
     assert torch.equal(ref["text_spliced_attention_mask"], ref["text_attention_mask"])
+
+
+def _lm_forward(layout, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A plain-torch reading of the README's numerics (RMSNorm, rotate-half RoPE base 10000, top-2 of raw router
+    logits then softmax over the two, SwiGLU experts); checks the fixture's documentation, not zoo's model."""
+    s, w = layout.settings, layout.lm
+    B, S, H = embeds.shape
+    nh = s["num_heads"]
+    hd = H // nh
+
+    def rms(x, g):
+        return g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + s["rms_norm_eps"]))
+
+    inv = 1.0 / (s["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
+    ang = torch.outer(torch.arange(S).float(), inv)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+
+    def rope(x):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    causal = torch.ones(S, S).tril().bool()
+    allowed = causal[None] & mask[:, None, :]
+    h = embeds
+    for i in range(s["num_layers"]):
+        x = rms(h, w[f"layers.{i}.input_layernorm.weight"])
+        q, k, v = (
+            (x @ w[f"layers.{i}.self_attn.{n}_proj.weight"].T).view(B, S, nh, hd).transpose(1, 2) for n in "qkv")
+        att = (rope(q) @ rope(k).transpose(-1, -2)) / hd ** 0.5
+        att = att.masked_fill(~allowed[:, None], torch.finfo(att.dtype).min).softmax(-1)
+        h = h + (att @ v).transpose(1, 2).reshape(B, S, H) @ w[f"layers.{i}.self_attn.o_proj.weight"].T
+        x = rms(h, w[f"layers.{i}.post_attention_layernorm.weight"]).reshape(-1, H)
+        logits = x @ layout.routers[i].T
+        top, idx = logits.topk(s["top_k"], dim=-1)
+        gates = top.softmax(-1)
+        out = torch.zeros_like(x)
+        for e, ex in enumerate(layout.experts[i]):
+            y = (torch.nn.functional.silu(x @ ex["gate_proj.weight"].T) * (x @ ex["up_proj.weight"].T)) \
+                @ ex["down_proj.weight"].T
+            out += ((idx == e).float() * gates).sum(-1, keepdim=True) * y
+        h = h + out.view(B, S, H)
+    return rms(h, w["norm.weight"]) @ w["lm_head.weight"].T
+
+
+def test_documented_lm_numerics_reproduce_the_official_logits(layout):
+    ref = load_file(str(FIXTURE / "reference.safetensors"))
+    for b in ("image", "speech", "text"):
+        mask = ref[f"{b}_spliced_attention_mask"]
+        embeds = ref.get(f"{b}_spliced_embeds")
+        if embeds is None:
+            embeds = layout.lm["embed_tokens.weight"][ref[f"{b}_input_ids"].clamp(min=0)]
+        got = _lm_forward(layout, embeds, mask)
+        want = ref[f"{b}_logits"]
+        assert (got - want)[mask].abs().max() < 1e-4, b
