@@ -188,3 +188,50 @@ def test_documented_lm_numerics_reproduce_the_official_logits(layout):
         got = _lm_forward(layout, embeds, mask)
         want = ref[f"{b}_logits"]
         assert (got - want)[mask].abs().max() < 1e-4, b
+
+
+def _mlp2x_gelu(p: dict[str, Tensor], x: Tensor, prefix: str = "") -> Tensor:
+    x = torch.nn.functional.linear(x, p[f"{prefix}0.weight"], p[f"{prefix}0.bias"])
+    return torch.nn.functional.linear(torch.nn.functional.gelu(x), p[f"{prefix}2.weight"], p[f"{prefix}2.bias"])
+
+
+def test_documented_media_paths_reproduce_the_official_spliced_embeddings(layout):
+    """CLIP hidden_states[-2] patches -> mm_projector; Whisper encoder last_hidden_state -> Whisper decoder on the
+    query tokens (causal, learned positions) -> aligner projector; placed where the README says."""
+    transformers = pytest.importorskip("transformers")
+    ref = load_file(str(FIXTURE / "reference.safetensors"))
+    emb = layout.lm["embed_tokens.weight"]
+    with torch.no_grad():
+        vcfg, vw = layout.vision_tower
+        clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**{
+            k: v for k, v in vcfg.items() if k not in ("architectures", "transformers_version")})).eval()
+        if hasattr(clip, "vision_model"):  # transformers 4 nests the transformer; 5 drops the prefix
+            clip.load_state_dict(vw)
+        else:
+            clip.load_state_dict({k[len("vision_model."):]: v for k, v in vw.items()})
+        hs = clip(ref["image_images"][:1], output_hidden_states=True).hidden_states[-2][:, 1:]
+        img = _mlp2x_gelu(layout.projector, hs)[0]
+        ids = ref["image_input_ids"][0]
+        p = int((ids == IMAGE_TOKEN_INDEX).nonzero())
+        want = torch.cat([emb[ids[:p]], img, emb[ids[p + 1:]]])
+        assert (ref["image_spliced_embeds"][0] - want).abs().max() < 1e-5
+
+        acfg, aw = layout.audio_tower
+        whisper = transformers.WhisperModel(transformers.WhisperConfig(**{
+            k: v for k, v in acfg.items() if k not in ("architectures", "transformers_version")})).eval()
+        whisper.encoder.load_state_dict({k[len("encoder."):]: v for k, v in aw.items() if k.startswith("encoder.")})
+        whisper.decoder.load_state_dict({k[len("decoder."):]: v for k, v in layout.audio_aligner.items()
+                                         if k.startswith("decoder.")})
+        q = layout.audio_aligner["query_tokens"]
+        for i, chunks in enumerate((2, 1)):
+            toks = []
+            for c in range(chunks):
+                enc = whisper.encoder(ref["speech_input_features"][i, c][None]).last_hidden_state
+                dec = whisper.decoder(inputs_embeds=q, encoder_hidden_states=enc).last_hidden_state
+                toks.append(_mlp2x_gelu(layout.audio_aligner, dec, "projector.")[0])
+            ids = ref["speech_input_ids"][i]
+            p = int((ids == AUDIO_TOKEN_INDEX).nonzero())
+            want = torch.cat([emb[ids[:p]], *toks, emb[ids[p + 1:]]])
+            got = ref["speech_spliced_embeds"][i, : want.shape[0]]
+            assert (got - want).abs().max() < 1e-5, i
+            assert not ref["speech_spliced_embeds"][i, want.shape[0]:].any()  # zero right padding
