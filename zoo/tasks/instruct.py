@@ -71,6 +71,11 @@ class InstructTask(ZooTask):
         upcycle: MoE-Tuning stage III: ``{"placement": "sparse", "num_experts": 4, "top_k": 2, ...}`` (the other keys
             are :class:`zoo.moe.MoEConfig` fields): the dense model (``model`` + ``init_from``) is upcycled, every
             expert a copy of the FFN it replaces, routers fresh.
+        expert_files: Uni-MoE stage 3: ``{expert index: file}``; after ``init_from`` / ``upcycle``, expert ``e`` of every
+            MoE layer starts as the FFN in that file (:mod:`zoo.models.expert_files`). A file is a path or
+            ``"run:NAME/FILE"`` (= ``runs/NAME/experts/FILE.safetensors``, what ``export_ffn: FILE`` wrote there).
+        export_ffn: Uni-MoE stage 2: at the end of training, write this run's dense FFNs as the named expert file
+            ``<run folder>/experts/<export_ffn>.safetensors``.
         max_new_tokens: answer length limit of test-time generation.
         gradient_checkpointing: recompute decoder block activations in the backward pass.
         **shared: optimiser, LR schedule and eval-time routing (:class:`ZooTask`).
@@ -86,6 +91,8 @@ class InstructTask(ZooTask):
         trainable: Optional[list[str]] = None,
         init_from: Optional[str] = None,
         upcycle: Optional[dict[str, Any]] = None,
+        expert_files: Optional[dict[int, str]] = None,
+        export_ffn: Optional[str] = None,
         max_new_tokens: int = 24,
         gradient_checkpointing: bool = False,
         **shared: Any,
@@ -154,6 +161,12 @@ class InstructTask(ZooTask):
         resuming = self._trainer is not None and self.trainer.ckpt_path is not None
         if hp.get("init_from") and not resuming:
             self._load_previous_stage(self._resolve_init_from(str(hp.init_from)))
+        if hp.get("expert_files") and not resuming:
+            from zoo.models.expert_files import init_experts_from_files
+
+            files = {int(e): self._resolve_expert_file(str(f)) for e, f in hp.expert_files.items()}
+            for e, path in sorted(init_experts_from_files(self.model, files).items()):
+                print(f"[{type(self).__name__}] expert {e} of every MoE layer starts from {path}", flush=True)
         table = trainable_table(self.model)
         print(f"[{type(self).__name__}] trainable / frozen parameters per group:\n{table}", flush=True)
         if self.logger is not None:
@@ -165,12 +178,31 @@ class InstructTask(ZooTask):
         ``<root>/runs/<run_name>``, so NAME's is ``<root>/runs/NAME``); a path is returned as is."""
         if not value.startswith("run:"):
             return value
-        here = Path(self.trainer.default_root_dir if self._trainer is not None else Path.cwd() / "runs" / "_")
-        path = here.parent / value[len("run:"):] / "checkpoints" / "last.ckpt"
+        path = self._run_folder().parent / value[len("run:"):] / "checkpoints" / "last.ckpt"
         if not path.is_file():
             raise FileNotFoundError(f"init_from={value!r}: no checkpoint at {path}; train that stage first (its recipe "
                                     "names the run) or give the checkpoint's path")
         return str(path)
+
+    def _run_folder(self) -> Path:
+        """This run's folder (``train.py``: ``<root>/runs/<run_name>``)."""
+        return Path(self.trainer.default_root_dir if self._trainer is not None else Path.cwd() / "runs" / "_")
+
+    def _resolve_expert_file(self, value: str) -> str:
+        """``"run:NAME/FILE"`` -> ``runs/NAME/experts/FILE.safetensors`` beside this run; a path is returned as is."""
+        if not value.startswith("run:"):
+            return value
+        run, _, name = value[len("run:"):].partition("/")
+        if not run or not name:
+            raise ValueError(f"expert file {value!r}: write run:RUN_NAME/FILE_NAME (the stage-2 run and its export_ffn)")
+        return str(self._run_folder().parent / run / "experts" / f"{name}.safetensors")
+
+    def on_fit_end(self) -> None:
+        if self.hparams.get("export_ffn") and self.trainer.is_global_zero:
+            from zoo.models.expert_files import save_expert_file
+
+            path = save_expert_file(self.model, self._run_folder() / "experts" / f"{self.hparams.export_ffn}.safetensors")
+            print(f"[{type(self).__name__}] dense FFNs written to {path}", flush=True)
 
     def _load_previous_stage(self, path: str) -> None:
         """Weights of the previous stage into this stage's model: loaded into the dense model the previous stage
