@@ -4,7 +4,7 @@ sampling with temperature / top-k / top-p)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,8 @@ def generate(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mas
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
              max_cache_len: Optional[int] = None, generator: Optional[torch.Generator] = None, *,
-             inputs_embeds: Optional[Tensor] = None, modality: Optional[Tensor] = None) -> Tensor:
+             inputs_embeds: Optional[Tensor] = None, modality: Optional[Tensor] = None,
+             on_token: Optional[Callable[[Tensor], None]] = None) -> Tensor:
     """Continue each prompt of ``input_ids [B, S]`` (or of ``inputs_embeds [B, S, D]``) by up to
     ``max_new_tokens`` tokens.
 
@@ -51,6 +52,10 @@ def generate(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mas
     ``inputs_embeds`` (instead of ``input_ids``): the prompt is already embedded (a multimodal model's spliced text
     and media tokens, :mod:`zoo.models.multimodal`); it is prefilled as is, with ``modality [B, S]`` ids for the
     MoE routers, and each generated token is then embedded by the model (text, modality 0).
+
+    ``on_token``: called with each step's tokens ``[B]`` (on the model's device) as soon as they are chosen, so a
+    caller can stream the answer (``python -m zoo.generate`` prints each token as it comes); it does not change
+    what is generated.
 
     Returns ``[B, S + N]`` token ids: the prompt followed by the N <= max_new_tokens generated tokens; with
     ``inputs_embeds`` (no prompt ids to return) only the ``[B, N]`` generated tokens.
@@ -102,6 +107,8 @@ def generate(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mas
                 token = torch.where(finished, torch.full_like(token, pad), token)
                 finished |= token == eos_token_id
             out.append(token[:, None])
+            if on_token is not None:
+                on_token(token)
             if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                 break
             logits = model(token[:, None], step_mask, cache=cache, modality=step_modality).logits[:, -1]
