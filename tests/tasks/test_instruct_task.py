@@ -104,3 +104,13 @@ def test_scores_per_task_kind():
     assert m["mnist/exact_match"] == 0.5
     assert m["pope/accuracy"] == 0.75 and m["pope/yes_ratio"] == 0.5
     assert m["caps/exact_match"] == 1.0 and m["caps/bleu4"] == pytest.approx(1.0, abs=1e-6) and m["caps/cider"] > 0
+
+
+def test_media_reach_the_model_by_name_and_unknown_media_are_refused():
+    """The task passes each medium of the batch to the model by the name its forward takes; a medium the model has
+    no encoder for (audio for MoE-LLaVA) is an error, never dropped in silence."""
+    task = InstructTask("moe_llava_tiny_dense", model_overrides=TINY)
+    images = torch.zeros(1, 3, 32, 32)
+    assert set(task._media({"input_ids": torch.zeros(1, 2), "images": images, "video": None})) == {"images"}
+    with pytest.raises(ValueError, match=r"\['audio', 'audio_lengths'\].*takes no such input"):
+        task._media({"images": images, "audio": torch.zeros(1, 160), "audio_lengths": torch.tensor([160])})

@@ -23,6 +23,7 @@ expert receives (:meth:`write_test_plots`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -35,6 +36,9 @@ from zoo.factory import create_model
 from zoo.models.freeze import apply_freeze, trainable_counts, trainable_table
 from zoo.models.multimodal import IGNORE_INDEX, MODALITY_NAMES
 from zoo.moe import MoELayer
+
+# Batch keys that carry media (zoo.data.instruct's batch contract); passed to the model by name.
+MEDIA_KEYS = ("images", "audio", "audio_lengths", "video")
 from zoo.tasks.base import ZooTask, moe_layer_names
 from zoo.tasks.checkpoints import load_training_checkpoint
 from zoo.tasks.optim import OptimizerConfig
@@ -225,9 +229,21 @@ class InstructTask(ZooTask):
         self.model.load_state_dict(new, strict=True)
 
     # ------------------------------------------------------------------------------------------ steps
+    def _media(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch's media (``MEDIA_KEYS``) as keyword arguments of the model's forward / generate: each family's
+        model names the media it takes in its signature (MoE-LLaVA: ``images``; Uni-MoE also ``audio`` / ``video``),
+        so no family is named here. A medium the model cannot take is an error, not silently dropped."""
+        accepted = set(inspect.signature(self.model.forward).parameters)
+        given = {k: batch[k] for k in MEDIA_KEYS if batch.get(k) is not None}
+        refused = sorted(set(given) - accepted)
+        if refused:
+            raise ValueError(f"the batch holds {refused} but {type(self.model).__name__} takes no such input; use a "
+                             "model of a family with those encoders or drop the tasks that need them")
+        return given
+
     def forward(self, batch: dict[str, Tensor]) -> Any:
-        return self.model(batch["input_ids"], batch.get("attention_mask"), images=batch.get("images"),
-                          labels=batch.get("labels"))
+        return self.model(batch["input_ids"], batch.get("attention_mask"), labels=batch.get("labels"),
+                          **self._media(batch))
 
     def _shared_step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         out = self(batch)
@@ -274,7 +290,7 @@ class InstructTask(ZooTask):
         mask = torch.zeros(len(prompts), P, dtype=torch.bool)
         for b, p in enumerate(prompts):  # left padding: every row ends with its last prompt token
             ids[b, P - len(p):], mask[b, P - len(p):] = p, True
-        new = self.model.generate(ids.to(self.device), images=batch.get("images"), attention_mask=mask.to(self.device),
+        new = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), **self._media(batch),
                                   max_new_tokens=int(self.hparams.max_new_tokens), eos_token_id=int(dm.eos_token_id))
         tasks = dm.task_names
         for b, row in enumerate(new.tolist()):
