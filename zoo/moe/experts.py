@@ -10,6 +10,7 @@ a frozen shared FFN plus per-expert low-rank deltas) implement ``expert`` and ma
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -137,6 +138,112 @@ class StackedExperts(Experts):
                     raise ValueError("experts have biases but the dense MLP has none")
                 self.b1.copy_(fc1_bias.unsqueeze(0).expand_as(self.b1))
                 self.b2.copy_(fc2_bias.unsqueeze(0).expand_as(self.b2))
+
+    def flops_per_token(self) -> int:
+        mult = 3 if self.activation == "swiglu" else 2
+        return 2 * mult * self.dim * self.hidden_dim
+
+
+class LoRAExperts(Experts):
+    """E experts sharing ONE frozen two-layer FFN, each with its own low-rank deltas (Uni-MoE v2: r=8, alpha=16):
+    expert e's weights are ``w1 + s A1[e] B1[e]`` and ``w2 + s A2[e] B2[e]``, ``s = alpha / r``.
+
+    Parameters: frozen ``w1 [D, H']`` (SwiGLU: ``[D, 2H]``, gate columns then up columns: LoRA on the gate and up
+    projections is one delta on this fused matrix whose rank-r factors are per projection, see below), ``w2 [H, D]``,
+    optional frozen ``b1 [H']`` / ``b2 [D]``; trainable ``lora_a1 [E, D, r']``, ``lora_b1 [E, r', H']``,
+    ``lora_a2 [E, H, r]``, ``lora_b2 [E, r, D]``, the ``b`` factors zero-initialised so every expert starts as the base
+    FFN. For SwiGLU ``r' = 2r`` with ``lora_b1`` block-diagonal in use (gate rank r -> gate columns, up rank r -> up
+    columns): that is exactly separate rank-r LoRA on ``gate_proj`` and ``up_proj`` as the official PEFT setup has it;
+    :meth:`stacked` enforces the block structure by masking.
+
+    :meth:`stacked` returns the merged per-expert weights (differentiable in the LoRA factors), so the fused GPU
+    kernel serves these experts unchanged: one batched [E, D, r] x [E, r, H'] product per step, small next to the
+    expert matmuls. :meth:`merged` gives plain :class:`StackedExperts` for inference.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu", bias: bool = False,
+                 r: int = 8, alpha: float = 16.0) -> None:
+        super().__init__()
+        apply_activation(torch.zeros(1, 2), activation)
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        self.num_experts, self.dim, self.hidden_dim, self.activation = num_experts, dim, hidden_dim, activation
+        self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
+        gated = activation == "swiglu"
+        h1, r1 = (2 * hidden_dim, 2 * r) if gated else (hidden_dim, r)
+        self.w1 = nn.Parameter(torch.empty(dim, h1), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(hidden_dim, dim), requires_grad=False)
+        self.b1 = nn.Parameter(torch.zeros(h1), requires_grad=False) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(dim), requires_grad=False) if bias else None
+        self.lora_a1 = nn.Parameter(torch.empty(num_experts, dim, r1))
+        self.lora_b1 = nn.Parameter(torch.zeros(num_experts, r1, h1))
+        self.lora_a2 = nn.Parameter(torch.empty(num_experts, hidden_dim, r))
+        self.lora_b2 = nn.Parameter(torch.zeros(num_experts, r, dim))
+        block = torch.ones(r1, h1)
+        if gated:  # gate factors only reach gate columns, up factors only up columns
+            block.zero_()
+            block[:r, :hidden_dim] = 1
+            block[r:, hidden_dim:] = 1
+        self.register_buffer("_b1_mask", block, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.w1, std=0.02)
+        nn.init.trunc_normal_(self.w2, std=0.02)
+        # A as PEFT's Kaiming-uniform on [r, in] (bound 1/sqrt(in)); B zero: the experts start as the base FFN.
+        for a in (self.lora_a1, self.lora_a2):
+            nn.init.uniform_(a, -1 / math.sqrt(a.shape[1]), 1 / math.sqrt(a.shape[1]))
+        nn.init.zeros_(self.lora_b1)
+        nn.init.zeros_(self.lora_b2)
+
+    @classmethod
+    def from_dense(cls, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                   fc2_bias: Optional[Tensor], num_experts: int, activation: str, r: int = 8,
+                   alpha: float = 16.0) -> "LoRAExperts":
+        """LoRA experts whose frozen base is a dense FFN given as ``nn.Linear`` weights (``fc1 [H', D]``,
+        ``fc2 [D, H]``), e.g. the stage-2 FFN of Uni-MoE."""
+        dim, hidden = fc2_weight.shape
+        out = cls(num_experts, dim, hidden, activation, bias=fc1_bias is not None, r=r, alpha=alpha)
+        out = out.to(device=fc1_weight.device, dtype=fc1_weight.dtype)
+        with torch.no_grad():
+            out.w1.copy_(fc1_weight.t())
+            out.w2.copy_(fc2_weight.t())
+            if fc1_bias is not None:
+                out.b1.copy_(fc1_bias)
+                out.b2.copy_(fc2_bias)
+        return out
+
+    def stacked(self) -> StackedWeights:
+        s = self.scaling
+        w1 = self.w1.unsqueeze(0) + s * torch.bmm(self.lora_a1, self.lora_b1 * self._b1_mask)
+        w2 = self.w2.unsqueeze(0) + s * torch.bmm(self.lora_a2, self.lora_b2)
+        E = self.num_experts
+        b1 = None if self.b1 is None else self.b1.unsqueeze(0).expand(E, -1)
+        b2 = None if self.b2 is None else self.b2.unsqueeze(0).expand(E, -1)
+        return StackedWeights(w1, b1, w2, b2, self.activation)
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert ``e`` without materialising its weights: base FFN plus the low-rank paths."""
+        s = self.scaling
+        h = x @ self.w1 + s * ((x @ self.lora_a1[e]) @ (self.lora_b1[e] * self._b1_mask))
+        if self.b1 is not None:
+            h = h + self.b1
+        a = apply_activation(h, self.activation)
+        y = a @ self.w2 + s * ((a @ self.lora_a2[e]) @ self.lora_b2[e])
+        return y + self.b2 if self.b2 is not None else y
+
+    def merged(self) -> StackedExperts:
+        """Plain stacked experts with the deltas folded in (inference: no LoRA matmuls)."""
+        sw = self.stacked()
+        out = StackedExperts(self.num_experts, self.dim, self.hidden_dim, self.activation, bias=self.b1 is not None)
+        out = out.to(device=self.w1.device, dtype=self.w1.dtype)
+        with torch.no_grad():
+            out.w1.copy_(sw.w1)
+            out.w2.copy_(sw.w2)
+            if sw.b1 is not None:
+                out.b1.copy_(sw.b1)
+                out.b2.copy_(sw.b2)
+        return out
 
     def flops_per_token(self) -> int:
         mult = 3 if self.activation == "swiglu" else 2

@@ -1,0 +1,81 @@
+"""LoRA (zoo.layers.lora) and LoRA experts (zoo.moe.LoRAExperts, Uni-MoE): start as the base, merged == unmerged,
+the merged stacked weights the fused path reads == the low-rank per-expert loop, gradients reach only the factors."""
+
+import pytest
+import torch
+from torch import nn
+
+from zoo.layers import LoRALinear, Mlp, apply_lora, merge_lora
+from zoo.moe import LoRAExperts, MoEConfig, MoELayer, StackedExperts
+
+
+def _trained(lora: nn.Module, seed: int = 0) -> None:
+    """Give every LoRA factor random values, as training would (B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_lora_linear_starts_as_base_merges_exactly_and_trains_only_the_factors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    base = model(x).detach()
+    assert apply_lora(model, ["0", "2"], r=2, alpha=4) == ["0", "2"]
+    assert isinstance(model[0], LoRALinear) and model[0].scaling == 2.0
+    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B", "2.lora_A",
+                                                                           "2.lora_B"}
+    _trained(model)
+    unmerged = model(x).detach()
+    assert not torch.allclose(unmerged, base)
+    assert merge_lora(model) == 2 and isinstance(model[0], nn.Linear) and not isinstance(model[0], LoRALinear)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not nn.Linear"):
+        apply_lora(model, ["1"])
+
+
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gelu", True)])
+def test_lora_experts_start_as_the_dense_ffn_and_merged_equals_low_rank_loop(activation, bias):
+    torch.manual_seed(0)
+    D, H, E = 16, 24, 4
+    dense = Mlp(D, H, activation=activation, bias=bias)
+    experts = LoRAExperts.from_dense(dense.fc1.weight, dense.fc1.bias, dense.fc2.weight, dense.fc2.bias, E,
+                                     activation, r=2, alpha=4)
+    x = torch.randn(7, D)
+    for e in range(E):
+        torch.testing.assert_close(experts.expert(e, x), dense(x), rtol=0, atol=1e-6)
+    _trained(experts)
+    sw = experts.stacked()  # what the fused kernel reads
+    outs = [experts.expert(e, x) for e in range(E)]
+    assert not torch.allclose(outs[0], outs[1])
+    for e in range(E):
+        torch.testing.assert_close(sw.expert(e, x), outs[e], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(experts.merged().expert(e, x), outs[e], rtol=1e-5, atol=1e-6)
+    if activation == "swiglu":  # separate rank-r LoRA on gate and up: the gate delta never touches up columns
+        delta = sw.w1 - experts.w1
+        assert torch.linalg.matrix_rank(delta[0, :, :H]) <= 2 and torch.linalg.matrix_rank(delta[0, :, H:]) <= 2
+
+
+def test_moe_layer_with_lora_experts_trains_only_lora_and_router_and_merges():
+    torch.manual_seed(0)
+    D, H, E = 16, 24, 4
+    cfg = MoEConfig(num_experts=E, top_k=2, activation="swiglu", expert_bias=False, renormalize=True, dropless=True,
+                    noise_std=0.0, group_size=1)
+    dense = Mlp(D, H, activation="swiglu", bias=False)
+    experts = LoRAExperts.from_dense(dense.fc1.weight, None, dense.fc2.weight, None, E, "swiglu", r=2, alpha=4)
+    layer = MoELayer(D, H, cfg, experts=experts)
+    x = torch.randn(2, 5, D)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-6)  # identical experts, gates sum to 1
+    _trained(layer.experts)
+    layer(x).square().sum().backward()
+    grads = {n for n, p in layer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {"router.proj.weight", "experts.lora_a1", "experts.lora_b1", "experts.lora_a2", "experts.lora_b2"}
+    layer.eval()
+    with torch.no_grad():
+        want = layer(x)
+        layer.experts = layer.experts.merged()
+        assert isinstance(layer.experts, StackedExperts)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
