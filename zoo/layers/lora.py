@@ -35,6 +35,10 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The trainable low-rank factors (the ``lora`` freeze group)."""
+        return [self.lora_A, self.lora_B]
+
     def delta_weight(self) -> Tensor:
         """``(alpha / r) B A`` [out, in]: what merging adds to the base weight."""
         return (self.lora_B @ self.lora_A) * self.scaling

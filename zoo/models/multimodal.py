@@ -50,12 +50,13 @@ from zoo.models.output import ModelOutput
 IGNORE_INDEX = -100
 IMAGE_TOKEN_ID = -200
 AUDIO_TOKEN_ID = -300
+VIDEO_TOKEN_ID = -400  # the zoo's (zoo.data.templates); official Uni-MoE v1 has no video placeholder
 
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 MODALITY_NAMES = ("text", "image", "video", "audio")
 NUM_MODALITIES = len(MODALITY_NAMES)
-PLACEHOLDER_MODALITY: dict[int, int] = {IMAGE_TOKEN_ID: IMAGE, AUDIO_TOKEN_ID: AUDIO}
-PLACEHOLDER_NAMES: dict[int, str] = {IMAGE_TOKEN_ID: "<image>", AUDIO_TOKEN_ID: "<audio>"}
+PLACEHOLDER_MODALITY: dict[int, int] = {IMAGE_TOKEN_ID: IMAGE, AUDIO_TOKEN_ID: AUDIO, VIDEO_TOKEN_ID: VIDEO}
+PLACEHOLDER_NAMES: dict[int, str] = {IMAGE_TOKEN_ID: "<image>", AUDIO_TOKEN_ID: "<audio>", VIDEO_TOKEN_ID: "<video>"}
 
 Item = Tensor  # [N, D] or [C, Q, D]
 SampleMedia = Union[None, Item, Sequence[Item]]

@@ -196,6 +196,10 @@ class LoRAExperts(Experts):
         nn.init.zeros_(self.lora_b1)
         nn.init.zeros_(self.lora_b2)
 
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The trainable low-rank factors (the ``lora`` freeze group); the shared base is frozen."""
+        return [self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2]
+
     @classmethod
     def from_dense(cls, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                    fc2_bias: Optional[Tensor], num_experts: int, activation: str, r: int = 8,

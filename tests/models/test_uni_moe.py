@@ -1,0 +1,118 @@
+"""The Uni-MoE model (tiny preset, random weights): image / video / speech / text samples in one batch, each medium
+spliced where its placeholder is with its modality id, a long clip's 30 s windows in order, causal routing, freeze
+groups, and bad inputs."""
+
+import math
+
+import pytest
+import torch
+
+import zoo
+from zoo.models.multimodal import AUDIO, IMAGE, TEXT, VIDEO
+from zoo.models.uni_moe import AUDIO_TOKEN_ID, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return zoo.create_model("uni_moe_tiny").eval()
+
+
+def _tone(seconds, freq=440.0):
+    t = torch.arange(int(16000 * seconds)) / 16000
+    return torch.sin(2 * math.pi * freq * t)
+
+
+def test_placeholder_ids_match_the_data_contract():
+    from zoo.data import templates
+
+    assert (IMAGE_TOKEN_ID, AUDIO_TOKEN_ID, VIDEO_TOKEN_ID) == (templates.IMAGE_TOKEN_ID, templates.AUDIO_TOKEN_ID,
+                                                                templates.VIDEO_TOKEN_ID)
+
+
+def test_mixed_batch_splices_every_medium_with_its_modality(model):
+    Q = model.config.audio_qformer.num_queries
+    S = model.config.vision.image_size
+    N = 16  # (32 / 8)^2 patch tokens
+    ids = torch.tensor([[5, IMAGE_TOKEN_ID, 6], [5, AUDIO_TOKEN_ID, 6], [5, VIDEO_TOKEN_ID, 6], [5, 6, 7]])
+    torch.manual_seed(1)
+    images, video = torch.randn(4, 3, S, S), torch.randn(4, 3, 3, S, S)
+    long_clip = _tone(40.0)  # two 30 s windows -> 2 Q tokens
+    audio = torch.zeros(4, len(long_clip))
+    audio[1] = long_clip
+    lengths = torch.tensor([0, len(long_clip), 0, 0])
+    with torch.no_grad():
+        out = model(ids, images=images, video=video, audio=audio, audio_lengths=lengths)
+    counts = out.attention_mask.sum(1).tolist()
+    assert counts == [2 + N, 2 + 2 * Q, 2 + N, 3]
+    assert out.logits.shape[:2] == (4, 2 + 2 * Q)
+    assert (out.modality[0, 1:1 + N] == IMAGE).all() and (out.modality[1, 1:1 + 2 * Q] == AUDIO).all()
+    assert (out.modality[2, 1:1 + N] == VIDEO).all() and (out.modality[3, :3] == TEXT).all()
+    # the clip's windows in order: the first Q tokens are the first window's
+    with torch.no_grad():
+        first = model(ids[1:2], audio=long_clip[None, :16000 * 30], audio_lengths=torch.tensor([16000 * 30]))
+    torch.testing.assert_close(out.logits[1, :1 + Q], first.logits[0, :1 + Q], rtol=0, atol=1e-5)
+
+
+def test_video_pools_frames_or_keeps_them(model):
+    S = model.config.vision.image_size
+    video = torch.randn(1, 3, 3, S, S)
+    with torch.no_grad():
+        pooled = model.encode_video(video)
+        frames = model.encode_images(video[0])
+    torch.testing.assert_close(pooled[0], frames.mean(0), rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    keep = zoo.create_model("uni_moe_tiny", video_frames_as_tokens=True, max_video_frames=2).eval()
+    with torch.no_grad():
+        assert keep.encode_video(video).shape[1] == 2 * frames.shape[1]
+
+
+def test_routing_is_causal_and_audio_features_input_equals_waveform_input(model):
+    ids = torch.randint(3, 60, (1, 10))
+    ids[0, 1] = AUDIO_TOKEN_ID
+    changed = ids.clone()
+    changed[0, 7:] = torch.randint(3, 60, (3,))
+    clip = _tone(1.0)[None]
+    with torch.no_grad():
+        a = model(ids, audio=clip).logits
+        b = model(changed, audio=clip).logits
+        keep = 6 + model.config.audio_qformer.num_queries
+        assert torch.equal(a[:, :keep], b[:, :keep]) and not torch.equal(a, b)
+        feats = zoo.models.audio_features(clip[0], 16000)[None]  # [1, C=1, 80, 3000]
+        torch.testing.assert_close(model(ids, audio=feats).logits, a, rtol=0, atol=1e-6)
+
+
+def test_freeze_groups_cover_the_speech_side(model):
+    from zoo.models.freeze import param_groups
+
+    groups = param_groups(model)
+    names = {n for g in groups.values() for n, _ in g}
+    assert names == {n for n, _ in model.named_parameters()}  # every parameter is in some group
+    assert not any(p.requires_grad for p in model.audio_encoder.parameters())
+    assert all(p.requires_grad for p in model.audio_connector.parameters())
+    assert {n for n, _ in groups["audio_tower"]} == {f"audio_encoder.{n}" for n, _ in model.audio_encoder.named_parameters()}
+    assert {n for n, _ in groups["audio_connector"]} == {f"audio_connector.{n}"
+                                                         for n, _ in model.audio_connector.named_parameters()}
+    # LoRA experts (stage 3): the lora group holds only the low-rank factors, the shared base stays in experts
+    from zoo.moe import LoRAExperts
+
+    m = zoo.create_model("uni_moe_tiny")
+    layer = m.decoder.blocks[0].mlp
+    e = layer.experts
+    layer.experts = LoRAExperts(e.num_experts, e.dim, e.hidden_dim, "swiglu", r=2, alpha=4)
+    g = param_groups(m)
+    assert {n for n, _ in g["lora"]} == {f"decoder.blocks.0.mlp.experts.lora_{x}" for x in ("a1", "b1", "a2", "b2")}
+    assert {"decoder.blocks.0.mlp.experts.w1", "decoder.blocks.0.mlp.experts.w2"} <= {n for n, _ in g["experts"]}
+
+
+def test_bad_inputs_get_clear_errors(model):
+    ids = torch.tensor([[5, AUDIO_TOKEN_ID, 6]])
+    with pytest.raises(ValueError, match="placeholder"):
+        model(ids, audio=torch.zeros(1, 100), audio_lengths=torch.tensor([0]))  # an empty clip for a placeholder
+    with pytest.raises(ValueError, match="waveforms"):
+        model(ids, audio=torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="mel bins"):
+        model(ids, audio=torch.zeros(1, 1, 128, 3000))
+    no_audio = zoo.create_model("uni_moe_tiny", audio_encoder=None, audio_qformer=None)
+    with pytest.raises(ValueError, match="no audio encoder"):
+        no_audio(ids, audio=_tone(1.0)[None])

@@ -1,0 +1,270 @@
+"""Uni-MoE (Li et al., "Uni-MoE: Scaling Unified Multimodal LLMs with Mixture of Experts", 2024): image, video and
+speech encoders with connectors into one decoder LM whose FFNs are MoE layers.
+
+    images [B, 3, H, W]            -> VisionTower -> Projector ------------------------------> [B, N, D]
+    video  [B, T, 3, H, W]         -> VisionTower per frame -> Projector -> mean over frames -> [B, N, D]
+    audio  [B, samples] (16 kHz)   -> log-mel 30 s windows -> WhisperEncoder -> SpeechConnector (Whisper decoder as a
+           or [B, C, n_mels, F]      Q-Former over Q learnable queries, projector) -> C x Q tokens per clip
+    input_ids [B, L] with -200 / -400 / -300 placeholders --splice_media--> inputs_embeds [B, S', D]
+        (+ mask, labels, modality ids 0 text / 1 image / 2 video / 3 audio) -> DecoderLM (MoE) -> logits [B, S', V]
+
+The vision tower, projector, splicing, templates and freeze groups are the MoE-LLaVA-style family's
+(:mod:`zoo.models.moe_llava`, :mod:`zoo.models.multimodal`); the speech side is :mod:`zoo.models.audio` +
+:mod:`zoo.models.qformer`. Uni-MoE v1 routes as Mixtral (top-2 of the raw router logits, softmax over the two =
+renormalised top-2, dropless, MoE in every block): the presets' defaults.
+
+Where the zoo differs from the official code on purpose:
+
+- ``images[b]`` / ``audio[b]`` / ``video[b]`` belong to sample b (the official code hands out images with one
+  counter over the whole batch and needs a per-sample ``image_mask``); a sample without a placeholder ignores its
+  item, as in the official code.
+- Padding ids are dropped before splicing (the official code keeps them, masked, before its own right padding): the
+  real tokens' logits are the same.
+- The tower runs without autograd while frozen (the official towers are always under ``no_grad``).
+- Video: the official mean-pools the frames' tokens into one image's tokens; ``video_frames_as_tokens=True`` keeps
+  every frame's tokens instead (with ``max_video_frames`` as the budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from zoo.models.audio import SAMPLE_RATE, WhisperEncoder, WhisperEncoderConfig, audio_features
+from zoo.models.connectors import PROJECTOR_KINDS, Projector
+from zoo.models.decoder import DecoderConfig, DecoderLM
+from zoo.models.multimodal import (AUDIO_TOKEN_ID, IMAGE_TOKEN_ID, NUM_MODALITIES, VIDEO_TOKEN_ID, MultimodalOutput,
+                                   SplicedBatch, shifted_lm_loss, splice_media)
+from zoo.models.qformer import SpeechConnector, WhisperQFormerConfig
+from zoo.models.towers import VisionTower, VisionTowerConfig
+from zoo.registry import CardInfo
+
+__all__ = ["UniMoEConfig", "UniMoE", "IMAGE_TOKEN_ID", "AUDIO_TOKEN_ID", "VIDEO_TOKEN_ID"]
+
+
+@dataclass
+class UniMoEConfig:
+    """A Uni-MoE model.
+
+    Attributes:
+        vision: the image / video-frame tower (None = no visual input); projector: ``mlp2x_gelu`` or ``linear``.
+        audio_encoder: the Whisper encoder (None = no audio input); audio_qformer: the Whisper decoder used as a
+            Q-Former (``num_queries`` query tokens per 30 s window; the official training default is 50);
+            audio_projector: the aligner's projector into the LM (``linear``, the official default, or
+            ``mlp2x_gelu``).
+        decoder: the LM; its MoE layers get modality ids, so ``moe.num_modalities`` must be 4.
+        video_frames_as_tokens: keep every frame's tokens (else the official mean over frames);
+            max_video_frames: the frame budget (frames evenly subsampled beyond it).
+        tokenizer_model_max_length: truncate each spliced sequence (None = no truncation).
+    """
+
+    vision: Optional[VisionTowerConfig] = field(default_factory=VisionTowerConfig)
+    projector: str = "mlp2x_gelu"
+    audio_encoder: Optional[WhisperEncoderConfig] = field(default_factory=WhisperEncoderConfig)
+    audio_qformer: Optional[WhisperQFormerConfig] = field(default_factory=WhisperQFormerConfig)
+    audio_projector: str = "linear"
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    video_frames_as_tokens: bool = False
+    max_video_frames: int = 8
+    tokenizer_model_max_length: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("projector", "audio_projector"):
+            if getattr(self, name) not in PROJECTOR_KINDS:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {PROJECTOR_KINDS}")
+        if (self.audio_encoder is None) != (self.audio_qformer is None):
+            raise ValueError("audio_encoder and audio_qformer go together: set both (speech input) or neither")
+        if self.audio_qformer is not None and self.audio_qformer.encoder_dim not in (None, self.audio_encoder.dim):
+            raise ValueError(f"audio_qformer.encoder_dim={self.audio_qformer.encoder_dim} but the audio encoder's "
+                             f"width is {self.audio_encoder.dim}")
+        moe = self.decoder.moe
+        if moe is not None and moe.num_modalities < NUM_MODALITIES:
+            raise ValueError(f"decoder.moe.num_modalities={moe.num_modalities}: Uni-MoE's routers get modality ids "
+                             f"0..{NUM_MODALITIES - 1} (text, image, video, audio); set it to {NUM_MODALITIES}")
+        if self.max_video_frames < 1:
+            raise ValueError(f"max_video_frames must be >= 1, got {self.max_video_frames}")
+
+
+def _shape(x: Any) -> Any:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+class UniMoE(nn.Module):
+    """``forward(input_ids [B, L], attention_mask=None, images=None, video=None, audio=None, audio_lengths=None,
+    audio_chunks=None, labels=None) -> MultimodalOutput`` (logits over the spliced right-padded sequence, its mask /
+    labels / modality, MoE aux losses and routing, ``loss`` when labels are given).
+
+    ``audio`` is either waveforms ``[B, samples]`` at 16 kHz with ``audio_lengths [B]`` (0 = no audio; the
+    :mod:`zoo.data.instruct` batch) or log-mel windows ``[B, C, n_mels, frames]`` with ``audio_chunks [B, C]`` bool
+    (True = a real window of that sample's clip, in order; default all). Each window gives Q query tokens; a clip's
+    windows are concatenated into its one ``<audio>`` placeholder.
+
+    Parameters: ``vision_tower.*`` (frozen when built), ``projector.*``, ``audio_encoder.*`` (frozen when built),
+    ``audio_connector.{query_tokens, qformer.*, projector.*}``, ``decoder.*``.
+    """
+
+    def __init__(self, config: UniMoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        D = config.decoder.dim
+        self.vision_tower = VisionTower(config.vision) if config.vision is not None else None
+        self.projector = Projector(config.projector, self.vision_tower.out_dim, D) if self.vision_tower else None
+        if config.audio_encoder is not None:
+            self.audio_encoder = WhisperEncoder(config.audio_encoder)
+            self.audio_connector = SpeechConnector(config.audio_qformer, D, config.audio_projector)
+            self.audio_encoder.requires_grad_(False)
+        else:
+            self.audio_encoder = self.audio_connector = None
+        self.decoder = DecoderLM(config.decoder)
+        if self.vision_tower is not None:
+            self.vision_tower.requires_grad_(False)
+
+    def param_group_rules(self) -> list:
+        """Freeze groups beyond the shared ones (:mod:`zoo.models.freeze`): ``audio_tower`` (the Whisper encoder),
+        ``audio_connector`` (queries, Q-Former, aligner projector) and ``lora`` (only the low-rank factors of LoRA
+        layers / LoRA experts; their frozen bases stay in their own groups)."""
+        from zoo.layers.lora import LoRALinear
+        from zoo.models.freeze import GroupRule
+        from zoo.moe import LoRAExperts
+
+        return [GroupRule("audio_tower", lambda m: isinstance(m, WhisperEncoder)),
+                GroupRule("audio_connector", lambda m: isinstance(m, SpeechConnector)),
+                GroupRule("lora", lambda m: isinstance(m, (LoRALinear, LoRAExperts)), lambda m: m.lora_parameters())]
+
+    # ------------------------------------------------------------------------------------------------ encoders
+    @staticmethod
+    def _run_frozen(module: nn.Module, x: Tensor) -> Tensor:
+        train = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+        with torch.set_grad_enabled(train):
+            return module(x)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] -> projected tokens [B, N, D]."""
+        if self.vision_tower is None:
+            raise ValueError("this Uni-MoE has no vision tower (config.vision is None) but got images / video")
+        features = self._run_frozen(self.vision_tower, images.to(self.vision_tower.pos_embed.dtype))
+        return self.projector(features.to(self.projector[0].weight.dtype))
+
+    def encode_video(self, video: Tensor) -> Tensor:
+        """video [B, T, 3, H, W] -> [B, N, D] (mean over frames, official) or [B, T' * N, D] (frames as tokens)."""
+        if not isinstance(video, Tensor) or video.ndim != 5:
+            raise ValueError(f"video must be [B, T, 3, H, W] frames, got {_shape(video)}")
+        B, T = video.shape[:2]
+        if T > self.config.max_video_frames:  # evenly spaced frames within the budget
+            keep = torch.linspace(0, T - 1, self.config.max_video_frames).round().long().to(video.device)
+            video, T = video[:, keep], len(keep)
+        tokens = self.encode_images(video.flatten(0, 1)).unflatten(0, (B, T))  # [B, T, N, D]
+        return tokens.flatten(1, 2) if self.config.video_frames_as_tokens else tokens.mean(1)
+
+    def encode_audio(self, audio: Tensor, audio_lengths: Optional[Tensor] = None,
+                     audio_chunks: Optional[Tensor] = None) -> list[Optional[Tensor]]:
+        """Per sample: its clip's tokens ``[C * Q, D]`` (None when it has no audio)."""
+        if self.audio_encoder is None:
+            raise ValueError("this Uni-MoE has no audio encoder (config.audio_encoder is None) but got audio")
+        n_mels = self.config.audio_encoder.n_mels
+        if isinstance(audio, Tensor) and audio.ndim == 2:  # waveforms [B, samples] at 16 kHz
+            lengths = (torch.full((audio.shape[0],), audio.shape[1]) if audio_lengths is None
+                       else audio_lengths.to("cpu"))
+            windows = [None if int(n) == 0 else audio_features(audio[b, :int(n)], SAMPLE_RATE, n_mels)
+                       for b, n in enumerate(lengths.tolist())]
+        elif isinstance(audio, Tensor) and audio.ndim == 4:  # log-mel windows [B, C, n_mels, frames]
+            if audio.shape[2] != n_mels:
+                raise ValueError(f"audio features have {audio.shape[2]} mel bins, the encoder takes {n_mels}")
+            chunks = (torch.ones(audio.shape[:2], dtype=torch.bool) if audio_chunks is None
+                      else audio_chunks.to("cpu", torch.bool))
+            if chunks.shape != audio.shape[:2]:
+                raise ValueError(f"audio_chunks must be [B, C] = {tuple(audio.shape[:2])}, got {_shape(chunks)}")
+            windows = [audio[b, :int(chunks[b].sum())] if chunks[b].any() else None for b in range(audio.shape[0])]
+        else:
+            raise ValueError(f"audio must be waveforms [B, samples] at {SAMPLE_RATE} Hz (with audio_lengths) or "
+                             f"log-mel windows [B, C, n_mels, frames] (with audio_chunks), got {_shape(audio)}")
+        dtype = self.audio_encoder.conv1.weight.dtype
+        out: list[Optional[Tensor]] = []
+        for w in windows:
+            if w is None:
+                out.append(None)
+                continue
+            enc = self._run_frozen(self.audio_encoder, w.to(device=self.audio_encoder.conv1.weight.device,
+                                                            dtype=dtype))
+            out.append(self.audio_connector(enc).flatten(0, 1))  # [C, Q, D] -> [C * Q, D]
+        return out
+
+    # ------------------------------------------------------------------------------------------------ splicing
+    def prepare_inputs(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                       images: Optional[Tensor] = None, video: Optional[Tensor] = None,
+                       audio: Optional[Tensor] = None, audio_lengths: Optional[Tensor] = None,
+                       audio_chunks: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                       padding_side: str = "right") -> SplicedBatch:
+        """The decoder's inputs with every placeholder replaced by its sample's media tokens."""
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, L] token ids with placeholders, got {_shape(input_ids)}")
+        B = input_ids.shape[0]
+        media: dict[int, Any] = {}
+        for name, x in (("images", images), ("video", video), ("audio", audio)):
+            if x is not None and (not isinstance(x, Tensor) or x.shape[0] != B):
+                raise ValueError(f"{name} must hold one entry per sample (batch of {B}), got {_shape(x)}")
+        if images is not None:
+            if images.ndim != 4:
+                raise ValueError(f"images must be [B, 3, H, W], got {_shape(images)}")
+            media[IMAGE_TOKEN_ID] = self.encode_images(images)
+        if video is not None:
+            media[VIDEO_TOKEN_ID] = self.encode_video(video)
+        if audio is not None:
+            media[AUDIO_TOKEN_ID] = self.encode_audio(audio, audio_lengths, audio_chunks)
+        return splice_media(input_ids, self.decoder.embed, media, attention_mask, labels,
+                            max_length=self.config.tokenizer_model_max_length, padding_side=padding_side)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, images: Optional[Tensor] = None,
+                video: Optional[Tensor] = None, audio: Optional[Tensor] = None,
+                audio_lengths: Optional[Tensor] = None, audio_chunks: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> MultimodalOutput:
+        spliced = self.prepare_inputs(input_ids, attention_mask, images, video, audio, audio_lengths, audio_chunks,
+                                      labels)
+        out = self.decoder(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                           modality=spliced.modality)
+        loss = None if labels is None else shifted_lm_loss(out.logits, spliced.labels) + out.aux_loss
+        return MultimodalOutput(logits=out.logits, aux_loss=out.aux_loss, aux_losses=out.aux_losses,
+                                routing=out.routing, hidden_states=out.hidden_states, loss=loss,
+                                attention_mask=spliced.attention_mask, labels=spliced.labels,
+                                modality=spliced.modality)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, images: Optional[Tensor] = None,
+                 video: Optional[Tensor] = None, audio: Optional[Tensor] = None,
+                 audio_lengths: Optional[Tensor] = None, audio_chunks: Optional[Tensor] = None,
+                 **kwargs: Any) -> Tensor:
+        """Greedy / sampled answers, generated tokens only [B, N] (:func:`zoo.models.generate.generate` kwargs)."""
+        was_training = self.training
+        self.eval()
+        try:
+            spliced = self.prepare_inputs(input_ids, attention_mask, images, video, audio, audio_lengths,
+                                          audio_chunks, padding_side="left")
+            return self.decoder.generate(None, spliced.attention_mask, inputs_embeds=spliced.inputs_embeds,
+                                         modality=spliced.modality, **kwargs)
+        finally:
+            self.train(was_training)
+
+
+def input_size(config: UniMoEConfig) -> Optional[list[int]]:
+    v = config.vision
+    return None if v is None else [v.in_chans, v.image_size, v.image_size]
+
+
+CARD = CardInfo(
+    pipeline_tag="any-to-any",
+    usage=("out = model(input_ids=ids, attention_mask=mask, images=images, audio=waveforms, audio_lengths=lengths)",
+           "answer = model.generate(ids, images=images, audio=waveforms, audio_lengths=lengths, max_new_tokens=32)"),
+    citation="\n".join([
+        "@article{li2024unimoe,",
+        "  title={Uni-MoE: Scaling Unified Multimodal LLMs with Mixture of Experts},",
+        "  author={Li, Yunxin and Jiang, Shenyuan and Hu, Baotian and Wang, Longyue and Zhong, Wanqi and Luo, Wenhan",
+        "          and Ma, Lin and Zhang, Min},",
+        "  journal={arXiv preprint arXiv:2405.11273},",
+        "  year={2024}",
+        "}",
+    ]),
+)
