@@ -169,18 +169,21 @@ class MoELLaVA(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- MoE-Tuning stage III
-def upcycle_stage2_to_moe(model: MoELLaVA, moe: MoEConfig,
-                          placement: Union[str, Sequence[int]] = "sparse") -> MoELLaVA:
+def upcycle_stage2_to_moe(model: nn.Module, moe: MoEConfig,
+                          placement: Union[str, Sequence[int]] = "sparse") -> nn.Module:
     """MoE-Tuning stage III's start: a COPY of the stage-II (dense) ``model`` whose decoder FFNs at ``placement``
     ("sparse" = blocks 0, 2, 4, ...; see :func:`zoo.models.decoder.decoder_moe_layers`) became MoE layers of config
-    ``moe``, every expert a copy of the FFN it replaces and the router fresh (:func:`zoo.upcycle`). The tower and
-    projector are copied unchanged. ``moe.activation`` / ``moe.expert_bias`` must be the dense FFN's (the experts are
-    its copies).
+    ``moe``, every expert a copy of the FFN it replaces and the router fresh (:func:`zoo.upcycle`). The encoders and
+    connectors are copied unchanged. ``moe.activation`` / ``moe.expert_bias`` must be the dense FFN's (the experts are
+    its copies). Any multimodal model with a ``decoder`` (:class:`DecoderLM`) and a config holding its
+    ``decoder`` config works (MoE-LLaVA, Uni-MoE's progressive stage 3).
     """
     from zoo.models.upcycle import upcycle
 
-    if not isinstance(model, MoELLaVA):
-        raise TypeError(f"upcycle_stage2_to_moe takes a MoELLaVA, got {type(model).__name__}")
+    if not isinstance(getattr(model, "decoder", None), DecoderLM) or not hasattr(getattr(model, "config", None),
+                                                                                "decoder"):
+        raise TypeError(f"upcycle_stage2_to_moe takes a multimodal model with a zoo DecoderLM as .decoder, got "
+                        f"{type(model).__name__}")
     dec = model.config.decoder
     if dec.moe is not None:
         raise ValueError("the model's decoder already has MoE layers; stage III upcycles the dense stage-II model")
