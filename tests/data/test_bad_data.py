@@ -48,3 +48,15 @@ def test_a_truncated_image_is_named_or_skipped_and_counted(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
         skipping.setup()
     assert skipping.skipped_images == [str(bad)] and sum(skipping.split_sizes.values()) == 11
+
+
+def test_more_loader_workers_than_cores_are_capped(monkeypatch, capsys):
+    """A GPU recipe's 4 workers on a 2-core machine: capped to the cores (same batches, no oversubscription)."""
+    import os
+
+    from zoo.data.base import SplitDataModule
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert SplitDataModule(num_workers=4).num_workers == 2
+    assert "num_workers=4 > 2 usable CPU cores" in capsys.readouterr().out
+    assert SplitDataModule(num_workers=1).num_workers == 1

@@ -6,6 +6,7 @@ Dimension letters: N dataset size, B batch, C channels, H height, W width.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -198,6 +199,17 @@ def random_crop_flip(padding: int, flip: bool = True) -> Callable[[torch.Tensor]
     return augment
 
 
+def usable_workers(requested: int) -> int:
+    """``requested`` loader workers, at most the CPU cores this process may use: recipes are written for GPU hosts
+    (4-8 workers), and more workers than cores only adds processes (torch warns about it) and slows a small machine.
+    The data and its order do not depend on the worker count, so capping changes nothing but speed."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > cores:
+        print(f"[zoo.data] num_workers={requested} > {cores} usable CPU cores: using {cores}", flush=True)
+        return cores
+    return requested
+
+
 class SplitDataModule(L.LightningDataModule):
     """Base of the zoo's datamodules: a subclass builds ``(train, val, test)`` datasets once
     (:meth:`build_splits`); this class gives the loaders, seeded shuffling and the common arguments.
@@ -224,7 +236,7 @@ class SplitDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
         self.batch_size = check_positive_int("batch_size", batch_size)
-        self.num_workers = check_positive_int("num_workers", num_workers, minimum=0)
+        self.num_workers = usable_workers(check_positive_int("num_workers", num_workers, minimum=0))
         self.seed = check_positive_int("seed", seed, minimum=0)
         self.pin_memory = bool(pin_memory)
         self.train_set: Dataset | None = None
