@@ -116,3 +116,16 @@ def test_bad_inputs_get_clear_errors(model):
     no_audio = zoo.create_model("uni_moe_tiny", audio_encoder=None, audio_qformer=None)
     with pytest.raises(ValueError, match="no audio encoder"):
         no_audio(ids, audio=_tone(1.0)[None])
+
+
+def test_generate_answers_a_spoken_prompt_deterministically(model):
+    ids = torch.tensor([[5, AUDIO_TOKEN_ID, 6], [0, 7, 8]])  # row 1: left-padded text only
+    mask = torch.tensor([[True, True, True], [False, True, True]])
+    clip = torch.zeros(2, 16000)
+    clip[0] = _tone(1.0)
+    lengths = torch.tensor([16000, 0])
+    a = model.generate(ids, attention_mask=mask, audio=clip, audio_lengths=lengths, max_new_tokens=4)
+    b = model.generate(ids, attention_mask=mask, audio=clip, audio_lengths=lengths, max_new_tokens=4)
+    assert a.shape == (2, 4) and torch.equal(a, b)
+    alone = model.generate(ids[1:, 1:], max_new_tokens=4)  # a sequence's answer does not depend on the batch
+    assert torch.equal(alone[0], a[1])
