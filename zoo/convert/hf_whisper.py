@@ -91,14 +91,18 @@ def encoder_state_dict(pool: TensorPool, prefix: str, cfg: WhisperEncoderConfig)
         pool.take_linear(out, conv, prefix + conv, bias=True)
     out["pos_embed"] = pool.take(prefix + "embed_positions.weight")
     for i in range(cfg.depth):
-        hf, zoo = f"{prefix}layers.{i}", f"transformer.blocks.{i}"
-        _self_attention(pool, out, f"{zoo}.attn", f"{hf}.self_attn")
-        _take_norm(pool, out, f"{zoo}.norm1", f"{hf}.self_attn_layer_norm")
-        _take_norm(pool, out, f"{zoo}.norm2", f"{hf}.final_layer_norm")
-        for fc in ("fc1", "fc2"):
-            pool.take_linear(out, f"{zoo}.mlp.{fc}", f"{hf}.{fc}", bias=True)
+        _take_block(pool, out, f"transformer.blocks.{i}", f"{prefix}layers.{i}")
     _take_norm(pool, out, "transformer.norm", prefix + "layer_norm")
     return out
+
+
+def _take_block(pool: TensorPool, out: dict[str, Tensor], zoo: str, hf: str) -> None:
+    """What Whisper encoder and decoder layers share: self-attention, its norm, the final norm and the MLP."""
+    _self_attention(pool, out, f"{zoo}.attn", f"{hf}.self_attn")
+    _take_norm(pool, out, f"{zoo}.norm1", f"{hf}.self_attn_layer_norm")
+    _take_norm(pool, out, f"{zoo}.norm2", f"{hf}.final_layer_norm")
+    for fc in ("fc1", "fc2"):
+        pool.take_linear(out, f"{zoo}.mlp.{fc}", f"{hf}.{fc}", bias=True)
 
 
 def qformer_state_dict(pool: TensorPool, prefix: str, cfg: WhisperQFormerConfig) -> dict[str, Tensor]:
@@ -106,16 +110,12 @@ def qformer_state_dict(pool: TensorPool, prefix: str, cfg: WhisperQFormerConfig)
     out: dict[str, Tensor] = {"pos_embed": pool.take(prefix + "embed_positions.weight")}
     for i in range(cfg.depth):
         hf, zoo = f"{prefix}layers.{i}", f"blocks.{i}"
-        _self_attention(pool, out, f"{zoo}.attn", f"{hf}.self_attn")
-        _take_norm(pool, out, f"{zoo}.norm1", f"{hf}.self_attn_layer_norm")
+        _take_block(pool, out, zoo, hf)
         pool.take_linear(out, f"{zoo}.cross.q", f"{hf}.encoder_attn.q_proj", bias=True)
         out[f"{zoo}.cross.kv.weight"], out[f"{zoo}.cross.kv.bias"] = _fused(
             pool, [f"{hf}.encoder_attn.k_proj", f"{hf}.encoder_attn.v_proj"])
         pool.take_linear(out, f"{zoo}.cross.proj", f"{hf}.encoder_attn.out_proj", bias=True)
         _take_norm(pool, out, f"{zoo}.norm_cross", f"{hf}.encoder_attn_layer_norm")
-        _take_norm(pool, out, f"{zoo}.norm2", f"{hf}.final_layer_norm")
-        for fc in ("fc1", "fc2"):
-            pool.take_linear(out, f"{zoo}.mlp.{fc}", f"{hf}.{fc}", bias=True)
     _take_norm(pool, out, "norm", prefix + "layer_norm")
     return out
 

@@ -82,6 +82,10 @@ class Experts(nn.Module):
         """The experts as stacked tensors for the fused GPU kernel, or None when they have no such form."""
         return None
 
+    def flops_per_token(self) -> int:
+        mult = 3 if self.activation == "swiglu" else 2
+        return 2 * mult * self.dim * self.hidden_dim
+
 
 class StackedExperts(Experts):
     """E two-layer MLP experts with weights stacked on a leading expert axis (:class:`StackedWeights` layout).
@@ -139,9 +143,6 @@ class StackedExperts(Experts):
                 self.b1.copy_(fc1_bias.unsqueeze(0).expand_as(self.b1))
                 self.b2.copy_(fc2_bias.unsqueeze(0).expand_as(self.b2))
 
-    def flops_per_token(self) -> int:
-        mult = 3 if self.activation == "swiglu" else 2
-        return 2 * mult * self.dim * self.hidden_dim
 
 
 class LoRAExperts(Experts):
@@ -249,6 +250,3 @@ class LoRAExperts(Experts):
                 out.b2.copy_(sw.b2)
         return out
 
-    def flops_per_token(self) -> int:
-        mult = 3 if self.activation == "swiglu" else 2
-        return 2 * mult * self.dim * self.hidden_dim

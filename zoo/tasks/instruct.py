@@ -23,6 +23,7 @@ expert receives (:meth:`write_test_plots`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 from collections import defaultdict
@@ -39,6 +40,12 @@ from zoo.moe import MoELayer
 
 # Batch keys that carry media (zoo.data.instruct's batch contract); passed to the model by name.
 MEDIA_KEYS = ("images", "audio", "audio_lengths", "video")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(model_cls: type) -> frozenset:
+    """The argument names of ``model_cls.forward`` (read once per class: ``_media`` runs every step)."""
+    return frozenset(inspect.signature(model_cls.forward).parameters)
 from zoo.tasks.base import ZooTask, moe_layer_names
 from zoo.tasks.checkpoints import load_training_checkpoint
 from zoo.tasks.optim import OptimizerConfig
@@ -233,7 +240,7 @@ class InstructTask(ZooTask):
         """The batch's media (``MEDIA_KEYS``) as keyword arguments of the model's forward / generate: each family's
         model names the media it takes in its signature (MoE-LLaVA: ``images``; Uni-MoE also ``audio`` / ``video``),
         so no family is named here. A medium the model cannot take is an error, not silently dropped."""
-        accepted = set(inspect.signature(self.model.forward).parameters)
+        accepted = _forward_params(type(self.model))
         given = {k: batch[k] for k in MEDIA_KEYS if batch.get(k) is not None}
         refused = sorted(set(given) - accepted)
         if refused:
