@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from zoo.models.connectors import PROJECTOR_KINDS, Projector
 from zoo.models.decoder import DecoderConfig, DecoderLM
+from zoo.models.freeze import run_tower
 from zoo.models.multimodal import (IGNORE_INDEX, IMAGE_TOKEN_ID, NUM_MODALITIES, MultimodalOutput, SplicedBatch,
                                    shifted_lm_loss, splice_media)
 from zoo.models.towers import VisionTower, VisionTowerConfig
@@ -102,9 +103,7 @@ class MoELLaVA(nn.Module):
         tower_dtype = self.vision_tower.pos_embed.dtype
         if isinstance(images, Tensor) and images.is_floating_point():
             images = images.to(tower_dtype)
-        train_tower = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
-        with torch.set_grad_enabled(train_tower):
-            features = self.vision_tower(images)
+        features = run_tower(self.vision_tower, images)
         return self.projector(features.to(self.projector[0].weight.dtype))
 
     def prepare_inputs(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,

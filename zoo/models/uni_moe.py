@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from zoo.models.audio import SAMPLE_RATE, WhisperEncoder, WhisperEncoderConfig, audio_features
 from zoo.models.connectors import PROJECTOR_KINDS, Projector
 from zoo.models.decoder import DecoderConfig, DecoderLM
+from zoo.models.freeze import run_tower
 from zoo.models.multimodal import (AUDIO_TOKEN_ID, IMAGE_TOKEN_ID, NUM_MODALITIES, VIDEO_TOKEN_ID, MultimodalOutput,
                                    SplicedBatch, shifted_lm_loss, splice_media)
 from zoo.models.qformer import SpeechConnector, WhisperQFormerConfig
@@ -135,17 +136,11 @@ class UniMoE(nn.Module):
                 GroupRule("lora", lambda m: isinstance(m, (LoRALinear, LoRAExperts)), lambda m: m.lora_parameters())]
 
     # ------------------------------------------------------------------------------------------------ encoders
-    @staticmethod
-    def _run_frozen(module: nn.Module, x: Tensor) -> Tensor:
-        train = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
-        with torch.set_grad_enabled(train):
-            return module(x)
-
     def encode_images(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] -> projected tokens [B, N, D]."""
         if self.vision_tower is None:
             raise ValueError("this Uni-MoE has no vision tower (config.vision is None) but got images / video")
-        features = self._run_frozen(self.vision_tower, images.to(self.vision_tower.pos_embed.dtype))
+        features = run_tower(self.vision_tower, images.to(self.vision_tower.pos_embed.dtype))
         return self.projector(features.to(self.projector[0].weight.dtype))
 
     def encode_video(self, video: Tensor) -> Tensor:
@@ -187,7 +182,7 @@ class UniMoE(nn.Module):
             if w is None:
                 out.append(None)
                 continue
-            enc = self._run_frozen(self.audio_encoder, w.to(device=self.audio_encoder.conv1.weight.device,
+            enc = run_tower(self.audio_encoder, w.to(device=self.audio_encoder.conv1.weight.device,
                                                             dtype=dtype))
             out.append(self.audio_connector(enc).flatten(0, 1))  # [C, Q, D] -> [C * Q, D]
         return out
