@@ -175,3 +175,26 @@ def test_audio_chunks_from_official():
                                                          [False, False, False]]
     with pytest.raises(ValueError, match="one audio clip per sample"):
         audio_chunks_from_official(torch.tensor([[1, 2, 0]]))
+
+
+def test_qformer_comes_from_the_aligner_not_the_whisper_folder(monkeypatch):
+    """In the fixture the aligner's decoder still equals the Whisper folder's decoder (the official code initialises
+    it from the tower and the fixture was not trained), so the parity test cannot tell the two apart; a released
+    checkpoint's aligner is trained. Perturb the aligner's decoder and check the converted Q-Former follows it."""
+    import zoo.convert.uni_moe as conv
+
+    real = conv.read_uni_moe_layout
+
+    def perturbed(*args, **kwargs):
+        layout = real(*args, **kwargs)
+        layout.audio_aligner = {k: v + 1.0 if k.startswith("decoder.") else v for k, v in layout.audio_aligner.items()}
+        return layout
+
+    monkeypatch.setattr(conv, "read_uni_moe_layout", perturbed)
+    parts = conv.read_uni_moe(CKPT, vision_tower=CLIP, audio_tower=WHISPER)
+    tower = load_file(str(WHISPER / "model.safetensors")) if (WHISPER / "model.safetensors").is_file() else \
+        torch.load(WHISPER / "pytorch_model.bin", weights_only=True)
+    for zoo_name, hf_name in (("norm.weight", "decoder.layer_norm.weight"),
+                              ("blocks.0.mlp.fc1.weight", "decoder.layers.0.fc1.weight"),
+                              ("pos_embed", "decoder.embed_positions.weight")):
+        assert torch.equal(parts.state[f"audio_connector.qformer.{zoo_name}"], tower[hf_name] + 1.0), zoo_name
