@@ -214,7 +214,8 @@ def read_uni_moe(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,
                                     "(is --audio-tower a Whisper folder with as many layers as its config?)")
         apool = TensorPool({k: v for k, v in aligner.items() if k != "query_tokens"})
         q_state = qformer_state_dict(apool, "decoder.", qformer_cfg)
-        apool.take("decoder.embed_tokens.weight") if "decoder.embed_tokens.weight" in apool else None  # unused
+        if "decoder.embed_tokens.weight" in apool:  # saved, never used: the queries are the decoder's inputs
+            apool.take("decoder.embed_tokens.weight")
         audio_projector = s["audio_projector_type"]
         proj = {k[len("projector."):]: apool.take(k) for k in list(apool.tensors) if k.startswith("projector.")}
         left = apool.left()
