@@ -10,6 +10,7 @@ from typing import Literal, Optional
 RouterType = Literal["topk", "expert_choice", "soft"]
 Activation = Literal["gelu", "gelu_tanh", "swiglu"]
 DispatchType = Literal["auto", "loop", "sorted", "fused"]
+DeepSpeedTop2Gating = Literal["off", "argmax", "gumbel"]
 
 
 @dataclass
@@ -62,6 +63,22 @@ class MoEConfig:
             fused path, the experts: :func:`zoo.moe.layer.routed_moe`) as one ``torch.compile`` graph
             (:mod:`zoo.moe.compiled`): None = on CUDA only (where eager launches of their small kernels slow the
             step), True = also on CPU, False = never. Same results either way (tested).
+        deepspeed_top2_gating: a REPRODUCTION QUIRK, off by default: route as DeepSpeed 0.9.5's ``top2gating`` did
+            in MoE-LLaVA's official training and evaluation (:func:`zoo.moe.routing.deepspeed_top2_route`). "off" =
+            the zoo's top-k routing. "gumbel" = DeepSpeed's own behaviour: expert 1 = argmax of the softmax, expert
+            2 = argmax of the logits plus Gumbel noise with expert 1 excluded, noise drawn in training AND eval (so
+            evaluation is random; the draws come from ``TopKRouter.generator``, else the global RNG, so a seeded
+            run is reproducible); capacity ``ceil(T / E * capacity_factor * 2)`` (float32, as DeepSpeed), at least
+            ``min_capacity``, over all T tokens of the group, slots given in token order with every first choice
+            before any second choice, slots past capacity dropped, and the two kept gates renormalised AFTER
+            dropping (a token that keeps one expert gets weight 1 on it). "argmax" = the same without the noise
+            (2nd expert = 2nd-highest logit). Needs router "topk", top_k 2 (eval_top_k None or 2), noise_std 0,
+            renormalize True and batch_priority False; with a capacity (not dropless) also group_size None (the whole
+            call is one group, as DeepSpeed) and capacity_multiple_of 0 or 1 (DeepSpeed does not round). A causal
+            layer refuses it unless dropless in training and eval (the whole-call capacity lets later tokens, and
+            other sequences, take earlier tokens' slots). Masked tokens take no slot (DeepSpeed routes padding).
+        min_capacity: the per-group, per-expert capacity is at least this (DeepSpeed's ``min_capacity``; MoE-LLaVA
+            trains with 0). 0 = no minimum (capacity is always at least 1).
         cuda_graphs: replay that compiled graph (on the fused GPU path: routing, losses, statistics and the expert
             kernels of the layer) as a CUDA graph, forward and backward (``torch.compile`` mode "reduce-overhead");
             None = wherever it is compiled on CUDA, False = never. Outputs of a step stay valid until the next
@@ -102,6 +119,8 @@ class MoEConfig:
     shared_expert_gate: bool = False
     compile_routing: Optional[bool] = None
     cuda_graphs: Optional[bool] = None
+    deepspeed_top2_gating: DeepSpeedTop2Gating = "off"
+    min_capacity: int = 0
 
     def __post_init__(self) -> None:
         from zoo.config import check_field_types
@@ -109,7 +128,8 @@ class MoEConfig:
         if self.capacity_factor is None:  # the likely meaning ("no limit") has its own setting: say which
             raise ValueError("capacity_factor=None: capacity_factor must be a number; use dropless=True for "
                              "unbounded capacity")
-        for name, kind in (("router", RouterType), ("activation", Activation), ("dispatch", DispatchType)):
+        for name, kind in (("router", RouterType), ("activation", Activation), ("dispatch", DispatchType),
+                           ("deepspeed_top2_gating", DeepSpeedTop2Gating)):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {get_args(kind)}")
         check_field_types(self)  # a config built in Python gets the type checks a YAML one gets in from_dict
@@ -134,6 +154,9 @@ class MoEConfig:
             weight = getattr(self, name)
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0 (0 switches the loss off), got {weight}")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0 (0 = no minimum), got {self.min_capacity}")
+        self._check_deepspeed_top2()
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.shared_expert_hidden_dim is not None and self.shared_expert_hidden_dim < 1:
@@ -162,6 +185,35 @@ class MoEConfig:
             low = 1.0 if name == "global_entropy_min_experts" else 0.0
             if min(values) < low:
                 raise ValueError(f"{name}_by_modality values must be >= {low}, got {values}")
+
+    def _check_deepspeed_top2(self) -> None:
+        """``deepspeed_top2_gating`` fixes the settings DeepSpeed's top2gating has no choice of: name every one that
+        contradicts it, at once."""
+        if self.deepspeed_top2_gating == "off":
+            return
+        wrong = []
+        for name, ok, need in (("router", self.router == "topk", "'topk'"),
+                               ("top_k", self.top_k == 2, "2"),
+                               ("eval_top_k", self.eval_top_k in (None, 2), "None or 2"),
+                               ("noise_std", self.noise_std == 0, "0 (top2gating adds no Gaussian noise)"),
+                               ("renormalize", self.renormalize, "True (the kept gates are renormalised)"),
+                               ("batch_priority", not self.batch_priority, "False (slots go in token order)")):
+            if not ok:
+                wrong.append(f"{name}={getattr(self, name)!r} (needs {need})")
+        if self.capacity_setting(True) is not None or self.capacity_setting(False) is not None:
+            if self.group_size is not None:
+                wrong.append(f"group_size={self.group_size!r} (needs None: DeepSpeed's capacity is over the whole call;"
+                             " or make training and eval dropless)")
+            if self.capacity_multiple_of > 1:
+                wrong.append(f"capacity_multiple_of={self.capacity_multiple_of} (needs 0 or 1: DeepSpeed does not "
+                             "round the capacity)")
+        if wrong:
+            raise ValueError(f"deepspeed_top2_gating={self.deepspeed_top2_gating!r} reproduces DeepSpeed 0.9.5's "
+                             "top2gating, which these settings contradict: " + "; ".join(wrong))
+
+    def dropless_always(self) -> bool:
+        """No capacity limit in training nor in eval."""
+        return self.capacity_setting(True) is None and self.capacity_setting(False) is None
 
     def by_modality(self, name: str) -> tuple[float, ...]:
         """Per-modality values of ``local_entropy_weight``, ``global_entropy_weight`` or
