@@ -20,7 +20,10 @@ CASES = {
     # renormalised weights, token order.
     "masked_modalities": (dict(num_experts=4, top_k=1, group_size=None, num_modalities=2, renormalize=True,
                                batch_priority=False, capacity_from_valid_tokens=True, local_entropy_weight=0.1,
-                               global_entropy_weight=0.2, global_entropy_min_experts=2.0, z_loss_weight=1e-3),
+                               global_entropy_weight=0.2, global_entropy_min_experts=2.0, z_loss_weight=1e-3,
+                               # Uni-MoE v2's target-expert and cross-modality KL losses
+                               target_expert_loss_weight=0.05, target_experts_by_modality=((), (0, 1)),
+                               cross_modality_kl_weight=0.05),
                           True, True),
     # MoE-LLaVA's DeepSpeed top-2 gating: Gumbel-sampled 2nd expert (drawn outside the graph), whole-call capacity,
     # gates renormalised after dropping, padding mask.
