@@ -199,3 +199,25 @@ def test_bad_settings_and_inputs_raise():
     cfg = from_dict(MoEConfig, {"num_modalities": 2, "target_experts_by_modality": [[], [0, 1]],
                                 "cross_modality_kl_pairs": [[1, 0]], "cross_modality_kl_weight": 0.1})
     assert cfg.target_experts_by_modality == ((), (0, 1)) and cfg.kl_pairs() == [(1, 0)]
+
+
+def test_uni_moe_preset_turns_them_on():
+    """A Uni-MoE config sets them under ``decoder.moe`` (ids 0 text, 1 image, 2 video, 3 audio; the official pairs);
+    the model's MoE layers get modality ids and report both losses."""
+    import zoo
+    from zoo.models.uni_moe import IMAGE_TOKEN_ID
+
+    over = {"decoder.moe.target_expert_loss_weight": 0.1,
+            "decoder.moe.target_experts_by_modality": [[], [0], [1], [2, 3]],
+            "decoder.moe.cross_modality_kl_weight": 0.1,
+            "decoder.moe.cross_modality_kl_pairs": [[1, 3], [1, 0], [3, 0], [3, 2], [2, 0]]}
+    torch.manual_seed(0)
+    model = zoo.create_model("uni_moe_tiny", **over)
+    S = model.config.vision.image_size
+    ids = torch.tensor([[5, IMAGE_TOKEN_ID, 6, 7]])
+    out = model(ids, images=torch.randn(1, 3, S, S))
+    routers = [m.router.proj.weight for m in zoo.moe.layer.moe_layers(model)]
+    # summed over the MoE layers; each layer's KL term is at most 1
+    assert out.aux_losses["target_expert_loss"] > 0 and 0 < out.aux_losses["cross_modality_kl_loss"] <= len(routers)
+    out.aux_loss.backward()
+    assert routers and all(w.grad is not None and w.grad.abs().sum() > 0 for w in routers)
