@@ -60,7 +60,7 @@ def test_matches_deepspeed_peer_with_the_same_gumbel_draws(mode, training, monke
     """Outputs and gradients equal the peer's (1e-5) with tokens dropped: the layer's Gumbel noise is drawn from a
     seeded router generator, the peer's ``torch.rand_like`` returns the same uniform draws."""
     B, S = 3, 8
-    layer = make_layer(mode, router_scale=0.5).train(training)
+    layer = make_layer(mode, router_scale=0.5, switch_loss_weight=0.01).train(training)
     x = torch.randn(B, S, D)
     seed = 7
     layer.router.generator = torch.Generator().manual_seed(seed)
@@ -76,7 +76,9 @@ def test_matches_deepspeed_peer_with_the_same_gumbel_draws(mode, training, monke
         uniform = gumbel_uniform((1, B * S, E), torch.device("cpu"), torch.Generator().manual_seed(seed))
     layer.zero_grad(set_to_none=True)
     xp = x.clone().requires_grad_(True)
-    want, _ = peer_forward(layer, xp, cf, 2, uniform, monkeypatch)
+    want, peer = peer_forward(layer, xp, cf, 2, uniform, monkeypatch)
+    # the zoo's Switch / GShard loss on the whole-call group is DeepSpeed's l_aux
+    assert abs(layer.aux.losses["switch_loss"] - peer.l_aux.detach()) <= 1e-6
     (want * torch.linspace(-1, 1, D)).sum().backward()
     assert (y - want).abs().max() <= 1e-5
     assert (xz.grad - xp.grad).abs().max() <= 1e-5

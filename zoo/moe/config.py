@@ -77,6 +77,8 @@ class MoEConfig:
             call is one group, as DeepSpeed) and capacity_multiple_of 0 or 1 (DeepSpeed does not round). A causal
             layer refuses it unless dropless in training and eval (the whole-call capacity lets later tokens, and
             other sequences, take earlier tokens' slots). Masked tokens take no slot (DeepSpeed routes padding).
+            Each call draws its own noise: decoding with a KV cache (one token per call) and a full forward of the
+            same tokens see different draws, as DeepSpeed's would.
         target_expert_loss_weight: Uni-MoE v2's per-modality target-expert L1 loss
             (:func:`zoo.moe.losses.target_expert_loss`, reported as "target_expert_loss"); 0 = off. Needs
             ``target_experts_by_modality``.
