@@ -220,3 +220,29 @@ def test_vocabulary_tasks_give_a_one_modality_stage_the_vocabulary_of_the_mixtur
         InstructSetsDataModule(tasks=["fsdd", "mnist"], vocabulary_tasks=["fsdd"], **kw)
     with pytest.raises(ValueError, match="cannot be combined with a tokenizer object"):
         InstructSetsDataModule(tasks=["fsdd"], vocabulary_tasks=["fsdd"], tokenizer=mixture.tokenizer, **kw)
+
+
+@pytest.mark.parametrize("image", [torch.randint(0, 256, (1, 12, 12), dtype=torch.uint8),
+                                   torch.randint(0, 256, (3, 12, 12), dtype=torch.uint8),
+                                   torch.rand(3, 12, 12) * 1.2 - 0.1])
+def test_image_processor_skips_pil_only_where_pil_would_change_nothing(image):
+    """A square tensor already at the output size (MNIST, video frames) skips PIL: the values equal the PIL path's
+    bit for bit (gray replicated to RGB, floats clamped and rounded to uint8 first)."""
+    proc = ImageProcessor(size=12, mean=(0.5, 0.25, 0.75), std=(0.5, 0.4, 0.3))
+    want = (torch.from_numpy(np.asarray(proc.to_pil(image), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+            - proc.mean) / proc.std
+    assert torch.equal(proc(image), want)
+
+
+def test_load_audio_decodes_once_per_file_and_returns_copies(tmp_path):
+    from zoo.data import audio
+
+    path = tmp_path / "s.wav"
+    write_wav(path, np.sin(np.arange(800) * 0.3) * 0.5)
+    audio._load_audio_cached.cache_clear()
+    a = audio.load_audio(path)
+    a.zero_()  # a caller writing into its copy changes nothing for the next caller
+    b = audio.load_audio(path)
+    assert audio._load_audio_cached.cache_info().hits == 1 and b.abs().max() > 0.4 and b.shape == (1600,)
+    write_wav(path, np.zeros(400))  # a rewritten file is read again
+    assert audio.load_audio(path).shape == (800,)

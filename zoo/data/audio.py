@@ -17,6 +17,7 @@ Dataset (FSDD) with its official split.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -100,7 +101,17 @@ def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int, width: int =
 
 
 def load_audio(path: PathLike, sample_rate: int = TARGET_SAMPLE_RATE) -> torch.Tensor:
-    """A wav file as mono float32 ``[samples]`` at ``sample_rate`` (channels averaged, resampled)."""
+    """A wav file as mono float32 ``[samples]`` at ``sample_rate`` (channels averaged, resampled).
+
+    Decoded clips are kept per process (keyed by path, size and modification time; up to 4,096 clips, FSDD's 3,000
+    recordings at 16 kHz are ~90 MB): resampling every clip again each epoch was most of a speech batch's loading
+    time. Each call returns its own copy."""
+    stat = os.stat(path)
+    return _load_audio_cached(str(path), stat.st_size, stat.st_mtime_ns, int(sample_rate)).clone()
+
+
+@functools.lru_cache(maxsize=4096)
+def _load_audio_cached(path: str, size: int, mtime_ns: int, sample_rate: int) -> torch.Tensor:
     waveform, rate = read_wav(path)
     if waveform.shape[-1] == 0:
         raise ValueError(f"{path} holds no samples (an empty clip)")

@@ -171,6 +171,14 @@ class ImageProcessor:
     def __call__(self, image: Any) -> torch.Tensor:
         from PIL import Image
 
+        if (isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] in (1, 3)
+                and image.shape[1] == image.shape[2] == self.size):
+            # already square at the output size (MNIST, video frames): PIL would neither pad, resize nor crop, so
+            # skip the round trip; the same uint8 rounding keeps the values bit-identical to the PIL path
+            if image.is_floating_point():
+                image = (image.clamp(0, 1) * 255).round()
+            pixels = image.to(torch.uint8).float().expand(3, -1, -1) / 255.0
+            return (pixels - self.mean) / self.std
         img = self.to_pil(image)
         w, h = img.size
         if self.aspect == "pad" and w != h:

@@ -245,7 +245,10 @@ def splice_media(input_ids: Tensor, embed: Callable[[Tensor], Tensor],
     dest = token_positions[b_idx, i_idx]
     text_rows = text_embeds[text_kept.to(device)]
     embeds = embeds.index_put((b_idx.to(device), dest.to(device)), text_rows)
+    # Every media token of the batch lands with ONE index_put (destinations computed on the host copies): a copy
+    # per item would cost one launch per image / clip of the batch.
     unused = []
+    rows, dest_b, dest_s = [], [], []
     for b in range(B):
         for i, item, mod in taken[b]:
             start = int(starts[b, i])
@@ -254,8 +257,13 @@ def splice_media(input_ids: Tensor, embed: Callable[[Tensor], Tensor],
                 unused.append(item)
                 continue
             at = start + int(offset[b])
-            embeds[b, at:at + n] = item[:n].to(device=device, dtype=dtype)
+            rows.append(item[:n])
+            dest_b.append(torch.full((n,), b, dtype=torch.long))
+            dest_s.append(torch.arange(at, at + n))
             modality[b, at:at + n] = mod
+    if rows:
+        embeds = embeds.index_put((torch.cat(dest_b).to(device), torch.cat(dest_s).to(device)),
+                                  torch.cat([r.to(device=device, dtype=dtype) for r in rows]))
     used = {id(item) for b in range(B) for _, item, _ in taken[b]}
     for per_sample in items.values():
         unused.extend(x for sample in per_sample for x in sample if id(x) not in used)
