@@ -49,7 +49,8 @@ def build(args):
     from zoo.models.freeze import apply_freeze, moe_tuning_stage
 
     with torch.device(args.device):  # build on the device: initialising billions of weights on the CPU takes minutes
-        model = zoo.create_model(args.preset)
+        overrides = {} if args.decoder_depth is None else {"decoder.depth": args.decoder_depth}
+        model = zoo.create_model(args.preset, **overrides)
     model.decoder.gradient_checkpointing = not args.no_checkpointing
     apply_freeze(model, moe_tuning_stage(3))
     if args.impl == "deepspeed":  # after the freeze: the peer holds the same (already frozen / trainable) tensors
@@ -117,7 +118,7 @@ def run_one(args) -> dict:
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens = args.batch * (image_tokens + args.text_tokens)
-    return dict(impl=args.impl, preset=args.preset, batch=args.batch, image_tokens=image_tokens,
+    return dict(impl=args.impl, preset=args.preset, decoder_depth=model.config.decoder.depth, batch=args.batch, image_tokens=image_tokens,
                 text_tokens=args.text_tokens, tokens_per_step=tokens, step_ms=1e3 * step_s,
                 step_ms_all=[round(1e3 * t, 2) for t in times], tokens_per_s=tokens / step_s,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -141,14 +142,14 @@ def write_report(data: dict, out: Path) -> None:
              "routers (stage III's freeze spec); random weights and inputs (`benchmarks/moe_llava_step.py`).", "",
              f"Target: zoo >= {TARGET:.0f}x the tokens/s of the official algorithm (DeepSpeed 0.9.5 top-2 einsum "
              "dispatch, `benchmarks/moe_peers.py:DeepSpeedTop2MoE`).", "",
-             "| impl | preset | batch | tokens/step | step ms (median) | tokens/s | peak GB | trainable params |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| impl | preset | decoder blocks | batch | tokens/step | step ms (median) | tokens/s | peak GB | trainable params |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         if "error" in r:
-            lines.append(f"| {r['impl']} | failed: {r['error'][:200]} |  |  |  |  |  |  |")
+            lines.append(f"| {r['impl']} | failed: {r['error'][:200]} |  |  |  |  |  |  |  |")
             continue
         peak = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "n/a"
-        lines.append(f"| {r['impl']} | {r['preset']} | {r['batch']} | {r['tokens_per_step']} | {r['step_ms']:.1f} | "
+        lines.append(f"| {r['impl']} | {r['preset']} | {r.get('decoder_depth', '')} | {r['batch']} | {r['tokens_per_step']} | {r['step_ms']:.1f} | "
                      f"{r['tokens_per_s']:.0f} | {peak} | {r['trainable_params']:,} |")
     if {"zoo", "deepspeed"} <= set(rows):
         ratio = rows["zoo"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
@@ -163,6 +164,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="moe_llava_phi2_2_7b_4e")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--decoder-depth", type=int, default=None,
+                    help="fewer decoder blocks than the preset (same widths; MoE in every other block still): the "
+                         "per-layer speed ratio at a fraction of the build and compile time")
     ap.add_argument("--text-tokens", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
