@@ -153,3 +153,32 @@ def test_grads_are_copied_when_adopted_and_added_otherwise():
     assert w.grad is first  # added in place, no copy
     torch.testing.assert_close(w.grad, incoming[0][1] + incoming[1][1])
     assert len(w._backward_hooks) == 2
+
+
+def test_checkpointed_decoder_blocks_run_without_cuda_graphs(monkeypatch):
+    """Activation checkpointing runs a block twice per step (forward, recompute in backward); CUDA graph trees fail
+    on that ("graph recording observed an input tensor deallocate"), so both calls must see CUDA graphs off, and
+    a block run without checkpointing must not."""
+    import zoo
+    from zoo.moe import compiled
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda = torch.device("cuda")
+    assert compiled.cuda_graphs_enabled(None, cuda)
+    with compiled.cuda_graphs_off():
+        assert not compiled.cuda_graphs_enabled(None, cuda) and not compiled.cuda_graphs_enabled(True, cuda)
+    assert compiled.cuda_graphs_enabled(None, cuda)
+
+    model = zoo.create_model("decoder_tiny_moe")
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, a: seen.append(compiled.cuda_graphs_enabled(None, cuda)))
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    model.train()
+    model.gradient_checkpointing = True
+    model(ids).logits.sum().backward()
+    assert len(seen) == 2 * len(model.blocks) and not any(seen)  # forward + recompute, graphs off in both
+    seen.clear()
+    model.gradient_checkpointing = False
+    model(ids).logits.sum().backward()
+    assert len(seen) == len(model.blocks) and all(seen)

@@ -30,6 +30,7 @@ from zoo.layers.rope import RotaryEmbedding
 from zoo.models.output import ModelOutput
 from zoo.models.transformer import resolve_moe_layers
 from zoo.moe import MoEConfig, MoELayer
+from zoo.moe.compiled import cuda_graphs_off
 from zoo.moe.layer import collect_moe_aux
 
 MoEPlacement = Literal["all", "sparse", "first_half", "second_half", "dense"]
@@ -248,7 +249,8 @@ class DecoderLM(nn.Module):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for block in self.blocks:
             if checkpointing:
-                x = checkpoint(block, x, mask, cos, sin, attn_mask, None, None, modality, use_reentrant=False)
+                x = checkpoint(_block_without_cuda_graphs, block, x, mask, cos, sin, attn_mask, None, None, modality,
+                               use_reentrant=False)
             else:
                 x = block(x, mask, cos, sin, attn_mask, cache, slots, modality)
         x = self.norm(x)
@@ -283,3 +285,11 @@ class DecoderLM(nn.Module):
         from zoo.models.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
+
+
+def _block_without_cuda_graphs(block: nn.Module, *args: Any) -> Tensor:
+    """A checkpointed block: its MoE layer runs twice per step (forward, recompute in backward), which CUDA graph
+    trees cannot replay (:func:`zoo.moe.compiled.cuda_graphs_off`); the compiled step still runs, without graphs."""
+    with cuda_graphs_off():
+        return block(*args)
+

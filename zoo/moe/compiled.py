@@ -25,6 +25,8 @@ training step) the graph runs compiled without its own CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import weakref
 from typing import Callable, Iterable, Iterator, Optional
@@ -61,9 +63,28 @@ def compile_enabled(setting: Optional[bool], device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else bool(setting)
 
 
+_CUDA_GRAPHS_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_cuda_graphs_off", default=False)
+
+
+@contextlib.contextmanager
+def cuda_graphs_off() -> Iterator[None]:
+    """No CUDA-graph replay of compiled MoE steps inside this block (they still compile).
+
+    For code that runs a layer twice per step, as activation checkpointing does (forward, then the recompute
+    during backward): CUDA graph trees record the first call and see the recompute as a new, overlapping step
+    ("graph recording observed an input tensor deallocate ..."). Whoever checkpoints enters this in the function
+    it checkpoints, so the forward and its recompute both run without graphs."""
+    token = _CUDA_GRAPHS_OFF.set(True)
+    try:
+        yield
+    finally:
+        _CUDA_GRAPHS_OFF.reset(token)
+
+
 def cuda_graphs_enabled(setting: Optional[bool], device: torch.device) -> bool:
-    """Whether a graph compiled for ``device`` is also replayed as a CUDA graph (None = yes; only ever on CUDA)."""
-    if device.type != "cuda" or setting is False:
+    """Whether a graph compiled for ``device`` is also replayed as a CUDA graph (None = yes; only ever on CUDA;
+    never inside :func:`cuda_graphs_off`)."""
+    if device.type != "cuda" or setting is False or _CUDA_GRAPHS_OFF.get():
         return False
     return not torch.cuda.is_current_stream_capturing()  # an outer capture records the kernels itself
 
