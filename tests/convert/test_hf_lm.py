@@ -272,6 +272,13 @@ def test_bf16_checkpoint_converts_to_bf16_equal_to_the_fp32_path_cast(bf16_pair,
     assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
     # --dtype asks for another precision
     assert load_hf_lm(bf16_folder, dtype=torch.float16).embed.weight.dtype == torch.float16
+    assert convert_main(["hf-lm", "--checkpoint", str(bf16_folder), "--out", str(tmp_path / "zoo32"),
+                         "--dtype", "float32"]) == 0
+    assert load_file(str(tmp_path / "zoo32" / "model.safetensors"))["embed.weight"].dtype == torch.float32
+    # the bf16 folder loads like any zoo folder
+    loaded = zoo.create_model(f"local-dir:{tmp_path / 'zoo'}")
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value.to(torch.bfloat16), stored[name]), name
 
 
 def test_tied_embeddings_stay_tied_after_meta_build(tmp_path):
