@@ -48,8 +48,9 @@ def init_empty(factory: Callable[[], M]) -> M:
             continue
         reset = getattr(m, "reset_buffers", None)
         if reset is None:
-            raise TypeError(f"{type(m).__name__} ({mod_name or 'the model'}) holds non-persistent tensor(s) {lost} that "
-                            "a meta-device build leaves empty; give it a reset_buffers() method that re-creates them")
+            where = mod_name or "the model"
+            raise TypeError(f"{type(m).__name__} ({where}) holds non-persistent tensor(s) {lost} that a meta-device "
+                            "build leaves empty; give it a reset_buffers() method that re-creates them")
         reset()
     left = _meta_tensors(model, persistent=False)
     if left:
