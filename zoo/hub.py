@@ -376,28 +376,42 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
               torch.bool: "BOOL"}
 
 
-def write_safetensors(tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:
+def write_safetensors(tensors: Mapping[str, Tensor], path: PathLike, metadata: Optional[Mapping[str, str]] = None,
+                      dtype: Optional[torch.dtype] = None) -> None:
     """A deterministic safetensors file (sorted names, sorted metadata): the same weights always give the same bytes
-    and sha256 (``safetensors.torch.save_file`` orders its metadata differently from run to run)."""
+    and sha256 (``safetensors.torch.save_file`` orders its metadata differently from run to run). ``dtype``: store
+    floating-point tensors in this precision. Tensors are written one at a time (a cast or contiguous copy lives only
+    while its tensor is written), so saving never holds a second copy of the weights."""
+    def stored(t: Tensor) -> Tensor:
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t
+
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        if t.dtype not in _ST_DTYPES:
-            raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors here")
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        if t.is_meta:
+            raise ValueError(f"{name} is on the meta device (never loaded): nothing to save")
+        out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if out_dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {out_dtype} cannot be stored in safetensors here")
+        size = t.numel() * torch.empty((), dtype=out_dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[out_dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for data in blobs:
-            f.write(data)
+        for name in names:
+            t = stored(tensors[name]).to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 _SCALAR_LIST = re.compile(r"\[\s*((?:-?[\d.eE+-]+|true|false|null)(?:,\s*(?:-?[\d.eE+-]+|true|false|null))*)\s*\]")
@@ -427,19 +441,14 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, preset: Optio
         raise NotADirectoryError(f"save_pretrained needs a folder, but {out} is a file; choose another save_directory")
     out.mkdir(parents=True, exist_ok=True)
     preset = preset or find_preset(model)
-    tensors = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().to("cpu")
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        tensors[k] = v.clone().contiguous()
+    tensors = model.state_dict()  # no copies: write_safetensors casts / moves one tensor at a time
     metadata = {"format": "pt", "zoo_family": config["family"], "zoo_version": __version__}
     if preset:
         metadata["zoo_preset"] = preset
     if tag:
         metadata["zoo_tag"] = tag
     tmp = out / (WEIGHTS_NAME + ".tmp")
-    write_safetensors(tensors, tmp, metadata)
+    write_safetensors(tensors, tmp, metadata, dtype=dtype)
     os.chmod(tmp, 0o644)
     os.replace(tmp, out / WEIGHTS_NAME)
     (out / CONFIG_NAME).write_text(dumps_json(config))

@@ -5,7 +5,11 @@ logits and 20 greedy tokens must equal transformers'. transformers is a test-onl
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from zoo.convert.__main__ import main as convert_main
 from zoo.convert.hf_lm import HFCheckpointError, load_hf_lm
 
 transformers = pytest.importorskip("transformers")
+REPO = Path(__file__).resolve().parents[2]
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, eos_token_id=None, bos_token_id=None,
@@ -211,3 +216,126 @@ def test_pytorch_bin_checkpoint_reads_like_safetensors(olmoe_folder, tmp_path):
     (bin_folder / "pytorch_model.bin").write_bytes(b"not a zip")
     with pytest.raises(HFCheckpointError, match="pytorch_model.bin is not a readable PyTorch state dict"):
         load_hf_lm(bin_folder)
+
+
+# ------------------------------------------------------------------ memory: no float32 model (issue 18)
+class _Float32Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of every float32 CPU tensor any aten op creates (factory calls, casts, cat, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes, self.largest = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu":
+                n = t.untyped_storage().nbytes()
+                self.bytes, self.largest = self.bytes + n, max(self.largest, n)
+        return out
+
+
+@pytest.fixture
+def bf16_pair(tmp_path):
+    """The same random qwen2_moe model (experts, a shared expert, a dense layer) saved in float32 and in bf16."""
+    ref = hf_model("qwen2_moe")
+    ref.save_pretrained(tmp_path / "fp32")
+    ref.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    return tmp_path / "fp32", tmp_path / "bf16"
+
+
+def test_bf16_checkpoint_converts_to_bf16_equal_to_the_fp32_path_cast(bf16_pair, tmp_path):
+    from safetensors.torch import load_file
+
+    from zoo.models.decoder import DecoderLM
+
+    fp32_folder, bf16_folder = bf16_pair
+    assert convert_main(["hf-lm", "--checkpoint", str(bf16_folder), "--out", str(tmp_path / "zoo")]) == 0
+    stored = load_file(str(tmp_path / "zoo" / "model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    model = load_hf_lm(bf16_folder)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    via_fp32 = load_hf_lm(fp32_folder, dtype=torch.float32)
+    assert {p.dtype for p in via_fp32.parameters()} == {torch.float32}
+    ours, theirs = model.state_dict(), via_fp32.state_dict()
+    assert set(ours) == set(theirs) == set(stored)
+    for name in ours:  # bf16 source -> bf16 model: bit-identical to converting in fp32 and casting
+        assert torch.equal(ours[name], theirs[name].to(torch.bfloat16)), name
+        assert torch.equal(stored[name], ours[name]), name
+    # non-persistent buffers are real values, equal to a normally built model's, and the model runs
+    fresh = DecoderLM(model.config)
+    for name, buf in model.named_buffers():
+        assert not buf.is_meta and torch.equal(buf, dict(fresh.named_buffers())[name]), name
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        got, expected = model(ids).logits.float(), via_fp32(ids).logits
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+    # --dtype asks for another precision
+    assert load_hf_lm(bf16_folder, dtype=torch.float16).embed.weight.dtype == torch.float16
+    assert convert_main(["hf-lm", "--checkpoint", str(bf16_folder), "--out", str(tmp_path / "zoo32"),
+                         "--dtype", "float32"]) == 0
+    assert load_file(str(tmp_path / "zoo32" / "model.safetensors"))["embed.weight"].dtype == torch.float32
+    # the bf16 folder loads like any zoo folder
+    loaded = zoo.create_model(f"local-dir:{tmp_path / 'zoo'}")
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value.to(torch.bfloat16), stored[name]), name
+
+
+def test_tied_embeddings_stay_tied_after_meta_build(tmp_path):
+    hf_model("qwen2").to(torch.bfloat16).save_pretrained(tmp_path / "hf")  # tie_word_embeddings=True
+    model = load_hf_lm(tmp_path / "hf")
+    assert model.lm_head.weight is model.embed.weight and model.embed.weight.dtype == torch.bfloat16
+    assert model.embed.weight.requires_grad
+
+
+def test_conversion_allocates_no_float32_model(bf16_pair, tmp_path):
+    """Every float32 CPU tensor created while converting a bf16 checkpoint is counted: only RoPE's inv_freq-sized
+    scraps are allowed, nowhere near a float32 copy of the model."""
+    from zoo.convert.hf_lm import convert_hf_lm
+
+    _, bf16_folder = bf16_pair
+    fp32_model_bytes = 4 * sum(p.numel() for p in hf_model("qwen2_moe").parameters())
+    with _Float32Allocations() as counter:
+        model = convert_hf_lm(bf16_folder, tmp_path / "zoo")
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert counter.bytes < 0.01 * fp32_model_bytes, (counter.bytes, fp32_model_bytes)
+    # the counter sees a float32 build (so the assertion above can fail)
+    with _Float32Allocations() as counter:
+        load_hf_lm(bf16_folder, dtype=torch.float32)
+    assert counter.bytes >= fp32_model_bytes
+
+
+_PEAK_SCRIPT = r"""
+import gc, sys
+import torch
+from zoo.convert.hf_lm import convert_hf_lm
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+convert_hf_lm(sys.argv[1], sys.argv[2] + "_warm")  # one-time lazy imports are not the converter's memory
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM)
+base = status("VmRSS:")
+model = convert_hf_lm(sys.argv[1], sys.argv[2])
+print(status("VmHWM:") - base, sum(p.numel() * p.element_size() for p in model.parameters()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc/self/status")
+def test_conversion_peak_memory_is_about_one_bf16_copy(tmp_path):
+    """A ~45 MB bf16 llama converts with a peak RSS rise below 1.5x its size; a float32 build alone is 2x (the old
+    converter peaked near 6x: float32 model + checkpoint + a saved copy)."""
+    cfg = transformers.LlamaConfig(vocab_size=16000, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "hf", max_shard_size="20MB")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "hf"), str(tmp_path / "zoo")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak, model_bytes = map(int, done.stdout.split()[-2:])
+    assert model_bytes > 40e6
+    assert peak < 1.5 * model_bytes, f"peak RSS rise {peak / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"

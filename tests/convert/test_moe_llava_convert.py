@@ -138,3 +138,21 @@ def test_unsupported_moe_settings_are_refused():
         decoder_config_from_official({**official, "moe": {**official["moe"], "moe_layers_idx": [0, 9]}})
     without = {**official, "moe": {**official["moe"], "moe_layers_idx": None, "moe_mode": "second_half"}}
     assert decoder_config_from_official(without).moe_layer_indices == (2, 3)
+
+
+def test_built_on_meta_in_the_requested_dtype():
+    """build_moe_llava builds on the meta device and assigns the converted tensors: the requested dtype holds for
+    every parameter (no float32 model first), values equal the float32 build cast, buffers equal a normal build's."""
+    from zoo.convert.moe_llava import build_moe_llava
+    from zoo.models.moe_llava import MoELLaVA
+
+    parts = read_moe_llava(FIXTURE / "stablelm" / "checkpoint", TOWER)
+    fp32, bf16 = build_moe_llava(parts), build_moe_llava(parts, dtype=torch.bfloat16)
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    want = fp32.state_dict()
+    for name, value in bf16.state_dict().items():
+        assert torch.equal(value, want[name].to(torch.bfloat16)), name
+    normal = dict(MoELLaVA(fp32.config).named_buffers())
+    for name, buf in bf16.named_buffers():
+        assert torch.equal(buf, normal[name]), name

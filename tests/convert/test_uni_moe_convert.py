@@ -198,3 +198,25 @@ def test_qformer_comes_from_the_aligner_not_the_whisper_folder(monkeypatch):
                               ("blocks.0.mlp.fc1.weight", "decoder.layers.0.fc1.weight"),
                               ("pos_embed", "decoder.embed_positions.weight")):
         assert torch.equal(parts.state[f"audio_connector.qformer.{zoo_name}"], tower[hf_name] + 1.0), zoo_name
+
+
+def test_built_on_meta_in_the_requested_dtype():
+    """build_uni_moe builds on the meta device and assigns the converted tensors: the requested dtype holds for every
+    floating-point parameter (no float32 model first), values equal the float32 build cast, and every buffer (RoPE's
+    inv_freq re-created, the Whisper positions loaded) equals a normally built model's."""
+    from zoo.convert.uni_moe import build_uni_moe
+    from zoo.models.uni_moe import UniMoE
+
+    parts = read_uni_moe(CKPT, CLIP, WHISPER)
+    fp32, bf16 = build_uni_moe(parts), build_uni_moe(parts, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    want = fp32.state_dict()
+    for name, value in bf16.state_dict().items():
+        assert torch.equal(value, want[name].to(value.dtype)), name
+    normal = UniMoE(parts.config)
+    normal_buffers = dict(normal.named_buffers())
+    for name, buf in fp32.named_buffers():
+        if name in normal.state_dict():  # persistent: the checkpoint's value
+            assert torch.equal(buf, want[name]), name
+        else:
+            assert torch.equal(buf, normal_buffers[name]), name

@@ -43,8 +43,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "with model.safetensors.index.json); model_type llama, qwen2, stablelm, phi, mixtral, olmoe, "
                    "qwen2_moe or qwen")
     h.add_argument("--out", required=True, help="output folder; load with zoo.create_model('local-dir:DIR')")
-    h.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="precision of the stored weights")
+    h.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="precision of the converted model and stored weights (default: the checkpoint's)")
     ml = sub.add_parser("moe-llava", help="official MoE-LLaVA checkpoint (LanguageBind/MoE-LLaVA-*) -> zoo "
                         "moe_llava DIR")
     ml.add_argument("--checkpoint", required=True, help="folder with config.json (model_type moe_llava_stablelm, "
@@ -83,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         from zoo.convert.hf_lm import convert_hf_lm
 
-        model = convert_hf_lm(args.checkpoint, args.out, dtype=getattr(torch, args.dtype))
+        model = convert_hf_lm(args.checkpoint, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
         n = sum(p.numel() for p in model.parameters())
         print(json.dumps(to_dict(model.config)))
         print(f"wrote {args.out} ({n:,} parameters); load with zoo.create_model('local-dir:{args.out}')")

@@ -6,19 +6,26 @@
 model_type ``llama``, ``qwen2``, ``stablelm``, ``phi``, ``mixtral``, ``olmoe``, ``qwen2_moe`` and Qwen-1's remote-code
 ``qwen`` are read. Every checkpoint tensor must be used and every zoo parameter filled, with matching shapes;
 anything else is an error naming the tensor.
+
+Memory: the zoo model is built on the ``meta`` device and the converted tensors become its parameters
+(:mod:`zoo.convert.empty_init`), in the checkpoint's precision unless ``--dtype`` asks for another; safetensors
+tensors are read one at a time as they are converted (:func:`~zoo.convert.hf_files.open_hf_weights`). Peak memory is
+about one copy of the model in the output precision (a bf16 7B: ~14 GB), never a float32 build.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from zoo.config import ConfigError, from_dict
-from zoo.convert.hf_files import HFCheckpointError, TensorPool, read_hf_folder
+from zoo.convert.empty_init import init_empty, load_empty
+from zoo.convert.hf_files import HFCheckpointError, TensorPool, main_dtype, open_hf_weights, read_hf_config
 from zoo.models.decoder import DecoderConfig, DecoderLM
 
 PathLike = Union[str, Path]
@@ -173,10 +180,13 @@ def _experts(src: TensorPool, prefix: str, num_experts: int, names: tuple[str, s
     return torch.stack([w1.t() for w1, _ in pairs]), torch.stack([w2.t() for _, w2 in pairs])
 
 
-def convert_state_dict(hf: dict[str, Any], tensors: dict[str, Tensor], cfg: DecoderConfig) -> dict[str, Tensor]:
-    """Zoo decoder state dict from a transformers checkpoint's tensors (every tensor must be used)."""
+def convert_state_dict(hf: dict[str, Any], tensors: Mapping[str, Tensor], cfg: DecoderConfig,
+                       dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+    """Zoo decoder state dict from a transformers checkpoint's tensors (every tensor must be used); ``dtype``: cast
+    floating-point tensors to it as they are read."""
     model_type = hf["model_type"]
-    src = TensorPool(tensors, ignored_suffixes=("rotary_emb.inv_freq",))  # old checkpoints stored it; zoo recomputes
+    # old checkpoints stored rotary_emb.inv_freq; zoo recomputes it
+    src = TensorPool(tensors, ignored_suffixes=("rotary_emb.inv_freq",), dtype=dtype)
     out: dict[str, Tensor] = {}
     qwen1 = model_type == "qwen"
     root, layer_fmt = ("transformer", "transformer.h.{}") if qwen1 else ("model", "model.layers.{}")
@@ -238,12 +248,16 @@ def convert_state_dict(hf: dict[str, Any], tensors: dict[str, Tensor], cfg: Deco
     return out
 
 
-def load_hf_lm(folder: PathLike) -> DecoderLM:
-    """A :class:`DecoderLM` holding the weights of the transformers checkpoint in ``folder`` (float32)."""
-    hf, tensors = read_hf_folder(folder)
+def load_hf_lm(folder: PathLike, dtype: Optional[torch.dtype] = None) -> DecoderLM:
+    """A :class:`DecoderLM` (eval mode) holding the weights of the transformers checkpoint in ``folder``, in ``dtype``
+    (default: the checkpoint's own precision, e.g. bf16 stays bf16). No float32 model is ever built: see the module
+    docstring."""
+    hf = read_hf_config(folder)
+    weights = open_hf_weights(folder)  # headers only: tensors are read as they are converted
     cfg = decoder_config_from_hf(hf)
-    model = DecoderLM(cfg)
-    state = convert_state_dict(hf, tensors, cfg)
+    dtype = dtype or main_dtype(weights) or torch.float32
+    model = init_empty(lambda: DecoderLM(cfg))
+    state = convert_state_dict(hf, weights, cfg, dtype=dtype)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -255,15 +269,15 @@ def load_hf_lm(folder: PathLike) -> DecoderLM:
         if tuple(value.shape) != tuple(expected[name].shape):
             raise HFCheckpointError(f"config/weights mismatch: zoo {name} expects shape {tuple(expected[name].shape)} "
                                     f"from config.json, the checkpoint's tensor has {tuple(value.shape)}")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model.eval()
+    del expected
+    return load_empty(model, state)
 
 
 def convert_hf_lm(checkpoint: PathLike, out: PathLike, dtype: Optional[torch.dtype] = None) -> DecoderLM:
     """Convert ``checkpoint`` (a transformers folder) and write a zoo folder to ``out`` that
-    ``zoo.create_model("local-dir:OUT")`` loads. ``dtype``: stored precision (default float32)."""
+    ``zoo.create_model("local-dir:OUT")`` loads. ``dtype``: stored precision (default: the checkpoint's)."""
     from zoo.hub import save_pretrained
 
-    model = load_hf_lm(checkpoint)
-    save_pretrained(model, out, dtype=dtype, tag=f"converted from {Path(checkpoint).name}")
+    model = load_hf_lm(checkpoint, dtype=dtype)
+    save_pretrained(model, out, tag=f"converted from {Path(checkpoint).name}")
     return model

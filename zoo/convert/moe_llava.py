@@ -339,15 +339,18 @@ def read_moe_llava(checkpoint: PathLike, image_tower: Optional[PathLike] = None)
 
 
 # ------------------------------------------------------------------------------------------------ model
-def build_moe_llava(parts: MoELLaVAParts):
-    """The zoo :class:`zoo.models.moe_llava.MoELLaVA` holding ``parts`` (float32, eval mode). Every parameter is
-    filled with a tensor of its shape; anything missing or extra is an error naming it."""
+def build_moe_llava(parts: MoELLaVAParts, dtype: torch.dtype = torch.float32):
+    """The zoo :class:`zoo.models.moe_llava.MoELLaVA` holding ``parts`` (in ``dtype``, eval mode). Every parameter is
+    filled with a tensor of its shape; anything missing or extra is an error naming it. The model is built on the
+    meta device and the tensors become its parameters (:mod:`zoo.convert.empty_init`): no randomly initialised copy
+    is made."""
+    from zoo.convert.empty_init import init_empty, load_empty
     from zoo.models.moe_llava import MoELLaVA, MoELLaVAConfig
 
     max_len = parts.official.get("tokenizer_model_max_length")
     config = MoELLaVAConfig(vision=parts.tower, projector=parts.projector, decoder=parts.decoder,
                             tokenizer_model_max_length=int(max_len) if max_len else None)
-    model = MoELLaVA(config)
+    model = init_empty(lambda: MoELLaVA(config))
     state = {**{f"decoder.{n}": t for n, t in parts.lm.items()},
              **{f"vision_tower.{n}": t for n, t in parts.vision_tower.items()},
              **{f"projector.{n}": t for n, t in parts.projector_state.items()}}
@@ -360,8 +363,8 @@ def build_moe_llava(parts: MoELLaVAParts):
         if tuple(value.shape) != tuple(expected[name].shape):
             raise HFCheckpointError(f"config/weights mismatch: zoo {name} expects {tuple(expected[name].shape)} from "
                                     f"config.json, the checkpoint gives {tuple(value.shape)}")
-    model.load_state_dict({n: t.float() for n, t in state.items()}, strict=True)
-    return model.eval()
+    del expected
+    return load_empty(model, {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()})
 
 
 def load_moe_llava(checkpoint: PathLike, image_tower: Optional[PathLike] = None):
@@ -377,6 +380,6 @@ def convert_moe_llava(checkpoint: PathLike, out: PathLike, image_tower: Optional
     from zoo.hub import save_pretrained
 
     parts = read_moe_llava(checkpoint, image_tower)
-    model = build_moe_llava(parts)
-    save_pretrained(model, out, dtype=dtype, tag=f"converted from {Path(checkpoint).name}")
+    model = build_moe_llava(parts, dtype=dtype or torch.float32)
+    save_pretrained(model, out, tag=f"converted from {Path(checkpoint).name}")
     return model

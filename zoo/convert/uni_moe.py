@@ -240,12 +240,15 @@ def read_uni_moe(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,
 
 
 # ------------------------------------------------------------------------------------------------ model
-def build_uni_moe(parts: UniMoEParts):
-    """The zoo :class:`zoo.models.uni_moe.UniMoE` holding ``parts`` (float32, eval mode). Every parameter and buffer
-    is filled with a tensor of its shape; anything missing or extra is an error naming it."""
+def build_uni_moe(parts: UniMoEParts, dtype: torch.dtype = torch.float32):
+    """The zoo :class:`zoo.models.uni_moe.UniMoE` holding ``parts`` (floating-point tensors in ``dtype``, eval mode).
+    Every parameter and buffer is filled with a tensor of its shape; anything missing or extra is an error naming it.
+    The model is built on the meta device and the tensors become its parameters (:mod:`zoo.convert.empty_init`): no
+    randomly initialised copy is made."""
+    from zoo.convert.empty_init import init_empty, load_empty
     from zoo.models.uni_moe import UniMoE
 
-    model = UniMoE(parts.config)
+    model = init_empty(lambda: UniMoE(parts.config))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(parts.state))
     extra = sorted(set(parts.state) - set(expected))
@@ -256,8 +259,9 @@ def build_uni_moe(parts: UniMoEParts):
         if tuple(value.shape) != tuple(expected[name].shape):
             raise HFCheckpointError(f"config/weights mismatch: zoo {name} expects {tuple(expected[name].shape)} from "
                                     f"config.json, the checkpoint gives {tuple(value.shape)}")
-    model.load_state_dict({n: t.to(expected[n].dtype) for n, t in parts.state.items()}, strict=True)
-    return model.eval()
+    state = {n: t.to(dtype if expected[n].is_floating_point() else expected[n].dtype) for n, t in parts.state.items()}
+    del expected
+    return load_empty(model, state)
 
 
 def load_uni_moe(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,

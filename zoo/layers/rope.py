@@ -26,9 +26,17 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"head_dim * rotary_fraction = {head_dim} * {rotary_fraction} gives {rotary_dim} rotary "
                              "channels; it must be even and >= 2")
         self.head_dim, self.rotary_dim, self.base = head_dim, rotary_dim, base
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
         # Not a parameter and not saved: it is a function of the config (checkpoints never carry it).
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> Tensor:
+        R = self.rotary_dim
+        return 1.0 / (self.base ** (torch.arange(0, R, 2, dtype=torch.float32) / R))
+
+    def reset_buffers(self) -> None:
+        """Re-create ``inv_freq`` on the CPU (after a build on the meta device, :func:`zoo.convert.empty_init`)."""
+        with torch.device("cpu"):
+            self.inv_freq = self._inv_freq()
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Angles in float32 (positions in the thousands lose precision in bf16), returned in ``dtype``."""

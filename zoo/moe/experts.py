@@ -180,13 +180,26 @@ class LoRAExperts(Experts):
         self.lora_b1 = nn.Parameter(torch.zeros(num_experts, r1, h1))
         self.lora_a2 = nn.Parameter(torch.empty(num_experts, hidden_dim, r))
         self.lora_b2 = nn.Parameter(torch.zeros(num_experts, r, dim))
+        self.register_buffer("_b1_mask", self._lora_b1_mask(), persistent=False)
+        self.reset_parameters()
+
+    def _lora_b1_mask(self) -> Tensor:
+        """``[r', H']`` ones where ``lora_b1`` may be non-zero (SwiGLU: gate factors only reach gate columns, up
+        factors only up columns)."""
+        r, hidden_dim = self.r, self.hidden_dim
+        gated = self.activation == "swiglu"
+        h1, r1 = (2 * hidden_dim, 2 * r) if gated else (hidden_dim, r)
         block = torch.ones(r1, h1)
-        if gated:  # gate factors only reach gate columns, up factors only up columns
+        if gated:
             block.zero_()
             block[:r, :hidden_dim] = 1
             block[r:, hidden_dim:] = 1
-        self.register_buffer("_b1_mask", block, persistent=False)
-        self.reset_parameters()
+        return block
+
+    def reset_buffers(self) -> None:
+        """Re-create the mask on the CPU (after a build on the meta device, :func:`zoo.convert.empty_init`)."""
+        with torch.device("cpu"):
+            self._b1_mask = self._lora_b1_mask()
 
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.w1, std=0.02)
