@@ -52,7 +52,7 @@ def test_fast_dev_run_fit_and_test_on_digits():
         assert key in results, key
     # the logged loss is cross-entropy + the MoE aux loss; 3 steps leave the model at chance, so the cross-entropy
     # is that of a near-uniform prediction over 10 classes (measured 2.3001 vs ln 10 = 2.3026)
-    assert results["test/loss"] == pytest.approx(results["test/ce"] + results["test/aux_loss"], abs=1e-6)
+    assert results["test/loss"] == pytest.approx(results["test/ce"] + results["test/aux_loss"], abs=1e-5)
     assert 0.0 < results["test/aux_loss"] < 0.01 and abs(results["test/ce"] - math.log(10)) < 0.1
     assert results["test/acc"] < results["test/acc_top5"]
     routing = task.test_routing
