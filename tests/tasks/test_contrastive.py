@@ -244,4 +244,9 @@ def test_several_captions_per_image_rectangular_loss():
     task = ContrastiveTask("limoe_tiny_test")
     assert task._positives(batch, own).tolist() == [[True, True, True, False], [False, False, False, True]]
     out = task(batch["image"], flat)
-    assert torch.isfinite(task._loss(out, batch, own))
+    # through the task: the same rectangular loss, on the model's embeddings and the caption owners
+    logits = out.logit_scale * out.image_embeds @ out.text_embeds.t()
+    t = (torch.arange(2).unsqueeze(1) == own.unsqueeze(0)).float()
+    expected = (-(t / t.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+                + F.cross_entropy(logits.t(), own)) / 2
+    torch.testing.assert_close(task._loss(out, batch, own), expected)
