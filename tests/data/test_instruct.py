@@ -197,3 +197,26 @@ def test_image_processor_pads_with_the_mean_colour_and_resizes():
         ImageProcessor(aspect="stretch")
     with pytest.raises(ValueError, match="C = 1 or 3"):
         proc(torch.zeros(2, 4, 4))
+
+
+def test_vocabulary_tasks_give_a_one_modality_stage_the_vocabulary_of_the_mixture():
+    """Uni-MoE stage 2 trains on one modality per run but must share the vocabulary of the stages that train on the
+    whole mixture (their checkpoints load into one model): ``vocabulary_tasks`` builds it from all of them."""
+    from tests.conftest import shared_dataset_dir
+    from zoo.data.instruct_sets import InstructSetsDataModule
+
+    shared_dataset_dir("mnist", "t10k-images-idx3-ubyte.gz")
+    shared_dataset_dir("fsdd", "recordings/3_jackson_7.wav")
+    kw = dict(num_train=12, num_val=2, num_test=2, image_size=16, batch_size=4)
+    mixture = InstructSetsDataModule(tasks=["fsdd", "mnist"], **kw)
+    speech_only = InstructSetsDataModule(tasks=["fsdd"], **kw)
+    speech_shared = InstructSetsDataModule(tasks=["fsdd"], vocabulary_tasks=["fsdd", "mnist"], **kw)
+    for dm in (mixture, speech_only, speech_shared):
+        dm.setup("fit")
+    assert speech_shared.tokenizer == mixture.tokenizer and speech_shared.vocab_size == mixture.vocab_size
+    assert speech_only.vocab_size < mixture.vocab_size  # the MNIST questions' words are missing without it
+    assert {s.task for s in speech_shared.train_set.samples} == {"fsdd"}  # trains on its own task only
+    with pytest.raises(ValueError, match="include every task trained on"):
+        InstructSetsDataModule(tasks=["fsdd", "mnist"], vocabulary_tasks=["fsdd"], **kw)
+    with pytest.raises(ValueError, match="cannot be combined with a tokenizer object"):
+        InstructSetsDataModule(tasks=["fsdd"], vocabulary_tasks=["fsdd"], tokenizer=mixture.tokenizer, **kw)

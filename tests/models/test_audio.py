@@ -125,3 +125,16 @@ def test_encoder_shapes_and_presets():
     assert enc(feats[..., :200]).shape == (1, 100, 64)  # shorter inputs use the first rows of the table
     assert WhisperEncoderConfig.preset("whisper-small").dim == 768
     assert WhisperEncoderConfig.preset("whisper-large-v3").n_mels == 128
+
+
+def test_encoder_config_takes_any_positive_mel_count():
+    """Converted tiny towers (e.g. the Uni-MoE fixture's 8-bin Whisper) build; nonsense counts are refused."""
+    enc = WhisperEncoder(WhisperEncoderConfig(n_mels=8, dim=16, depth=1, num_heads=2, mlp_dim=32, max_positions=8))
+    assert enc(torch.zeros(1, 8, 16)).shape == (1, 8, 16)
+    for bad in (0, -80, 2.5, True):
+        with pytest.raises(ValueError, match="positive integer number of mel bins"):
+            WhisperEncoderConfig(n_mels=bad)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        WhisperEncoderConfig(dim=10, num_heads=4)
+    with pytest.raises(ValueError, match="pass log-mel features"):
+        audio_features(torch.zeros(100), SAMPLE_RATE, n_mels=8)

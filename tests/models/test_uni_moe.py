@@ -129,3 +129,20 @@ def test_generate_answers_a_spoken_prompt_deterministically(model):
     assert a.shape == (2, 4) and torch.equal(a, b)
     alone = model.generate(ids[1:, 1:], max_new_tokens=4)  # a sequence's answer does not depend on the batch
     assert torch.equal(alone[0], a[1])
+
+
+def test_a_batch_of_clips_encodes_as_each_clip_alone(model):
+    """encode_audio runs every clip's windows through one log-mel, encoder and connector call: the tokens of each
+    clip equal that clip encoded alone (a 31 s clip = 2 windows, a clip-less sample, a short one)."""
+    clips = [_tone(31.0, 300.0), torch.zeros(0), _tone(0.7, 500.0)]
+    lengths = torch.tensor([c.numel() for c in clips])
+    batch = torch.zeros(3, int(lengths.max()))
+    for b, c in enumerate(clips):
+        batch[b, :c.numel()] = c
+    with torch.no_grad():
+        together = model.encode_audio(batch, lengths)
+        alone = [model.encode_audio(c[None])[0] for c in (clips[0], clips[2])]
+    q = model.config.audio_qformer.num_queries
+    assert together[1] is None and together[0].shape[0] == 2 * q and together[2].shape[0] == q
+    torch.testing.assert_close(together[0], alone[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(together[2], alone[1], rtol=0, atol=1e-5)

@@ -20,8 +20,17 @@ CASES = {
     # renormalised weights, token order.
     "masked_modalities": (dict(num_experts=4, top_k=1, group_size=None, num_modalities=2, renormalize=True,
                                batch_priority=False, capacity_from_valid_tokens=True, local_entropy_weight=0.1,
-                               global_entropy_weight=0.2, global_entropy_min_experts=2.0, z_loss_weight=1e-3),
+                               global_entropy_weight=0.2, global_entropy_min_experts=2.0, z_loss_weight=1e-3,
+                               # Uni-MoE v2's target-expert and cross-modality KL losses
+                               target_expert_loss_weight=0.05, target_experts_by_modality=((), (0, 1)),
+                               cross_modality_kl_weight=0.05),
                           True, True),
+    # MoE-LLaVA's DeepSpeed top-2 gating: Gumbel-sampled 2nd expert (drawn outside the graph), whole-call capacity,
+    # gates renormalised after dropping, padding mask.
+    "deepspeed_gumbel": (dict(num_experts=4, top_k=2, group_size=None, noise_std=0.0, renormalize=True,
+                              batch_priority=False, capacity_multiple_of=1, capacity_factor=0.5, min_capacity=2,
+                              deepspeed_top2_gating="gumbel", switch_loss_weight=0.01, z_loss_weight=1e-3),
+                         True, False),
 }
 
 

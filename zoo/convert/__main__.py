@@ -1,6 +1,7 @@
 """``python -m zoo.convert vmoe --checkpoint PREFIX --out DIR [--preset NAME | --config official.json] ...`` and
 ``python -m zoo.convert hf-lm --checkpoint HF_DIR --out DIR`` and
-``python -m zoo.convert moe-llava --checkpoint DIR --out DIR [--image-tower DIR_OR_ID]``."""
+``python -m zoo.convert moe-llava --checkpoint DIR --out DIR [--image-tower DIR_OR_ID]`` and
+``python -m zoo.convert uni-moe --checkpoint DIR --out DIR [--vision-tower DIR] [--audio-tower DIR]``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zoo.convert", description="Convert external checkpoints "
                                      "to zoo published folders (config.json + model.safetensors + README.md)")
     # metavar: argparse names a missing subcommand by it ("required: {vmoe,hf-lm,list}", not "required: cmd")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{vmoe,hf-lm,moe-llava,list}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{vmoe,hf-lm,moe-llava,uni-moe,list}")
     v = sub.add_parser("vmoe", help="official V-MoE checkpoint (PREFIX.index + PREFIX.data-*) -> DIR",
                        description="Config source: --config, else --preset, else inferred from the checkpoint "
                                    "(routing settings from the options below / the published-checkpoint table).")
@@ -53,6 +54,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "mm_image_tower, looked up offline next to the checkpoint and in the Hugging Face cache)")
     ml.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="precision of the stored weights")
+    um = sub.add_parser("uni-moe", help="official Uni-MoE v1 (speech) checkpoint (HITsz-TMG Uni_MoE) -> zoo "
+                        "uni_moe DIR")
+    um.add_argument("--checkpoint", required=True, help="folder with config.json (model_type llava, num_experts, "
+                    "mm_audio_tower) and pytorch_model*.bin (+ mm_projector.bin / mm_audio_aligner.bin)")
+    um.add_argument("--out", required=True, help="output folder; load with zoo.create_model('local-dir:DIR')")
+    um.add_argument("--vision-tower", help="the CLIP vision folder (default: the config's mm_vision_tower, looked up "
+                    "offline next to the checkpoint and in the Hugging Face cache)")
+    um.add_argument("--audio-tower", help="the Whisper folder (default: the config's mm_audio_tower, looked up the "
+                    "same way)")
+    um.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="precision of the stored weights")
     lst = sub.add_parser("list", help="the published V-MoE checkpoints and how to convert them")
     del lst
     args = parser.parse_args(argv)
@@ -83,6 +95,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         model = convert_moe_llava(args.checkpoint, args.out, image_tower=args.image_tower,
                                   dtype=getattr(torch, args.dtype))
+        n = sum(p.numel() for p in model.parameters())
+        print(f"wrote {args.out} ({n:,} parameters); load with zoo.create_model('local-dir:{args.out}')")
+        return 0
+    if args.cmd == "uni-moe":
+        import torch
+
+        from zoo.convert.uni_moe import convert_uni_moe
+
+        model = convert_uni_moe(args.checkpoint, args.out, vision_tower=args.vision_tower,
+                                audio_tower=args.audio_tower, dtype=getattr(torch, args.dtype))
         n = sum(p.numel() for p in model.parameters())
         print(f"wrote {args.out} ({n:,} parameters); load with zoo.create_model('local-dir:{args.out}')")
         return 0

@@ -397,7 +397,12 @@ class InstructSetsDataModule(InstructDataModuleBase):
             batches says which task a sample is from, ``task_names`` lists them sorted).
         data_dir: data root (None: ``$ZOO_DATA``, then ``<repo>/../shared/data``; :mod:`zoo.data.paths`).
         num_train / num_val / num_test: caps on source items per split and task (None = all).
-        task_options: per-task builder arguments, e.g. ``{"pope": {"source": "mnist"}, "video": {"frames": 4}}``.
+        task_options: per-task builder arguments, e.g. ``{"pope": {"source": "mnist"}, "video": {"frames": 4}}``
+            (for the tasks of ``tasks`` and of ``vocabulary_tasks``).
+        vocabulary_tasks: build the compact vocabulary from the training text of these tasks (a superset of
+            ``tasks``, same caps and options) instead of ``tasks`` alone. Stages that train on part of the
+            mixture (Uni-MoE stage 2: one modality per run) then share the vocabulary of the stages that train on
+            all of it, so their checkpoints fit one model. None = ``tasks``.
         The rest: as :class:`zoo.data.instruct.InstructDataModule` (template, tokenizer, image size / mean / std /
         aspect, max_length, truncation, tokens per medium, batch_size, num_workers, seed, pin_memory).
     """
@@ -408,17 +413,29 @@ class InstructSetsDataModule(InstructDataModuleBase):
                  tokenizer: Any = "compact", image_size: int = 224, image_mean: Sequence[float] = CLIP_MEAN,
                  image_std: Sequence[float] = CLIP_STD, image_aspect: str = "pad", max_length: Optional[int] = 2048,
                  truncation: str = "error", tokens_per_image: int = 1, tokens_per_audio: int = 1,
-                 tokens_per_video: int = 1, **loader: Any) -> None:
+                 tokens_per_video: int = 1, vocabulary_tasks: Optional[Sequence[str]] = None,
+                 **loader: Any) -> None:
         super().__init__(template, tokenizer, image_size, image_mean, image_std, image_aspect, max_length, truncation,
                          tokens_per_image, tokens_per_audio, tokens_per_video, None, **loader)
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         unknown = [t for t in tasks if t not in INSTRUCT_TASKS]
         if not tasks or unknown or len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks must be distinct names from {sorted(INSTRUCT_TASKS)}, got {tasks}")
-        extra = set(task_options or {}) - set(tasks)
+        vocab_tasks = None if vocabulary_tasks is None else (
+            [vocabulary_tasks] if isinstance(vocabulary_tasks, str) else list(vocabulary_tasks))
+        if vocab_tasks is not None:
+            if tokenizer != "compact":
+                raise ValueError("vocabulary_tasks builds the compact vocabulary; it cannot be combined with a "
+                                 "tokenizer object (that tokenizer's vocabulary is already shared)")
+            missing = [t for t in tasks if t not in vocab_tasks]
+            unknown = [t for t in vocab_tasks if t not in INSTRUCT_TASKS]
+            if missing or unknown:
+                raise ValueError(f"vocabulary_tasks must name known tasks and include every task trained on; "
+                                 f"missing {missing}, unknown {unknown} (known: {sorted(INSTRUCT_TASKS)})")
+        extra = set(task_options or {}) - set(tasks) - set(vocab_tasks or ())
         if extra:
-            raise ValueError(f"task_options names tasks not in tasks: {sorted(extra)}")
-        self.tasks, self.data_dir = tasks, data_dir
+            raise ValueError(f"task_options names tasks not in tasks or vocabulary_tasks: {sorted(extra)}")
+        self.tasks, self.data_dir, self.vocabulary_tasks = tasks, data_dir, vocab_tasks
         self.limits = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
         self.task_options = {k: dict(v) for k, v in (task_options or {}).items()}
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -430,6 +447,14 @@ class InstructSetsDataModule(InstructDataModuleBase):
             for split in SPLITS:
                 merged[split] += built[split]
         return merged["train"], merged["val"], merged["test"]
+
+    def _make_tokenizer(self, train: list[InstructSample]) -> Any:
+        if self.vocabulary_tasks is None or self._restored_tokenizer is not None:
+            return super()._make_tokenizer(train)
+        vocabulary_train = [s for task in self.vocabulary_tasks
+                            for s in build_task(task, self.data_dir, self.seed, **self.limits,
+                                                **self.task_options.get(task, {}))["train"]]
+        return super()._make_tokenizer(vocabulary_train)
 
 
 __all__ = [

@@ -108,7 +108,8 @@ def split_windows(audio: Tensor, stride: int = UNI_MOE_CHUNK_STRIDE) -> Tensor:
 def log_mel_spectrogram(windows: Tensor, n_mels: int = 80) -> Tensor:
     """``[N, 480000]`` windows -> ``[N, n_mels, 3000]`` Whisper log-mel features (float32)."""
     if n_mels not in MEL_BIN_OPTIONS:
-        raise ValueError(f"n_mels={n_mels}; Whisper models use {MEL_BIN_OPTIONS} mel bins (128 for large-v3)")
+        raise ValueError(f"n_mels={n_mels}; the Whisper front end computes {MEL_BIN_OPTIONS} mel bins (128 for "
+                         "large-v3); for an encoder with another count pass log-mel features [B, C, n_mels, frames]")
     if windows.dim() != 2 or windows.shape[-1] != N_SAMPLES:
         raise ValueError(f"expected windows of shape [N, {N_SAMPLES}], got {tuple(windows.shape)}; "
                          "use split_windows first")
@@ -141,7 +142,8 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
 
 @dataclass
 class WhisperEncoderConfig:
-    """Whisper audio encoder shape: ``n_mels`` input bins, width ``dim``, ``depth`` blocks, ``num_heads``,
+    """Whisper audio encoder shape: ``n_mels`` input bins (80 or 128 in released models; any positive count, e.g. a
+    tiny converted test tower's 8), width ``dim``, ``depth`` blocks, ``num_heads``,
     MLP hidden ``mlp_dim``, ``max_positions`` output frames (1500 = 3000 mel frames / 2).
 
     Presets (:meth:`preset`): ``tiny`` (a test size), ``whisper-tiny``, ``whisper-base``, ``whisper-small``,
@@ -156,8 +158,16 @@ class WhisperEncoderConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.n_mels not in MEL_BIN_OPTIONS:
-            raise ValueError(f"n_mels={self.n_mels}; Whisper models use {MEL_BIN_OPTIONS} mel bins")
+        # Released Whisper models take 80 or 128 bins (the only counts the front end computes); a converted tiny
+        # test tower may take fewer, so any positive count is a valid encoder shape.
+        if isinstance(self.n_mels, bool) or not isinstance(self.n_mels, int) or self.n_mels < 1:
+            raise ValueError(f"n_mels={self.n_mels!r} must be a positive integer number of mel bins (released "
+                             f"Whisper models use {MEL_BIN_OPTIONS})")
+        for name in ("dim", "depth", "num_heads", "mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
         if self.max_positions < 1:
             raise ValueError(f"max_positions must be >= 1, got {self.max_positions}")
 

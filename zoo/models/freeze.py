@@ -33,7 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -175,3 +176,12 @@ def trainable_table(model: nn.Module, rules: Optional[Sequence[GroupRule]] = Non
     lines += [f"{g:<{width}}  {t:>13,}  {f:>13,}" for g, t, f in rows]
     lines += [f"{'-' * width}  {'-' * 13}  {'-' * 13}", f"{'total':<{width}}  {total_t:>13,}  {total_f:>13,}"]
     return "\n".join(lines)
+
+
+def run_tower(tower: nn.Module, x: Tensor) -> Tensor:
+    """``tower(x)``, recording the autograd graph only when some tower parameter trains: a frozen tower (the
+    recipes' default) then keeps no activations for backward, which is most of a multimodal step's memory."""
+    trains = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
+    with torch.set_grad_enabled(trains):
+        return tower(x)
+

@@ -15,7 +15,11 @@ factor 1.5 in training and 2.0 in eval (``min_capacity`` 0: no rounding), determ
 Where the zoo differs from the official code (DeepSpeed 0.9.5's ``top2gating``) on purpose:
 
 - The 2nd expert is the 2nd-highest router probability; DeepSpeed samples it with Gumbel noise, in training AND
-  eval, so the official scores move between runs. The zoo's MoE library has no such option yet (see the report).
+  eval, so the official scores move between runs. ``decoder.moe.deepspeed_top2_gating: gumbel`` reproduces that
+  sampling (:class:`zoo.moe.MoEConfig`); the decoder's MoE layers are causal, so it is accepted only with
+  ``dropless: true`` and ``eval_dropless: true`` (DeepSpeed's whole-call capacity is refused there), e.g.
+  ``model_config("moe_llava_tiny", **{"decoder.moe.deepspeed_top2_gating": "gumbel", "decoder.moe.dropless": True,
+  "decoder.moe.eval_dropless": True})``. A non-causal ``MoELayer`` with it also reproduces the capacity rule.
 - Capacity is per sequence (a causal model: no later token, and no other sample, may change a token's experts),
   filled in position order; DeepSpeed counts the capacity over all tokens of the micro-batch, padding included, fills
   every token's 1st choice before any 2nd choice, and renormalises the gates after dropping. With room for every
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 
 from zoo.models.connectors import PROJECTOR_KINDS, Projector
 from zoo.models.decoder import DecoderConfig, DecoderLM
+from zoo.models.freeze import run_tower
 from zoo.models.multimodal import (IGNORE_INDEX, IMAGE_TOKEN_ID, NUM_MODALITIES, MultimodalOutput, SplicedBatch,
                                    shifted_lm_loss, splice_media)
 from zoo.models.towers import VisionTower, VisionTowerConfig
@@ -102,9 +107,7 @@ class MoELLaVA(nn.Module):
         tower_dtype = self.vision_tower.pos_embed.dtype
         if isinstance(images, Tensor) and images.is_floating_point():
             images = images.to(tower_dtype)
-        train_tower = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
-        with torch.set_grad_enabled(train_tower):
-            features = self.vision_tower(images)
+        features = run_tower(self.vision_tower, images)
         return self.projector(features.to(self.projector[0].weight.dtype))
 
     def prepare_inputs(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,

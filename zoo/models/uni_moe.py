@@ -33,9 +33,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from zoo.models.audio import SAMPLE_RATE, WhisperEncoder, WhisperEncoderConfig, audio_features
+from zoo.models.audio import (SAMPLE_RATE, WhisperEncoder, WhisperEncoderConfig, check_audio, log_mel_spectrogram,
+                              split_windows)
 from zoo.models.connectors import PROJECTOR_KINDS, Projector
 from zoo.models.decoder import DecoderConfig, DecoderLM
+from zoo.models.freeze import run_tower
 from zoo.models.multimodal import (AUDIO_TOKEN_ID, IMAGE_TOKEN_ID, NUM_MODALITIES, VIDEO_TOKEN_ID, MultimodalOutput,
                                    SplicedBatch, shifted_lm_loss, splice_media)
 from zoo.models.qformer import SpeechConnector, WhisperQFormerConfig
@@ -135,17 +137,11 @@ class UniMoE(nn.Module):
                 GroupRule("lora", lambda m: isinstance(m, (LoRALinear, LoRAExperts)), lambda m: m.lora_parameters())]
 
     # ------------------------------------------------------------------------------------------------ encoders
-    @staticmethod
-    def _run_frozen(module: nn.Module, x: Tensor) -> Tensor:
-        train = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
-        with torch.set_grad_enabled(train):
-            return module(x)
-
     def encode_images(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] -> projected tokens [B, N, D]."""
         if self.vision_tower is None:
             raise ValueError("this Uni-MoE has no vision tower (config.vision is None) but got images / video")
-        features = self._run_frozen(self.vision_tower, images.to(self.vision_tower.pos_embed.dtype))
+        features = run_tower(self.vision_tower, images.to(self.vision_tower.pos_embed.dtype))
         return self.projector(features.to(self.projector[0].weight.dtype))
 
     def encode_video(self, video: Tensor) -> Tensor:
@@ -168,8 +164,17 @@ class UniMoE(nn.Module):
         if isinstance(audio, Tensor) and audio.ndim == 2:  # waveforms [B, samples] at 16 kHz
             lengths = (torch.full((audio.shape[0],), audio.shape[1]) if audio_lengths is None
                        else audio_lengths.to("cpu"))
-            windows = [None if int(n) == 0 else audio_features(audio[b, :int(n)], SAMPLE_RATE, n_mels)
-                       for b, n in enumerate(lengths.tolist())]
+            # every clip's 30 s windows through ONE log-mel call (windows are independent: Whisper normalises each
+            # window by its own loudest bin), not one call per clip: a per-clip loop bounded GPU steps by launches
+            check_audio(audio.reshape(-1), SAMPLE_RATE)  # dtype and finiteness once for the batch (one host sync)
+            raw = [None if int(n) == 0 else split_windows(audio[b, :int(n)].float())
+                   for b, n in enumerate(lengths.tolist())]
+            present = [w for w in raw if w is not None]
+            mel = log_mel_spectrogram(torch.cat(present), n_mels) if present else None
+            windows, start = [], 0
+            for w in raw:
+                windows.append(None if w is None else mel[start:start + w.shape[0]])
+                start += 0 if w is None else w.shape[0]
         elif isinstance(audio, Tensor) and audio.ndim == 4:  # log-mel windows [B, C, n_mels, frames]
             if audio.shape[2] != n_mels:
                 raise ValueError(f"audio features have {audio.shape[2]} mel bins, the encoder takes {n_mels}")
@@ -181,15 +186,22 @@ class UniMoE(nn.Module):
         else:
             raise ValueError(f"audio must be waveforms [B, samples] at {SAMPLE_RATE} Hz (with audio_lengths) or "
                              f"log-mel windows [B, C, n_mels, frames] (with audio_chunks), got {_shape(audio)}")
-        dtype = self.audio_encoder.conv1.weight.dtype
+        # all windows of the batch through the encoder and the connector at once (each window is encoded on its
+        # own: batching them changes no value), then split back per clip
+        present = [w for w in windows if w is not None]
+        if not present:
+            return [None] * len(windows)
+        weight = self.audio_encoder.conv1.weight
+        stacked = torch.cat(present).to(device=weight.device, dtype=weight.dtype)  # [sum C, n_mels, frames]
+        tokens = self.audio_connector(run_tower(self.audio_encoder, stacked))  # [sum C, Q, D]
         out: list[Optional[Tensor]] = []
+        start = 0
         for w in windows:
             if w is None:
                 out.append(None)
                 continue
-            enc = self._run_frozen(self.audio_encoder, w.to(device=self.audio_encoder.conv1.weight.device,
-                                                            dtype=dtype))
-            out.append(self.audio_connector(enc).flatten(0, 1))  # [C, Q, D] -> [C * Q, D]
+            out.append(tokens[start:start + w.shape[0]].flatten(0, 1))  # [C, Q, D] -> [C * Q, D]
+            start += w.shape[0]
         return out
 
     # ------------------------------------------------------------------------------------------------ splicing

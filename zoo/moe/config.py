@@ -10,6 +10,7 @@ from typing import Literal, Optional
 RouterType = Literal["topk", "expert_choice", "soft"]
 Activation = Literal["gelu", "gelu_tanh", "swiglu"]
 DispatchType = Literal["auto", "loop", "sorted", "fused"]
+DeepSpeedTop2Gating = Literal["off", "argmax", "gumbel"]
 
 
 @dataclass
@@ -62,6 +63,36 @@ class MoEConfig:
             fused path, the experts: :func:`zoo.moe.layer.routed_moe`) as one ``torch.compile`` graph
             (:mod:`zoo.moe.compiled`): None = on CUDA only (where eager launches of their small kernels slow the
             step), True = also on CPU, False = never. Same results either way (tested).
+        deepspeed_top2_gating: a REPRODUCTION QUIRK, off by default: route as DeepSpeed 0.9.5's ``top2gating`` did
+            in MoE-LLaVA's official training and evaluation (:func:`zoo.moe.routing.deepspeed_top2_route`). "off" =
+            the zoo's top-k routing. "gumbel" = DeepSpeed's own behaviour: expert 1 = argmax of the softmax, expert
+            2 = argmax of the logits plus Gumbel noise with expert 1 excluded, noise drawn in training AND eval (so
+            evaluation is random; the draws come from ``TopKRouter.generator``, else the global RNG, so a seeded
+            run is reproducible); capacity ``ceil(T / E * capacity_factor * 2)`` (float32, as DeepSpeed), at least
+            ``min_capacity``, over all T tokens of the group, slots given in token order with every first choice
+            before any second choice, slots past capacity dropped, and the two kept gates renormalised AFTER
+            dropping (a token that keeps one expert gets weight 1 on it). "argmax" = the same without the noise
+            (2nd expert = 2nd-highest logit). Needs router "topk", top_k 2 (eval_top_k None or 2), noise_std 0,
+            renormalize True and batch_priority False; with a capacity (not dropless) also group_size None (the whole
+            call is one group, as DeepSpeed) and capacity_multiple_of 0 or 1 (DeepSpeed does not round). A causal
+            layer refuses it unless dropless in training and eval (the whole-call capacity lets later tokens, and
+            other sequences, take earlier tokens' slots). Masked tokens take no slot (DeepSpeed routes padding).
+            Each call draws its own noise: decoding with a KV cache (one token per call) and a full forward of the
+            same tokens see different draws, as DeepSpeed's would.
+        target_expert_loss_weight: Uni-MoE v2's per-modality target-expert L1 loss
+            (:func:`zoo.moe.losses.target_expert_loss`, reported as "target_expert_loss"); 0 = off. Needs
+            ``target_experts_by_modality``.
+        target_experts_by_modality: for each modality id (length ``num_modalities``) the expert ids its tokens are
+            pulled towards, e.g. ``((), (0, 1), (2,), (3,))`` for Uni-MoE's text / image / video / audio; an empty
+            tuple = no target for that modality (text in Uni-MoE v2).
+        cross_modality_kl_weight: Uni-MoE v2's cross-modality KL loss (:func:`zoo.moe.losses.cross_modality_kl_loss`,
+            reported as "cross_modality_kl_loss"), which drives the modalities' mean routing distributions apart;
+            0 = off. Needs ``num_modalities >= 2`` and modality ids at every call.
+        cross_modality_kl_pairs: the (a, b) modality pairs it compares (KL of b's from a's); None = every pair
+            a < b. Uni-MoE v2's own pairs in the zoo's ids (0 text, 1 image, 2 video, 3 audio):
+            ``((1, 3), (1, 0), (3, 0), (3, 2), (2, 0))``.
+        min_capacity: the per-group, per-expert capacity is at least this (DeepSpeed's ``min_capacity``; MoE-LLaVA
+            trains with 0). 0 = no minimum (capacity is always at least 1).
         cuda_graphs: replay that compiled graph (on the fused GPU path: routing, losses, statistics and the expert
             kernels of the layer) as a CUDA graph, forward and backward (``torch.compile`` mode "reduce-overhead");
             None = wherever it is compiled on CUDA, False = never. Outputs of a step stay valid until the next
@@ -102,6 +133,12 @@ class MoEConfig:
     shared_expert_gate: bool = False
     compile_routing: Optional[bool] = None
     cuda_graphs: Optional[bool] = None
+    deepspeed_top2_gating: DeepSpeedTop2Gating = "off"
+    min_capacity: int = 0
+    target_expert_loss_weight: float = 0.0
+    target_experts_by_modality: Optional[tuple[tuple[int, ...], ...]] = None
+    cross_modality_kl_weight: float = 0.0
+    cross_modality_kl_pairs: Optional[tuple[tuple[int, int], ...]] = None
 
     def __post_init__(self) -> None:
         from zoo.config import check_field_types
@@ -109,7 +146,8 @@ class MoEConfig:
         if self.capacity_factor is None:  # the likely meaning ("no limit") has its own setting: say which
             raise ValueError("capacity_factor=None: capacity_factor must be a number; use dropless=True for "
                              "unbounded capacity")
-        for name, kind in (("router", RouterType), ("activation", Activation), ("dispatch", DispatchType)):
+        for name, kind in (("router", RouterType), ("activation", Activation), ("dispatch", DispatchType),
+                           ("deepspeed_top2_gating", DeepSpeedTop2Gating)):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {get_args(kind)}")
         check_field_types(self)  # a config built in Python gets the type checks a YAML one gets in from_dict
@@ -130,10 +168,15 @@ class MoEConfig:
         if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
             raise ValueError(f"noise_std must be a finite number >= 0 (0 = no router noise), got {self.noise_std}")
         for name in ("importance_loss_weight", "load_loss_weight", "switch_loss_weight", "z_loss_weight",
-                     "local_entropy_weight", "global_entropy_weight"):
+                     "local_entropy_weight", "global_entropy_weight", "target_expert_loss_weight",
+                     "cross_modality_kl_weight"):
             weight = getattr(self, name)
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0 (0 switches the loss off), got {weight}")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0 (0 = no minimum), got {self.min_capacity}")
+        self._check_deepspeed_top2()
+        self._check_modality_losses()
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.shared_expert_hidden_dim is not None and self.shared_expert_hidden_dim < 1:
@@ -162,6 +205,78 @@ class MoEConfig:
             low = 1.0 if name == "global_entropy_min_experts" else 0.0
             if min(values) < low:
                 raise ValueError(f"{name}_by_modality values must be >= {low}, got {values}")
+
+    def _check_deepspeed_top2(self) -> None:
+        """``deepspeed_top2_gating`` fixes the settings DeepSpeed's top2gating has no choice of: name every one that
+        contradicts it, at once."""
+        if self.deepspeed_top2_gating == "off":
+            return
+        wrong = []
+        for name, ok, need in (("router", self.router == "topk", "'topk'"),
+                               ("top_k", self.top_k == 2, "2"),
+                               ("eval_top_k", self.eval_top_k in (None, 2), "None or 2"),
+                               ("noise_std", self.noise_std == 0, "0 (top2gating adds no Gaussian noise)"),
+                               ("renormalize", self.renormalize, "True (the kept gates are renormalised)"),
+                               ("batch_priority", not self.batch_priority, "False (slots go in token order)")):
+            if not ok:
+                wrong.append(f"{name}={getattr(self, name)!r} (needs {need})")
+        if self.capacity_setting(True) is not None or self.capacity_setting(False) is not None:
+            if self.group_size is not None:
+                wrong.append(f"group_size={self.group_size!r} (needs None: DeepSpeed's capacity is over the whole call;"
+                             " or make training and eval dropless)")
+            if self.capacity_multiple_of > 1:
+                wrong.append(f"capacity_multiple_of={self.capacity_multiple_of} (needs 0 or 1: DeepSpeed does not "
+                             "round the capacity)")
+        if wrong:
+            raise ValueError(f"deepspeed_top2_gating={self.deepspeed_top2_gating!r} reproduces DeepSpeed 0.9.5's "
+                             "top2gating, which these settings contradict: " + "; ".join(wrong))
+
+    def _check_modality_losses(self) -> None:
+        """The Uni-MoE v2 losses' settings: expert and modality ids in range, no duplicates, a router they apply to."""
+        M, E = self.num_modalities, self.num_experts
+        uses = [name for name in ("target_expert_loss_weight", "cross_modality_kl_weight") if getattr(self, name) > 0]
+        if uses and self.router == "soft":
+            raise ValueError(f"{', '.join(uses)} > 0 but router='soft' has no auxiliary losses; use router='topk' or "
+                             "'expert_choice', or set the weight to 0")
+        targets = self.target_experts_by_modality
+        if targets is not None:
+            if len(targets) != M:
+                raise ValueError(f"target_experts_by_modality needs num_modalities={M} entries (one tuple of expert "
+                                 f"ids per modality, () = none), got {len(targets)}")
+            for m, ids in enumerate(targets):
+                if any(not 0 <= e < E for e in ids) or len(set(ids)) != len(ids):
+                    raise ValueError(f"target_experts_by_modality[{m}]={tuple(ids)}: expert ids must be distinct and "
+                                     f"in [0, num_experts={E})")
+        if self.target_expert_loss_weight > 0 and (targets is None or not any(targets)):
+            raise ValueError("target_expert_loss_weight > 0 needs target_experts_by_modality with at least one "
+                             "modality's target experts")
+        pairs = self.cross_modality_kl_pairs
+        if pairs is not None:
+            for pair in pairs:
+                if len(pair) != 2 or pair[0] == pair[1] or not all(0 <= m < M for m in pair):
+                    raise ValueError(f"cross_modality_kl_pairs entry {tuple(pair)}: needs two different modality ids "
+                                     f"in [0, num_modalities={M})")
+            if len(set(map(tuple, pairs))) != len(pairs) or not pairs:
+                raise ValueError(f"cross_modality_kl_pairs={pairs}: needs at least one pair and no duplicates")
+        if self.cross_modality_kl_weight > 0 and M < 2:
+            raise ValueError(f"cross_modality_kl_weight > 0 compares modalities but num_modalities={M}; set "
+                             "num_modalities >= 2")
+
+    def target_expert_matrix(self) -> list[list[float]]:
+        """[M][E]: 1.0 at each modality's target experts (``target_experts_by_modality``), else 0."""
+        targets = self.target_experts_by_modality or ((),) * self.num_modalities
+        return [[1.0 if e in ids else 0.0 for e in range(self.num_experts)] for ids in targets]
+
+    def kl_pairs(self) -> list[tuple[int, int]]:
+        """The modality pairs of the cross-modality KL loss (``cross_modality_kl_pairs``, None = all a < b)."""
+        if self.cross_modality_kl_pairs is not None:
+            return [tuple(p) for p in self.cross_modality_kl_pairs]
+        M = self.num_modalities
+        return [(a, b) for a in range(M) for b in range(a + 1, M)]
+
+    def dropless_always(self) -> bool:
+        """No capacity limit in training nor in eval."""
+        return self.capacity_setting(True) is None and self.capacity_setting(False) is None
 
     def by_modality(self, name: str) -> tuple[float, ...]:
         """Per-modality values of ``local_entropy_weight``, ``global_entropy_weight`` or

@@ -115,12 +115,19 @@ class MoELayer(nn.Module):
                     "capacity_from_valid_tokens=True makes the capacity depend on the fullest sequence of the batch, "
                     "so a sequence's output would depend on the other sequences; a causal layer needs "
                     "capacity_from_valid_tokens=False (capacity from the sequence length) or dropless routing.")
+            if config.deepspeed_top2_gating != "off" and not config.dropless_always():
+                raise ValueError(
+                    f"deepspeed_top2_gating={config.deepspeed_top2_gating!r} with a capacity is not causal: DeepSpeed's "
+                    "capacity is shared by all tokens of the call, so later tokens (and other sequences) would take "
+                    "earlier tokens' slots. In a causal layer use it only dropless (dropless=True and eval_dropless "
+                    "None or True), or leave deepspeed_top2_gating='off'.")
         if config.router == "topk":
             self.router = TopKRouter(dim, E, config.noise_std, config.renormalize, config.batch_priority,
-                                     config.capacity_multiple_of, config.capacity_from_valid_tokens)
+                                     config.capacity_multiple_of, config.capacity_from_valid_tokens,
+                                     config.min_capacity, config.deepspeed_top2_gating)
         elif config.router == "expert_choice":
             self.router = ExpertChoiceRouter(dim, E, config.noise_std, config.capacity_multiple_of,
-                                             config.capacity_from_valid_tokens)
+                                             config.capacity_from_valid_tokens, config.min_capacity)
         elif config.router == "soft":
             self.router = SoftRouter(dim, E, config.slots_per_expert)
         else:

@@ -159,3 +159,81 @@ def per_modality(loss_fn, probs: Tensor, valid: Tensor, modality: Optional[Tenso
         return [loss_fn(flat_probs, flat_valid, **kwargs)]
     flat_mod = modality.reshape(-1)
     return [loss_fn(flat_probs, flat_valid & (flat_mod == m), **kwargs) for m in range(num_modalities)]
+
+
+def target_expert_loss(probs: Tensor, valid: Tensor, modality: Optional[Tensor], targets: Tensor) -> Tensor:
+    """Uni-MoE v2's per-modality target-expert loss: pull each token's routing distribution towards a fixed
+    multi-hot target of its modality's designated experts, with an L1 distance.
+
+    For group g with ``N_g`` valid tokens, token t of modality ``m_t`` and clean router probabilities ``p_t`` [E]::
+
+        L_g = sum over valid t whose modality has targets of  sum_e |p_t[e] - targets[m_t, e]|  /  (E * N_g)
+
+    i.e. for each modality the mean absolute error over its tokens and the E experts, weighted by the modality's
+    share of the group's valid tokens, summed over modalities; modalities with an all-zero target row (text in
+    Uni-MoE v2) contribute nothing. The loss is the mean of ``L_g`` over the groups that hold a valid token.
+
+    Args:
+        probs: [G, S, E] clean router probabilities (the gradient reaches the router through them).
+        valid: [G, S] bool.
+        modality: [G, S] ids in [0, M), or None (every token is modality 0).
+        targets: [M, E] float, 1 at each modality's target experts, 0 elsewhere (an all-zero row: no target).
+    Returns: scalar.
+
+    Where the zoo differs on purpose from the official training code: the modality share is over the group's
+    valid tokens (the official divides by the padded sequence length, so padding shrinks the loss); the per-group
+    values are averaged (the official sums one value per sample, so the loss grows with the batch size). In a causal
+    layer a group is one sequence, the official's sample.
+    """
+    E = probs.shape[-1]
+    mods = torch.zeros_like(valid, dtype=torch.long) if modality is None else modality
+    target = targets.to(probs.dtype)[mods]  # [G, S, E]
+    has_target = (targets > 0).any(dim=-1)[mods] & valid  # [G, S]
+    per_token = (probs - target).abs().sum(dim=-1) * has_target  # [G, S]
+    n = valid.sum(dim=1).clamp_min(1)  # [G]
+    return _mean_over_groups(per_token.sum(dim=1) / (n * E), valid)
+
+
+def modality_mean_probs(probs: Tensor, valid: Tensor, modality: Tensor, num_modalities: int) -> tuple[Tensor, Tensor]:
+    """Mean routing distribution of each modality in each group [G, M, E] (0 where absent) and whether the modality
+    has a valid token there [G, M] bool. Products summed, not a GEMM (bookkeeping)."""
+    sel = valid.unsqueeze(-1) & (modality.unsqueeze(-1) == torch.arange(num_modalities, device=modality.device))
+    sel = sel.to(probs.dtype)  # [G, S, M]
+    sums = (sel.unsqueeze(-1) * probs.unsqueeze(2)).sum(dim=1)  # [G, M, E]
+    counts = sel.sum(dim=1)  # [G, M]
+    return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
+
+
+def cross_modality_kl_loss(probs: Tensor, valid: Tensor, modality: Tensor, pairs: Tensor,
+                           num_modalities: int) -> Tensor:
+    """Uni-MoE v2's cross-modality KL loss: drive the mean routing distributions of different modalities apart.
+
+    Per group g and modality m with valid tokens: ``q_gm`` = mean of the clean router probabilities over those
+    tokens [E]. For each listed pair (a, b) with both modalities present in the group::
+
+        term = 1 - KL(softmax(q_gb) || softmax(q_ga)) / E
+
+    (as the official code computes it: a softmax taken over the mean PROBABILITIES, which flattens them, and the KL
+    divided by E, its "batchmean" over the single E-vector). Minimising ``1 - KL`` maximises the divergence, so the
+    modalities come to prefer different experts; the constant 1 only shifts the reported value. Per group the terms
+    of the present pairs are averaged; the loss is the mean over the groups with at least one present pair, 0 when
+    no group has one (e.g. a text-only batch).
+
+    Args:
+        probs: [G, S, E] clean router probabilities; valid: [G, S] bool; modality: [G, S] ids in [0, M).
+        pairs: [P, 2] long, (a, b) modality ids.
+    Returns: scalar.
+
+    Where the zoo differs on purpose: the pairs are configurable (the official fixes image-audio, image-text,
+    audio-text, audio-video, video-text; ``MoEConfig.cross_modality_kl_pairs`` None = every pair a < b); padding is
+    no modality (the official counts text spans only, as here); groups are averaged, not summed over samples.
+    """
+    E = probs.shape[-1]
+    q, present = modality_mean_probs(probs, valid, modality, num_modalities)  # [G, M, E], [G, M]
+    log_s = torch.log_softmax(q, dim=-1)
+    a, b = pairs[:, 0], pairs[:, 1]
+    kl = (log_s[:, b].exp() * (log_s[:, b] - log_s[:, a])).sum(dim=-1)  # [G, P]
+    both = present[:, a] & present[:, b]  # [G, P]
+    per_group = ((1.0 - kl / E) * both).sum(dim=-1) / both.sum(dim=-1).clamp_min(1)  # [G]
+    has_pair = both.any(dim=-1)
+    return (per_group * has_pair).sum() / has_pair.sum().clamp_min(1)

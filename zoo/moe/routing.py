@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,8 +32,9 @@ from torch import Tensor, nn
 
 
 def compute_capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float,
-                     multiple_of: int = 4) -> int:
-    """Per-group, per-expert buffer size: ``ceil(S * k * cf / E)`` rounded up to ``multiple_of``.
+                     multiple_of: int = 4, min_capacity: int = 0) -> int:
+    """Per-group, per-expert buffer size: ``ceil(S * k * cf / E)`` rounded up to ``multiple_of``, at least
+    ``min_capacity`` (and 1).
 
     >>> compute_capacity(400, 8, 2, 1.05)
     108
@@ -45,7 +47,23 @@ def compute_capacity(group_size: int, num_experts: int, top_k: int, capacity_fac
     capacity = math.ceil(round(group_size * top_k * capacity_factor / num_experts, 9))
     if multiple_of and multiple_of > 1:
         capacity += (-capacity) % multiple_of
-    return max(capacity, 1)
+    return max(capacity, min_capacity, 1)
+
+
+def deepspeed_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int = 0) -> int:
+    """DeepSpeed 0.9.5's top-2 capacity: ``ceil(T / E * (2 * cf))`` computed in float32 as DeepSpeed computes it
+    (a Python float times a float32 tensor), at least ``min_capacity`` (and 1: an expert buffer of 0 slots would
+    drop every token; DeepSpeed's own minimum is ``min_capacity``).
+
+    >>> deepspeed_capacity(10, 3, 1.05)  # float32: 6.9999995 -> 7 (float64 would give 7.000000000000001 -> 8)
+    7
+    """
+    if num_tokens < 1 or num_experts < 1:
+        raise ValueError(f"num_tokens and num_experts must be >= 1, got {num_tokens}, {num_experts}")
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    product = np.float32(num_tokens / num_experts) * np.float32(capacity_factor * 2)
+    return max(math.ceil(float(product)), min_capacity, 1)
 
 
 def capacity_tokens(valid: Tensor, from_valid: bool) -> int:
@@ -213,8 +231,13 @@ class TopKRouter(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 1.0, renormalize: bool = False,
                  batch_priority: bool = True, capacity_multiple_of: int = 4,
-                 capacity_from_valid_tokens: bool = False) -> None:
+                 capacity_from_valid_tokens: bool = False, min_capacity: int = 0,
+                 deepspeed_top2_gating: str = "off") -> None:
         super().__init__()
+        if deepspeed_top2_gating not in ("off", "argmax", "gumbel"):
+            raise ValueError(f"deepspeed_top2_gating must be 'off', 'argmax' or 'gumbel', got {deepspeed_top2_gating!r}")
+        self.deepspeed_top2_gating = deepspeed_top2_gating
+        self.min_capacity = min_capacity
         self.capacity_from_valid_tokens = capacity_from_valid_tokens
         self.num_experts = num_experts
         self.noise_std = noise_std
@@ -230,13 +253,40 @@ class TopKRouter(nn.Module):
         ``all_valid=True`` promises that ``valid`` is all True (no mask): the masking kernels are skipped."""
         G, S, _ = x.shape
         E = self.num_experts
+        if self.deepspeed_top2_gating != "off":
+            return self._deepspeed_plan(x, valid, top_k, capacity_factor, all_valid, causal)
         noise, std = _router_noise((G, S, E), self.noise_std, self.training, x.device, self.generator)
         capacity = None
         if capacity_factor is not None:
             n = S if all_valid else capacity_tokens(valid, self.capacity_from_valid_tokens)
-            capacity = compute_capacity(n, E, top_k, capacity_factor, self.capacity_multiple_of)
+            capacity = compute_capacity(n, E, top_k, capacity_factor, self.capacity_multiple_of, self.min_capacity)
         return RoutingPlan(topk_route, (x, self.proj.weight, self.proj.bias, noise, std, valid, all_valid, top_k,
                                         capacity, self.renormalize, self.batch_priority and not causal, causal))
+
+    def _deepspeed_plan(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
+                        all_valid: bool, causal: bool) -> RoutingPlan:
+        """The plan of ``deepspeed_top2_gating`` (:func:`deepspeed_top2_route`): Gumbel noise drawn here, in training
+        and eval ("gumbel"), capacity over all tokens of each group (the layer makes the whole call one group)."""
+        G, S, _ = x.shape
+        E = self.num_experts
+        if top_k != 2:
+            raise ValueError(f"deepspeed_top2_gating={self.deepspeed_top2_gating!r} routes every token to 2 experts, "
+                             f"got top_k={top_k}")
+        if causal and capacity_factor is not None:
+            raise ValueError(
+                f"deepspeed_top2_gating={self.deepspeed_top2_gating!r} with a capacity is not causal: DeepSpeed's "
+                "capacity is shared by all tokens of the call, so later tokens (and other sequences) take earlier "
+                "tokens' slots. Make the layer dropless (dropless=True, eval_dropless None or True) to use it in a "
+                "causal layer.")
+        gumbel = None
+        if self.deepspeed_top2_gating == "gumbel":
+            gumbel = gumbel_noise((G, S, E), x.device, self.generator)
+        capacity = None
+        if capacity_factor is not None:
+            n = S if all_valid else capacity_tokens(valid, self.capacity_from_valid_tokens)
+            capacity = deepspeed_capacity(n, E, capacity_factor, self.min_capacity)
+        return RoutingPlan(deepspeed_top2_route, (x, self.proj.weight, self.proj.bias, gumbel, valid, all_valid,
+                                                  capacity))
 
     def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],
                 all_valid: bool = False, causal: bool = False, decided: Optional[Routing] = None) -> Routing:
@@ -292,6 +342,47 @@ def topk_decide(x: Tensor, weight: Tensor, bias: Optional[Tensor], noise: Option
     return expert_index, combine * keep, keep, position, probs, clean_probs, logits, noisy_logits, demand
 
 
+def gumbel_uniform(shape: tuple[int, ...], device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
+    """Uniform draws in ``[tiny, 1 - eps]`` (float32), the support ``torch.distributions.Gumbel`` samples from (as
+    DeepSpeed's ``gumbel_rsample`` does): ``tiny + U[0, 1) * (1 - eps - tiny)``."""
+    info = torch.finfo(torch.float32)
+    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    return info.tiny + u * (1 - info.eps - info.tiny)
+
+
+def gumbel_noise(shape: tuple[int, ...], device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
+    """Standard Gumbel noise ``-log(-log(u))`` from :func:`gumbel_uniform` draws (finite: u is in (0, 1))."""
+    return -torch.log(-torch.log(gumbel_uniform(shape, device, generator)))
+
+
+def deepspeed_top2_route(x: Tensor, weight: Tensor, bias: Optional[Tensor], gumbel: Optional[Tensor], valid: Tensor,
+                         all_valid: bool, capacity: Optional[int]) -> Routing:
+    """DeepSpeed 0.9.5's ``top2gating`` (as MoE-LLaVA ran it) as a :class:`Routing` over G groups of S tokens; a pure
+    function of tensors (``torch.compile`` takes it whole, like :func:`topk_route`).
+
+    ``x`` [G, S, D], router ``weight`` [E, D], ``gumbel`` [G, S, E] standard Gumbel noise or None, ``valid`` [G, S],
+    ``capacity`` C or None (dropless). Per token: gates = softmax of the fp32 logits; expert 1 = argmax of the gates;
+    expert 2 = argmax of ``logits + gumbel`` with expert 1 excluded. Per group: every valid token's first choice is
+    placed (token order) before any second choice, slots past C are dropped; the kept gates are divided by their
+    sum (clamped at float32 eps), so a token whose other slot was dropped gets weight 1. ``probs`` and
+    ``clean_probs`` are the gates (the noise only picks expert 2), ``noise_std`` is 0 (no load loss)."""
+    G, S, _ = x.shape
+    E = weight.shape[0]
+    logits = _router_logits(x, weight, bias)
+    gates = torch.softmax(logits, dim=-1)
+    first = gates.argmax(dim=-1, keepdim=True)  # [G, S, 1]
+    scores = logits if gumbel is None else logits + gumbel
+    second = scores.scatter(-1, first, float("-inf")).argmax(dim=-1, keepdim=True)
+    expert_index = torch.cat([first, second], dim=-1)  # [G, S, 2]
+    slot_valid = valid.unsqueeze(-1).expand(G, S, 2)
+    rank, demand = buffer_ranks(expert_index, None if all_valid else slot_valid, None, E)
+    keep = slot_valid if capacity is None else (rank <= capacity) & slot_valid
+    kept = gates.gather(-1, expert_index) * keep
+    combine = kept / kept.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).eps)
+    position = rank * keep - 1
+    return Routing(expert_index, combine, keep, position, gates, gates, logits, logits, 0.0, capacity, 2, demand)
+
+
 class ExpertChoiceRouter(nn.Module):
     """Experts choose tokens (Zhou et al. 2022): each expert takes the top-C tokens of its group by
     router probability. Load is balanced by construction; a token may get 0..E experts.
@@ -303,8 +394,9 @@ class ExpertChoiceRouter(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, noise_std: float = 0.0, capacity_multiple_of: int = 4,
-                 capacity_from_valid_tokens: bool = False) -> None:
+                 capacity_from_valid_tokens: bool = False, min_capacity: int = 0) -> None:
         super().__init__()
+        self.min_capacity = min_capacity
         self.capacity_from_valid_tokens = capacity_from_valid_tokens
         self.num_experts = num_experts
         self.noise_std = noise_std
@@ -323,7 +415,7 @@ class ExpertChoiceRouter(nn.Module):
         # Dropless expert choice means every expert may take every token: C = S.
         capacity = S if capacity_factor is None else min(
             S, compute_capacity(capacity_tokens(valid, self.capacity_from_valid_tokens), E, 1, capacity_factor,
-                                self.capacity_multiple_of))
+                                self.capacity_multiple_of, self.min_capacity))
         return RoutingPlan(expert_choice_route, (x, self.proj.weight, self.proj.bias, noise, std, valid, capacity))
 
     def forward(self, x: Tensor, valid: Tensor, top_k: int, capacity_factor: Optional[float],

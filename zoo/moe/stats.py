@@ -121,6 +121,16 @@ def sparse_aux(r: Routing, cfg: MoEConfig, vg: Tensor, mg: Optional[Tensor], all
                 add(f"local_entropy_m{m}", local_w[m], L.local_entropy_loss(probs, sel))
             if global_w[m] > 0:
                 add(f"global_entropy_m{m}", global_w[m], L.global_entropy_loss(probs, sel, min_experts[m]))
+    if cfg.target_expert_loss_weight > 0:
+        targets = torch.tensor(cfg.target_expert_matrix(), device=r.clean_probs.device)
+        add("target_expert_loss", cfg.target_expert_loss_weight,
+            L.target_expert_loss(r.clean_probs, vg, mg, targets))
+    if cfg.cross_modality_kl_weight > 0:
+        if mg is None:
+            raise ValueError("cross_modality_kl_weight > 0 needs modality ids: call the MoE layer with modality=[B, S]")
+        pairs = torch.tensor(cfg.kl_pairs(), dtype=torch.long, device=r.clean_probs.device)
+        add("cross_modality_kl_loss", cfg.cross_modality_kl_weight,
+            L.cross_modality_kl_loss(r.clean_probs, vg, mg, pairs, cfg.num_modalities))
     total = _sum_terms(weighted) if weighted else r.logits.new_zeros(())
     with torch.no_grad():
         if masked_probs is None:
