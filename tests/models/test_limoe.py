@@ -202,7 +202,10 @@ def test_pooling_options_and_sigmoid_parameters():
         out = m(images=torch.randn(2, 3, 16, 16), text=captions([4, 6], 16))
         assert out.logit_bias is not None and float(out.logit_bias) == -10.0
         assert float(out.logit_scale) == pytest.approx(10.0)
-        assert torch.isfinite(out.logits).all()
+        # the pair logits are scale * cos(image, text) + bias over unit-norm embeddings
+        torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(2))
+        torch.testing.assert_close(out.text_embeds.norm(dim=-1), torch.ones(2))
+        torch.testing.assert_close(out.logits, 10.0 * out.image_embeds @ out.text_embeds.t() - 10.0)
 
 
 def test_patch_and_text_token_dropout_only_in_training():

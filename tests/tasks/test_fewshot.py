@@ -193,7 +193,12 @@ def test_eval_fewshot_on_a_tiny_checkpoint(tmp_path, capsys):
                        "--split", "val", "--no-progress-bar"])
     assert result["checkpoint"] == str(ckpt.resolve()) and result["split"] == "val" and result["n_test"] == 180
     r = result["shots"]["2"]
-    assert len(r["accuracies"]) == 2 and all(0.0 <= a <= 1.0 for a in r["accuracies"])
+    # 2 training steps leave near-chance features (measured 0.22 and 0.12): check the bookkeeping instead: each draw
+    # is a count over the 180 val images, the mean / std are those of the draws, each L2 is from the grid
+    assert len(r["accuracies"]) == 2 and all(a * 180 == pytest.approx(round(a * 180), abs=1e-6) for a in r["accuracies"])
+    assert r["accuracy_mean"] == pytest.approx(np.mean(r["accuracies"]))
+    assert r["accuracy_std"] == pytest.approx(np.std(r["accuracies"], ddof=1)) and r["accuracy_std"] > 0
+    assert len(r["l2"]) == 2 and set(r["l2"]) <= set(result["l2_grid"])
     capsys.readouterr()
     with pytest.raises(SystemExit):
         evaluate(["--checkpoint", str(ckpt), "--fewshot", "--fewshot-shots", "one", "--no-progress-bar"])

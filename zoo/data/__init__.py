@@ -4,7 +4,7 @@ Real datasets are read from ``data_dir``, else ``$ZOO_DATA``, else ``<repo root>
 (see :mod:`zoo.data.paths`); the digits datamodule needs no files.
 """
 
-from zoo.data.base import ImageClassificationDataModule, InMemoryImageDataset, holdout_split
+from zoo.data.base import ImageClassificationDataModule, InMemoryImageDataset, LoaderArgs, holdout_split
 from zoo.data.image_classification import (
     CIFAR10_CLASS_NAMES,
     CIFAR10SpriteDataModule,
@@ -31,6 +31,7 @@ __all__ = [
     "ImageClassificationDataModule",
     "ImageFolderDataModule",
     "InMemoryImageDataset",
+    "LoaderArgs",
     "MNISTDataModule",
     "find_dataset_dir",
     "holdout_split",

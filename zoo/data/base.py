@@ -6,9 +6,11 @@ Dimension letters: N dataset size, B batch, C channels, H height, W width.
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar, Optional
 
 import lightning as L
 import numpy as np
@@ -210,17 +212,111 @@ def usable_workers(requested: int) -> int:
     return requested
 
 
+@dataclass(frozen=True)
+class LoaderArgs:
+    """The loader settings every zoo datamodule takes (one typed group, declared once).
+
+    Datamodules take them as flat keyword arguments (``--data.batch_size``, ``data.init_args.num_workers`` in
+    a recipe, ``MNISTDataModule(batch_size=32)``): each ``__init__`` passes ``**loader`` on to
+    :class:`SplitDataModule`, which fills one ``LoaderArgs`` (``dm.loader``) from them and the class's
+    ``loader_defaults``. Validated on construction.
+
+    Args:
+        batch_size: samples per batch (all loaders).
+        num_workers: DataLoader worker processes; 0 loads in the main process.
+        seed: seeds the val hold-out, the train shuffle order and the train augmentation.
+        pin_memory: DataLoader ``pin_memory`` (useful when training on a GPU).
+        persistent_workers: keep the worker processes between epochs; None = whenever ``num_workers > 0``.
+    """
+
+    batch_size: int = 64
+    num_workers: int = 0
+    seed: int = 0
+    pin_memory: bool = False
+    persistent_workers: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("num_workers", self.num_workers, minimum=0)
+        check_positive_int("seed", self.seed, minimum=0)
+        for name in ("pin_memory", "persistent_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "persistent_workers" and value is None):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        if self.persistent_workers and self.num_workers == 0:
+            raise ValueError("persistent_workers=True needs num_workers > 0 (there are no worker processes to keep)")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def updated(self, values: Mapping[str, Any]) -> "LoaderArgs":
+        """A copy with the fields ``values`` gives (other keys and None values are ignored: None means "the
+        default")."""
+        return replace(self, **{k: values[k] for k in self.names() if values.get(k) is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.names()}
+
+    def dataloader(self, dataset: Dataset, sampler: Any = None, drop_last: bool = False,
+                   collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+        """A DataLoader over ``dataset`` with these settings."""
+        persistent = self.num_workers > 0 if self.persistent_workers is None else self.persistent_workers
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=persistent and self.num_workers > 0,
+                          drop_last=drop_last, collate_fn=collate_fn)
+
+
+class _LoaderField:
+    """``dm.batch_size`` etc.: a field of ``dm.loader``, read and (validated) written through it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.loader, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.loader = replace(obj.loader, **{self.name: value})
+
+
+def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword arguments ``cls(...)`` accepts: its ``__init__``'s named parameters plus, where it passes
+    ``**kwargs`` on to its base class (as every zoo datamodule does with its loader arguments), the base's."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__).parameters
+        for name, p in sig.items():
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                params.setdefault(name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.values()):
+            break
+    return params
+
+
 class SplitDataModule(L.LightningDataModule):
     """Base of the zoo's datamodules: a subclass builds ``(train, val, test)`` datasets once
-    (:meth:`build_splits`); this class gives the loaders, seeded shuffling and the common arguments.
+    (:meth:`build_splits`); this class gives the loaders, seeded shuffling and the loader arguments.
+
+    A subclass's ``__init__`` takes its own arguments plus ``**loader`` and calls ``super().__init__(**loader)``
+    (jsonargparse follows ``**loader`` into this signature, so the CLI takes ``--data.batch_size`` etc. flat).
+    The resolved group is ``self.loader`` (:class:`LoaderArgs`); ``batch_size``, ``num_workers``, ``seed``,
+    ``pin_memory`` and ``persistent_workers`` read (and write) its fields. A subclass calling
+    :meth:`save_hyperparameters` records its init args and the resolved loader group.
 
     After :meth:`setup`: ``train_set``, ``val_set``, ``test_set``.
 
     Args:
-        batch_size: samples per batch (all loaders).
-        num_workers: DataLoader worker processes; 0 loads in the main process (the tensors are in memory).
+        batch_size: samples per batch (all loaders); None = the class's default (``loader_defaults``).
+        num_workers: DataLoader worker processes; 0 loads in the main process (the tensors are in memory). More
+            than the usable CPU cores are capped to them (:func:`usable_workers`).
         seed: seeds the val hold-out, the train shuffle order and the train augmentation.
         pin_memory: DataLoader ``pin_memory`` (useful when training on a GPU).
+        persistent_workers: keep the loader workers between epochs; None = whenever ``num_workers > 0``.
 
     The train order and augmentation are functions of ``(seed, epoch, position)`` (:mod:`zoo.data.sampling`);
     :meth:`state_dict` records where the running epoch stands, so a run resumed from a checkpoint continues with
@@ -232,18 +328,36 @@ class SplitDataModule(L.LightningDataModule):
     drop_last_train: bool = False
     # How a loader turns a list of samples into a batch (None: torch's default_collate); instruction data pads.
     collate_fn: Callable[[list[Any]], Any] | None = None
+    # The loader settings an argument left at None takes (a subclass sets its own default batch size here).
+    loader_defaults: ClassVar[LoaderArgs] = LoaderArgs()
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
+    batch_size = _LoaderField()
+    num_workers = _LoaderField()
+    seed = _LoaderField()
+    pin_memory = _LoaderField()
+    persistent_workers = _LoaderField()
+
+    def __init__(self, batch_size: Optional[int] = None, num_workers: int = 0, seed: int = 0,
+                 pin_memory: bool = False, persistent_workers: Optional[bool] = None) -> None:
         super().__init__()
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.num_workers = usable_workers(check_positive_int("num_workers", num_workers, minimum=0))
-        self.seed = check_positive_int("seed", seed, minimum=0)
-        self.pin_memory = bool(pin_memory)
+        requested = self.loader_defaults.updated(dict(batch_size=batch_size, num_workers=num_workers, seed=seed,
+                                                      pin_memory=pin_memory, persistent_workers=persistent_workers))
+        self._requested_loader = requested  # what the hyper-parameters record (before capping the workers)
+        self.loader = replace(requested, num_workers=usable_workers(requested.num_workers))
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._train_sampler: ResumableShuffleSampler | None = None
         self._resume_order: dict[str, Any] | None = None  # from a checkpoint, applied once the sampler exists
+
+    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None,
+                             frame: Any = None, logger: bool = True) -> None:
+        """Lightning's, from the calling ``__init__``, plus the resolved loader group (so ``hparams`` holds the
+        batch size the run used even where it came from ``loader_defaults``)."""
+        frame = frame if frame is not None else inspect.currentframe().f_back
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        if not args:  # (hparams are a dict: this updates them)
+            super().save_hyperparameters(self._requested_loader.as_dict(), frame=frame, logger=logger)
 
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         """Load the data and return the ``(train, val, test)`` datasets."""
@@ -296,13 +410,9 @@ class SplitDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         self._require_setup()
         assert dataset is not None
-        return DataLoader(
+        return self.loader.dataloader(
             SeededSampleDataset(dataset) if shuffle else dataset,
-            batch_size=self.batch_size,
             sampler=self._train_sampler if shuffle else None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
             drop_last=shuffle and self.drop_last_train and len(dataset) > self.batch_size,  # type: ignore[arg-type]
             collate_fn=self.collate_fn,
         )

@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset
 
 from zoo.data.base import (
     ImageClassificationDataModule,
+    LoaderArgs,
     carve_splits,
     check_positive_int,
     holdout_image_splits,
@@ -79,15 +81,12 @@ class DigitsDataModule(ImageClassificationDataModule):
 
     def __init__(
         self,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
         image_size: int = 8,
         val_size: int | float = 180,
         test_size: int | float = 360,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+        super().__init__(**loader)
         self.image_size = check_positive_int("image_size", image_size, minimum=self.NATIVE_SIZE)
         self.val_size = val_size
         self.test_size = test_size
@@ -142,18 +141,17 @@ class MNISTDataModule(ImageClassificationDataModule):
         "test_labels": "t10k-labels-idx1-ubyte",
     }
 
+    loader_defaults = LoaderArgs(batch_size=128)
+
     def __init__(
         self,
         data_dir: PathLike | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
         val_size: int | float = 5000,
-        pin_memory: bool = False,
         augment: bool = False,
         download: bool = False,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+        super().__init__(**loader)
         self.data_dir = data_dir
         self.val_size = val_size
         self.augment = bool(augment)
@@ -235,19 +233,18 @@ class CIFAR10SpriteDataModule(ImageClassificationDataModule):
     TEST_BATCH = 50
     NUM_TRAIN_IMAGES = 50000  # official train labels come first in the labels file
 
+    loader_defaults = LoaderArgs(batch_size=128)
+
     def __init__(
         self,
         data_dir: PathLike | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
         val_size: int | float = 500,
         augment: bool = False,
         train_batches: Sequence[int] = (0, 1, 2, 3),
-        pin_memory: bool = False,
         download: bool = False,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+        super().__init__(**loader)
         self.data_dir = data_dir
         self.download = bool(download)
         self.val_size = val_size
@@ -388,18 +385,15 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         root: PathLike,
         image_size: int,
         in_chans: int = 3,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
         val_size: int | float = 0.1,
         test_size: int | float = 0.2,
         augment: bool = False,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        pin_memory: bool = False,
         skip_unreadable: bool = False,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+        super().__init__(**loader)
         self.root = Path(root).expanduser()
         self.skip_unreadable = bool(skip_unreadable)
         self.skipped_images: list[str] = []  # unreadable files left out at setup (skip_unreadable=True)

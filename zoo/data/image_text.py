@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from zoo.data.base import InMemoryImageDataset, SplitDataModule, check_positive_int, image_splits
+from zoo.data.base import InMemoryImageDataset, LoaderArgs, SplitDataModule, check_positive_int, image_splits
 from zoo.data.paths import find_dataset_dir, incomplete_dataset_error
 
 PathLike = str | os.PathLike[str]
@@ -77,9 +77,8 @@ class _ImageTextDataModule(SplitDataModule):
     zero_shot_templates: Optional[list[str]] = None
     drop_last_train = True  # contrastive batches: a small last batch has too few negatives
 
-    def __init__(self, batch_size: int, num_workers: int, seed: int, context_length: int,
-                 pin_memory: bool = False) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+    def __init__(self, context_length: int, **loader: Any) -> None:
+        super().__init__(**loader)
         self.context_length = check_positive_int("context_length", context_length, minimum=3)
         self.tokenizer = CaptionTokenizer(self.context_length)
 
@@ -130,21 +129,20 @@ class ClassCaptionDataModule(_ImageTextDataModule):
     classifier itself is built by the task from ``class_names`` x ``zero_shot_templates``.
     """
 
+    loader_defaults = LoaderArgs(batch_size=128)
+
     def __init__(
         self,
         dataset: str = "mnist",
         data_dir: PathLike | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
         context_length: int = 16,
         class_names: Optional[Sequence[str]] = None,
         train_templates: Optional[Sequence[str]] = None,
         zero_shot_templates: Optional[Sequence[str]] = None,
         dataset_kwargs: Optional[dict[str, Any]] = None,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, context_length, pin_memory)
+        super().__init__(context_length, **loader)
         from zoo.data import IMAGE_CLASSIFICATION_DATAMODULES
 
         choices = sorted(k for k in IMAGE_CLASSIFICATION_DATAMODULES if k != "image_folder")
@@ -154,7 +152,8 @@ class ClassCaptionDataModule(_ImageTextDataModule):
         kwargs = dict(dataset_kwargs or {})
         if dataset != "digits":
             kwargs.setdefault("data_dir", data_dir)
-        self.source = IMAGE_CLASSIFICATION_DATAMODULES[dataset](batch_size=batch_size, seed=seed, **kwargs)
+        self.source = IMAGE_CLASSIFICATION_DATAMODULES[dataset](batch_size=self.batch_size, seed=self.seed,
+                                                                 **kwargs)
         self.dataset = dataset
         digit_like = dataset in ("mnist", "digits")
         self.class_names = list(class_names) if class_names is not None else (
@@ -311,9 +310,6 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
         csv_path: PathLike = "captions.csv",
         image_root: PathLike | None = None,
         image_size: int = 64,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
         context_length: int = 32,
         num_train: Optional[int] = None,
         num_test: Optional[int] = None,
@@ -324,12 +320,12 @@ class ImageTextCSVDataModule(_ImageTextDataModule):
         max_captions: Optional[int] = None,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
-        pin_memory: bool = False,
         image_views: int = 1,
         view_color_jitter: float = 0.0,
         text_views: int = 1,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, context_length, pin_memory)
+        super().__init__(context_length, **loader)
         self.csv_path = csv_path
         self.image_root = image_root
         self.image_size = check_positive_int("image_size", image_size, minimum=4)
@@ -443,9 +439,6 @@ class Flickr8kDataModule(ImageTextCSVDataModule):
         self,
         data_dir: PathLike | None = None,
         image_size: int = 64,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
         context_length: int = 32,
         num_train: int = 800,
         num_test: int = 200,
@@ -453,16 +446,16 @@ class Flickr8kDataModule(ImageTextCSVDataModule):
         augment: bool = True,
         crop_scale: Sequence[float] = (0.5, 1.0),
         train_all_captions: bool = False,
-        pin_memory: bool = False,
         image_views: int = 1,
         view_color_jitter: float = 0.0,
         text_views: int = 1,
+        **loader: Any,
     ) -> None:
-        super().__init__(csv_path=self.CAPTIONS, image_root=None, image_size=image_size, batch_size=batch_size,
-                         num_workers=num_workers, seed=seed, context_length=context_length, num_train=num_train,
-                         num_test=num_test, num_val=num_val, augment=augment, crop_scale=crop_scale,
-                         train_all_captions=train_all_captions, pin_memory=pin_memory, image_views=image_views,
-                         view_color_jitter=view_color_jitter, text_views=text_views)
+        super().__init__(csv_path=self.CAPTIONS, image_root=None, image_size=image_size,
+                         context_length=context_length, num_train=num_train, num_test=num_test, num_val=num_val,
+                         augment=augment, crop_scale=crop_scale, train_all_captions=train_all_captions,
+                         image_views=image_views, view_color_jitter=view_color_jitter, text_views=text_views,
+                         **loader)
         self.data_dir = data_dir
         self.save_hyperparameters()
 
@@ -506,7 +499,8 @@ class MixedImageTextDataModule(_ImageTextDataModule):
             context length as ``main`` (their own val / test splits are not used).
         main_repeats: ``main``'s train split appears this many times per epoch, to balance a small main set
             against large extras (1 = plain concatenation).
-        batch_size / num_workers / seed / pin_memory: the loaders of the mixture (the sources' own values only
+        batch_size / num_workers / seed / pin_memory / persistent_workers (:class:`~zoo.data.base.LoaderArgs`):
+            the loaders of the mixture (the sources' own values only
             decide their splits).
 
     Labels: source ``s`` (0 = main) has its labels shifted by ``s * LABEL_STRIDE``, so with
@@ -522,12 +516,9 @@ class MixedImageTextDataModule(_ImageTextDataModule):
         main: _ImageTextDataModule,
         extra: Sequence[_ImageTextDataModule] = (),
         main_repeats: int = 1,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, main.context_length, pin_memory)
+        super().__init__(main.context_length, **loader)
         self.main, self.extra = main, list(extra)
         self.main_repeats = check_positive_int("main_repeats", main_repeats)
         for i, dm in enumerate(self.extra):

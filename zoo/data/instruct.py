@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from zoo.data.base import SplitDataModule, check_positive_int
+from zoo.data.base import LoaderArgs, SplitDataModule, check_positive_int
 from zoo.data.templates import (
     IGNORE_INDEX,
     MEDIA_KINDS,
@@ -389,13 +389,14 @@ class InstructDataModuleBase(SplitDataModule):
     ``eos_token_id``, ``template``, ``image_size``, ``task_names``.
     """
 
+    loader_defaults = LoaderArgs(batch_size=16)
+
     def __init__(self, template: str = "tiny", tokenizer: Any = "compact", image_size: int = 224,
                  image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD,
                  image_aspect: str = "pad", max_length: Optional[int] = 2048, truncation: str = "error",
                  tokens_per_image: int = 1, tokens_per_audio: int = 1, tokens_per_video: int = 1,
-                 media_root: Optional[PathLike] = None, batch_size: int = 16, num_workers: int = 0, seed: int = 0,
-                 pin_memory: bool = False) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+                 media_root: Optional[PathLike] = None, **loader: Any) -> None:
+        super().__init__(**loader)
         self.template = get_template(template)
         if isinstance(tokenizer, str) and tokenizer != "compact":
             raise ValueError(f"tokenizer must be 'compact' or a tokenizer object, got {tokenizer!r}")
@@ -493,7 +494,8 @@ class InstructDataModule(InstructDataModuleBase):
         tokenizer: ``"compact"`` or a tokenizer object (module docstring).
         image_size, image_mean, image_std, image_aspect: the vision tower's input (:class:`ImageProcessor`).
         max_length, truncation, tokens_per_image / _audio / _video: see the module docstring.
-        batch_size, num_workers, seed, pin_memory: as every zoo datamodule (:class:`SplitDataModule`).
+        batch_size, num_workers, seed, pin_memory, persistent_workers: as every zoo datamodule
+            (:class:`~zoo.data.base.LoaderArgs`); ``batch_size`` defaults to 16 here.
     """
 
     def __init__(self, train_json: PathLike = "train.json", val_json: Optional[PathLike] = None,
@@ -502,11 +504,10 @@ class InstructDataModule(InstructDataModuleBase):
                  image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD,
                  image_aspect: str = "pad", max_length: Optional[int] = 2048, truncation: str = "error",
                  tokens_per_image: int = 1, tokens_per_audio: int = 1, tokens_per_video: int = 1,
-                 batch_size: int = 16, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
+                 **loader: Any) -> None:
         folder = image_folder if image_folder is not None else Path(train_json).expanduser().parent
         super().__init__(template, tokenizer, image_size, image_mean, image_std, image_aspect, max_length, truncation,
-                         tokens_per_image, tokens_per_audio, tokens_per_video, folder, batch_size, num_workers, seed,
-                         pin_memory)
+                         tokens_per_image, tokens_per_audio, tokens_per_video, folder, **loader)
         self.train_json, self.val_json, self.test_json = train_json, val_json, test_json
         self.val_size = check_positive_int("val_size", val_size, minimum=0)
         if image_folder is not None and not Path(image_folder).expanduser().is_dir():

@@ -413,11 +413,10 @@ class InstructSetsDataModule(InstructDataModuleBase):
                  tokenizer: Any = "compact", image_size: int = 224, image_mean: Sequence[float] = CLIP_MEAN,
                  image_std: Sequence[float] = CLIP_STD, image_aspect: str = "pad", max_length: Optional[int] = 2048,
                  truncation: str = "error", tokens_per_image: int = 1, tokens_per_audio: int = 1,
-                 tokens_per_video: int = 1, batch_size: int = 16, num_workers: int = 0, seed: int = 0,
-                 pin_memory: bool = False, vocabulary_tasks: Optional[Sequence[str]] = None) -> None:
+                 tokens_per_video: int = 1, vocabulary_tasks: Optional[Sequence[str]] = None,
+                 **loader: Any) -> None:
         super().__init__(template, tokenizer, image_size, image_mean, image_std, image_aspect, max_length, truncation,
-                         tokens_per_image, tokens_per_audio, tokens_per_video, None, batch_size, num_workers, seed,
-                         pin_memory)
+                         tokens_per_image, tokens_per_audio, tokens_per_video, None, **loader)
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         unknown = [t for t in tasks if t not in INSTRUCT_TASKS]
         if not tasks or unknown or len(set(tasks)) != len(tasks):

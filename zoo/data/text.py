@@ -16,7 +16,7 @@ out of the loss).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -93,10 +93,9 @@ class Flickr8kCaptionsLMDataModule(SplitDataModule):
     FOLDER = "flickr8k_1k_subset"
     CAPTIONS = "captions.txt"
 
-    def __init__(self, data_dir: Optional[str] = None, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                 context_length: int = 32, num_train: int = 800, num_test: int = 200, num_val: int = 0,
-                 pin_memory: bool = False) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+    def __init__(self, data_dir: Optional[str] = None, context_length: int = 32, num_train: int = 800,
+                 num_test: int = 200, num_val: int = 0, **loader: Any) -> None:
+        super().__init__(**loader)
         self.data_dir = data_dir
         self.context_length = check_positive_int("context_length", context_length, minimum=3)
         self.num_train = check_positive_int("num_train", num_train)

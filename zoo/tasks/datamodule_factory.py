@@ -4,12 +4,12 @@ command line's changes: the one place ``eval.py``, few-shot evaluation and ``pub
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import yaml
 
+from zoo.data.base import init_parameters
 from zoo.tasks.base import DATAMODULE_KEY
 
 
@@ -54,7 +54,7 @@ def build_datamodule(recorded_class: Optional[str], recorded_args: Optional[Mapp
         raise ValueError("the checkpoint does not record its datamodule; pass --data (e.g. --data digits)")
     cls = import_datamodule_class(cls_path)
     same = recorded_class is not None and import_datamodule_class(recorded_class) is cls
-    params = inspect.signature(cls.__init__).parameters
+    params = init_parameters(cls)  # the loader arguments too, which a datamodule passes on as **loader
     args = {k: v for k, v in dict(recorded_args or {}).items() if k in params} if same else {}
     args.update(overrides or {})
     unknown = [k for k in args if k not in params]
