@@ -110,7 +110,7 @@ class ZooTask(RecipeOptimizerMixin, L.LightningModule):
     ``optimizer_defaults``, so ``hparams`` holds every value the run used.
 
     Args:
-        optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps: the
+        optimizer, lr, betas, eps, weight_decay, warmup_steps, lr_decay, min_lr_ratio, total_steps, lr_scale: the
             :class:`~zoo.tasks.optim.OptimizerConfig` fields. ``optimizer``, ``lr``, ``warmup_steps`` and
             ``lr_decay`` have one default for every task, given here with their plain types (so the CLI's type
             errors name them simply); the others are None = the task's default (``optimizer_defaults``), which a
@@ -130,13 +130,15 @@ class ZooTask(RecipeOptimizerMixin, L.LightningModule):
         lr_decay: DecayName = "cosine",
         min_lr_ratio: Optional[float] = None,
         total_steps: Optional[int] = None,
+        lr_scale: Optional[dict[str, float]] = None,
         eval_capacity_factor: Optional[float] = None,
         eval_top_k: Optional[int] = None,
         eval_dropless: Optional[bool] = None,
     ) -> None:
         super().__init__()
         given = dict(optimizer=optimizer, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                     warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio, total_steps=total_steps)
+                     warmup_steps=warmup_steps, lr_decay=lr_decay, min_lr_ratio=min_lr_ratio, total_steps=total_steps,
+                     lr_scale=lr_scale)
         optim = self.optimizer_defaults.updated(given)  # validates: a bad value fails here, not at fit
         # The calling task's init args (every subclass __init__ up the call), then the resolved shared group.
         self.save_hyperparameters(frame=inspect.currentframe().f_back)

@@ -34,6 +34,10 @@ class OptimizerConfig:
     warmup_steps: linear warmup (in optimiser steps), then ``lr_decay`` ("cosine", "linear", "constant") to
         ``min_lr_ratio * lr`` at the end of training; stepped every optimiser step.
     total_steps: steps of the schedule; ``None`` = the Trainer's estimate (``max_steps`` / ``max_epochs``).
+    lr_scale: ``{parameter group: factor}``: that group's peak learning rate is ``factor * lr`` (same warmup and
+        decay), e.g. ``{"vision_tower": 0.1}`` for a tower that trains beside a decoder from scratch. Group names
+        are the model's freeze groups (:func:`zoo.models.freeze.param_groups`: ``vision_tower``, ``projector``,
+        ``attention``, ``experts``, ...); an unknown name is an error. None = one learning rate for all.
     """
 
     optimizer: OptimizerName = "adamw"
@@ -45,8 +49,15 @@ class OptimizerConfig:
     lr_decay: DecayName = "cosine"
     min_lr_ratio: float = 0.0
     total_steps: Optional[int] = None
+    lr_scale: Optional[Mapping[str, float]] = None
 
     def __post_init__(self) -> None:
+        if self.lr_scale is not None:
+            if not isinstance(self.lr_scale, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in self.lr_scale.items()):
+                raise ValueError(f"lr_scale must map parameter group names to factors > 0, e.g. "
+                                 f"{{'vision_tower': 0.1}}, got {self.lr_scale!r}")
+            object.__setattr__(self, "lr_scale", {k: float(v) for k, v in self.lr_scale.items()})
         if self.optimizer not in get_args(OptimizerName):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected 'adamw' or 'adam'")
         if self.lr_decay not in get_args(DecayName):
@@ -121,16 +132,38 @@ def split_decay_params(model: nn.Module) -> tuple[list[str], list[str]]:
     return decay, no_decay
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: Optional[float] = None,
+                 lr_scale: Optional[Mapping[str, float]] = None) -> list[dict]:
     """Two optimiser groups: ``weight_decay`` for matrices / kernels, 0 for the rest (:func:`split_decay_params`).
-    Each group carries its parameter names under ``"names"`` (ignored by torch optimisers, handy in tests)."""
+    Each group carries its parameter names under ``"names"`` (ignored by torch optimisers, handy in tests).
+
+    With ``lr_scale`` (:class:`OptimizerConfig`), the parameters of each named freeze group get their own pair of
+    groups with ``"lr": factor * lr`` and the group name under ``"lr_group"``."""
     decay, no_decay = split_decay_params(model)
     params = dict(model.named_parameters())
-    groups = [
-        {"params": [params[n] for n in decay], "weight_decay": weight_decay, "names": decay},
-        {"params": [params[n] for n in no_decay], "weight_decay": 0.0, "names": no_decay},
-    ]
-    return [g for g in groups if g["params"]]
+    scale_of: dict[str, str] = {}
+    if lr_scale:
+        from zoo.models.freeze import param_groups as freeze_groups
+
+        known = freeze_groups(model)
+        unknown = sorted(set(lr_scale) - set(known))
+        if unknown:
+            raise ValueError(f"lr_scale names {unknown}, which are not parameter groups of this model; its groups "
+                             f"are {sorted(known)}")
+        if lr is None:
+            raise ValueError("lr_scale needs the peak lr to scale")
+        scale_of = {name: group for group in lr_scale for name, _ in known[group]}
+    groups = []
+    for group in [None, *(lr_scale or {})]:
+        for names, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            chosen = [n for n in names if scale_of.get(n) == group]
+            if not chosen:
+                continue
+            entry = {"params": [params[n] for n in chosen], "weight_decay": wd, "names": chosen}
+            if group is not None:
+                entry.update(lr=lr * lr_scale[group], lr_group=group)
+            groups.append(entry)
+    return groups
 
 
 def build_optimizer(
@@ -140,9 +173,10 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    lr_scale: Optional[Mapping[str, float]] = None,
 ) -> torch.optim.Optimizer:
     """AdamW (decoupled decay) or Adam (L2 decay) over :func:`param_groups`."""
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, lr, lr_scale)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
     if name == "adam":
@@ -215,7 +249,8 @@ class RecipeOptimizerMixin:
 
     def configure_optimizers(self) -> dict:
         cfg = self.optimizer_config()
-        optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+        optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps,
+                                    cfg.lr_scale)
         for module in self.extra_trainable_modules():
             for group in param_groups(module, cfg.weight_decay):
                 optimizer.add_param_group(group)
