@@ -156,3 +156,39 @@ def test_cv_squared_closed_form_gradient():
     got, = torch.autograd.grad(_cv_squared(x), x, g)
     want, = torch.autograd.grad(plain(x), x, g)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_generation_skips_the_losses_and_statistics_of_every_moe_layer():
+    """A decode step (one token per sequence, eval) inside routing_statistics_off() computes the same output with
+    fewer ops and leaves ``aux`` None; generate() runs its steps that way; a training layer refuses it."""
+    import zoo
+    from zoo.models.generate import generate
+    from zoo.moe import routing_statistics_off
+
+    cfg = MoEConfig(num_experts=4, top_k=2, renormalize=True, dropless=True, noise_std=0.0, batch_priority=False,
+                    group_size=1, activation="swiglu", expert_bias=False, num_modalities=2,
+                    importance_loss_weight=0.0, load_loss_weight=0.0, switch_loss_weight=0.01, z_loss_weight=0.001)
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, cfg, causal=True).eval()
+    x, mask, mod = torch.randn(4, 1, 16), torch.ones(4, 1, dtype=torch.bool), torch.zeros(4, 1, dtype=torch.long)
+    with _AtenOps() as full:
+        want = layer(x, mask, mod)
+    assert layer.aux is not None
+    with routing_statistics_off(), _AtenOps() as lean:
+        got = layer(x, mask, mod)
+    assert torch.equal(got, want) and layer.aux is None
+    assert lean.count <= full.count - 20, (lean.count, full.count)
+
+    layer.train()
+    with routing_statistics_off(), pytest.raises(RuntimeError, match="training objective"):
+        layer(x, mask, mod)
+
+    model = zoo.create_model("decoder_tiny_moe").eval()
+    seen = []
+    for block in model.blocks:
+        if isinstance(block.mlp, MoELayer):
+            block.mlp.register_forward_hook(lambda m, a, out: seen.append(m.aux))
+    generate(model, torch.randint(0, model.config.vocab_size, (2, 5)), max_new_tokens=3)
+    assert seen and all(a is None for a in seen)
+    model(torch.randint(0, model.config.vocab_size, (2, 5)))  # outside generate: statistics as before
+    assert all(layer.aux is not None for layer in model.modules() if isinstance(layer, MoELayer))

@@ -9,6 +9,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from zoo.moe.layer import routing_statistics_off
+
 
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                   top_p: Optional[float] = None) -> Tensor:
@@ -86,32 +88,34 @@ def generate(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mas
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(B, cache_len)
-        if input_ids is not None:
-            logits = model(input_ids, mask, cache=cache, modality=modality).logits[:, -1]
-        else:
-            logits = model(None, mask, cache=cache, inputs_embeds=inputs_embeds, modality=modality).logits[:, -1]
-        step_mask = torch.ones(B, 1, dtype=torch.bool, device=device)
-        # Generated tokens are text: modality 0 where the prompt carried modality ids.
-        step_modality = None if modality is None else torch.zeros(B, 1, dtype=torch.long, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        pad = eos_token_id if pad_token_id is None else pad_token_id
-        out = [] if input_ids is None else [input_ids]
-        for step in range(max_new_tokens):
-            if do_sample:
-                probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        # nobody reads the MoE layers' losses and statistics while generating: skip their kernels every step
+        with routing_statistics_off():
+            cache = model.new_cache(B, cache_len)
+            if input_ids is not None:
+                logits = model(input_ids, mask, cache=cache, modality=modality).logits[:, -1]
             else:
-                token = logits.argmax(-1)
-            if eos_token_id is not None:
-                token = torch.where(finished, torch.full_like(token, pad), token)
-                finished |= token == eos_token_id
-            out.append(token[:, None])
-            if on_token is not None:
-                on_token(token)
-            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
-                break
-            logits = model(token[:, None], step_mask, cache=cache, modality=step_modality).logits[:, -1]
+                logits = model(None, mask, cache=cache, inputs_embeds=inputs_embeds, modality=modality).logits[:, -1]
+            step_mask = torch.ones(B, 1, dtype=torch.bool, device=device)
+            # Generated tokens are text: modality 0 where the prompt carried modality ids.
+            step_modality = None if modality is None else torch.zeros(B, 1, dtype=torch.long, device=device)
+            finished = torch.zeros(B, dtype=torch.bool, device=device)
+            pad = eos_token_id if pad_token_id is None else pad_token_id
+            out = [] if input_ids is None else [input_ids]
+            for step in range(max_new_tokens):
+                if do_sample:
+                    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+                    token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                else:
+                    token = logits.argmax(-1)
+                if eos_token_id is not None:
+                    token = torch.where(finished, torch.full_like(token, pad), token)
+                    finished |= token == eos_token_id
+                out.append(token[:, None])
+                if on_token is not None:
+                    on_token(token)
+                if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+                    break
+                logits = model(token[:, None], step_mask, cache=cache, modality=step_modality).logits[:, -1]
     finally:
         model.train(was_training)
     return torch.cat(out, dim=1)

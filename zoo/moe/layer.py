@@ -18,8 +18,10 @@ an MoE layer replace any ``mlp(x)`` call, e.g. inside a timm ``Block``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -45,9 +47,29 @@ def _fused_moe_or_none(x: Tensor, activation: str):
     return fused_moe if fused_moe_available(x) else None
 
 
+_STATISTICS_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_moe_statistics_off", default=False)
+
+
+@contextlib.contextmanager
+def routing_statistics_off() -> Iterator[None]:
+    """MoE layers in eval mode skip their auxiliary losses and routing statistics inside this block (``layer.aux``
+    stays None; outputs are unchanged, bit for bit).
+
+    For generation: every decode step runs each MoE layer on one token per sequence, where the losses and
+    statistics are a large share of the layer's kernel launches and nobody reads them. A layer in training mode
+    refuses to run inside it (its aux loss is part of the objective). Routing records (``record_routing``) and
+    router hooks are unaffected."""
+    token = _STATISTICS_OFF.set(True)
+    try:
+        yield
+    finally:
+        _STATISTICS_OFF.reset(token)
+
+
 def routed_moe(decide: Callable[..., Routing], decide_args: tuple, cfg: MoEConfig, x: Tensor, valid: Tensor,
                modality: Optional[Tensor], all_valid: bool, fused: Optional[Callable],
-               weights: Optional[tuple], activation: str) -> tuple[Tensor, MoEAux, Routing]:
+               weights: Optional[tuple], activation: str,
+               with_aux: bool = True) -> tuple[Tensor, Optional[MoEAux], Routing]:
     """The MoE layer's sparse forward on grouped tokens, one function (the layer compiles it as one graph).
 
     Args:
@@ -59,7 +81,7 @@ def routed_moe(decide: Callable[..., Routing], decide_args: tuple, cfg: MoEConfi
             (it has data-dependent sizes and host syncs that would break the graph).
     Returns:
         out: the expert output [T, D] on the fused path, else the differentiable combine weights [G, S, K];
-        aux: losses and statistics (:class:`MoEAux`);
+        aux: losses and statistics (:class:`MoEAux`); None when ``with_aux`` is False (:func:`routing_statistics_off`);
         routing: the decision, detached (a graph output that requires grad but gets none costs a zero-filled tangent
             per backward: only ``out`` and ``aux.loss`` carry gradients).
     """
@@ -70,7 +92,7 @@ def routed_moe(decide: Callable[..., Routing], decide_args: tuple, cfg: MoEConfi
         K = routing.expert_index.shape[-1]
         out = fused(x, routing.expert_index.reshape(-1, K), routing.combine_weight.reshape(-1, K).to(x.dtype),
                     routing.keep.reshape(-1, K), *weights, activation)
-    aux = sparse_aux(routing, cfg, valid, modality, all_valid)
+    aux = sparse_aux(routing, cfg, valid, modality, all_valid) if with_aux else None
     return out, aux, routing.detached()
 
 
@@ -191,6 +213,9 @@ class MoELayer(nn.Module):
         # Drop the last step's outputs first: on the CUDA-graph path their memory is reused once nothing holds them.
         self.aux = None
         self.last_routing = None
+        if self.training and _STATISTICS_OFF.get():
+            raise RuntimeError("an MoE layer in training mode ran inside routing_statistics_off(): its auxiliary loss "
+                               "is part of the training objective; use the context for inference (model.eval()) only")
         if B == 0 or S == 0:
             return torch.zeros_like(x)
         (xg, vg, mg), pad = self._group(x, valid, modality)
@@ -244,7 +269,8 @@ class MoELayer(nn.Module):
         stacked = None if weights is None else (weights.w1, weights.b1, weights.w2, weights.b2)
         activation = cfg.activation if weights is None else weights.activation
         step = maybe_compiled(routed_moe, cfg.compile_routing, x.device, cfg.cuda_graphs)
-        out, self.aux, routing = step(plan.decide, plan.args, cfg, x, vg, mg, all_valid, fused, stacked, activation)
+        out, self.aux, routing = step(plan.decide, plan.args, cfg, x, vg, mg, all_valid, fused, stacked, activation,
+                                      not _STATISTICS_OFF.get())
         routing = self.router(xg, vg, k, capacity_factor, all_valid, causal=self.causal, decided=routing)  # hooks
         if fused is None:  # out: the combine weights, for a dispatcher outside the graph
             K = routing.expert_index.shape[-1]
@@ -287,7 +313,7 @@ class MoELayer(nn.Module):
         slots = slots.reshape(G, E, P, D).permute(1, 0, 2, 3).reshape(E, G * P, D)
         out = self.experts.forward_dense(slots).reshape(E, G, P, D).permute(1, 0, 2, 3).reshape(G, E * P, D)
         y = torch.einsum("gsn,gnd->gsd", combine.to(out.dtype), out)
-        self.aux = soft_aux(self.config, dispatch, logits, vg, mg)
+        self.aux = None if _STATISTICS_OFF.get() else soft_aux(self.config, dispatch, logits, vg, mg)
         record = None
         if self.record_routing:
             record = (soft_expert_probs(logits.detach(), E).float(), vg, mg, None, None)
