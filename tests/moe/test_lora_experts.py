@@ -107,3 +107,26 @@ def test_lora_experts_from_experts_keep_per_expert_bases_and_merge_exactly(activ
                                rtol=1e-5, atol=1e-5)
     lora.expert(1, x).sum().backward()
     assert lora.w1.grad is None and lora.lora_b2.grad[1].abs().sum() > 0 and lora.lora_b2.grad[0].abs().sum() == 0
+
+
+def test_lora_spec_wraps_experts_and_a_group_starts_as_the_model_and_merges_back():
+    import zoo
+    from zoo.models.lora_spec import LoRASpec, lora_parameter_names, merge_all_lora
+
+    torch.manual_seed(0)
+    model = zoo.upcycle(zoo.create_model("decoder_tiny"), num_experts=2, top_k=1).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    want = model(ids).logits
+    spec = LoRASpec.from_dict({"experts": True, "modules": ["attention"], "r": 2, "alpha": 4})
+    done = spec.apply(model)
+    assert done["experts"] and done["modules"] and all(isinstance(dict(model.named_modules())[n], LoRALinear)
+                                                       for n in done["modules"])
+    torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-6)
+    _trained(model)
+    trained = model(ids).logits
+    assert merge_all_lora(model) == len(done["experts"]) + len(done["modules"]) and not lora_parameter_names(model)
+    torch.testing.assert_close(model(ids).logits, trained, rtol=1e-4, atol=1e-5)
+    for bad, msg in (({"rank": 2}, "unknown key"), ({"r": 2}, "nothing would get LoRA"),
+                     ({"modules": ["no.such"]}, "not nn.Linear")):
+        with pytest.raises(ValueError, match=msg):
+            LoRASpec.from_dict(bad).apply(zoo.create_model("decoder_tiny"))
