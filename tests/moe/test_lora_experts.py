@@ -79,3 +79,54 @@ def test_moe_layer_with_lora_experts_trains_only_lora_and_router_and_merges():
         layer.experts = layer.experts.merged()
         assert isinstance(layer.experts, StackedExperts)
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gelu", True)])
+def test_lora_experts_from_experts_keep_per_expert_bases_and_merge_exactly(activation, bias):
+    """Uni-MoE v1 stage 3: every expert its own frozen base (different FFNs), per-expert deltas."""
+    torch.manual_seed(0)
+    D, H, E = 16, 24, 3
+    stacked = StackedExperts(E, D, H, activation, bias=bias)
+    with torch.no_grad():
+        for p in stacked.parameters():
+            p.normal_()
+    lora = LoRAExperts.from_experts(stacked, r=2, alpha=4)
+    assert lora.per_expert_base and lora.w1.shape == stacked.w1.shape and not lora.w1.requires_grad
+    assert set(stacked.state_dict()) <= set(lora.state_dict())  # a stacked state dict loads into the bases
+    x = torch.randn(7, D)
+    for e in range(E):  # B = 0: each expert starts as ITS original
+        torch.testing.assert_close(lora.expert(e, x), stacked.expert(e, x), rtol=0, atol=0)
+    _trained(lora)
+    sw, merged = lora.stacked(), lora.merged()
+    for e in range(E):
+        want = lora.expert(e, x)
+        assert not torch.allclose(want, stacked.expert(e, x))
+        torch.testing.assert_close(sw.expert(e, x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged.expert(e, x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged.forward_dense(x.expand(E, -1, -1)), lora.forward_dense(x.expand(E, -1, -1)),
+                               rtol=1e-5, atol=1e-5)
+    lora.expert(1, x).sum().backward()
+    assert lora.w1.grad is None and lora.lora_b2.grad[1].abs().sum() > 0 and lora.lora_b2.grad[0].abs().sum() == 0
+
+
+def test_lora_spec_wraps_experts_and_a_group_starts_as_the_model_and_merges_back():
+    import zoo
+    from zoo.models.lora_spec import LoRASpec, lora_parameter_names, merge_all_lora
+
+    torch.manual_seed(0)
+    model = zoo.upcycle(zoo.create_model("decoder_tiny"), num_experts=2, top_k=1).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    want = model(ids).logits
+    spec = LoRASpec.from_dict({"experts": True, "modules": ["attention"], "r": 2, "alpha": 4})
+    done = spec.apply(model)
+    assert done["experts"] and done["modules"] and all(isinstance(dict(model.named_modules())[n], LoRALinear)
+                                                       for n in done["modules"])
+    torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-6)
+    _trained(model)
+    trained = model(ids).logits
+    assert merge_all_lora(model) == len(done["experts"]) + len(done["modules"]) and not lora_parameter_names(model)
+    torch.testing.assert_close(model(ids).logits, trained, rtol=1e-4, atol=1e-5)
+    for bad, msg in (({"rank": 2}, "unknown key"), ({"r": 2}, "nothing would get LoRA"),
+                     ({"modules": ["no.such"]}, "not nn.Linear")):
+        with pytest.raises(ValueError, match=msg):
+            LoRASpec.from_dict(bad).apply(zoo.create_model("decoder_tiny"))

@@ -2,8 +2,9 @@
 
 Uni-MoE v1 stage 3 puts LoRA on the LM's linears (its PEFT config: every ``nn.Linear`` of the LM except ``lm_head``,
 the routers and the multimodal modules); which linears is the CALLER's choice, given by module names, so no name
-pattern is baked in here. ``B`` starts at zero, so a fresh LoRA layer computes exactly its base; :func:`merge_lora`
-folds the delta into plain ``nn.Linear`` layers for inference (same outputs, no extra matmuls).
+pattern is baked in here (a recipe names them, or a freeze group, through :class:`zoo.models.lora_spec.LoRASpec`).
+``B`` starts at zero, so a fresh LoRA layer computes exactly its base; :func:`merge_lora` folds the delta into plain
+``nn.Linear`` layers for inference (same outputs, no extra matmuls).
 """
 
 from __future__ import annotations

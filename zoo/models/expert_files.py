@@ -20,7 +20,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from zoo.moe.experts import StackedExperts
+from zoo.moe.experts import LoRAExperts, StackedExperts
 from zoo.moe.layer import MoELayer
 
 FORMAT = "zoo-expert-file-v1"
@@ -103,7 +103,9 @@ def load_expert_file(path: Union[str, Path]) -> ExpertFile:
 def init_experts_from_files(model: nn.Module, files: Mapping[int, Union[str, Path, ExpertFile]]) -> dict[int, str]:
     """Copy, in every MoE layer of ``model``'s decoder, the FFN of block i from ``files[e]`` into expert ``e``.
 
-    Experts not named in ``files`` keep their weights. Every named file must hold a dense FFN for every MoE block
+    Experts not named in ``files`` keep their weights. LoRA experts with per-expert bases
+    (:meth:`zoo.moe.LoRAExperts.from_experts`) get the file's FFN as expert ``e``'s frozen base; their low-rank
+    factors are left as they are (zero ``B`` at the start of a run: the expert computes the file's FFN). Every named file must hold a dense FFN for every MoE block
     with the experts' activation and shapes; an expert index out of range is an error. Returns ``{e: path}``.
     """
     blocks = _decoder_blocks(model)
@@ -114,9 +116,10 @@ def init_experts_from_files(model: nn.Module, files: Mapping[int, Union[str, Pat
     for e, ef in loaded.items():
         for i, layer in moe_blocks:
             experts = layer.experts
-            if not isinstance(experts, StackedExperts):
+            if not (isinstance(experts, StackedExperts)
+                    or (isinstance(experts, LoRAExperts) and experts.per_expert_base)):
                 raise TypeError(f"block {i}: experts of type {type(experts).__name__} cannot be loaded from an expert "
-                                "file (stacked two-layer experts only)")
+                                "file (stacked two-layer experts, or LoRA experts with per-expert bases, only)")
             if not 0 <= e < experts.num_experts:
                 raise ValueError(f"expert file for expert {e}: block {i} has experts 0..{experts.num_experts - 1}")
             if ef.activation != experts.activation:

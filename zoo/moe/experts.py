@@ -4,7 +4,7 @@
 (tokens sorted by expert) or ``forward_dense`` (one buffer per expert, Soft MoE). ``stacked()`` returns the
 experts as stacked tensors (:class:`StackedWeights`) when the fused GPU kernel can serve them, else None (then the
 layer takes a reference dispatcher). Other experts plug in by subclassing :class:`Experts`: LoRA experts (Uni-MoE:
-a frozen shared FFN plus per-expert low-rank deltas) implement ``expert`` and may return their merged weights
+a frozen FFN, shared or one per expert, plus per-expert low-rank deltas) implement ``expert`` and may return their merged weights
 (``base + A @ B``, differentiable) from ``stacked()`` to take the fused path.
 """
 
@@ -146,15 +146,22 @@ class StackedExperts(Experts):
 
 
 class LoRAExperts(Experts):
-    """E experts sharing ONE frozen two-layer FFN, each with its own low-rank deltas (Uni-MoE v2: r=8, alpha=16):
-    expert e's weights are ``w1 + s A1[e] B1[e]`` and ``w2 + s A2[e] B2[e]``, ``s = alpha / r``.
+    """E experts, each a FROZEN two-layer FFN plus its own trainable low-rank deltas (Uni-MoE, r=8, alpha=16):
+    expert e's weights are ``base1(e) + s A1[e] B1[e]`` and ``base2(e) + s A2[e] B2[e]``, ``s = alpha / r``.
 
-    Parameters: frozen ``w1 [D, H']`` (SwiGLU: ``[D, 2H]``, gate columns then up columns: LoRA on the gate and up
-    projections is one delta on this fused matrix whose rank-r factors are per projection, see below), ``w2 [H, D]``,
-    optional frozen ``b1 [H']`` / ``b2 [D]``; trainable ``lora_a1 [E, D, r']``, ``lora_b1 [E, r', H']``,
-    ``lora_a2 [E, H, r]``, ``lora_b2 [E, r, D]``, the ``b`` factors zero-initialised so every expert starts as the base
-    FFN. For SwiGLU ``r' = 2r`` with ``lora_b1`` block-diagonal in use (gate rank r -> gate columns, up rank r -> up
-    columns): that is exactly separate rank-r LoRA on ``gate_proj`` and ``up_proj`` as the official PEFT setup has it;
+    The frozen base is either ONE FFN shared by every expert (``per_expert_base=False``, Uni-MoE v2: LoRA experts
+    around the dense FFN, :meth:`from_dense`) or one FFN per expert (``per_expert_base=True``, Uni-MoE v1 stage 3:
+    expert e starts from modality e's stage-2 FFN, :meth:`from_experts` wraps existing stacked experts, e.g. after
+    :func:`zoo.models.expert_files.init_experts_from_files`).
+
+    Parameters: frozen ``w1 [D, H']`` (per-expert base: ``[E, D, H']``; SwiGLU ``H' = 2H``, gate columns then up
+    columns: LoRA on the gate and up projections is one delta on this fused matrix whose rank-r factors are per
+    projection, see below), ``w2 [H, D]`` (``[E, H, D]``), optional frozen ``b1 [H']`` / ``b2 [D]`` (``[E, H']`` /
+    ``[E, D]``): the per-expert base has exactly the names and shapes of :class:`StackedExperts`, so a stacked
+    state dict loads into it; trainable ``lora_a1 [E, D, r']``, ``lora_b1 [E, r', H']``, ``lora_a2 [E, H, r]``,
+    ``lora_b2 [E, r, D]``, the ``b`` factors zero-initialised so every expert starts as its base. For SwiGLU
+    ``r' = 2r`` with ``lora_b1`` block-diagonal in use (gate rank r -> gate columns, up rank r -> up columns): that
+    is exactly separate rank-r LoRA on ``gate_proj`` and ``up_proj`` as the official PEFT setup has it;
     :meth:`stacked` enforces the block structure by masking.
 
     :meth:`stacked` returns the merged per-expert weights (differentiable in the LoRA factors), so the fused GPU
@@ -163,19 +170,21 @@ class LoRAExperts(Experts):
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu", bias: bool = False,
-                 r: int = 8, alpha: float = 16.0) -> None:
+                 r: int = 8, alpha: float = 16.0, per_expert_base: bool = False) -> None:
         super().__init__()
         apply_activation(torch.zeros(1, 2), activation)
         if r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {r}")
         self.num_experts, self.dim, self.hidden_dim, self.activation = num_experts, dim, hidden_dim, activation
         self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
+        self.per_expert_base = bool(per_expert_base)
         gated = activation == "swiglu"
         h1, r1 = (2 * hidden_dim, 2 * r) if gated else (hidden_dim, r)
-        self.w1 = nn.Parameter(torch.empty(dim, h1), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(hidden_dim, dim), requires_grad=False)
-        self.b1 = nn.Parameter(torch.zeros(h1), requires_grad=False) if bias else None
-        self.b2 = nn.Parameter(torch.zeros(dim), requires_grad=False) if bias else None
+        lead = (num_experts,) if self.per_expert_base else ()
+        self.w1 = nn.Parameter(torch.empty(*lead, dim, h1), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(*lead, hidden_dim, dim), requires_grad=False)
+        self.b1 = nn.Parameter(torch.zeros(*lead, h1), requires_grad=False) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(*lead, dim), requires_grad=False) if bias else None
         self.lora_a1 = nn.Parameter(torch.empty(num_experts, dim, r1))
         self.lora_b1 = nn.Parameter(torch.zeros(num_experts, r1, h1))
         self.lora_a2 = nn.Parameter(torch.empty(num_experts, hidden_dim, r))
@@ -204,21 +213,24 @@ class LoRAExperts(Experts):
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.w1, std=0.02)
         nn.init.trunc_normal_(self.w2, std=0.02)
-        # A as PEFT's Kaiming-uniform on [r, in] (bound 1/sqrt(in)); B zero: the experts start as the base FFN.
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A as PEFT's Kaiming-uniform on [r, in] (bound 1/sqrt(in)); B zero: every expert computes its base."""
         for a in (self.lora_a1, self.lora_a2):
             nn.init.uniform_(a, -1 / math.sqrt(a.shape[1]), 1 / math.sqrt(a.shape[1]))
         nn.init.zeros_(self.lora_b1)
         nn.init.zeros_(self.lora_b2)
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        """The trainable low-rank factors (the ``lora`` freeze group); the shared base is frozen."""
+        """The trainable low-rank factors (the ``lora`` freeze group); the base is frozen."""
         return [self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2]
 
     @classmethod
     def from_dense(cls, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                    fc2_bias: Optional[Tensor], num_experts: int, activation: str, r: int = 8,
                    alpha: float = 16.0) -> "LoRAExperts":
-        """LoRA experts whose frozen base is a dense FFN given as ``nn.Linear`` weights (``fc1 [H', D]``,
+        """LoRA experts whose ONE shared frozen base is a dense FFN given as ``nn.Linear`` weights (``fc1 [H', D]``,
         ``fc2 [D, H]``), e.g. the stage-2 FFN of Uni-MoE."""
         dim, hidden = fc2_weight.shape
         out = cls(num_experts, dim, hidden, activation, bias=fc1_bias is not None, r=r, alpha=alpha)
@@ -231,24 +243,46 @@ class LoRAExperts(Experts):
                 out.b2.copy_(fc2_bias)
         return out
 
+    @classmethod
+    def from_experts(cls, experts: StackedExperts, r: int = 8, alpha: float = 16.0) -> "LoRAExperts":
+        """LoRA experts whose per-expert frozen bases are copies of ``experts``' weights (Uni-MoE v1 stage 3: the
+        experts as :func:`zoo.models.expert_files.init_experts_from_files` left them); every expert starts equal
+        to its original. Same device and dtype as ``experts``."""
+        if not isinstance(experts, StackedExperts):
+            raise TypeError(f"from_experts wraps StackedExperts, got {type(experts).__name__}")
+        out = cls(experts.num_experts, experts.dim, experts.hidden_dim, experts.activation,
+                  bias=experts.b1 is not None, r=r, alpha=alpha, per_expert_base=True)
+        out = out.to(device=experts.w1.device, dtype=experts.w1.dtype)
+        with torch.no_grad():
+            for mine, theirs in ((out.w1, experts.w1), (out.w2, experts.w2), (out.b1, experts.b1),
+                                 (out.b2, experts.b2)):
+                if mine is not None:
+                    mine.copy_(theirs)
+        return out
+
+    def _base(self, t: Optional[Tensor], e: Optional[int] = None) -> Optional[Tensor]:
+        """Base tensor ``t`` for expert ``e`` (``e=None``: for all experts, stacked on a leading axis)."""
+        if t is None:
+            return None
+        if e is not None:
+            return t[e] if self.per_expert_base else t
+        return t if self.per_expert_base else t.unsqueeze(0).expand(self.num_experts, *t.shape)
+
     def stacked(self) -> StackedWeights:
         s = self.scaling
-        w1 = self.w1.unsqueeze(0) + s * torch.bmm(self.lora_a1, self.lora_b1 * self._b1_mask)
-        w2 = self.w2.unsqueeze(0) + s * torch.bmm(self.lora_a2, self.lora_b2)
-        E = self.num_experts
-        b1 = None if self.b1 is None else self.b1.unsqueeze(0).expand(E, -1)
-        b2 = None if self.b2 is None else self.b2.unsqueeze(0).expand(E, -1)
-        return StackedWeights(w1, b1, w2, b2, self.activation)
+        w1 = self._base(self.w1) + s * torch.bmm(self.lora_a1, self.lora_b1 * self._b1_mask)
+        w2 = self._base(self.w2) + s * torch.bmm(self.lora_a2, self.lora_b2)
+        return StackedWeights(w1, self._base(self.b1), w2, self._base(self.b2), self.activation)
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert ``e`` without materialising its weights: base FFN plus the low-rank paths."""
         s = self.scaling
-        h = x @ self.w1 + s * ((x @ self.lora_a1[e]) @ (self.lora_b1[e] * self._b1_mask))
+        h = x @ self._base(self.w1, e) + s * ((x @ self.lora_a1[e]) @ (self.lora_b1[e] * self._b1_mask))
         if self.b1 is not None:
-            h = h + self.b1
+            h = h + self._base(self.b1, e)
         a = apply_activation(h, self.activation)
-        y = a @ self.w2 + s * ((a @ self.lora_a2[e]) @ self.lora_b2[e])
-        return y + self.b2 if self.b2 is not None else y
+        y = a @ self._base(self.w2, e) + s * ((a @ self.lora_a2[e]) @ self.lora_b2[e])
+        return y + self._base(self.b2, e) if self.b2 is not None else y
 
     def merged(self) -> StackedExperts:
         """Plain stacked experts with the deltas folded in (inference: no LoRA matmuls)."""
@@ -263,3 +297,7 @@ class LoRAExperts(Experts):
                 out.b2.copy_(sw.b2)
         return out
 
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+                f"activation={self.activation!r}, bias={self.b1 is not None}, r={self.r}, alpha={self.alpha}, "
+                f"per_expert_base={self.per_expert_base}")

@@ -85,6 +85,15 @@ class InstructTask(ZooTask):
         expert_files: Uni-MoE stage 3: ``{expert index: file}``; after ``init_from`` / ``upcycle``, expert ``e`` of every
             MoE layer starts as the FFN in that file (:mod:`zoo.models.expert_files`). A file is a path or
             ``"run:NAME/FILE"`` (= ``runs/NAME/experts/FILE.safetensors``, what ``export_ffn: FILE`` wrote there).
+        lora: LoRA for this stage, applied after ``upcycle`` and before ``trainable`` (:class:`zoo.models.lora_spec.
+            LoRASpec`): ``{"experts": true, "modules": ["attention"], "r": 8, "alpha": 16}``; ``experts``: every MoE
+            layer's experts get per-expert frozen bases (their own weights) and per-expert low-rank deltas;
+            ``modules``: freeze group names or full module names of ``nn.Linear`` layers to wrap. Train the factors
+            with ``trainable: [..., lora]``. Order at the start of a fresh run: ``init_from`` (loaded through the
+            same upcycle + LoRA wrapping, the factors kept fresh) then ``expert_files`` (into the frozen bases), so
+            the bases are the file weights and every expert starts equal to its file's FFN (``B = 0``). The wrapping
+            is part of the model's structure (built in ``__init__``), so a checkpoint of this stage holds and
+            restores the factors.
         export_ffn: Uni-MoE stage 2: at the end of training, write this run's dense FFNs as the named expert file
             ``<run folder>/experts/<export_ffn>.safetensors``.
         max_new_tokens: answer length limit of test-time generation.
@@ -103,12 +112,16 @@ class InstructTask(ZooTask):
         init_from: Optional[str] = None,
         upcycle: Optional[dict[str, Any]] = None,
         expert_files: Optional[dict[int, str]] = None,
+        lora: Optional[dict[str, Any]] = None,
         export_ffn: Optional[str] = None,
         max_new_tokens: int = 24,
         gradient_checkpointing: bool = False,
         **shared: Any,
     ) -> None:
         super().__init__(**shared)
+        from zoo.models.lora_spec import LoRASpec
+
+        self.lora_spec = LoRASpec.from_dict(lora)  # validated before the (slow) model build
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model = self._build_model()
@@ -140,11 +153,18 @@ class InstructTask(ZooTask):
             raise ValueError(f"upcycle: {err}; its keys are 'placement' and zoo.moe.MoEConfig fields") from err
         return upcycle_stage2_to_moe(model, moe, placement)
 
+    def _stage_structure(self, model: nn.Module) -> nn.Module:
+        """The dense model turned into this stage's structure: upcycled (``upcycle``), then LoRA-wrapped (``lora``).
+        Used for this stage's model and for the previous stage's weights (:meth:`_load_previous_stage`)."""
+        if self.hparams.get("upcycle"):
+            model = self._upcycled(model)
+        if self.lora_spec is not None:
+            self.lora_spec.apply(model)
+        return model
+
     def _build_model(self) -> nn.Module:
         hp = self.hparams
-        model = self._dense_model()
-        if hp.get("upcycle"):
-            model = self._upcycled(model)
+        model = self._stage_structure(self._dense_model())
         if hp.get("trainable") is not None:
             apply_freeze(model, list(hp.trainable))
         if hasattr(model, "decoder"):
@@ -217,7 +237,8 @@ class InstructTask(ZooTask):
 
     def _load_previous_stage(self, path: str) -> None:
         """Weights of the previous stage into this stage's model: loaded into the dense model the previous stage
-        trained, upcycled if this stage upcycles, then copied in place (the optimiser already holds the tensors)."""
+        trained, given this stage's structure (upcycled, LoRA-wrapped), then copied in place (the optimiser already
+        holds the tensors). Routers and LoRA factors stay this model's fresh ones."""
         state = load_stage_weights(path)
         src = self._dense_model()
         missing, unexpected = src.load_state_dict(state, strict=False)
@@ -225,14 +246,17 @@ class InstructTask(ZooTask):
             raise ValueError(f"init_from={path} does not fit the model {self.hparams.model!r} of this stage before "
                              f"upcycling: missing {missing[:4]}, unexpected {unexpected[:4]}; the previous stage "
                              "must train the same preset and overrides (and the same vocabulary)")
-        if self.hparams.get("upcycle"):
-            src = self._upcycled(src)
+        from zoo.models.lora_spec import lora_parameter_names
+
+        src = self._stage_structure(src)
         target = self.model.state_dict()
         new = src.state_dict()
-        if self.hparams.get("upcycle"):  # routers stay this model's fresh ones (seeded by the run); experts are copies
-            routers = {f"{name}.router.{p}" for name, layer in self.model.named_modules() if isinstance(layer, MoELayer)
-                       for p, _ in layer.router.named_parameters()}
-            new = {k: (target[k] if k in routers else v) for k, v in new.items()}
+        # routers (upcycled) and LoRA factors stay this model's fresh ones (seeded by the run); experts are copies
+        fresh = lora_parameter_names(self.model)
+        if self.hparams.get("upcycle"):
+            fresh |= {f"{name}.router.{p}" for name, layer in self.model.named_modules() if isinstance(layer, MoELayer)
+                      for p, _ in layer.router.named_parameters()}
+        new = {k: (target[k] if k in fresh else v) for k, v in new.items()}
         self.model.load_state_dict(new, strict=True)
 
     # ------------------------------------------------------------------------------------------ steps
