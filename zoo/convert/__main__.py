@@ -1,7 +1,8 @@
 """``python -m zoo.convert vmoe --checkpoint PREFIX --out DIR [--preset NAME | --config official.json] ...`` and
 ``python -m zoo.convert hf-lm --checkpoint HF_DIR --out DIR`` and
 ``python -m zoo.convert moe-llava --checkpoint DIR --out DIR [--image-tower DIR_OR_ID]`` and
-``python -m zoo.convert uni-moe --checkpoint DIR --out DIR [--vision-tower DIR] [--audio-tower DIR]``."""
+``python -m zoo.convert uni-moe --checkpoint DIR --out DIR [--base DIR] [--vision-tower DIR] [--audio-tower DIR]``
+(``--base``: for an ``-e2`` LoRA fine-tune folder, the full checkpoint it was trained from)."""
 
 from __future__ import annotations
 
@@ -54,10 +55,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "mm_image_tower, looked up offline next to the checkpoint and in the Hugging Face cache)")
     ml.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="precision of the stored weights")
-    um = sub.add_parser("uni-moe", help="official Uni-MoE v1 (speech) checkpoint (HITsz-TMG Uni_MoE) -> zoo "
-                        "uni_moe DIR")
+    um = sub.add_parser("uni-moe", help="official Uni-MoE v1 (speech) checkpoint or -e2 LoRA fine-tune (HITsz-TMG "
+                        "Uni_MoE) -> zoo uni_moe DIR")
     um.add_argument("--checkpoint", required=True, help="folder with config.json (model_type llava, num_experts, "
-                    "mm_audio_tower) and pytorch_model*.bin (+ mm_projector.bin / mm_audio_aligner.bin)")
+                    "mm_audio_tower) and pytorch_model*.bin (+ mm_projector.bin / mm_audio_aligner.bin); or a LoRA "
+                    "fine-tune folder (-e2: adapter_config.json + adapter_model.bin, non_lora_trainables.bin, "
+                    "mlp_gates.bin, mm_audio_aligner.bin), which needs --base")
+    um.add_argument("--base", help="for a LoRA fine-tune: the full checkpoint folder it was trained from (e.g. the "
+                    "speech base); its LoRA deltas (lora_alpha / r) B A are merged into the base's dense weights, "
+                    "non_lora_trainables.bin / mlp_gates.bin / mm_audio_aligner.bin replace base tensors")
     um.add_argument("--out", required=True, help="output folder; load with zoo.create_model('local-dir:DIR')")
     um.add_argument("--vision-tower", help="the CLIP vision folder (default: the config's mm_vision_tower, looked up "
                     "offline next to the checkpoint and in the Hugging Face cache)")
@@ -104,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from zoo.convert.uni_moe import convert_uni_moe
 
         model = convert_uni_moe(args.checkpoint, args.out, vision_tower=args.vision_tower,
-                                audio_tower=args.audio_tower, dtype=getattr(torch, args.dtype))
+                                audio_tower=args.audio_tower, dtype=getattr(torch, args.dtype), base=args.base)
         n = sum(p.numel() for p in model.parameters())
         print(f"wrote {args.out} ({n:,} parameters); load with zoo.create_model('local-dir:{args.out}')")
         return 0

@@ -2,6 +2,14 @@
 ``uni_moe`` folders.
 
     python -m zoo.convert uni-moe --checkpoint DIR --out DIR [--vision-tower DIR] [--audio-tower DIR]
+    python -m zoo.convert uni-moe --checkpoint FINETUNE_DIR --base BASE_DIR --out DIR [...]   # -e2 LoRA fine-tunes
+
+LoRA fine-tunes (the v1 ``-e2`` releases: ``adapter_config.json`` + ``adapter_model.bin`` (PEFT LoRA),
+``non_lora_trainables.bin``, ``mlp_gates.bin``, ``mm_audio_aligner.bin``, no LM weights) are read by
+:func:`zoo.convert.uni_moe_lora.read_lora_finetune` on top of ``--base`` (the full checkpoint they were trained from):
+non-LoRA tensors replace base ones, each LoRA delta ``(lora_alpha / r) B A`` is MERGED into its dense weight, then the
+fine-tune's aligner and routers replace the base's, in the official loader's order; the result converts like a full
+folder (plain ``StackedExperts``, no LoRA modules in the zoo model).
 
 The official folder is read by :func:`zoo.convert.uni_moe_layout.read_uni_moe_layout` (it knows the official names;
 see its docstring and ``tests/fixtures/uni_moe_official/README.md``); this module maps the groups onto
@@ -42,6 +50,7 @@ from zoo.convert.hf_vision import hf_vision_state_dict, split_hf_vision_tensors
 from zoo.convert.hf_whisper import encoder_state_dict, qformer_state_dict, whisper_configs
 from zoo.convert.moe_llava import tower_config_from_official
 from zoo.convert.uni_moe_layout import UniMoELayout, read_uni_moe_layout
+from zoo.convert.uni_moe_lora import is_lora_folder, read_lora_finetune
 from zoo.models.decoder import DecoderConfig
 from zoo.models.multimodal import NUM_MODALITIES
 
@@ -80,14 +89,14 @@ def audio_chunks_from_official(features_mask: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ towers
 def resolve_tower(official: dict[str, Any], key: str, checkpoint: Path, given: Optional[PathLike],
-                  flag: str) -> Optional[Path]:
+                  flag: str, extra_dirs: tuple[Path, ...] = ()) -> Optional[Path]:
     """The tower folder: ``given`` if passed, else the config's ``key`` resolved offline (the folder, a folder of
     that name next to the checkpoint, the Hugging Face cache); None when the config names no such tower."""
     name = given if given is not None else official.get(key)
     if not name:
         return None
     try:
-        folder = find_hf_folder(name, search_dirs=(checkpoint, checkpoint.parent))
+        folder = find_hf_folder(name, search_dirs=(checkpoint, checkpoint.parent, *extra_dirs))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"the {key} tower is needed (the official model reloads it from its own folder): "
                                 f"{err}. Pass {flag} DIR (the Hugging Face folder with config.json and weights)"
@@ -146,14 +155,24 @@ def lm_state_dict(layout: UniMoELayout, cfg: DecoderConfig) -> dict[str, Tensor]
 
 # ------------------------------------------------------------------------------------------------ read
 def read_uni_moe(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,
-                 audio_tower: Optional[PathLike] = None) -> UniMoEParts:
-    """Read an official Uni-MoE v1 checkpoint folder (and its tower folders) into :class:`UniMoEParts`."""
+                 audio_tower: Optional[PathLike] = None, base: Optional[PathLike] = None) -> UniMoEParts:
+    """Read an official Uni-MoE v1 checkpoint folder (and its tower folders) into :class:`UniMoEParts`. A LoRA
+    fine-tune folder (``-e2``: ``adapter_config.json`` / ``non_lora_trainables.bin``) needs ``base``, the full
+    checkpoint it was trained from; its LoRA deltas are merged (:mod:`zoo.convert.uni_moe_lora`)."""
     from zoo.models.uni_moe import UniMoEConfig
 
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
+    merged = None
+    if is_lora_folder(checkpoint):
+        merged = read_lora_finetune(checkpoint, base)
+        official = merged[0]
+    elif base is not None:
+        raise HFCheckpointError(f"--base was given but {checkpoint} is not a LoRA fine-tune (no adapter_config.json "
+                                "/ non_lora_trainables.bin); convert a full checkpoint without --base")
+    elif not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} has no config.json; expected an official Uni-MoE checkpoint folder")
-    official = read_json(checkpoint / "config.json")
+    else:
+        official = read_json(checkpoint / "config.json")
     if not isinstance(official, dict) or official.get("model_type") != "llava" or \
             "mm_audio_tower" not in official and "num_experts" not in official:
         model_type = official.get("model_type") if isinstance(official, dict) else None
@@ -162,11 +181,13 @@ def read_uni_moe(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,
                                 "`python -m zoo.convert moe-llava`, for a plain LM `hf-lm`")
     if official.get("mm_video_tower"):
         raise HFCheckpointError("checkpoints with a separate video tower (mm_video_tower) are not supported")
-    vision_folder = resolve_tower(official, "mm_vision_tower", checkpoint, vision_tower, "--vision-tower")
-    audio_folder = resolve_tower(official, "mm_audio_tower", checkpoint, audio_tower, "--audio-tower")
-    layout = read_uni_moe_layout(checkpoint, vision_tower_dir=vision_folder, audio_tower_dir=audio_folder)
+    extra_dirs = (Path(base), Path(base).parent) if merged is not None else ()
+    vision_folder = resolve_tower(official, "mm_vision_tower", checkpoint, vision_tower, "--vision-tower", extra_dirs)
+    audio_folder = resolve_tower(official, "mm_audio_tower", checkpoint, audio_tower, "--audio-tower", extra_dirs)
+    layout = read_uni_moe_layout(checkpoint, vision_tower_dir=vision_folder, audio_tower_dir=audio_folder,
+                                 config=merged[0] if merged else None, tensors=merged[1] if merged else None)
     s = layout.settings
-    notes = [f"converted from the official Uni-MoE checkpoint {checkpoint.name}"]
+    notes = [f"converted from the official Uni-MoE checkpoint {checkpoint.name}"] + (merged[2] if merged else [])
     decoder = decoder_config_from_layout(layout)
     state = {f"decoder.{k}": v for k, v in lm_state_dict(layout, decoder).items()}
 
@@ -265,19 +286,21 @@ def build_uni_moe(parts: UniMoEParts, dtype: torch.dtype = torch.float32):
 
 
 def load_uni_moe(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,
-                 audio_tower: Optional[PathLike] = None):
-    """An official Uni-MoE v1 checkpoint folder as a zoo ``UniMoE`` (float32, eval mode)."""
-    return build_uni_moe(read_uni_moe(checkpoint, vision_tower, audio_tower))
+                 audio_tower: Optional[PathLike] = None, base: Optional[PathLike] = None):
+    """An official Uni-MoE v1 checkpoint folder (a LoRA fine-tune with ``base``) as a zoo ``UniMoE`` (float32, eval
+    mode)."""
+    return build_uni_moe(read_uni_moe(checkpoint, vision_tower, audio_tower, base))
 
 
 def convert_uni_moe(checkpoint: PathLike, out: PathLike, vision_tower: Optional[PathLike] = None,
-                    audio_tower: Optional[PathLike] = None, dtype: Optional[torch.dtype] = None):
+                    audio_tower: Optional[PathLike] = None, dtype: Optional[torch.dtype] = None,
+                    base: Optional[PathLike] = None):
     """Convert ``checkpoint`` (official Uni-MoE v1 folder) and write a zoo folder to ``out`` that
     ``zoo.create_model("local-dir:OUT")`` loads. ``vision_tower`` / ``audio_tower``: the CLIP / Whisper folders
     (default: the config's ``mm_vision_tower`` / ``mm_audio_tower`` resolved offline). ``dtype``: stored precision
-    (default float32)."""
+    (default float32). ``base``: for a LoRA fine-tune folder (``-e2``), the full checkpoint it was trained from."""
     from zoo.hub import save_pretrained
 
-    model = build_uni_moe(read_uni_moe(checkpoint, vision_tower, audio_tower))
+    model = build_uni_moe(read_uni_moe(checkpoint, vision_tower, audio_tower, base))
     save_pretrained(model, out, dtype=dtype, tag=f"converted from {Path(checkpoint).name}")
     return model

@@ -148,18 +148,12 @@ def _group(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def read_uni_moe_layout(folder: PathLike, *, vision_tower_dir: Optional[PathLike] = None,
-                        audio_tower_dir: Optional[PathLike] = None) -> UniMoELayout:
-    """Read an official Uni-MoE v1 (speech / 4-expert) checkpoint folder. ``vision_tower_dir`` (a CLIP vision
-    folder) and ``audio_tower_dir`` (a Whisper folder) are read when given; the config's own tower paths are never
-    followed. Raises :class:`HFCheckpointError` for another model type, missing or unknown tensors, or shapes that
-    disagree with config.json; ``FileNotFoundError`` for missing files (e.g. a shard holding experts)."""
+def read_official_tensors(folder: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """config.json and every tensor of an official Uni-MoE folder under its official name: the main weights plus
+    the adapter files beside them (``mm_projector.bin`` / ``mm_audio_aligner.bin``, used where the main weights lack
+    those tensors; they must agree otherwise)."""
     folder = Path(folder)
     cfg, tensors = read_hf_folder(folder)
-    if cfg.get("model_type") != "llava" or "mm_audio_tower" not in cfg and "num_experts" not in cfg:
-        raise HFCheckpointError(f"{folder} is not an official Uni-MoE checkpoint: model_type "
-                                f"{cfg.get('model_type')!r} (expected 'llava' with mm_audio_tower / num_experts)")
-    s = _settings(cfg)
     tensors = dict(tensors)
     # adapter files: fill in groups the main weights lack; check agreement otherwise
     for group, (fname, prefixes) in _ADAPTER_FILES.items():
@@ -175,6 +169,29 @@ def read_uni_moe_layout(folder: PathLike, *, vision_tower_dir: Optional[PathLike
                 tensors[k] = v
             elif tensors[k].shape != v.shape or not torch.equal(tensors[k].to(v.dtype), v):
                 raise HFCheckpointError(f"{path} and the main weights disagree on {k!r}; the folder mixes runs")
+
+    return cfg, tensors
+
+
+def read_uni_moe_layout(folder: PathLike, *, vision_tower_dir: Optional[PathLike] = None,
+                        audio_tower_dir: Optional[PathLike] = None,
+                        config: Optional[dict[str, Any]] = None,
+                        tensors: Optional[dict[str, Tensor]] = None) -> UniMoELayout:
+    """Read an official Uni-MoE v1 (speech / 4-expert) checkpoint folder. ``vision_tower_dir`` (a CLIP vision
+    folder) and ``audio_tower_dir`` (a Whisper folder) are read when given; the config's own tower paths are never
+    followed. Raises :class:`HFCheckpointError` for another model type, missing or unknown tensors, or shapes that
+    disagree with config.json; ``FileNotFoundError`` for missing files (e.g. a shard holding experts).
+    ``config`` + ``tensors`` (official names, e.g. a LoRA fine-tune already merged by
+    :mod:`zoo.convert.uni_moe_lora`) replace reading ``folder``, which then only names the source in messages."""
+    folder = Path(folder)
+    if tensors is None:
+        cfg, tensors = read_official_tensors(folder)
+    else:
+        cfg, tensors = dict(config or {}), dict(tensors)
+    if cfg.get("model_type") != "llava" or "mm_audio_tower" not in cfg and "num_experts" not in cfg:
+        raise HFCheckpointError(f"{folder} is not an official Uni-MoE checkpoint: model_type "
+                                f"{cfg.get('model_type')!r} (expected 'llava' with mm_audio_tower / num_experts)")
+    s = _settings(cfg)
 
     taken: set[str] = set()
 
