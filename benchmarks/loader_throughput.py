@@ -116,14 +116,13 @@ def write_markdown(results: dict, path: Path) -> None:
                 cells += [f"{m['median_s_per_batch']:.3f}", f"{m['batches_per_s']:.2f}"] if m else ["-", "-"]
             lines.append(f"| {label} | {r['date']} | {r['machine']} | {r.get('batch_size', '-')} | "
                          + " | ".join(cells) + f" | {r.get('note', '')} |")
-        labels = list(by_label)
-        if "before" in by_label and len(labels) > 1:
-            last = by_label[labels[-1]] if labels[-1] != "before" else None
-            if last:
+        for base in [b for b in by_label if b.startswith("before")]:
+            for label in [k for k in by_label if not k.startswith("before")]:
                 for mode in ("in_process", "one_worker"):
-                    if mode in last and mode in by_label["before"]:
-                        ratio = by_label["before"][mode]["median_s_per_batch"] / last[mode]["median_s_per_batch"]
-                        lines.append(f"\n{mode}: {labels[-1]} is {ratio:.2f}x the batches/s of before.")
+                    if mode in by_label[label] and mode in by_label[base]:
+                        ratio = (by_label[base][mode]["median_s_per_batch"]
+                                 / by_label[label][mode]["median_s_per_batch"])
+                        lines.append(f"- {mode}: {label} is {ratio:.2f}x the batches/s of {base}")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
