@@ -98,3 +98,18 @@ def test_bad_inputs_get_clear_errors(model):
     S = model.config.vision.image_size
     with pytest.raises(ValueError, match=str(S)):
         model(torch.tensor([[5, IMAGE_TOKEN_ID, 6]]), images=torch.randn(1, 3, S + 8, S + 8))
+
+
+def test_lora_is_a_freeze_group_of_every_family():
+    """The ``lora`` group (only the low-rank factors) is a shared freeze group, not a Uni-MoE one: a MoE-LLaVA
+    recipe can train ``[routers, lora]`` with LoRA on its experts and attention, every base frozen."""
+    from zoo.models.freeze import apply_freeze, param_groups
+    from zoo.models.lora_spec import LoRASpec, lora_parameter_names
+
+    model = zoo.create_model("moe_llava_tiny")
+    LoRASpec.from_dict({"experts": True, "modules": ["attention"], "r": 2, "alpha": 4}).apply(model)
+    groups = param_groups(model)
+    assert {n for n, _ in groups["lora"]} == lora_parameter_names(model) and groups["lora"]
+    apply_freeze(model, ["routers", "lora"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == lora_parameter_names(model) | {n for n, _ in groups["routers"]}

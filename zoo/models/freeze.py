@@ -60,14 +60,17 @@ def _moe_gate_params(layer: nn.Module) -> list[nn.Parameter]:
 def _default_rules() -> list[GroupRule]:
     # Imported here: freeze specs serve every family and must not make the model modules import each other.
     from zoo.layers.decoder_attention import DecoderAttention
+    from zoo.layers.lora import LoRALinear
     from zoo.layers.mlp import Mlp
     from zoo.layers.norm import RMSNorm
     from zoo.models.connectors import Projector
     from zoo.models.decoder import DecoderLM
     from zoo.models.towers import VisionTower
-    from zoo.moe import MoELayer
+    from zoo.moe import LoRAExperts, MoELayer
 
     return [
+        # first: the low-rank factors of LoRA layers / LoRA experts (their frozen bases stay in their own groups)
+        GroupRule("lora", lambda m: isinstance(m, (LoRALinear, LoRAExperts)), lambda m: m.lora_parameters()),
         GroupRule("vision_tower", lambda m: isinstance(m, VisionTower)),
         GroupRule("projector", lambda m: isinstance(m, Projector)),
         GroupRule("routers", lambda m: isinstance(m, MoELayer), _moe_gate_params),
@@ -80,7 +83,7 @@ def _default_rules() -> list[GroupRule]:
     ]
 
 
-DEFAULT_GROUPS = ("vision_tower", "projector", "routers", "experts", "dense_ffn", "attention", "norms", "embeddings",
+DEFAULT_GROUPS = ("lora", "vision_tower", "projector", "routers", "experts", "dense_ffn", "attention", "norms", "embeddings",
                   "lm_head")
 
 MOE_TUNING_STAGES: dict[int, tuple[str, ...]] = {

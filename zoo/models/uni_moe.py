@@ -125,16 +125,12 @@ class UniMoE(nn.Module):
             self.vision_tower.requires_grad_(False)
 
     def param_group_rules(self) -> list:
-        """Freeze groups beyond the shared ones (:mod:`zoo.models.freeze`): ``audio_tower`` (the Whisper encoder),
-        ``audio_connector`` (queries, Q-Former, aligner projector) and ``lora`` (only the low-rank factors of LoRA
-        layers / LoRA experts; their frozen bases stay in their own groups)."""
-        from zoo.layers.lora import LoRALinear
+        """Freeze groups beyond the shared ones (:mod:`zoo.models.freeze`, which include ``lora``): ``audio_tower``
+        (the Whisper encoder) and ``audio_connector`` (queries, Q-Former, aligner projector)."""
         from zoo.models.freeze import GroupRule
-        from zoo.moe import LoRAExperts
 
         return [GroupRule("audio_tower", lambda m: isinstance(m, WhisperEncoder)),
-                GroupRule("audio_connector", lambda m: isinstance(m, SpeechConnector)),
-                GroupRule("lora", lambda m: isinstance(m, (LoRALinear, LoRAExperts)), lambda m: m.lora_parameters())]
+                GroupRule("audio_connector", lambda m: isinstance(m, SpeechConnector))]
 
     # ------------------------------------------------------------------------------------------------ encoders
     def encode_images(self, images: Tensor) -> Tensor:
