@@ -21,7 +21,7 @@ A model adds groups by defining ``param_group_rules() -> list[GroupRule]``; they
 base weights stay in their own group).
 
 MoE-Tuning (Lin et al. 2024, MoE-LLaVA) stages, :data:`MOE_TUNING_STAGES`: I trains the projector; II the projector
-and the whole (dense) language model; III, after :func:`zoo.models.moe_llava.upcycle_stage2_to_moe`, the MoE
+and the whole (dense) language model; III, after :func:`zoo.models.upcycle.upcycle_multimodal_decoder`, the MoE
 layers only (experts and routers), as the paper says. The official script selects stage III's parameters by
 substring (``--train_modules gate_proj up_proj down_proj wg`` for StableLM), which also matches the dense FFNs of the
 non-MoE blocks, and its later vision-module setup turns the projector's gradients back on: it trains more than the

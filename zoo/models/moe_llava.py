@@ -31,9 +31,8 @@ Where the zoo differs from the official code (DeepSpeed 0.9.5's ``top2gating``) 
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional, Union, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -44,10 +43,9 @@ from zoo.models.freeze import run_tower
 from zoo.models.multimodal import (IGNORE_INDEX, IMAGE_TOKEN_ID, NUM_MODALITIES, MultimodalOutput, SplicedBatch,
                                    shifted_lm_loss, splice_media)
 from zoo.models.towers import VisionTower, VisionTowerConfig
-from zoo.moe import MoEConfig
 from zoo.registry import CardInfo
 
-__all__ = ["MoELLaVAConfig", "MoELLaVA", "upcycle_stage2_to_moe", "IMAGE_TOKEN_ID", "IGNORE_INDEX"]
+__all__ = ["MoELLaVAConfig", "MoELLaVA", "IMAGE_TOKEN_ID", "IGNORE_INDEX"]
 
 
 @dataclass
@@ -172,35 +170,6 @@ class MoELLaVA(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- MoE-Tuning stage III
-def upcycle_stage2_to_moe(model: nn.Module, moe: MoEConfig,
-                          placement: Union[str, Sequence[int]] = "sparse") -> nn.Module:
-    """MoE-Tuning stage III's start: a COPY of the stage-II (dense) ``model`` whose decoder FFNs at ``placement``
-    ("sparse" = blocks 0, 2, 4, ...; see :func:`zoo.models.decoder.decoder_moe_layers`) became MoE layers of config
-    ``moe``, every expert a copy of the FFN it replaces and the router fresh (:func:`zoo.upcycle`). The encoders and
-    connectors are copied unchanged. ``moe.activation`` / ``moe.expert_bias`` must be the dense FFN's (the experts are
-    its copies). Any multimodal model with a ``decoder`` (:class:`DecoderLM`) and a config holding its
-    ``decoder`` config works (MoE-LLaVA, Uni-MoE's progressive stage 3).
-    """
-    from zoo.models.upcycle import upcycle
-
-    if not isinstance(getattr(model, "decoder", None), DecoderLM) or not hasattr(getattr(model, "config", None),
-                                                                                "decoder"):
-        raise TypeError(f"upcycle_stage2_to_moe takes a multimodal model with a zoo DecoderLM as .decoder, got "
-                        f"{type(model).__name__}")
-    dec = model.config.decoder
-    if dec.moe is not None:
-        raise ValueError("the model's decoder already has MoE layers; stage III upcycles the dense stage-II model")
-    if (moe.activation, moe.expert_bias) != (dec.activation, dec.mlp_bias):
-        raise ValueError(f"moe.activation={moe.activation!r} / expert_bias={moe.expert_bias} differ from the dense "
-                         f"FFN's activation={dec.activation!r} / mlp_bias={dec.mlp_bias}: experts are copies of it")
-    routing = {f.name: getattr(moe, f.name) for f in fields(MoEConfig)
-               if f.name not in ("num_experts", "top_k", "activation", "expert_bias")}
-    new = copy.deepcopy(model)
-    upcycle(new.decoder, num_experts=moe.num_experts, top_k=moe.top_k, moe_layers=placement, inplace=True, **routing)
-    new.config = replace(model.config, decoder=new.decoder.config)
-    return new
-
-
 # ------------------------------------------------------------------------------- what the registry needs to know
 def input_size(config: MoELLaVAConfig) -> list[int]:
     return [config.vision.in_chans, config.vision.image_size, config.vision.image_size]

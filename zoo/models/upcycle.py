@@ -175,3 +175,32 @@ def upcycle(model: nn.Module, num_experts: int = 8, top_k: int = 2,
         model.config = replace(old, moe=cfg, moe_placement=None, moe_every=None, moe_last=None,
                                moe_layers=tuple(sorted(set(old.moe_layer_indices) | set(indices))))
     return model
+
+
+def upcycle_multimodal_decoder(model: nn.Module, moe: MoEConfig,
+                          placement: Union[str, Sequence[int]] = "sparse") -> nn.Module:
+    """MoE-Tuning stage III's start (and Uni-MoE's stage 3): a COPY of the stage-II (dense) ``model`` whose decoder FFNs at ``placement``
+    ("sparse" = blocks 0, 2, 4, ...; see :func:`zoo.models.decoder.decoder_moe_layers`) became MoE layers of config
+    ``moe``, every expert a copy of the FFN it replaces and the router fresh (:func:`zoo.upcycle`). The encoders and
+    connectors are copied unchanged. ``moe.activation`` / ``moe.expert_bias`` must be the dense FFN's (the experts are
+    its copies). Any multimodal model with a ``decoder`` (:class:`DecoderLM`) and a config holding its
+    ``decoder`` config works (MoE-LLaVA, Uni-MoE's progressive stage 3).
+    """
+    from zoo.models.decoder import DecoderLM  # here: the decoder module imports this one's helpers
+
+    if not isinstance(getattr(model, "decoder", None), DecoderLM) or not hasattr(getattr(model, "config", None),
+                                                                                "decoder"):
+        raise TypeError(f"upcycle_multimodal_decoder takes a multimodal model with a zoo DecoderLM as .decoder, got "
+                        f"{type(model).__name__}")
+    dec = model.config.decoder
+    if dec.moe is not None:
+        raise ValueError("the model's decoder already has MoE layers; stage III upcycles the dense stage-II model")
+    if (moe.activation, moe.expert_bias) != (dec.activation, dec.mlp_bias):
+        raise ValueError(f"moe.activation={moe.activation!r} / expert_bias={moe.expert_bias} differ from the dense "
+                         f"FFN's activation={dec.activation!r} / mlp_bias={dec.mlp_bias}: experts are copies of it")
+    routing = {f.name: getattr(moe, f.name) for f in fields(MoEConfig)
+               if f.name not in ("num_experts", "top_k", "activation", "expert_bias")}
+    new = copy.deepcopy(model)
+    upcycle(new.decoder, num_experts=moe.num_experts, top_k=moe.top_k, moe_layers=placement, inplace=True, **routing)
+    new.config = replace(model.config, decoder=new.decoder.config)
+    return new

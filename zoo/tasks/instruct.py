@@ -6,7 +6,7 @@
 A stage is a recipe: which model (``model`` preset + ``model_overrides``), which parameter groups train
 (``trainable``: group names of :mod:`zoo.models.freeze`, never substrings; printed and logged as a table before step
 1), where its weights start (``init_from``: the previous stage's ``train.py`` checkpoint) and whether the dense decoder
-is upcycled into MoE layers first (``upcycle``: MoE-Tuning stage III, :func:`zoo.models.moe_llava.upcycle_stage2_to_moe`).
+is upcycled into MoE layers first (``upcycle``: MoE-Tuning stage III, :func:`zoo.models.upcycle.upcycle_multimodal_decoder`).
 
 Test metrics (generation: greedy, ``max_new_tokens``, deterministic routing), per task of the datamodule
 (``task_names``; the kind of each from ``zoo.data.instruct_sets.TASK_METRICS``):
@@ -139,7 +139,7 @@ class InstructTask(ZooTask):
         return create_model(hp.model, **overrides)
 
     def _upcycled(self, model: nn.Module) -> nn.Module:
-        from zoo.models.moe_llava import upcycle_stage2_to_moe
+        from zoo.models.upcycle import upcycle_multimodal_decoder
         from zoo.moe import MoEConfig
 
         spec = dict(self.hparams.upcycle)
@@ -151,7 +151,7 @@ class InstructTask(ZooTask):
             moe = MoEConfig(**spec)
         except TypeError as err:
             raise ValueError(f"upcycle: {err}; its keys are 'placement' and zoo.moe.MoEConfig fields") from err
-        return upcycle_stage2_to_moe(model, moe, placement)
+        return upcycle_multimodal_decoder(model, moe, placement)
 
     def _stage_structure(self, model: nn.Module) -> nn.Module:
         """The dense model turned into this stage's structure: upcycled (``upcycle``), then LoRA-wrapped (``lora``).
