@@ -449,3 +449,24 @@ def test_eval_pretrained_needs_a_model():
                           timeout=120)
     assert proc.returncode == 2
     assert "--model and --pretrained go together" in proc.stderr
+
+
+INSTRUCT_CONFIGS = sorted((REPO / "configs" / "train").glob("moe_llava_*.yaml")) + sorted(
+    (REPO / "configs" / "train").glob("uni_moe_*.yaml"))
+
+
+@pytest.mark.parametrize("config", INSTRUCT_CONFIGS, ids=[c.stem for c in INSTRUCT_CONFIGS])
+def test_every_instruct_recipe_parses_and_builds_what_it_trains(config, tmp_path):
+    """Each MoE-LLaVA / Uni-MoE stage recipe builds through the CLI: its model, its datamodule, its run name, and
+    exactly the parameter groups its ``trainable`` list names are trainable (an unknown group would fail here)."""
+    from zoo.models.freeze import param_groups
+    from zoo.tasks.instruct import InstructTask
+
+    cli = build_cli(["--config", str(config), f"--trainer.default_root_dir={tmp_path}"])
+    assert isinstance(cli.model, InstructTask) and cli.run_name == config.stem
+    named = list(cli.model.hparams.trainable)
+    groups = param_groups(cli.model.model)
+    for group, params in groups.items():
+        if params:
+            assert {p.requires_grad for _, p in params} == {group in named}, (group, named)
+    assert all(groups[g] for g in named), f"{config.stem}: trainable names an empty group"
