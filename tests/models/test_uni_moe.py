@@ -146,3 +146,30 @@ def test_a_batch_of_clips_encodes_as_each_clip_alone(model):
     assert together[1] is None and together[0].shape[0] == 2 * q and together[2].shape[0] == q
     torch.testing.assert_close(together[0], alone[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(together[2], alone[1], rtol=0, atol=1e-5)
+
+
+def test_blip2_audio_connector_variant():
+    """The audio variant's aligner (a BLIP-2 Q-Former, ``audio_blip2``) in place of the Whisper-decoder Q-Former:
+    Q tokens per window spliced at ``<audio>``, depending on the clip, trained as the ``audio_connector`` group;
+    contradictory configs are refused."""
+    from zoo.models.freeze import param_groups
+    from zoo.models.qformer import Blip2AudioConnector
+
+    blip2 = dict(dim=32, depth=2, num_heads=2, mlp_dim=64, encoder_dim=32, num_queries=6)
+    torch.manual_seed(0)
+    m = zoo.create_model("uni_moe_tiny", audio_qformer=None, audio_blip2=blip2).eval()
+    assert isinstance(m.audio_connector, Blip2AudioConnector) and m.audio_connector.num_queries == 6
+    with torch.no_grad():
+        m.audio_connector.qformer.query_tokens.normal_()  # zero at init (official); any values from here on
+    ids = torch.tensor([[5, AUDIO_TOKEN_ID, 6], [5, AUDIO_TOKEN_ID, 6]])
+    clips = torch.stack([_tone(1.0, 300.0), _tone(1.0, 900.0)])
+    with torch.no_grad():
+        out = m(ids, audio=clips)
+    assert out.logits.shape[1] == 2 + 6 and (out.modality[:, 1:7] == AUDIO).all()
+    assert not torch.allclose(out.logits[0, 1:7], out.logits[1, 1:7])  # the tokens carry the clip
+    groups = {n for n, _ in param_groups(m)["audio_connector"]}
+    assert groups == {f"audio_connector.{n}" for n, _ in m.audio_connector.named_parameters()}
+    with pytest.raises(ValueError, match="two choices of the audio connector"):
+        zoo.create_model("uni_moe_tiny", audio_blip2=blip2)
+    with pytest.raises(ValueError, match="encoder_dim"):
+        zoo.create_model("uni_moe_tiny", audio_qformer=None, audio_blip2={**blip2, "encoder_dim": 16})

@@ -213,3 +213,27 @@ class Blip2QFormer(nn.Module):
         for block in self.blocks:
             x = block(x, encoder_out, encoder_mask)
         return x
+
+
+class Blip2AudioConnector(nn.Module):
+    """The aligner of Uni-MoE's audio (non-speech) variant: a BLIP-2 Q-Former over the encoder output, then a
+    projector into the LM: ``forward(encoder_out [B, S, De], encoder_mask [B, S] | None) -> [B, Q, D_lm]`` (the
+    same contract as :class:`SpeechConnector`, so a model takes either).
+
+    Parameters: ``qformer`` (:class:`Blip2QFormer`, its ``query_tokens`` zero at init as the official aligner's),
+    ``projector`` (:class:`~zoo.models.connectors.Projector`)."""
+
+    def __init__(self, qformer: Blip2QFormerConfig, lm_dim: int, projector: str = "linear") -> None:
+        super().__init__()
+        self.qformer = Blip2QFormer(qformer)
+        with torch.no_grad():
+            self.qformer.query_tokens.zero_()
+        self.projector = Projector(projector, qformer.dim, lm_dim)
+
+    @property
+    def num_queries(self) -> int:
+        return self.qformer.query_tokens.shape[1]
+
+    def forward(self, encoder_out: Tensor, encoder_mask: Optional[Tensor] = None) -> Tensor:
+        return self.projector(self.qformer(encoder_out, encoder_mask))
+

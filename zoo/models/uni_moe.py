@@ -40,7 +40,7 @@ from zoo.models.decoder import DecoderConfig, DecoderLM
 from zoo.models.freeze import run_tower
 from zoo.models.multimodal import (AUDIO_TOKEN_ID, IMAGE_TOKEN_ID, NUM_MODALITIES, VIDEO_TOKEN_ID, MultimodalOutput,
                                    SplicedBatch, shifted_lm_loss, splice_media)
-from zoo.models.qformer import SpeechConnector, WhisperQFormerConfig
+from zoo.models.qformer import Blip2AudioConnector, Blip2QFormerConfig, SpeechConnector, WhisperQFormerConfig
 from zoo.models.towers import VisionTower, VisionTowerConfig
 from zoo.registry import CardInfo
 
@@ -54,7 +54,10 @@ class UniMoEConfig:
     Attributes:
         vision: the image / video-frame tower (None = no visual input); projector: ``mlp2x_gelu`` or ``linear``.
         audio_encoder: the Whisper encoder (None = no audio input); audio_qformer: the Whisper decoder used as a
-            Q-Former (``num_queries`` query tokens per 30 s window; the official training default is 50);
+            Q-Former (``num_queries`` query tokens per 30 s window; the official training default is 50), the
+            speech models' connector; audio_blip2: instead of it, a BLIP-2 Q-Former (the official audio variant's
+            aligner, ``Blip2QFormerModel``; set ``audio_qformer`` to None). The official audio variant encodes
+            with BEATs; here the Whisper encoder feeds either connector (no BEATs weights offline);
             audio_projector: the aligner's projector into the LM (``linear``, the official default, or
             ``mlp2x_gelu``).
         decoder: the LM; its MoE layers get modality ids, so ``moe.num_modalities`` must be 4.
@@ -67,6 +70,7 @@ class UniMoEConfig:
     projector: str = "mlp2x_gelu"
     audio_encoder: Optional[WhisperEncoderConfig] = field(default_factory=WhisperEncoderConfig)
     audio_qformer: Optional[WhisperQFormerConfig] = field(default_factory=WhisperQFormerConfig)
+    audio_blip2: Optional[Blip2QFormerConfig] = None
     audio_projector: str = "linear"
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     video_frames_as_tokens: bool = False
@@ -77,11 +81,19 @@ class UniMoEConfig:
         for name in ("projector", "audio_projector"):
             if getattr(self, name) not in PROJECTOR_KINDS:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {PROJECTOR_KINDS}")
-        if (self.audio_encoder is None) != (self.audio_qformer is None):
-            raise ValueError("audio_encoder and audio_qformer go together: set both (speech input) or neither")
+        if self.audio_qformer is not None and self.audio_blip2 is not None:
+            raise ValueError("audio_qformer (Whisper-decoder Q-Former) and audio_blip2 (BLIP-2 Q-Former) are two "
+                             "choices of the audio connector: set one of them to None")
+        connector = self.audio_qformer if self.audio_qformer is not None else self.audio_blip2
+        if (self.audio_encoder is None) != (connector is None):
+            raise ValueError("audio_encoder and an audio connector (audio_qformer or audio_blip2) go together: set "
+                             "both (audio input) or neither")
         if self.audio_qformer is not None and self.audio_qformer.encoder_dim not in (None, self.audio_encoder.dim):
             raise ValueError(f"audio_qformer.encoder_dim={self.audio_qformer.encoder_dim} but the audio encoder's "
                              f"width is {self.audio_encoder.dim}")
+        if self.audio_blip2 is not None and self.audio_blip2.encoder_dim != self.audio_encoder.dim:
+            raise ValueError(f"audio_blip2.encoder_dim={self.audio_blip2.encoder_dim} but the audio encoder's width "
+                             f"is {self.audio_encoder.dim}")
         moe = self.decoder.moe
         if moe is not None and moe.num_modalities < NUM_MODALITIES:
             raise ValueError(f"decoder.moe.num_modalities={moe.num_modalities}: Uni-MoE's routers get modality ids "
@@ -105,7 +117,8 @@ class UniMoE(nn.Module):
     windows are concatenated into its one ``<audio>`` placeholder.
 
     Parameters: ``vision_tower.*`` (frozen when built), ``projector.*``, ``audio_encoder.*`` (frozen when built),
-    ``audio_connector.{query_tokens, qformer.*, projector.*}``, ``decoder.*``.
+    ``audio_connector.{query_tokens, qformer.*, projector.*}`` (with ``audio_blip2``:
+    ``audio_connector.{qformer.query_tokens, qformer.*, projector.*}``), ``decoder.*``.
     """
 
     def __init__(self, config: UniMoEConfig) -> None:
@@ -116,7 +129,9 @@ class UniMoE(nn.Module):
         self.projector = Projector(config.projector, self.vision_tower.out_dim, D) if self.vision_tower else None
         if config.audio_encoder is not None:
             self.audio_encoder = WhisperEncoder(config.audio_encoder)
-            self.audio_connector = SpeechConnector(config.audio_qformer, D, config.audio_projector)
+            self.audio_connector = (
+                SpeechConnector(config.audio_qformer, D, config.audio_projector) if config.audio_qformer is not None
+                else Blip2AudioConnector(config.audio_blip2, D, config.audio_projector))
             self.audio_encoder.requires_grad_(False)
         else:
             self.audio_encoder = self.audio_connector = None
@@ -130,7 +145,7 @@ class UniMoE(nn.Module):
         from zoo.models.freeze import GroupRule
 
         return [GroupRule("audio_tower", lambda m: isinstance(m, WhisperEncoder)),
-                GroupRule("audio_connector", lambda m: isinstance(m, SpeechConnector))]
+                GroupRule("audio_connector", lambda m: isinstance(m, (SpeechConnector, Blip2AudioConnector)))]
 
     # ------------------------------------------------------------------------------------------------ encoders
     def encode_images(self, images: Tensor) -> Tensor:
