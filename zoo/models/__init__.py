@@ -11,6 +11,7 @@ from zoo.models.moe_llava import MoELLaVA, MoELLaVAConfig
 from zoo.models import uni_moe
 from zoo.models.uni_moe import UniMoE, UniMoEConfig
 from zoo.models.audio import WhisperEncoder, WhisperEncoderConfig, audio_features
+from zoo.models.beats import BEATsConfig, BEATsEncoder
 from zoo.models.qformer import (Blip2QFormer, Blip2QFormerConfig, SpeechConnector, WhisperQFormer,
                                 WhisperQFormerConfig, encode_speech)
 from zoo.registry import register_family
@@ -25,4 +26,5 @@ register_family("uni_moe", UniMoEConfig, UniMoE, card=uni_moe.CARD, input_size=u
 
 __all__ = ["ModelOutput", "Transformer", "TransformerConfig", "Block", "resolve_moe_layers", "VMoE", "VMoEConfig",
            "DecoderLM", "DecoderConfig", "MoELLaVA", "MoELLaVAConfig", "UniMoE", "UniMoEConfig", "WhisperEncoder", "WhisperEncoderConfig", "audio_features", "WhisperQFormer",
-           "WhisperQFormerConfig", "SpeechConnector", "encode_speech", "Blip2QFormer", "Blip2QFormerConfig"]
+           "WhisperQFormerConfig", "SpeechConnector", "encode_speech", "Blip2QFormer", "Blip2QFormerConfig",
+           "BEATsConfig", "BEATsEncoder"]
