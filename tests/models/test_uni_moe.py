@@ -173,3 +173,38 @@ def test_blip2_audio_connector_variant():
         zoo.create_model("uni_moe_tiny", audio_blip2=blip2)
     with pytest.raises(ValueError, match="encoder_dim"):
         zoo.create_model("uni_moe_tiny", audio_qformer=None, audio_blip2={**blip2, "encoder_dim": 16})
+
+
+def test_beats_audio_variant():
+    """The official audio variant's encoder (BEATs, ``audio_beats``) with the BLIP-2 connector: one clip = Q tokens
+    at its ``<audio>`` (no 30 s windows), a sample without a clip gets none, a clip's tokens do not depend on the
+    other clips of its batch (only, as in the official BEATs, on the padded length: a partly padded last patch),
+    log-mel input and contradictory configs refused."""
+    beats = dict(embed_dim=48, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_layers=2,
+                 encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4)
+    blip2 = dict(dim=32, depth=2, num_heads=2, mlp_dim=64, encoder_dim=64, num_queries=5)
+    torch.manual_seed(0)
+    m = zoo.create_model("uni_moe_tiny", audio_encoder=None, audio_qformer=None, audio_beats=beats,
+                         audio_blip2=blip2).eval()
+    with torch.no_grad():
+        m.audio_connector.qformer.query_tokens.normal_()
+    short, long = _tone(0.5, 300.0), _tone(1.5, 700.0)
+    batch = torch.zeros(3, long.numel())
+    batch[0, :short.numel()], batch[2] = short, long
+    lengths = torch.tensor([short.numel(), 0, long.numel()])
+    other = batch.clone()
+    other[2] = _tone(1.5, 1100.0)
+    with torch.no_grad():
+        tokens = m.encode_audio(batch, lengths)
+        tokens_other = m.encode_audio(other, lengths)
+    assert tokens[1] is None and tokens[0].shape == tokens[2].shape == (5, m.config.decoder.dim)
+    torch.testing.assert_close(tokens_other[0], tokens[0], rtol=0, atol=1e-6)  # the partner clip changed only itself
+    assert not torch.allclose(tokens_other[2], tokens[2], atol=1e-3)
+    ids = torch.tensor([[5, AUDIO_TOKEN_ID, 6]])
+    with torch.no_grad():
+        out = m(ids, audio=short[None])
+    assert out.logits.shape[1] == 2 + 5 and (out.modality[0, 1:6] == AUDIO).all()
+    with pytest.raises(ValueError, match="not log-mel windows"):
+        m(ids, audio=torch.zeros(1, 1, 128, 3000))
+    with pytest.raises(ValueError, match="two choices of the audio encoder"):
+        zoo.create_model("uni_moe_tiny", audio_beats=beats, audio_qformer=None, audio_blip2=blip2)

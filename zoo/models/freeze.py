@@ -31,7 +31,7 @@ paper's stage III. The zoo trains what the paper says.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -181,10 +181,11 @@ def trainable_table(model: nn.Module, rules: Optional[Sequence[GroupRule]] = Non
     return "\n".join(lines)
 
 
-def run_tower(tower: nn.Module, x: Tensor) -> Tensor:
-    """``tower(x)``, recording the autograd graph only when some tower parameter trains: a frozen tower (the
-    recipes' default) then keeps no activations for backward, which is most of a multimodal step's memory."""
+def run_tower(tower: nn.Module, *args: Any, call: Optional[Callable[..., Any]] = None) -> Any:
+    """``tower(*args)`` (or ``call(*args)``, a method of the tower), recording the autograd graph only when some
+    tower parameter trains: a frozen tower (the recipes' default) then keeps no activations for backward, which is
+    most of a multimodal step's memory."""
     trains = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
     with torch.set_grad_enabled(trains):
-        return tower(x)
+        return (tower if call is None else call)(*args)
 

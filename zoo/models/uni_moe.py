@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from zoo.models.audio import (SAMPLE_RATE, WhisperEncoder, WhisperEncoderConfig, check_audio, log_mel_spectrogram,
                               split_windows)
+from zoo.models.beats import BEATsConfig, BEATsEncoder
 from zoo.models.connectors import PROJECTOR_KINDS, Projector
 from zoo.models.decoder import DecoderConfig, DecoderLM
 from zoo.models.freeze import run_tower
@@ -56,8 +57,9 @@ class UniMoEConfig:
         audio_encoder: the Whisper encoder (None = no audio input); audio_qformer: the Whisper decoder used as a
             Q-Former (``num_queries`` query tokens per 30 s window; the official training default is 50), the
             speech models' connector; audio_blip2: instead of it, a BLIP-2 Q-Former (the official audio variant's
-            aligner, ``Blip2QFormerModel``; set ``audio_qformer`` to None). The official audio variant encodes
-            with BEATs; here the Whisper encoder feeds either connector (no BEATs weights offline);
+            aligner, ``Blip2QFormerModel``; set ``audio_qformer`` to None); audio_beats: instead of the Whisper
+            encoder, a BEATs encoder (the official audio variant's; waveform input only, one token sequence per
+            clip, no 30 s windows; set ``audio_encoder`` to None). Either encoder feeds either connector;
             audio_projector: the aligner's projector into the LM (``linear``, the official default, or
             ``mlp2x_gelu``).
         decoder: the LM; its MoE layers get modality ids, so ``moe.num_modalities`` must be 4.
@@ -71,6 +73,7 @@ class UniMoEConfig:
     audio_encoder: Optional[WhisperEncoderConfig] = field(default_factory=WhisperEncoderConfig)
     audio_qformer: Optional[WhisperQFormerConfig] = field(default_factory=WhisperQFormerConfig)
     audio_blip2: Optional[Blip2QFormerConfig] = None
+    audio_beats: Optional[BEATsConfig] = None
     audio_projector: str = "linear"
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     video_frames_as_tokens: bool = False
@@ -84,16 +87,21 @@ class UniMoEConfig:
         if self.audio_qformer is not None and self.audio_blip2 is not None:
             raise ValueError("audio_qformer (Whisper-decoder Q-Former) and audio_blip2 (BLIP-2 Q-Former) are two "
                              "choices of the audio connector: set one of them to None")
+        if self.audio_encoder is not None and self.audio_beats is not None:
+            raise ValueError("audio_encoder (Whisper) and audio_beats (BEATs) are two choices of the audio encoder: "
+                             "set one of them to None")
         connector = self.audio_qformer if self.audio_qformer is not None else self.audio_blip2
-        if (self.audio_encoder is None) != (connector is None):
-            raise ValueError("audio_encoder and an audio connector (audio_qformer or audio_blip2) go together: set "
-                             "both (audio input) or neither")
-        if self.audio_qformer is not None and self.audio_qformer.encoder_dim not in (None, self.audio_encoder.dim):
+        encoder_dim = (self.audio_encoder.dim if self.audio_encoder is not None else
+                       self.audio_beats.encoder_embed_dim if self.audio_beats is not None else None)
+        if (encoder_dim is None) != (connector is None):
+            raise ValueError("an audio encoder (audio_encoder or audio_beats) and an audio connector (audio_qformer or "
+                             "audio_blip2) go together: set both (audio input) or neither")
+        if self.audio_qformer is not None and self.audio_qformer.encoder_dim not in (None, encoder_dim):
             raise ValueError(f"audio_qformer.encoder_dim={self.audio_qformer.encoder_dim} but the audio encoder's "
-                             f"width is {self.audio_encoder.dim}")
-        if self.audio_blip2 is not None and self.audio_blip2.encoder_dim != self.audio_encoder.dim:
+                             f"width is {encoder_dim}")
+        if self.audio_blip2 is not None and self.audio_blip2.encoder_dim != encoder_dim:
             raise ValueError(f"audio_blip2.encoder_dim={self.audio_blip2.encoder_dim} but the audio encoder's width "
-                             f"is {self.audio_encoder.dim}")
+                             f"is {encoder_dim}")
         moe = self.decoder.moe
         if moe is not None and moe.num_modalities < NUM_MODALITIES:
             raise ValueError(f"decoder.moe.num_modalities={moe.num_modalities}: Uni-MoE's routers get modality ids "
@@ -127,8 +135,9 @@ class UniMoE(nn.Module):
         D = config.decoder.dim
         self.vision_tower = VisionTower(config.vision) if config.vision is not None else None
         self.projector = Projector(config.projector, self.vision_tower.out_dim, D) if self.vision_tower else None
-        if config.audio_encoder is not None:
-            self.audio_encoder = WhisperEncoder(config.audio_encoder)
+        if config.audio_encoder is not None or config.audio_beats is not None:
+            self.audio_encoder = (WhisperEncoder(config.audio_encoder) if config.audio_encoder is not None
+                                  else BEATsEncoder(config.audio_beats))
             self.audio_connector = (
                 SpeechConnector(config.audio_qformer, D, config.audio_projector) if config.audio_qformer is not None
                 else Blip2AudioConnector(config.audio_blip2, D, config.audio_projector))
@@ -144,7 +153,7 @@ class UniMoE(nn.Module):
         (the Whisper encoder) and ``audio_connector`` (queries, Q-Former, aligner projector)."""
         from zoo.models.freeze import GroupRule
 
-        return [GroupRule("audio_tower", lambda m: isinstance(m, WhisperEncoder)),
+        return [GroupRule("audio_tower", lambda m: isinstance(m, (WhisperEncoder, BEATsEncoder))),
                 GroupRule("audio_connector", lambda m: isinstance(m, (SpeechConnector, Blip2AudioConnector)))]
 
     # ------------------------------------------------------------------------------------------------ encoders
@@ -171,6 +180,8 @@ class UniMoE(nn.Module):
         """Per sample: its clip's tokens ``[C * Q, D]`` (None when it has no audio)."""
         if self.audio_encoder is None:
             raise ValueError("this Uni-MoE has no audio encoder (config.audio_encoder is None) but got audio")
+        if isinstance(self.audio_encoder, BEATsEncoder):
+            return self._encode_audio_beats(audio, audio_lengths)
         n_mels = self.config.audio_encoder.n_mels
         if isinstance(audio, Tensor) and audio.ndim == 2:  # waveforms [B, samples] at 16 kHz
             lengths = (torch.full((audio.shape[0],), audio.shape[1]) if audio_lengths is None
@@ -213,6 +224,31 @@ class UniMoE(nn.Module):
                 continue
             out.append(tokens[start:start + w.shape[0]].flatten(0, 1))  # [C, Q, D] -> [C * Q, D]
             start += w.shape[0]
+        return out
+
+    def _encode_audio_beats(self, audio: Tensor, audio_lengths: Optional[Tensor]) -> list[Optional[Tensor]]:
+        """BEATs path of :meth:`encode_audio`: waveforms ``[B, samples]`` (+ ``audio_lengths``) -> per sample
+        ``[Q, D]`` or None. The clips of the batch run as one padded batch (BEATs masks the padding)."""
+        if not (isinstance(audio, Tensor) and audio.ndim == 2):
+            raise ValueError(f"the BEATs audio encoder takes waveforms [B, samples] at {SAMPLE_RATE} Hz (with "
+                             f"audio_lengths), not log-mel windows; got {_shape(audio)}")
+        B, T = audio.shape
+        lengths = torch.full((B,), T) if audio_lengths is None else audio_lengths.to("cpu")
+        rows = [b for b in range(B) if int(lengths[b]) > 0]
+        if not rows:
+            return [None] * B
+        index = torch.tensor(rows)
+        span = int(lengths[index].max())
+        waves = audio[index.to(audio.device), :span]
+        padding = torch.arange(span)[None, :] >= lengths[index][:, None]  # [b, span], True = padded sample
+        encoder = self.audio_encoder
+        features, token_padding = run_tower(encoder, waves, SAMPLE_RATE, padding.to(waves.device),
+                                            call=encoder.extract_features)
+        mask = None if token_padding is None else ~token_padding
+        tokens = self.audio_connector(features, mask)  # [b, Q, D]
+        out: list[Optional[Tensor]] = [None] * B
+        for i, b in enumerate(rows):
+            out[b] = tokens[i]
         return out
 
     # ------------------------------------------------------------------------------------------------ splicing
