@@ -208,3 +208,21 @@ def test_beats_audio_variant():
         m(ids, audio=torch.zeros(1, 1, 128, 3000))
     with pytest.raises(ValueError, match="two choices of the audio encoder"):
         zoo.create_model("uni_moe_tiny", audio_beats=beats, audio_qformer=None, audio_blip2=blip2)
+
+
+def test_audio_variant_preset_trains_its_beats_tower_when_named():
+    """``uni_moe_audio_tiny`` (BEATs + BLIP-2 aligner): a training step reaches the BEATs tower when the freeze
+    spec names ``audio_tower`` and leaves it untouched (no autograd graph) when it does not."""
+    from zoo.models.freeze import apply_freeze
+
+    ids = torch.tensor([[5, AUDIO_TOKEN_ID, 6, 7]])
+    clip = _tone(1.0, 440.0)[None]
+    for trainable, reaches in ((["audio_tower", "audio_connector"], True), (["audio_connector"], False)):
+        torch.manual_seed(0)
+        m = zoo.create_model("uni_moe_audio_tiny").train()
+        apply_freeze(m, trainable)
+        out = m(ids, audio=clip, labels=ids)
+        out.loss.backward()
+        grads = [p.grad for p in m.audio_encoder.parameters()]
+        assert all(g is not None for g in grads) == reaches and any(g is not None for g in grads) == reaches
+        assert all(p.grad is not None for p in m.audio_connector.parameters() if p.requires_grad)
