@@ -294,3 +294,19 @@ def test_published_list_and_unsupported(capsys):
         assert name in out
     with pytest.raises(ConfigError, match="E\\^3"):
         convert_vmoe(Path("/nonexistent/eee_s32_last2_ilsvrc2012"))
+
+
+@pytest.mark.parametrize("payload", [
+    bytes([0x81, 0x81, 0x01, 0x02, 0x03]),  # a map whose key is a map (unhashable once decoded)
+    bytes([0xd4, 118, 0x00]),  # an extension type vmoe / flax never write
+    bytes([0x91, 0x81]),  # truncated
+], ids=["unhashable-key", "unknown-extension", "truncated"])
+def test_an_unreadable_index_is_named_in_the_error(tmp_path, payload):
+    """Whatever garbage the index holds, the error is a VMoECheckpointError naming the file (the reliability sweep
+    feeds random bytes; some decoded to unhashable map keys and escaped as TypeError)."""
+    from zoo.convert.vmoe_checkpoint import VMoECheckpointError, read_checkpoint
+
+    prefix = tmp_path / "garbage_ckpt"
+    (tmp_path / "garbage_ckpt.index").write_bytes(payload)
+    with pytest.raises(VMoECheckpointError, match="garbage_ckpt"):
+        read_checkpoint(prefix)

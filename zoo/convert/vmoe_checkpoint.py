@@ -106,9 +106,10 @@ def _unpack(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             return msgpack.unpackb(f.read(), raw=False, ext_hook=_ext_hook, strict_map_key=False)
-    except (msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException, ValueError) as err:
-        if isinstance(err, VMoECheckpointError):
-            raise
+    except (msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException, ValueError, TypeError,
+            OverflowError) as err:  # random bytes can decode to unhashable map keys or out-of-range ints
+        if isinstance(err, VMoECheckpointError):  # raised inside the unpacking (an extension's payload): name the file
+            raise VMoECheckpointError(f"{path}: {err}") from err
         raise VMoECheckpointError(f"{path} is not a readable msgpack file (truncated or another format?): "
                                   f"{type(err).__name__}: {err}") from err
 
