@@ -451,10 +451,12 @@ class InstructSetsDataModule(InstructDataModuleBase):
     def _make_tokenizer(self, train: list[InstructSample]) -> Any:
         if self.vocabulary_tasks is None or self._restored_tokenizer is not None:
             return super()._make_tokenizer(train)
-        vocabulary_train = [s for task in self.vocabulary_tasks
-                            for s in build_task(task, self.data_dir, self.seed, **self.limits,
-                                                **self.task_options.get(task, {}))["train"]]
-        return super()._make_tokenizer(vocabulary_train)
+        # the stage's own tasks are in `train` already; only the others are built (the vocabulary is a set of
+        # tokens, so the order of the texts does not matter)
+        extra = [s for task in self.vocabulary_tasks if task not in self.tasks
+                 for s in build_task(task, self.data_dir, self.seed, **self.limits,
+                                     **self.task_options.get(task, {}))["train"]]
+        return super()._make_tokenizer(train + extra)
 
 
 __all__ = [
