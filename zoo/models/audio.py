@@ -74,12 +74,27 @@ def mel_filterbank(n_mels: int = 80, n_fft: int = N_FFT, sample_rate: int = SAMP
     return torch.from_numpy(weights).to(torch.float32)
 
 
-def check_audio(audio: Union[Tensor, np.ndarray], sample_rate: int) -> Tensor:
-    """A 1-D float32 tensor of 16 kHz samples, or a ValueError saying what is wrong and how to fix it."""
+def check_sample_rate(sample_rate: int, front_end: str) -> None:
+    """A ValueError unless ``sample_rate`` is the 16 kHz every audio front end of the zoo takes."""
     if sample_rate != SAMPLE_RATE:
-        raise ValueError(f"audio has sample rate {sample_rate} Hz but the Whisper front end needs {SAMPLE_RATE} Hz; "
+        raise ValueError(f"audio has sample rate {sample_rate} Hz but {front_end} needs {SAMPLE_RATE} Hz; "
                          f"resample first, e.g. torchaudio.functional.resample(audio, {sample_rate}, {SAMPLE_RATE}) "
                          f"or scipy.signal.resample_poly(audio, {SAMPLE_RATE}, {sample_rate})")
+
+
+def check_samples(audio: Tensor) -> Tensor:
+    """``audio`` as float32, or a ValueError for integer PCM or non-finite samples (every audio front end)."""
+    if not audio.is_floating_point():
+        raise ValueError(f"audio must be float samples in [-1, 1], got dtype {audio.dtype}; integer PCM must be "
+                         "scaled first (e.g. int16 / 32768)")
+    if not torch.isfinite(audio).all():
+        raise ValueError("audio holds NaN or infinite samples")
+    return audio.to(torch.float32)
+
+
+def check_audio(audio: Union[Tensor, np.ndarray], sample_rate: int) -> Tensor:
+    """A 1-D float32 tensor of 16 kHz samples, or a ValueError saying what is wrong and how to fix it."""
+    check_sample_rate(sample_rate, "the Whisper front end")
     audio = torch.as_tensor(audio)
     if audio.dim() == 2 and 1 in audio.shape:
         audio = audio.reshape(-1)  # [1, T] / [T, 1]: one channel
@@ -88,12 +103,7 @@ def check_audio(audio: Union[Tensor, np.ndarray], sample_rate: int) -> Tensor:
                          "channels (audio.mean(channel_dim)) first")
     if audio.numel() == 0:
         raise ValueError("audio clip is empty (0 samples); there is nothing to encode")
-    if not audio.is_floating_point():
-        raise ValueError(f"audio must be float samples in [-1, 1], got dtype {audio.dtype}; integer PCM must be "
-                         "scaled first (e.g. int16 / 32768)")
-    if not torch.isfinite(audio).all():
-        raise ValueError("audio holds NaN or infinite samples")
-    return audio.to(torch.float32)
+    return check_samples(audio)
 
 
 def split_windows(audio: Tensor, stride: int = UNI_MOE_CHUNK_STRIDE) -> Tensor:

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.layers.mlp import Mlp
+from zoo.models.audio import SAMPLE_RATE, check_sample_rate, check_samples
 
-SAMPLE_RATE = 16_000
 FRAME_LENGTH = 400  # 25 ms
 FRAME_SHIFT = 160  # 10 ms
 N_FFT = 512  # next power of two of the frame length
@@ -98,11 +98,7 @@ def min_samples(patch_size: int = 16) -> int:
 
 def check_beats_audio(audio: Union[Tensor, np.ndarray], sample_rate: int, patch_size: int = 16) -> Tensor:
     """``[T]`` or ``[B, T]`` float samples at 16 kHz -> ``[B, T]`` float32, or a ValueError saying what is wrong."""
-    if sample_rate != SAMPLE_RATE:
-        raise ValueError(f"audio has sample rate {sample_rate} Hz but BEATs' Kaldi fbank front end needs "
-                         f"{SAMPLE_RATE} Hz; resample first, e.g. torchaudio.functional.resample(audio, "
-                         f"{sample_rate}, {SAMPLE_RATE}) or scipy.signal.resample_poly(audio, {SAMPLE_RATE}, "
-                         f"{sample_rate})")
+    check_sample_rate(sample_rate, "BEATs' Kaldi fbank front end")
     audio = torch.as_tensor(audio)
     if audio.dim() == 1:
         audio = audio.unsqueeze(0)
@@ -119,12 +115,7 @@ def check_beats_audio(audio: Union[Tensor, np.ndarray], sample_rate: int, patch_
         raise ValueError(f"audio clip has {audio.shape[1]} samples ({audio.shape[1] / SAMPLE_RATE:.3f} s) but BEATs "
                          f"needs at least {need} ({need / SAMPLE_RATE:.3f} s at {SAMPLE_RATE} Hz): {patch_size} "
                          f"frames of 25 ms every 10 ms make one patch; pad the clip")
-    if not audio.is_floating_point():
-        raise ValueError(f"audio must be float samples in [-1, 1], got dtype {audio.dtype}; integer PCM must be "
-                         "scaled first (e.g. int16 / 32768)")
-    if not torch.isfinite(audio).all():
-        raise ValueError("audio holds NaN or infinite samples")
-    return audio.to(torch.float32)
+    return check_samples(audio)
 
 
 def beats_fbank(audio: Tensor, num_mel_bins: int = 128, mean: float = FBANK_MEAN, std: float = FBANK_STD) -> Tensor:
