@@ -169,7 +169,6 @@ class MoELLaVA(nn.Module):
             self.train(was_training)
 
 
-# ------------------------------------------------------------------------------------------- MoE-Tuning stage III
 # ------------------------------------------------------------------------------- what the registry needs to know
 def input_size(config: MoELLaVAConfig) -> list[int]:
     return [config.vision.in_chans, config.vision.image_size, config.vision.image_size]
