@@ -5,7 +5,7 @@
 #   separated by ',') run side by side: the tiny models leave an H200 mostly idle, so independent runs (stage III and
 #   its dense control, the four Uni-MoE stage-2 modality runs) share it and halve the wall time.
 #   e.g. "moe_llava_stage1;moe_llava_stage2;moe_llava_stage3,moe_llava_stage2_more"
-# Env: WORKERS (loader workers per run, default 8), EXTRA (more train.py arguments for every run), DEADLINE_S (stop
+# Env: WORKERS (loader workers per run; default: 14 shared by the runs of a group, at least 2 each), EXTRA (more train.py arguments for every run), DEADLINE_S (stop
 # every run still going this many seconds after the start, default 560: a lease call is capped at 600 s, and a run cut
 # there leaves its logs unsaved), FRESH=1 (start every run again instead of resuming it).
 # Runs RESUME from their last checkpoint by default (--ckpt_path last; a run with none starts from scratch): a recipe
@@ -37,7 +37,7 @@ recipe() {  # recipe NAME
   local start_args="--ckpt_path last"; [ "${FRESH:-0}" = 1 ] && start_args="--overwrite true"
   # SIGINT first: Lightning stops cleanly (its last checkpoint stays the one written every N steps).
   timeout -s INT -k 20 "$left" python3 train.py --config "configs/train/$name.yaml" $start_args \
-    --data.init_args.num_workers="${WORKERS:-8}" --trainer.enable_progress_bar=false ${EXTRA:-} \
+    --data.init_args.num_workers="$workers" --trainer.enable_progress_bar=false ${EXTRA:-} \
     > "/tmp/logs/$name.log" 2>&1
   local rc=$?
   log "$name rc=$rc in $(( $(date +%s) - t ))s"
@@ -51,7 +51,7 @@ recipe() {  # recipe NAME
 IFS=';' read -ra GROUPS_ <<< "$PLAN"
 for group in "${GROUPS_[@]}"; do
   IFS=',' read -ra NAMES <<< "$group"
-  pids=()
+  pids=(); workers=${WORKERS:-$(( 14 / ${#NAMES[@]} ))}; [ "$workers" -ge 2 ] || workers=2
   for name in "${NAMES[@]}"; do recipe "$(echo $name | xargs)" & pids+=($!); done
   failed=0
   for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
