@@ -24,9 +24,10 @@ What the official 8-expert code runs (read from ``Uni_MoE_speech/model/all_build
   mlp_base7`` (experts 2 / 6 share ``mlp_base``, 5 / 7 share ``mlp_base7``); ``--expert-bases`` replaces it (one
   file name per expert, comma-separated, ``.bin`` optional).
 - expert LoRA: ``{e}_mlp_experts.bin`` in the fine-tune folder, one file per expert (an 8-rank expert-parallel run
-  writes one per rank), keys ``model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{slot}.{p}_lora_{A,B}.weight``
-  (``p`` in gate_proj / up_proj / down_proj; ``slot`` is the rank-local index, ignored like the official loader
-  ignores it, but one file must hold one slot). The file also holds the expert's base ``{p}.weight``; the official
+  writes one per rank), keys
+  ``model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{slot}.{p}_lora_{A,B}.weight`` (``p`` in
+  gate_proj / up_proj / down_proj; ``slot`` is the rank-local index, ignored as the official loader ignores it, but
+  one file must hold one slot). The file also holds the expert's base ``{p}.weight``; the official
   loader lets the ``--mlp-dir`` file win over it, and so does this reader. Expert = SwiGLU whose three projections
   are ``W + (lora_alpha / lora_r) B A`` (``LlamaMLPLoRA``; LoRA dropout is off in eval).
 - routers: ``mlp_gates.bin`` (``model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight`` ``[E, H]``), over
@@ -57,7 +58,6 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from zoo.convert.hf_files import HFCheckpointError, PathLike, read_json, read_weight_file
