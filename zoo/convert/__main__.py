@@ -56,8 +56,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "mm_image_tower, looked up offline next to the checkpoint and in the Hugging Face cache)")
     ml.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="precision of the stored weights")
-    um = sub.add_parser("uni-moe", help="official Uni-MoE v1 (speech) checkpoint or -e2 LoRA fine-tune (HITsz-TMG "
-                        "Uni_MoE) -> zoo uni_moe DIR")
+    um = sub.add_parser("uni-moe", help="official Uni-MoE v1 (speech) checkpoint, -e2 LoRA fine-tune or 8-expert "
+                        "fine-tune (HITsz-TMG Uni_MoE, Uni_MoE_8e) -> zoo uni_moe DIR")
     um.add_argument("--checkpoint", required=True, help="folder with config.json (model_type llava, num_experts, "
                     "mm_audio_tower) and pytorch_model*.bin (+ mm_projector.bin / mm_audio_aligner.bin); or a LoRA "
                     "fine-tune folder (-e2: adapter_config.json + adapter_model.bin, non_lora_trainables.bin, "

@@ -189,7 +189,8 @@ def _check_config(cfg: dict[str, Any], source: str) -> tuple[int, list[int], flo
     r, alpha = cfg.get("lora_r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
         raise HFCheckpointError(f"{source}: config.json needs lora_r > 0 and lora_alpha (the experts' LoRA, "
-                                f"LlamaMLPLoRA), got lora_r={r!r}, lora_alpha={alpha!r}")
+                                f"LlamaMLPLoRA; the release's 8config.json has them), got lora_r={r!r}, "
+                                f"lora_alpha={alpha!r}")
     try:
         layers = _moe_layers(cfg)
     except KeyError as err:
