@@ -2,7 +2,8 @@
 ``python -m zoo.convert hf-lm --checkpoint HF_DIR --out DIR`` and
 ``python -m zoo.convert moe-llava --checkpoint DIR --out DIR [--image-tower DIR_OR_ID]`` and
 ``python -m zoo.convert uni-moe --checkpoint DIR --out DIR [--base DIR] [--vision-tower DIR] [--audio-tower DIR]``
-(``--base``: for an ``-e2`` LoRA fine-tune folder, the full checkpoint it was trained from)."""
+(``--base``: for an ``-e2`` LoRA fine-tune folder, the full checkpoint it was trained from; an 8-expert fine-tune
+also takes ``--mlp-dir DIR [--expert-bases a,b,...]``, the experts' base FFN files)."""
 
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "mm_image_tower, looked up offline next to the checkpoint and in the Hugging Face cache)")
     ml.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="precision of the stored weights")
-    um = sub.add_parser("uni-moe", help="official Uni-MoE v1 (speech) checkpoint or -e2 LoRA fine-tune (HITsz-TMG "
-                        "Uni_MoE) -> zoo uni_moe DIR")
+    um = sub.add_parser("uni-moe", help="official Uni-MoE v1 (speech) checkpoint, -e2 LoRA fine-tune or 8-expert "
+                        "fine-tune (HITsz-TMG Uni_MoE, Uni_MoE_8e) -> zoo uni_moe DIR")
     um.add_argument("--checkpoint", required=True, help="folder with config.json (model_type llava, num_experts, "
                     "mm_audio_tower) and pytorch_model*.bin (+ mm_projector.bin / mm_audio_aligner.bin); or a LoRA "
                     "fine-tune folder (-e2: adapter_config.json + adapter_model.bin, non_lora_trainables.bin, "
@@ -64,6 +65,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     um.add_argument("--base", help="for a LoRA fine-tune: the full checkpoint folder it was trained from (e.g. the "
                     "speech base); its LoRA deltas (lora_alpha / r) B A are merged into the base's dense weights, "
                     "non_lora_trainables.bin / mlp_gates.bin / mm_audio_aligner.bin replace base tensors")
+    um.add_argument("--mlp-dir", help="for an 8-expert fine-tune ({e}_mlp_experts.bin files): the folder with the "
+                    "experts' base FFN files (the Uni-MoE-8e-Experts release: mlp_audiocap.bin, mlp_basev.bin, ...)")
+    um.add_argument("--expert-bases", help="for an 8-expert fine-tune: the base file of each expert, comma-separated "
+                    "(default the official table mlp_audiocap,mlp_basev,mlp_base,mlp_base1,mlp_base4,mlp_base7,"
+                    "mlp_base,mlp_base7)")
     um.add_argument("--out", required=True, help="output folder; load with zoo.create_model('local-dir:DIR')")
     um.add_argument("--vision-tower", help="the CLIP vision folder (default: the config's mm_vision_tower, looked up "
                     "offline next to the checkpoint and in the Hugging Face cache)")
@@ -110,7 +116,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         from zoo.convert.uni_moe import convert_uni_moe
 
         model = convert_uni_moe(args.checkpoint, args.out, vision_tower=args.vision_tower,
-                                audio_tower=args.audio_tower, dtype=getattr(torch, args.dtype), base=args.base)
+                                audio_tower=args.audio_tower, dtype=getattr(torch, args.dtype), base=args.base,
+                                mlp_dir=args.mlp_dir, expert_bases=args.expert_bases)
         n = sum(p.numel() for p in model.parameters())
         print(f"wrote {args.out} ({n:,} parameters); load with zoo.create_model('local-dir:{args.out}')")
         return 0

@@ -49,6 +49,7 @@ from zoo.convert.hf_lm import CONFIG_MAPS, _moe, convert_state_dict
 from zoo.convert.hf_vision import hf_vision_state_dict, split_hf_vision_tensors
 from zoo.convert.hf_whisper import encoder_state_dict, qformer_state_dict, whisper_configs
 from zoo.convert.moe_llava import tower_config_from_official
+from zoo.convert.uni_moe_8e import is_8e_folder, read_8e_finetune
 from zoo.convert.uni_moe_layout import UniMoELayout, read_uni_moe_layout
 from zoo.convert.uni_moe_lora import is_lora_folder, read_lora_finetune
 from zoo.models.decoder import DecoderConfig
@@ -155,15 +156,24 @@ def lm_state_dict(layout: UniMoELayout, cfg: DecoderConfig) -> dict[str, Tensor]
 
 # ------------------------------------------------------------------------------------------------ read
 def read_uni_moe(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,
-                 audio_tower: Optional[PathLike] = None, base: Optional[PathLike] = None) -> UniMoEParts:
+                 audio_tower: Optional[PathLike] = None, base: Optional[PathLike] = None,
+                 mlp_dir: Optional[PathLike] = None, expert_bases: Any = None) -> UniMoEParts:
     """Read an official Uni-MoE v1 checkpoint folder (and its tower folders) into :class:`UniMoEParts`. A LoRA
     fine-tune folder (``-e2``: ``adapter_config.json`` / ``non_lora_trainables.bin``) needs ``base``, the full
-    checkpoint it was trained from; its LoRA deltas are merged (:mod:`zoo.convert.uni_moe_lora`)."""
+    checkpoint it was trained from; its LoRA deltas are merged (:mod:`zoo.convert.uni_moe_lora`). An 8-expert
+    fine-tune (``{e}_mlp_experts.bin`` files) also needs ``mlp_dir`` (the experts' base FFN files) and optionally
+    ``expert_bases`` (which file each expert uses; default the official table): :mod:`zoo.convert.uni_moe_8e`."""
     from zoo.models.uni_moe import UniMoEConfig
 
     checkpoint = Path(checkpoint)
     merged = None
-    if is_lora_folder(checkpoint):
+    if is_8e_folder(checkpoint):
+        merged = read_8e_finetune(checkpoint, base, mlp_dir, expert_bases)
+        official = merged[0]
+    elif mlp_dir is not None or expert_bases is not None:
+        raise HFCheckpointError(f"--mlp-dir / --expert-bases are for 8-expert fine-tunes, but {checkpoint} has no "
+                                "{e}_mlp_experts.bin files")
+    elif is_lora_folder(checkpoint):
         merged = read_lora_finetune(checkpoint, base)
         official = merged[0]
     elif base is not None:
@@ -286,21 +296,24 @@ def build_uni_moe(parts: UniMoEParts, dtype: torch.dtype = torch.float32):
 
 
 def load_uni_moe(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,
-                 audio_tower: Optional[PathLike] = None, base: Optional[PathLike] = None):
-    """An official Uni-MoE v1 checkpoint folder (a LoRA fine-tune with ``base``) as a zoo ``UniMoE`` (float32, eval
-    mode)."""
-    return build_uni_moe(read_uni_moe(checkpoint, vision_tower, audio_tower, base))
+                 audio_tower: Optional[PathLike] = None, base: Optional[PathLike] = None,
+                 mlp_dir: Optional[PathLike] = None, expert_bases: Any = None):
+    """An official Uni-MoE v1 checkpoint folder (a LoRA fine-tune with ``base``; an 8-expert fine-tune with ``base``
+    and ``mlp_dir``) as a zoo ``UniMoE`` (float32, eval mode)."""
+    return build_uni_moe(read_uni_moe(checkpoint, vision_tower, audio_tower, base, mlp_dir, expert_bases))
 
 
 def convert_uni_moe(checkpoint: PathLike, out: PathLike, vision_tower: Optional[PathLike] = None,
                     audio_tower: Optional[PathLike] = None, dtype: Optional[torch.dtype] = None,
-                    base: Optional[PathLike] = None):
+                    base: Optional[PathLike] = None, mlp_dir: Optional[PathLike] = None,
+                    expert_bases: Any = None):
     """Convert ``checkpoint`` (official Uni-MoE v1 folder) and write a zoo folder to ``out`` that
     ``zoo.create_model("local-dir:OUT")`` loads. ``vision_tower`` / ``audio_tower``: the CLIP / Whisper folders
     (default: the config's ``mm_vision_tower`` / ``mm_audio_tower`` resolved offline). ``dtype``: stored precision
-    (default float32). ``base``: for a LoRA fine-tune folder (``-e2``), the full checkpoint it was trained from."""
+    (default float32). ``base``: for a LoRA fine-tune folder (``-e2``), the full checkpoint it was trained from.
+    ``mlp_dir`` / ``expert_bases``: for an 8-expert fine-tune (:mod:`zoo.convert.uni_moe_8e`)."""
     from zoo.hub import save_pretrained
 
-    model = build_uni_moe(read_uni_moe(checkpoint, vision_tower, audio_tower, base))
+    model = build_uni_moe(read_uni_moe(checkpoint, vision_tower, audio_tower, base, mlp_dir, expert_bases))
     save_pretrained(model, out, dtype=dtype, tag=f"converted from {Path(checkpoint).name}")
     return model
