@@ -4,8 +4,8 @@
     python -m zoo.convert uni-moe --checkpoint DIR --out DIR --audio-tower BEATs_iter3_plus_AS2M.pt [--vision-tower DIR]
 
 :func:`zoo.convert.uni_moe.read_uni_moe` sends a folder here when :func:`is_audio_variant` says so (an
-``mm_audio_aligner.qformer.*`` tensor name in the weight index or ``mm_audio_aligner.bin``, else a config
-``mm_audio_tower`` naming a ``.pt`` file). The folder the official training script writes
+``mm_audio_aligner.qformer.*`` tensor name in the weight index or ``mm_audio_aligner.bin``; without aligner names,
+a config ``mm_audio_tower`` naming a ``.pt`` / BEATs file). The folder the official training script writes
 (``safe_save_all_for_hf_trainer``): ``config.json``, the weights (``pytorch_model*.bin`` + index), and the adapter files
 ``mm_audio_aligner.bin`` (``model.mm_audio_aligner.{qformer.qformer.*, projector.*, query_tokens}``),
 ``non_lora_trainables.bin`` (here: ``model.mm_projector.*``, despite its name), ``mlp_gates.bin`` (routers); the
@@ -82,9 +82,12 @@ def is_audio_variant(folder: PathLike) -> bool:
     if not isinstance(cfg, dict) or cfg.get("model_type") != "llava" or not cfg.get("mm_audio_tower"):
         return False
     names = _tensor_names(folder)
-    if names:
-        return any(n.startswith(ALIGNER + "qformer.") for n in names)
-    return str(cfg["mm_audio_tower"]).endswith(".pt")
+    if any(n.startswith(ALIGNER + "qformer.") for n in names):
+        return True
+    if any(n.startswith(ALIGNER + "decoder.") for n in names):  # the speech variant's Whisper-decoder aligner
+        return False
+    tower = str(cfg["mm_audio_tower"])  # no aligner names seen: the tower is a BEATs .pt, not a Whisper folder
+    return tower.endswith(".pt") or "beats" in tower.lower()
 
 
 # ------------------------------------------------------------------------------------------------ BEATs tower
