@@ -23,6 +23,10 @@ Where the zoo differs from the official code on purpose:
 - The tower runs without autograd while frozen (the official towers are always under ``no_grad``).
 - Video: the official mean-pools the frames' tokens into one image's tokens; ``video_frames_as_tokens=True`` keeps
   every frame's tokens instead (with ``max_video_frames`` as the budget).
+- Audio variant (BEATs + BLIP-2 aligner): by default each clip is one BEATs sequence and padded frames are masked out
+  of the Q-Former; the official cuts clips into 30 s windows (last one padded with copies of its last sample) and
+  lets the Q-Former read the padded frames: ``audio_beats_window=480000, audio_beats_mask_padding=False`` (what
+  :mod:`zoo.convert.uni_moe_audio` sets for official checkpoints).
 """
 
 from __future__ import annotations
