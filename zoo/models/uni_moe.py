@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from zoo.models.audio import (SAMPLE_RATE, WhisperEncoder, WhisperEncoderConfig, check_audio, log_mel_spectrogram,
                               split_windows)
 from zoo.models.beats import BEATsConfig, BEATsEncoder
+from zoo.models.beats import min_samples as beats_min_samples
 from zoo.models.connectors import PROJECTOR_KINDS, Projector
 from zoo.models.decoder import DecoderConfig, DecoderLM
 from zoo.models.freeze import run_tower
@@ -119,9 +120,11 @@ class UniMoEConfig:
         if moe is not None and moe.num_modalities < NUM_MODALITIES:
             raise ValueError(f"decoder.moe.num_modalities={moe.num_modalities}: Uni-MoE's routers get modality ids "
                              f"0..{NUM_MODALITIES - 1} (text, image, video, audio); set it to {NUM_MODALITIES}")
-        if self.audio_beats_window is not None and self.audio_beats_window < SAMPLE_RATE // 100:
-            raise ValueError(f"audio_beats_window={self.audio_beats_window} samples is shorter than one fbank frame "
-                             "(official: 480000 = 30 s at 16 kHz; None = whole clips)")
+        if self.audio_beats_window is not None:
+            need = beats_min_samples(self.audio_beats.input_patch_size) if self.audio_beats is not None else 1
+            if self.audio_beats_window < need:
+                raise ValueError(f"audio_beats_window={self.audio_beats_window} samples is shorter than one BEATs "
+                                 f"patch ({need} samples); official: 480000 = 30 s at 16 kHz; None = whole clips")
         if self.max_video_frames < 1:
             raise ValueError(f"max_video_frames must be >= 1, got {self.max_video_frames}")
 
