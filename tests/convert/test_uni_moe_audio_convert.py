@@ -168,7 +168,8 @@ def test_missing_audio_tower_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("what", ["clip_folder", "whisper_like_pt", "missing_file", "not_torch"])
 def test_wrong_audio_tower_is_a_clear_error(tmp_path, what):
     if what == "clip_folder":
-        tower, err, match = CLIP, FileNotFoundError, r"clip-vit-tiny-random is a folder with 0 \.pt files.*--audio-tower"
+        tower, err = CLIP, FileNotFoundError
+        match = r"clip-vit-tiny-random is a folder with 0 \.pt files.*--audio-tower"
     elif what == "whisper_like_pt":
         tower = tmp_path / "whisper.pt"
         torch.save({"encoder.conv1.weight": torch.zeros(2, 2, 3)}, tower)

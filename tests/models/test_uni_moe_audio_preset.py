@@ -1,9 +1,10 @@
 """The real-size Uni-MoE audio-variant preset ``uni_moe_audio_base_7b_4e``, built on the meta device only (13.7B
 parameters: never instantiated for real). Expected numbers are derived from the official code's shapes:
 LLaMA-7B (Vicuna v1.5: vocab 32000, 4096 wide, 32 blocks, 32 heads, SwiGLU 11008, untied head) with a 4-expert MoE FFN
-(+ router ``[4, 4096]``) in the even blocks only (``LlamaDecoderLayer``: ``moe`` set and ``layer % 2 == 0``); BEATs iter3
-(``BEATs_iter3_plus_AS2M.pt`` cfg: patch 16, 512 -> 768, 12 blocks, 12 heads, FFN 3072, conv_pos 128 / 16 groups,
-320 buckets, gated relative position bias); the aligner's ``Blip2QFormerModel`` from ``Blip2Config()`` defaults (768,
+(+ router ``[4, 4096]``) in the even blocks only (``LlamaDecoderLayer``: ``moe`` set and ``layer % 2 == 0``);
+BEATs iter3 (the released iter3 / iter3+ cfg as recorded in ``zoo.models.beats.BEATsConfig``; the release uses
+``BEATs_iter3_plus_AS2M.pt``: patch 16, 512 -> 768, 12 blocks, 12 heads, FFN 3072, conv_pos 128 / 16 groups, 320
+buckets, gated relative position bias); the aligner's ``Blip2QFormerModel`` from ``Blip2Config()`` defaults (768,
 12 layers, 12 heads, 3072, cross-attention every 2nd layer, encoder width 768) with ``query_tokens_size`` 50 (the
 training default) queries, ``linear`` aligner projector (``audio_projector_type`` default); CLIP ViT-L/14-336 +
 ``mlp2x_gelu`` (``finetune_audio.sh``)."""
@@ -11,7 +12,6 @@ training default) queries, ``linear`` aligner projector (``audio_projector_type`
 from __future__ import annotations
 
 import pytest
-import torch
 
 import zoo
 from zoo.convert.empty_init import init_empty

@@ -34,8 +34,9 @@ What differs from the speech (v1) layout, and how it maps onto :class:`zoo.model
   the Kaldi fbank itself (the official feeds precomputed fbank; same numbers).
 - image: CLIP + ``mm_projector`` as v1; video: the vision tower, mean over frames, as v1.
 
-LoRA fine-tunes (``-e2``: ``adapter_config.json`` present) go through :func:`zoo.convert.uni_moe_lora.read_lora_finetune`
-with ``--base`` (not tested on an audio-variant folder: no official e2 fixture).
+LoRA fine-tunes (``-e2``: ``adapter_config.json`` present) go through
+:func:`zoo.convert.uni_moe_lora.read_lora_finetune` with ``--base`` (NOT tested on an audio-variant folder: no official
+e2 fixture; that merge refuses a ``--base`` holding ``non_lora_trainables.bin``, which an official full save writes).
 """
 
 from __future__ import annotations
