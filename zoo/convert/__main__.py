@@ -73,8 +73,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     um.add_argument("--out", required=True, help="output folder; load with zoo.create_model('local-dir:DIR')")
     um.add_argument("--vision-tower", help="the CLIP vision folder (default: the config's mm_vision_tower, looked up "
                     "offline next to the checkpoint and in the Hugging Face cache)")
-    um.add_argument("--audio-tower", help="the Whisper folder (default: the config's mm_audio_tower, looked up the "
-                    "same way)")
+    um.add_argument("--audio-tower", help="the Whisper folder (speech variant) or the official BEATs .pt (audio "
+                    "variant, e.g. BEATs_iter3_plus_AS2M.pt); default: the config's mm_audio_tower, looked up the "
+                    "same way (for a .pt: its base name next to the checkpoint and in its parent)")
     um.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="precision of the stored weights")
     lst = sub.add_parser("list", help="the published V-MoE checkpoints and how to convert them")

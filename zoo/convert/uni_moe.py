@@ -166,6 +166,9 @@ def read_uni_moe(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,
     from zoo.models.uni_moe import UniMoEConfig
 
     checkpoint = Path(checkpoint)
+    from zoo.convert.uni_moe_audio import is_audio_variant, read_uni_moe_audio
+    if is_audio_variant(checkpoint):  # BEATs + BLIP-2 aligner: its own layout (zoo/convert/uni_moe_audio.py)
+        return read_uni_moe_audio(checkpoint, vision_tower, audio_tower, base)
     merged = None
     if is_8e_folder(checkpoint):
         merged = read_8e_finetune(checkpoint, base, mlp_dir, expert_bases)

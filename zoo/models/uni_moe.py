@@ -23,6 +23,10 @@ Where the zoo differs from the official code on purpose:
 - The tower runs without autograd while frozen (the official towers are always under ``no_grad``).
 - Video: the official mean-pools the frames' tokens into one image's tokens; ``video_frames_as_tokens=True`` keeps
   every frame's tokens instead (with ``max_video_frames`` as the budget).
+- Audio variant (BEATs + BLIP-2 aligner): by default each clip is one BEATs sequence and padded frames are masked out
+  of the Q-Former; the official cuts clips into 30 s windows (last one padded with copies of its last sample) and
+  lets the Q-Former read the padded frames: ``audio_beats_window=480000, audio_beats_mask_padding=False`` (what
+  :mod:`zoo.convert.uni_moe_audio` sets for official checkpoints).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 from zoo.models.audio import (SAMPLE_RATE, WhisperEncoder, WhisperEncoderConfig, check_audio, log_mel_spectrogram,
                               split_windows)
 from zoo.models.beats import BEATsConfig, BEATsEncoder
+from zoo.models.beats import min_samples as beats_min_samples
 from zoo.models.connectors import PROJECTOR_KINDS, Projector
 from zoo.models.decoder import DecoderConfig, DecoderLM
 from zoo.models.freeze import run_tower
@@ -62,6 +67,13 @@ class UniMoEConfig:
             clip, no 30 s windows; set ``audio_encoder`` to None). Either encoder feeds either connector;
             audio_projector: the aligner's projector into the LM (``linear``, the official default, or
             ``mlp2x_gelu``).
+        audio_beats_window: BEATs only: None (the zoo default) encodes each clip as one sequence; a number of samples
+            splits each clip into windows of that length encoded one by one, ``num_queries`` tokens per window,
+            concatenated in order, as the official audio variant's data pipeline does with 480000 (30 s): the last
+            window is padded to full length by repeating its last sample, and the padding is masked inside BEATs.
+        audio_beats_mask_padding: BEATs only: True (the zoo default) keeps padded frames out of the Q-Former's
+            cross-attention; the official aligner passes an all-ones mask, so its queries also read the BEATs
+            outputs at padded positions (False reproduces that; converted official checkpoints set it).
         decoder: the LM; its MoE layers get modality ids, so ``moe.num_modalities`` must be 4.
         video_frames_as_tokens: keep every frame's tokens (else the official mean over frames);
             max_video_frames: the frame budget (frames evenly subsampled beyond it).
@@ -75,6 +87,8 @@ class UniMoEConfig:
     audio_blip2: Optional[Blip2QFormerConfig] = None
     audio_beats: Optional[BEATsConfig] = None
     audio_projector: str = "linear"
+    audio_beats_window: Optional[int] = None
+    audio_beats_mask_padding: bool = True
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     video_frames_as_tokens: bool = False
     max_video_frames: int = 8
@@ -106,6 +120,11 @@ class UniMoEConfig:
         if moe is not None and moe.num_modalities < NUM_MODALITIES:
             raise ValueError(f"decoder.moe.num_modalities={moe.num_modalities}: Uni-MoE's routers get modality ids "
                              f"0..{NUM_MODALITIES - 1} (text, image, video, audio); set it to {NUM_MODALITIES}")
+        if self.audio_beats_window is not None:
+            need = beats_min_samples(self.audio_beats.input_patch_size) if self.audio_beats is not None else 1
+            if self.audio_beats_window < need:
+                raise ValueError(f"audio_beats_window={self.audio_beats_window} samples is shorter than one BEATs "
+                                 f"patch ({need} samples); official: 480000 = 30 s at 16 kHz; None = whole clips")
         if self.max_video_frames < 1:
             raise ValueError(f"max_video_frames must be >= 1, got {self.max_video_frames}")
 
@@ -228,7 +247,8 @@ class UniMoE(nn.Module):
 
     def _encode_audio_beats(self, audio: Tensor, audio_lengths: Optional[Tensor]) -> list[Optional[Tensor]]:
         """BEATs path of :meth:`encode_audio`: waveforms ``[B, samples]`` (+ ``audio_lengths``) -> per sample
-        ``[Q, D]`` or None. The clips of the batch run as one padded batch (BEATs masks the padding)."""
+        ``[Q, D]`` (``[windows * Q, D]`` with ``audio_beats_window``) or None. The clips (or windows) of the batch run
+        as one padded batch (BEATs masks the padding)."""
         if not (isinstance(audio, Tensor) and audio.ndim == 2):
             raise ValueError(f"the BEATs audio encoder takes waveforms [B, samples] at {SAMPLE_RATE} Hz (with "
                              f"audio_lengths), not log-mel windows; got {_shape(audio)}")
@@ -237,18 +257,35 @@ class UniMoE(nn.Module):
         rows = [b for b in range(B) if int(lengths[b]) > 0]
         if not rows:
             return [None] * B
-        index = torch.tensor(rows)
-        span = int(lengths[index].max())
-        waves = audio[index.to(audio.device), :span]
-        padding = torch.arange(span)[None, :] >= lengths[index][:, None]  # [b, span], True = padded sample
+        window = self.config.audio_beats_window
+        if window is None:  # one padded sequence per clip
+            index = torch.tensor(rows)
+            span = int(lengths[index].max())
+            waves = audio[index.to(audio.device), :span]
+            padding = torch.arange(span)[None, :] >= lengths[index][:, None]  # [b, span], True = padded sample
+            owners = rows
+        else:  # official: fixed windows, the last one padded by repeating its last sample
+            pieces, pads, owners = [], [], []
+            for b in rows:
+                n = int(lengths[b])
+                for start in range(0, n, window):
+                    piece = audio[b, start:min(start + window, n)]
+                    real = piece.shape[0]
+                    if real < window:
+                        piece = torch.cat([piece, piece[-1:].expand(window - real)])
+                    pieces.append(piece)
+                    pads.append(torch.arange(window) >= real)
+                    owners.append(b)
+            waves, padding = torch.stack(pieces), torch.stack(pads)
         encoder = self.audio_encoder
         features, token_padding = run_tower(encoder, waves, SAMPLE_RATE, padding.to(waves.device),
                                             call=encoder.extract_features)
-        mask = None if token_padding is None else ~token_padding
-        tokens = self.audio_connector(features, mask)  # [b, Q, D]
+        mask = None if token_padding is None or not self.config.audio_beats_mask_padding else ~token_padding
+        tokens = self.audio_connector(features, mask)  # [windows or clips, Q, D]
         out: list[Optional[Tensor]] = [None] * B
-        for i, b in enumerate(rows):
-            out[b] = tokens[i]
+        for b in rows:
+            mine = [i for i, owner in enumerate(owners) if owner == b]
+            out[b] = tokens[mine].flatten(0, 1)  # its windows' Q tokens in order
         return out
 
     # ------------------------------------------------------------------------------------------------ splicing
