@@ -13,10 +13,10 @@ from zoo.models.audio import (N_FRAMES, N_SAMPLES, SAMPLE_RATE, UNI_MOE_CHUNK_ST
                               WhisperEncoderConfig, audio_features, mel_filterbank)
 
 
-def numpy_log_mel(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
+def numpy_log_mel(audio: np.ndarray, n_mels: int = 80, window: int = N_SAMPLES) -> np.ndarray:
     """Written from the published recipe with numpy only (framing by hand, rfft, librosa's Slaney formulas)."""
-    x = np.zeros(N_SAMPLES, dtype=np.float64)
-    x[: min(len(audio), N_SAMPLES)] = audio[:N_SAMPLES]
+    x = np.zeros(window, dtype=np.float64)
+    x[: min(len(audio), window)] = audio[:window]
     n_fft, hop = 400, 160
     padded = np.pad(x, n_fft // 2, mode="reflect")
     n_frames = 1 + (len(padded) - n_fft) // hop
@@ -138,3 +138,22 @@ def test_encoder_config_takes_any_positive_mel_count():
         WhisperEncoderConfig(dim=10, num_heads=4)
     with pytest.raises(ValueError, match="pass log-mel features"):
         audio_features(torch.zeros(100), SAMPLE_RATE, n_mels=8)
+
+
+def test_short_windows_match_the_numpy_reference_and_split_long_clips():
+    """audio_window_seconds < 30 (tiny encoders trained from scratch): the same front end on a shorter window."""
+    from zoo.models.audio import log_mel_spectrogram, split_windows, window_samples
+
+    window = window_samples(2.5)
+    assert window == 40_000
+    clip = fsdd_clip_16k()
+    got = log_mel_spectrogram(split_windows(torch.from_numpy(clip).float(), window=window))
+    assert got.shape == (1, 80, 250)
+    np.testing.assert_allclose(got[0].numpy(), numpy_log_mel(clip, window=window), atol=2e-4)
+    long = torch.arange(2 * window + 5, dtype=torch.float32)
+    windows = split_windows(long, window=window)  # stride window + 1, as the 30 s rule: 3 windows, in order
+    assert windows.shape == (3, window)
+    assert windows[1, 0] == window + 1 and windows[2, 0] == 2 * window + 2 and windows[2, 3:].abs().sum() == 0
+    for bad in (0.0, -1.0, 0.015, 2.501):
+        with pytest.raises(ValueError, match="0.02 s"):
+            window_samples(bad)

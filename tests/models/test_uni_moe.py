@@ -226,3 +226,24 @@ def test_audio_variant_preset_trains_its_beats_tower_when_named():
         grads = [p.grad for p in m.audio_encoder.parameters()]
         assert all(g is not None for g in grads) == reaches and any(g is not None for g in grads) == reaches
         assert all(p.grad is not None for p in m.audio_connector.parameters() if p.requires_grad)
+
+
+def test_short_audio_windows_cut_clips_into_chunks_in_order():
+    """``audio_window_seconds``: a clip longer than the window gives one Q-token chunk per window, each the same as
+    encoding that window's audio alone; a window the encoder cannot hold is refused when the config is built."""
+    torch.manual_seed(0)
+    model = zoo.create_model("uni_moe_tiny", audio_window_seconds=1.0).eval()
+    Q = model.config.audio_qformer.num_queries
+    clip = _tone(2.5, 300.0) * torch.linspace(0.1, 1.0, 40_000)  # 3 windows of 16,000 samples (stride 16,001)
+    with torch.no_grad():
+        (tokens,) = model.encode_audio(clip[None])
+        assert tokens.shape[0] == 3 * Q
+        for w, start in enumerate((0, 16_001, 32_002)):
+            (alone,) = model.encode_audio(clip[None, start:start + 16_000])
+            torch.testing.assert_close(tokens[w * Q:(w + 1) * Q], alone, rtol=1e-5, atol=1e-5)
+        (thirty,) = zoo.create_model("uni_moe_tiny").eval().encode_audio(clip[None])
+    assert thirty.shape[0] == Q  # the default: one 30 s window
+    with pytest.raises(ValueError, match="0.02 s"):
+        zoo.create_model("uni_moe_tiny", audio_window_seconds=0.01)
+    with pytest.raises(ValueError, match="max_positions"):
+        zoo.create_model("uni_moe_tiny", audio_window_seconds=31.0)

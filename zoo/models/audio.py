@@ -106,23 +106,38 @@ def check_audio(audio: Union[Tensor, np.ndarray], sample_rate: int) -> Tensor:
     return check_samples(audio)
 
 
-def split_windows(audio: Tensor, stride: int = UNI_MOE_CHUNK_STRIDE) -> Tensor:
-    """``[T]`` -> ``[N, 480000]`` 30 s windows in order; a clip of up to 30 s gives one window, longer clips one
-    window per started ``stride`` samples (Uni-MoE's 480,001, see ``UNI_MOE_CHUNK_STRIDE``), each trimmed to
-    480,000 samples and the last one zero-padded."""
-    starts = range(0, audio.shape[0], stride) if audio.shape[0] > N_SAMPLES else [0]
-    windows = [audio[s:s + N_SAMPLES] for s in starts]
-    return torch.stack([F.pad(w, (0, N_SAMPLES - w.shape[0])) for w in windows])
+def split_windows(audio: Tensor, stride: Optional[int] = None, window: int = N_SAMPLES) -> Tensor:
+    """``[T]`` -> ``[N, window]`` windows in order (Whisper's 30 s = 480,000 samples by default): a clip of up to one
+    window gives one window, a longer clip one window per started ``stride`` samples (default ``window + 1``:
+    Uni-MoE's 480,001 for 30 s windows, see ``UNI_MOE_CHUNK_STRIDE``), each trimmed to ``window`` samples and the
+    last one zero-padded."""
+    if window < 1:
+        raise ValueError(f"window must be a positive number of samples, got {window}")
+    stride = window + 1 if stride is None else stride
+    starts = range(0, audio.shape[0], stride) if audio.shape[0] > window else [0]
+    windows = [audio[s:s + window] for s in starts]
+    return torch.stack([F.pad(w, (0, window - w.shape[0])) for w in windows])
+
+
+def window_samples(seconds: float) -> int:
+    """A log-mel window of ``seconds`` as a sample count the Whisper front end and encoder take: a positive whole
+    number of encoder positions (2 hops = 320 samples = 20 ms each); ValueError otherwise."""
+    samples = round(seconds * SAMPLE_RATE)
+    if seconds <= 0 or abs(samples - seconds * SAMPLE_RATE) > 1e-6 or samples % (2 * HOP_LENGTH):
+        raise ValueError(f"an audio window of {seconds} s is not a whole number of 20 ms encoder positions "
+                         f"(Whisper: 30 s = 1500 positions); use a multiple of 0.02 s")
+    return samples
 
 
 def log_mel_spectrogram(windows: Tensor, n_mels: int = 80) -> Tensor:
-    """``[N, 480000]`` windows -> ``[N, n_mels, 3000]`` Whisper log-mel features (float32)."""
+    """``[N, samples]`` windows (480,000 = Whisper's 30 s; any multiple of the 160-sample hop) -> ``[N, n_mels,
+    samples / 160]`` Whisper log-mel features (float32; 3000 frames for 30 s)."""
     if n_mels not in MEL_BIN_OPTIONS:
         raise ValueError(f"n_mels={n_mels}; the Whisper front end computes {MEL_BIN_OPTIONS} mel bins (128 for "
                          "large-v3); for an encoder with another count pass log-mel features [B, C, n_mels, frames]")
-    if windows.dim() != 2 or windows.shape[-1] != N_SAMPLES:
-        raise ValueError(f"expected windows of shape [N, {N_SAMPLES}], got {tuple(windows.shape)}; "
-                         "use split_windows first")
+    if windows.dim() != 2 or windows.shape[-1] < HOP_LENGTH or windows.shape[-1] % HOP_LENGTH:
+        raise ValueError(f"expected windows of shape [N, samples] with samples a multiple of {HOP_LENGTH} "
+                         f"({N_SAMPLES} for Whisper's 30 s), got {tuple(windows.shape)}; use split_windows first")
     window = torch.hann_window(N_FFT, periodic=True, device=windows.device, dtype=windows.dtype)
     stft = torch.stft(windows, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect",
                       return_complex=True)
@@ -229,7 +244,7 @@ class WhisperEncoder(nn.Module):
                              f"them with audio_features(..., n_mels={n_mels})")
         if features.shape[2] > max_frames or features.shape[2] % 2:
             raise ValueError(f"features have {features.shape[2]} frames; the encoder takes an even count up to "
-                             f"{max_frames} (one 30 s window)")
+                             f"{max_frames} (one window of {max_frames // 100} s)")
         x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, T/2, D]
         x = x + self.pos_embed[: x.shape[1]].to(x.dtype)

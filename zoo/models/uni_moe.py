@@ -37,8 +37,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from zoo.models.audio import (SAMPLE_RATE, WhisperEncoder, WhisperEncoderConfig, check_audio, log_mel_spectrogram,
-                              split_windows)
+from zoo.models.audio import (HOP_LENGTH, SAMPLE_RATE, WhisperEncoder, WhisperEncoderConfig, check_audio,
+                              log_mel_spectrogram, split_windows, window_samples)
 from zoo.models.beats import BEATsConfig, BEATsEncoder
 from zoo.models.beats import min_samples as beats_min_samples
 from zoo.models.connectors import PROJECTOR_KINDS, Projector
@@ -67,6 +67,12 @@ class UniMoEConfig:
             clip, no 30 s windows; set ``audio_encoder`` to None). Either encoder feeds either connector;
             audio_projector: the aligner's projector into the LM (``linear``, the official default, or
             ``mlp2x_gelu``).
+        audio_window_seconds: Whisper only: the log-mel window (30 s, Whisper's and the official, by default). A
+            shorter window is for encoders trained from scratch on short clips: a 0.5 s spoken digit in a 30 s window
+            is 1.7% of the encoder's 1,500 positions, the rest identical silence, and a small random encoder trained
+            on such windows did not learn the digits (``benchmarks/results/uni_moe_stages.md``). A clip longer than
+            the window is cut into several, in order, as 30 s windows are. Must be a multiple of 0.02 s within the
+            encoder's ``max_positions``.
         audio_beats_window: BEATs only: None (the zoo default) encodes each clip as one sequence; a number of samples
             splits each clip into windows of that length encoded one by one, ``num_queries`` tokens per window,
             concatenated in order, as the official audio variant's data pipeline does with 480000 (30 s): the last
@@ -87,6 +93,7 @@ class UniMoEConfig:
     audio_blip2: Optional[Blip2QFormerConfig] = None
     audio_beats: Optional[BEATsConfig] = None
     audio_projector: str = "linear"
+    audio_window_seconds: float = 30.0
     audio_beats_window: Optional[int] = None
     audio_beats_mask_padding: bool = True
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -120,6 +127,11 @@ class UniMoEConfig:
         if moe is not None and moe.num_modalities < NUM_MODALITIES:
             raise ValueError(f"decoder.moe.num_modalities={moe.num_modalities}: Uni-MoE's routers get modality ids "
                              f"0..{NUM_MODALITIES - 1} (text, image, video, audio); set it to {NUM_MODALITIES}")
+        samples = window_samples(self.audio_window_seconds)  # ValueError naming the fix
+        if self.audio_encoder is not None and samples // (2 * HOP_LENGTH) > self.audio_encoder.max_positions:
+            raise ValueError(f"audio_window_seconds={self.audio_window_seconds} needs "
+                             f"{samples // (2 * HOP_LENGTH)} encoder positions; audio_encoder.max_positions is "
+                             f"{self.audio_encoder.max_positions} (30 s = 1500)")
         if self.audio_beats_window is not None:
             need = beats_min_samples(self.audio_beats.input_patch_size) if self.audio_beats is not None else 1
             if self.audio_beats_window < need:
@@ -203,12 +215,13 @@ class UniMoE(nn.Module):
             return self._encode_audio_beats(audio, audio_lengths)
         n_mels = self.config.audio_encoder.n_mels
         if isinstance(audio, Tensor) and audio.ndim == 2:  # waveforms [B, samples] at 16 kHz
+            window = window_samples(self.config.audio_window_seconds)
             lengths = (torch.full((audio.shape[0],), audio.shape[1]) if audio_lengths is None
                        else audio_lengths.to("cpu"))
             # every clip's 30 s windows through ONE log-mel call (windows are independent: Whisper normalises each
             # window by its own loudest bin), not one call per clip: a per-clip loop bounded GPU steps by launches
             check_audio(audio.reshape(-1), SAMPLE_RATE)  # dtype and finiteness once for the batch (one host sync)
-            raw = [None if int(n) == 0 else split_windows(audio[b, :int(n)].float())
+            raw = [None if int(n) == 0 else split_windows(audio[b, :int(n)].float(), window=window)
                    for b, n in enumerate(lengths.tolist())]
             present = [w for w in raw if w is not None]
             mel = log_mel_spectrogram(torch.cat(present), n_mels) if present else None
