@@ -68,11 +68,10 @@ class UniMoEConfig:
             audio_projector: the aligner's projector into the LM (``linear``, the official default, or
             ``mlp2x_gelu``).
         audio_window_seconds: Whisper only: the log-mel window (30 s, Whisper's and the official, by default). A
-            shorter window is for encoders trained from scratch on short clips: a 0.5 s spoken digit in a 30 s window
-            is 1.7% of the encoder's 1,500 positions, the rest identical silence, and a small random encoder trained
-            on such windows did not learn the digits (``benchmarks/results/uni_moe_stages.md``). A clip longer than
-            the window is cut into several, in order, as 30 s windows are. Must be a multiple of 0.02 s within the
-            encoder's ``max_positions``.
+            shorter window suits encoders trained from scratch on short clips: a 0.5 s spoken digit fills 1.7% of a
+            30 s window's 1,500 encoder positions, the rest is identical silence that every attention layer pays
+            for (2.5 s: 125 positions, ~140x less attention). A clip longer than the window is cut into several, in
+            order, as 30 s windows are. Must be a multiple of 0.02 s within the encoder's ``max_positions``.
         audio_beats_window: BEATs only: None (the zoo default) encodes each clip as one sequence; a number of samples
             splits each clip into windows of that length encoded one by one, ``num_queries`` tokens per window,
             concatenated in order, as the official audio variant's data pipeline does with 480000 (30 s): the last
