@@ -182,3 +182,38 @@ def test_checkpointed_decoder_blocks_run_without_cuda_graphs(monkeypatch):
     model.gradient_checkpointing = False
     model(ids).logits.sum().backward()
     assert len(seen) == len(model.blocks) and all(seen)
+
+
+def test_a_compiler_backend_failure_falls_back_to_eager(monkeypatch):
+    """torch 2.11's inductor once emitted C++ that did not build for one routing kernel on an AVX-512 host (GPU
+    machine, CPU tensors): the layer must warn and go on eagerly with the same values, not end the run."""
+    import zoo.moe.compiled as compiled_mod
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    attempts = []
+
+    def broken_compile(fn, mode=None):
+        def run(*args):
+            attempts.append(fn)
+            raise BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compile error: 'tmp8' was not declared"),
+                                        None)
+        return run
+
+    monkeypatch.setattr(compiled_mod, "_COMPILED", {})
+    monkeypatch.setattr(compiled_mod.torch, "compile", broken_compile)
+    kwargs, masked, with_modality = CASES["deepspeed_gumbel"]
+    torch.manual_seed(0)
+    eager = MoELayer(16, 24, MoEConfig(**kwargs, compile_routing=False)).train()
+    fallback = MoELayer(16, 24, MoEConfig(**kwargs, compile_routing=True)).train()
+    fallback.load_state_dict(eager.state_dict())
+    x = torch.randn(4, 10, 16)
+    with pytest.warns(RuntimeWarning, match="failed in the compiler backend.*eagerly"):
+        got = _run(fallback, x, None, None, 1)
+    assert len(attempts) >= 1
+    tried = len(attempts)
+    ref = _run(eager, x, None, None, 1)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[2], ref[2])
+    again = _run(fallback, x, None, None, 2)  # later calls go straight to eager: the compiler is not retried
+    assert len(attempts) == tried
+    torch.testing.assert_close(again[0], _run(eager, x, None, None, 2)[0])

@@ -28,12 +28,25 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import warnings
 import weakref
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
 _COMPILED: dict[tuple[Callable, Optional[str]], Callable] = {}
+
+
+def _backend_compile_errors() -> tuple[type[BaseException], ...]:
+    # A compiler backend that fails (e.g. torch 2.11's inductor emitting C++ that does not build for one kernel on an
+    # AVX-512 host) raises one of these, before the graph runs.
+    errors = []
+    for module, name in (("torch._dynamo.exc", "BackendCompilerFailed"), ("torch._inductor.exc", "InductorError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 _GRAD_HOOKED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
@@ -110,8 +123,34 @@ def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device,
         compiled = torch.compile(fn, mode=mode)
         if mode is not None:
             compiled = _keeping_grads_out_of_graph_pool(compiled)
+        compiled = _eager_if_the_compiler_fails(compiled, fn, (fn, mode))
         _COMPILED[(fn, mode)] = compiled
     return compiled
+
+
+def _eager_if_the_compiler_fails(compiled: Callable, fn: Callable, key: tuple[Callable, Optional[str]]) -> Callable:
+    """``compiled``, or ``fn`` from the first call on which the compiler backend fails: a warning says so and the
+    run goes on eagerly (same values, slower) instead of dying on a compiler bug. The compiled functions are single
+    graphs (the tests check it), so a backend failure comes before any of ``fn`` ran, and running ``fn`` then
+    repeats nothing."""
+    errors = _backend_compile_errors()
+
+    @functools.wraps(fn)
+    def call(*args):
+        if _COMPILED.get(key) is not call:  # an earlier call fell back
+            return fn(*args)
+        try:
+            return compiled(*args)
+        except errors as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            warnings.warn(f"torch.compile of {getattr(fn, '__qualname__', fn)} failed in the compiler backend "
+                          f"(torch {torch.__version__}: {type(err).__name__}: {first[:200]}); running it eagerly from "
+                          "now on: same results, slower. MoEConfig(compile_routing=False) skips compiling.",
+                          RuntimeWarning, stacklevel=2)
+            _COMPILED[key] = fn
+            return fn(*args)
+
+    return call
 
 
 def _keeping_grads_out_of_graph_pool(graphed: Callable) -> Callable:
