@@ -4,6 +4,7 @@ same outputs, losses, statistics and gradients as the eager reference (CPU here;
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -62,7 +63,14 @@ def test_compiled_routing_matches_eager(case):
     torch._dynamo.utils.counters.clear()
     for seed in (1, 2):  # a second call reuses the compiled graphs
         ref = _run(eager, x, mask, modality, seed)
-        got = _run(compiled, x, mask, modality, seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = _run(compiled, x, mask, modality, seed)
+        if any("failed in the compiler backend" in str(w.message) for w in caught):
+            # torch 2.11's inductor on an AVX-512 host failed to build one CPU kernel of this case: the layer ran
+            # eagerly (test_a_compiler_backend_failure_falls_back_to_eager); there is no compiled path to compare
+            pytest.skip(f"torch {torch.__version__}: the compiler backend failed on this host; the layer fell back "
+                        "to eager")
         torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[1].loss, ref[1].loss, rtol=1e-5, atol=1e-7)
         assert got[1].losses.keys() == ref[1].losses.keys() and len(ref[1].losses) >= 2
