@@ -58,7 +58,6 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-
 FFN = dict(D=4096, F=11008, r=8, alpha=16.0, k=2)  # LLaMA-7B FFN, Uni-MoE's LoRA
 VARIANTS = {"v1": dict(E=4, per_expert_base=True), "v2": dict(E=8, per_expert_base=False)}
 SMOKE_FFN = dict(D=32, F=48, r=8, alpha=16.0, k=2)

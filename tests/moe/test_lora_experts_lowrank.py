@@ -196,6 +196,9 @@ def test_grouped_mm_choice_is_explicit(monkeypatch):
 def test_eval_merge_is_cached_while_the_factors_do_not_change():
     ex = _experts(False).eval()
     with torch.no_grad():
+        assert ex.stacked() is not ex.stacked() and ex._merge_cache is None  # opt-in: off by default
+    ex.cache_merge = True
+    with torch.no_grad():
         a = ex.stacked()
         assert ex.stacked() is a  # nothing changed: the same merge
         ex.lora_b2.add_(1.0)  # in place (an optimizer step): the version counter moves
@@ -223,3 +226,51 @@ def test_eval_merge_is_cached_while_the_factors_do_not_change():
     import copy
 
     assert copy.deepcopy(ex)._merge_cache is None
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead's GPU run)")
+@pytest.mark.parametrize("per_expert_base", [True, False], ids=["per_expert_base", "shared_base"])
+def test_layer_lowrank_on_cuda_bf16_with_compiled_routing(per_expert_base, monkeypatch):
+    """On the GPU in bf16, two training steps of MoELayer with the default settings (routing compiled and replayed
+    as a CUDA graph) take the low-rank path (torch._grouped_mm for a per-expert base on sm90+) outside the graph,
+    never merge, and match the same layer on the plain-PyTorch loop (same compiled routing) within bf16
+    tolerance."""
+    import copy
+    import dataclasses
+
+    dev, Dc, Hc = torch.device("cuda"), 64, 96
+    cfg = MoEConfig(num_experts=E, top_k=2, activation="swiglu", expert_bias=False, noise_std=0.0, group_size=2,
+                    dropless=True)
+    torch.manual_seed(0)
+    ex = LoRAExperts(E, Dc, Hc, "swiglu", r=8, alpha=16.0, per_expert_base=per_expert_base)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, Dc ** -0.5)
+    layer = MoELayer(Dc, Hc, cfg, experts=ex).to(dev, torch.bfloat16)
+    ref = copy.deepcopy(layer)
+    ref.config = dataclasses.replace(ref.config, dispatch="loop")
+    spy = _Spy(monkeypatch)
+    calls, real = [], getattr(torch, "_grouped_mm", None)
+    if real is not None:
+        monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for step in range(2):
+        x = torch.randn(4, 32, Dc, device=dev, dtype=torch.bfloat16)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = layer(xa), ref(xb)
+        dy = torch.randn_like(ya)
+        (ya.float() * dy.float()).sum().backward()
+        (yb.float() * dy.float()).sum().backward()
+        assert _rel(ya, yb) < 3e-2, step
+        pa, pb = dict(layer.named_parameters()), dict(ref.named_parameters())
+        for n in ("router.proj.weight", "experts.lora_a1", "experts.lora_b1", "experts.lora_a2", "experts.lora_b2"):
+            assert _rel(pa[n].grad, pb[n].grad) < 6e-2, (step, n)
+        assert _rel(xa.grad, xb.grad) < 6e-2, step
+        layer.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+    assert spy.lowrank == 2 and spy.stacked == 0
+    if per_expert_base and lowrank.grouped_mm_usable(x):
+        assert len(calls) >= 2

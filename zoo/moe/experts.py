@@ -187,8 +187,9 @@ class LoRAExperts(Experts):
       1.17-2.33x faster per training step than merging every step and 1.65-4.08x less peak memory;
     * otherwise (inference, ``no_grad``, frozen factors, or a base that trains) the layer reads :meth:`stacked`,
       the merged per-expert weights ``base + s A B`` (differentiable in every tensor that requires grad) on the
-      fused kernel, the fastest inference path. In eval mode, when nothing in the merge requires grad, the merge
-      is cached while its inputs do not change (:meth:`stacked`).
+      fused kernel, the fastest inference path. With ``cache_merge = True`` (off by default: the merge is E full
+      FFNs per layer, 1-2 GB per Uni-MoE layer) eval-mode merges are kept while their inputs do not change
+      (:meth:`stacked`), e.g. across decode steps.
 
     :meth:`merged` gives plain :class:`StackedExperts` for inference.
     """
@@ -214,6 +215,9 @@ class LoRAExperts(Experts):
         self.lora_a2 = nn.Parameter(torch.empty(num_experts, hidden_dim, r))
         self.lora_b2 = nn.Parameter(torch.zeros(num_experts, r, dim))
         self.register_buffer("_b1_mask", self._lora_b1_mask(), persistent=False)
+        # Opt-in (a plain attribute, not in the state dict): keep the eval-mode merge between calls (stacked()).
+        # Off by default: it keeps E merged FFNs resident per layer (1-2 GB per Uni-MoE layer, x 32 layers).
+        self.cache_merge = False
         self._merge_cache: Optional[tuple] = None  # (key, held tensors, StackedWeights): see stacked()
         self.reset_parameters()
 
@@ -320,8 +324,10 @@ class LoRAExperts(Experts):
         """The merged per-expert weights ``w1 [E, D, H'] = base1 + s A1 (B1 * mask)``, ``w2 [E, H, D] = base2 +
         s A2 B2`` (biases expanded to [E, ...]), differentiable in whatever requires grad.
 
-        Cached in eval mode when nothing in the merge records a gradient (inference serves the same merged weights
-        every call, e.g. every decode step): the cache is used while every input tensor is the same memory at the
+        With ``cache_merge = True`` (off by default: the cache keeps E merged FFNs resident per layer; use it where
+        that memory is there, e.g. generation; :meth:`merged` is the explicit alternative), the merge is cached in
+        eval mode when nothing in it records a gradient (inference serves the same merged weights every call, e.g.
+        every decode step): the cache is used while every input tensor is the same memory at the
         same autograd version counter (``_version``: in-place updates, ``load_state_dict`` and optimizer steps
         bump it), with the same dtype, scaling and inference-mode state. It holds references to those tensors, so
         a freed tensor's address cannot be reused by a new one while cached. Cleared by ``train()`` / ``eval()``,
@@ -329,7 +335,8 @@ class LoRAExperts(Experts):
         version counter (``p.data.copy_(...)``, a collective writing into a flat buffer behind the parameter) are
         NOT seen: call :meth:`clear_merged_cache` after them."""
         inputs = self._merge_inputs()
-        cacheable = not self.training and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+        cacheable = (getattr(self, "cache_merge", False) and not self.training
+                     and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)))
         if not cacheable:
             self._merge_cache = None
             return self._merge()
@@ -339,7 +346,7 @@ class LoRAExperts(Experts):
         except RuntimeError:  # inference tensors (created in inference mode) have no version counter: no cache
             self._merge_cache = None
             return self._merge()
-        cache = self._merge_cache
+        cache = getattr(self, "_merge_cache", None)  # a module pickled before the cache existed has none
         if cache is not None and cache[0] == key:
             return cache[2]
         self._merge_cache = None  # free the stale merge before building the new one
