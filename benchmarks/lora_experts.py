@@ -18,7 +18,8 @@ Paths (each on the same inputs):
       forward+backward row is the same frozen weights with the input gradient only (no LoRA gradients at all): a
       lower bound for a training step, not a training step.
   (c) ``lowrank``: the frozen base GEMMs plus the per-expert low-rank products on the routed tokens, never
-      materialising per-expert weights (:func:`lowrank_moe`). NOT the fused Triton kernel plus a delta: the kernel
+      materialising per-expert weights: the library's :func:`zoo.moe.lowrank.lowrank_moe`, which ``LoRAExperts``
+      runs in a training step (``LoRAExperts.routed_path``). NOT the fused Triton kernel plus a delta: the kernel
       applies SwiGLU between its two GEMMs, and the gate/up delta enters before that activation and the down delta
       after it, so a delta cannot be added to the kernel's output. The base GEMMs are grouped
       (``torch._grouped_mm``, the CUTLASS grouped GEMM of the fused path's grouped_mm backend; a per-expert loop
@@ -56,9 +57,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from zoo.layers.activations import apply_activation  # noqa: E402
 
 FFN = dict(D=4096, F=11008, r=8, alpha=16.0, k=2)  # LLaMA-7B FFN, Uni-MoE's LoRA
 VARIANTS = {"v1": dict(E=4, per_expert_base=True), "v2": dict(E=8, per_expert_base=False)}
@@ -73,84 +71,8 @@ TOL = {torch.bfloat16: (3e-2, 6e-2), torch.float32: (2e-3, 5e-3)}  # (output, gr
 
 
 # ----------------------------------------------------------------------------------------- the paths
-def _grouped(a, w, offs, counts):
-    """Rows of ``a`` grouped by expert (``offs``: cumulative row counts, int32) times ``w[e]``: torch._grouped_mm,
-    or a loop over experts when ``counts`` (the row counts as a list) is given."""
-    if counts is None:
-        return torch._grouped_mm(a, w, offs=offs)
-    return torch.cat([c @ w[e] for e, c in enumerate(torch.split(a, counts))])
-
-
-class _FrozenGrouped(torch.autograd.Function):
-    """``_grouped`` with a frozen ``w``: the gradient goes to ``a`` only (``dy @ w[e]^T``, grouped the same way)."""
-
-    @staticmethod
-    def forward(ctx, a, w, offs, counts):
-        ctx.save_for_backward(w, offs)
-        ctx.counts = counts
-        return _grouped(a, w, offs, counts)
-
-    @staticmethod
-    def backward(ctx, dy):
-        w, offs = ctx.saved_tensors
-        return _grouped(dy.contiguous(), w.transpose(-2, -1), offs, ctx.counts), None, None, None
-
-
-def _mask(u, e_row, E, r, lead=None):
-    """``u`` [N, E*r] (every expert's A projection of each row) masked to each row's expert block -> [R, E*r], R the
-    rows of ``e_row``; ``lead = (T, K)`` when ``u`` is per token (N = T) and ``e_row`` per slot (R = T*K)."""
-    onehot = F.one_hot(e_row, E).to(u.dtype)  # [R, E]
-    if lead is None:
-        return (u.view(-1, E, r) * onehot[:, :, None]).reshape(-1, E * r)
-    T, K = lead
-    return (u.view(T, 1, E, r) * onehot.view(T, K, E, 1)).reshape(-1, E * r)
-
-
-def lowrank_moe(ex, x, expert_index, combine_weight, keep, grouped_mm_ok: bool):
-    """Path (c): LoRA experts ``ex`` on routed tokens without materialising per-expert weights.
-
-    ``x`` [T, D], ``expert_index`` / ``combine_weight`` / ``keep`` [T, K] (the fused kernel's contract) -> [T, D].
-    Expert e: ``h = x W1(e) + s (x A1[e]) B1[e]``, ``a = act(h)``, ``y = a W2(e) + s (a A2[e]) B2[e]``; the low-rank
-    products of all experts are one GEMM each: ``mask_e(x [A1[0] .. A1[E-1]]) @ s [B1[0]; ..; B1[E-1]]``."""
-    T, D = x.shape
-    K = expert_index.shape[1]
-    E, s, dt = ex.num_experts, ex.scaling, x.dtype
-    r1, r2 = ex.lora_a1.shape[2], ex.lora_a2.shape[2]
-    a1 = ex.lora_a1.to(dt).permute(1, 0, 2).reshape(D, E * r1)
-    b1 = (s * (ex.lora_b1 * ex._b1_mask)).to(dt).reshape(E * r1, -1)
-    a2 = ex.lora_a2.to(dt).permute(1, 0, 2).reshape(ex.hidden_dim, E * r2)
-    b2 = (s * ex.lora_b2).to(dt).reshape(E * r2, D)
-    w_slot = (combine_weight * keep).to(dt).reshape(-1)  # slot t*K + k; a dropped slot weighs 0
-    e_slot = expert_index.reshape(-1).clamp(0, E - 1)
-    w1, w2 = ex.w1.to(dt), ex.w2.to(dt)
-    if ex.per_expert_base:  # grouped base GEMMs on the slots sorted by expert
-        order = torch.argsort(e_slot, stable=True)
-        e_row = e_slot[order]
-        counts_t = torch.bincount(e_slot, minlength=E)
-        offs = torch.cumsum(counts_t, 0, dtype=torch.int32)
-        counts = None if grouped_mm_ok else counts_t.tolist()
-        xs = x[order // K]
-        h = torch.addmm(_FrozenGrouped.apply(xs, w1, offs, counts), _mask(xs @ a1, e_row, E, r1), b1)
-        if ex.b1 is not None:
-            h = h + ex.b1.to(dt)[e_row]
-        act = apply_activation(h, ex.activation)
-        o = torch.addmm(_FrozenGrouped.apply(act, w2, offs, counts), _mask(act @ a2, e_row, E, r2), b2)
-        if ex.b2 is not None:
-            o = o + ex.b2.to(dt)[e_row]
-        o = o * w_slot[order, None]
-        o = o.new_zeros(T * K, D).index_copy(0, order, o)  # back to slot order, every slot written once
-    else:  # one shared base: its first GEMM once per token, the deltas per slot
-        hb = x @ w1  # [T, H']
-        if ex.b1 is not None:
-            hb = hb + ex.b1.to(dt)
-        delta = _mask(x @ a1, e_slot, E, r1, (T, K)) @ b1  # [T*K, H']
-        h = (hb.unsqueeze(1) + delta.view(T, K, -1)).view(T * K, -1)
-        act = apply_activation(h, ex.activation)
-        o = torch.addmm(act @ w2, _mask(act @ a2, e_slot, E, r2), b2)
-        if ex.b2 is not None:
-            o = o + ex.b2.to(dt)
-        o = o * w_slot[:, None]
-    return o.view(T, K, D).sum(dim=1)
+# (c) is the library's own low-rank path (what LoRAExperts runs in a training step): measured here, not copied.
+from zoo.moe.lowrank import lowrank_moe  # noqa: E402
 
 
 def make_paths(ex, merged, grouped_mm_ok: bool) -> dict:
@@ -166,7 +88,7 @@ def make_paths(ex, merged, grouped_mm_ok: bool) -> dict:
         return fused_moe(x, ei, cw, keep, merged.w1, merged.b1, merged.w2, merged.b2, merged.activation)
 
     return {"merge_each_step": merge_each_step, "merged_once": merged_once,
-            "lowrank": lambda x, ei, cw, keep: lowrank_moe(ex, x, ei, cw, keep, grouped_mm_ok),
+            "lowrank": lambda x, ei, cw, keep: lowrank_moe(ex, x, ei, cw, keep, grouped_mm=grouped_mm_ok),
             "reference": lambda x, ei, cw, keep: sorted_dispatch(x, ei, cw, keep, ex)}
 
 

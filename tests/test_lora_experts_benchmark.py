@@ -70,7 +70,7 @@ def test_check_catches_a_wrong_path():
         ref = lora_experts.reference_outputs(ex, inp)
 
         def lowrank(x, ei, cw, keep):
-            return lora_experts.lowrank_moe(ex, x, ei, cw, keep, grouped_mm_ok=False)
+            return lora_experts.lowrank_moe(ex, x, ei, cw, keep, grouped_mm=False)
 
         def unmasked(*a):
             with _patched(ex, "_b1_mask", torch.ones_like(ex._b1_mask)):

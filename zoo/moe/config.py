@@ -42,6 +42,8 @@ class MoEConfig:
         slots_per_expert: Soft MoE slots per expert.
         dispatch: "auto" (fused kernel on CUDA when it supports the case, else "sorted"), "loop"
             (per-expert loop, the ground truth), "sorted" (sort/gather/scatter), "fused" (require the kernel).
+            With "auto" and "fused", experts that choose their own computation for a call
+            (``Experts.routed_path()``: LoRA experts while their factors train, the low-rank path) run it instead.
         num_modalities: M, the number of modality ids tokens may carry (per-modality losses and statistics).
         *_weight: weights of the auxiliary losses; 0 switches a loss off (it is still reported when cheap).
         global_entropy_min_experts: LIMoE's threshold ``tau = log(this)``: the global entropy loss is zero

@@ -3,16 +3,19 @@
 :class:`Experts` is the interface. A dispatcher calls ``expert(e, x)`` (the reference loop), ``forward_grouped``
 (tokens sorted by expert) or ``forward_dense`` (one buffer per expert, Soft MoE). ``stacked()`` returns the
 experts as stacked tensors (:class:`StackedWeights`) when the fused GPU kernel can serve them, else None (then the
-layer takes a reference dispatcher). Other experts plug in by subclassing :class:`Experts`: LoRA experts (Uni-MoE:
-a frozen FFN, shared or one per expert, plus per-expert low-rank deltas) implement ``expert`` and may return their merged weights
-(``base + A @ B``, differentiable) from ``stacked()`` to take the fused path.
+layer takes a reference dispatcher). Experts may also choose their own computation for a call: ``routed_path()``
+returns a function with the dispatchers' contract that the layer then runs instead of the fused kernel (dispatch
+"auto" / "fused"). Other experts plug in by subclassing :class:`Experts`: LoRA experts (Uni-MoE: a frozen FFN,
+shared or one per expert, plus per-expert low-rank deltas) implement ``expert``, return their merged weights
+(``base + A @ B``) from ``stacked()`` for the fused path in inference, and while their factors train take the
+low-rank path (:mod:`zoo.moe.lowrank`) through ``routed_path()``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +83,18 @@ class Experts(nn.Module):
 
     def stacked(self) -> Optional[StackedWeights]:
         """The experts as stacked tensors for the fused GPU kernel, or None when they have no such form."""
+        return None
+
+    def routed_path(self) -> Optional[Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]]:
+        """The experts' own computation for THIS call, or None (the default: the layer runs the fused kernel on
+        :meth:`stacked` where it can, else a reference dispatcher).
+
+        A function ``fn(x [T, D], expert_index [T, K], combine_weight [T, K], keep [T, K]) -> y [T, D]`` with the
+        dispatchers' contract (:mod:`zoo.moe.dispatch`); :class:`~zoo.moe.layer.MoELayer` with dispatch "auto" or
+        "fused" runs it in place of the fused kernel and the sorted dispatcher (outside the layer's compiled
+        routing graph: it may sync with the host). Dispatch "loop" / "sorted" (the reference) and an expert
+        parallelism hook ignore it. Asked once per forward, so the answer may depend on the moment (LoRA experts:
+        whether their factors train)."""
         return None
 
     def flops_per_token(self) -> int:
@@ -164,9 +179,19 @@ class LoRAExperts(Experts):
     is exactly separate rank-r LoRA on ``gate_proj`` and ``up_proj`` as the official PEFT setup has it;
     :meth:`stacked` enforces the block structure by masking.
 
-    :meth:`stacked` returns the merged per-expert weights (differentiable in the LoRA factors), so the fused GPU
-    kernel serves these experts unchanged: one batched [E, D, r] x [E, r, H'] product per step, small next to the
-    expert matmuls. :meth:`merged` gives plain :class:`StackedExperts` for inference.
+    Two computations, chosen per call (``benchmarks/results/lora_experts.md`` measured both on an H200):
+
+    * while the factors TRAIN (:meth:`lowrank_active`: autograd enabled, a LoRA factor requires grad, the base
+      frozen), :meth:`routed_path` gives the low-rank path (:func:`zoo.moe.lowrank.lowrank_moe`): frozen base
+      GEMMs plus one masked GEMM per low-rank product for all experts, never materialising [E, D, H'] weights:
+      1.17-2.33x faster per training step than merging every step and 1.65-4.08x less peak memory;
+    * otherwise (inference, ``no_grad``, frozen factors, or a base that trains) the layer reads :meth:`stacked`,
+      the merged per-expert weights ``base + s A B`` (differentiable in every tensor that requires grad) on the
+      fused kernel, the fastest inference path. With ``cache_merge = True`` (off by default: the merge is E full
+      FFNs per layer, 1-2 GB per Uni-MoE layer) eval-mode merges are kept while their inputs do not change
+      (:meth:`stacked`), e.g. across decode steps.
+
+    :meth:`merged` gives plain :class:`StackedExperts` for inference.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu", bias: bool = False,
@@ -190,6 +215,10 @@ class LoRAExperts(Experts):
         self.lora_a2 = nn.Parameter(torch.empty(num_experts, hidden_dim, r))
         self.lora_b2 = nn.Parameter(torch.zeros(num_experts, r, dim))
         self.register_buffer("_b1_mask", self._lora_b1_mask(), persistent=False)
+        # Opt-in (a plain attribute, not in the state dict): keep the eval-mode merge between calls (stacked()).
+        # Off by default: it keeps E merged FFNs resident per layer (1-2 GB per Uni-MoE layer, x 32 layers).
+        self.cache_merge = False
+        self._merge_cache: Optional[tuple] = None  # (key, held tensors, StackedWeights): see stacked()
         self.reset_parameters()
 
     def _lora_b1_mask(self) -> Tensor:
@@ -268,11 +297,86 @@ class LoRAExperts(Experts):
             return t[e] if self.per_expert_base else t
         return t if self.per_expert_base else t.unsqueeze(0).expand(self.num_experts, *t.shape)
 
+    def _frozen_base(self) -> bool:
+        return not any(t is not None and t.requires_grad for t in (self.w1, self.w2, self.b1, self.b2))
+
+    def lowrank_active(self) -> bool:
+        """Whether this call trains the factors through the low-rank path: autograd records, a LoRA factor
+        requires grad, and the base is frozen (the low-rank path gives no per-expert base weight gradients; an
+        unfrozen base takes the differentiable merge of :meth:`stacked` instead)."""
+        return (torch.is_grad_enabled() and any(p.requires_grad for p in self.lora_parameters())
+                and self._frozen_base())
+
+    def routed_path(self):
+        """:func:`zoo.moe.lowrank.lowrank_moe` on these experts while :meth:`lowrank_active`, else None (the layer
+        then serves :meth:`stacked`'s merged weights to the fused kernel, or a reference dispatcher)."""
+        if not self.lowrank_active():
+            return None
+        from zoo.moe.lowrank import lowrank_moe
+
+        return lambda x, expert_index, combine_weight, keep: lowrank_moe(self, x, expert_index, combine_weight, keep)
+
+    def _merge_inputs(self) -> list[Tensor]:
+        return [t for t in (self.w1, self.w2, self.b1, self.b2, *self.lora_parameters(), self._b1_mask)
+                if t is not None]
+
     def stacked(self) -> StackedWeights:
+        """The merged per-expert weights ``w1 [E, D, H'] = base1 + s A1 (B1 * mask)``, ``w2 [E, H, D] = base2 +
+        s A2 B2`` (biases expanded to [E, ...]), differentiable in whatever requires grad.
+
+        With ``cache_merge = True`` (off by default: the cache keeps E merged FFNs resident per layer; use it where
+        that memory is there, e.g. generation; :meth:`merged` is the explicit alternative), the merge is cached in
+        eval mode when nothing in it records a gradient (inference serves the same merged weights every call, e.g.
+        every decode step): the cache is used while every input tensor is the same memory at the
+        same autograd version counter (``_version``: in-place updates, ``load_state_dict`` and optimizer steps
+        bump it), with the same dtype, scaling and inference-mode state. It holds references to those tensors, so
+        a freed tensor's address cannot be reused by a new one while cached. Cleared by ``train()`` / ``eval()``,
+        ``.to()`` and friends, and :meth:`clear_merged_cache`; never pickled or deep-copied. Writes that bypass the
+        version counter (``p.data.copy_(...)``, a collective writing into a flat buffer behind the parameter) are
+        NOT seen: call :meth:`clear_merged_cache` after them."""
+        inputs = self._merge_inputs()
+        cacheable = (getattr(self, "cache_merge", False) and not self.training
+                     and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)))
+        if not cacheable:
+            self._merge_cache = None
+            return self._merge()
+        try:
+            key = (self.scaling, torch.is_inference_mode_enabled(),
+                   tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in inputs))
+        except RuntimeError:  # inference tensors (created in inference mode) have no version counter: no cache
+            self._merge_cache = None
+            return self._merge()
+        cache = getattr(self, "_merge_cache", None)  # a module pickled before the cache existed has none
+        if cache is not None and cache[0] == key:
+            return cache[2]
+        self._merge_cache = None  # free the stale merge before building the new one
+        with torch.no_grad():
+            sw = self._merge()
+        self._merge_cache = (key, [t.detach() for t in inputs], sw)
+        return sw
+
+    def _merge(self) -> StackedWeights:
         s = self.scaling
         w1 = self._base(self.w1) + s * torch.bmm(self.lora_a1, self.lora_b1 * self._b1_mask)
         w2 = self._base(self.w2) + s * torch.bmm(self.lora_a2, self.lora_b2)
         return StackedWeights(w1, self._base(self.b1), w2, self._base(self.b2), self.activation)
+
+    def clear_merged_cache(self) -> None:
+        """Drop the cached merge of :meth:`stacked` (and the references it holds)."""
+        self._merge_cache = None
+
+    def train(self, mode: bool = True) -> "LoRAExperts":
+        self._merge_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._merge_cache = None  # .to() / .half() / .cuda(): the cached merge is of the old tensors
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_merge_cache"] = None
+        return state
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert ``e`` without materialising its weights: base FFN plus the low-rank paths."""

@@ -111,6 +111,8 @@ class MoELayer(nn.Module):
         experts: the routed experts, an :class:`~zoo.moe.experts.Experts` with E = ``config.num_experts`` experts of
             width ``dim`` (default: :class:`StackedExperts` of width ``hidden_dim``). The fused GPU path runs only
             where ``experts.stacked()`` gives stacked weights; otherwise the reference dispatchers call the experts.
+            Experts may pick their own computation per call (``experts.routed_path()``; LoRA experts: the low-rank
+            path while their factors train), which then replaces both (dispatch "auto" / "fused").
 
     Parameters: ``router.proj.weight [E, D]``, ``experts.{w1, b1, w2, b2}`` (StackedExperts), and with
     ``config.num_shared_experts > 0`` a dense ``shared_expert`` (:class:`~zoo.layers.Mlp`, every token) and, with
@@ -265,21 +267,30 @@ class MoELayer(nn.Module):
         x = xg.reshape(G * Sg, D)
         k, capacity_factor = cfg.k(self.training), cfg.capacity_setting(self.training)
         plan = self.router.plan(xg, vg, k, capacity_factor, all_valid, causal=self.causal)
-        fused, weights = self._fused_experts(x)
+        own = self._own_experts_path()
+        fused, weights = (None, None) if own is not None else self._fused_experts(x)
         stacked = None if weights is None else (weights.w1, weights.b1, weights.w2, weights.b2)
         activation = cfg.activation if weights is None else weights.activation
         step = maybe_compiled(routed_moe, cfg.compile_routing, x.device, cfg.cuda_graphs)
         out, self.aux, routing = step(plan.decide, plan.args, cfg, x, vg, mg, all_valid, fused, stacked, activation,
                                       not _STATISTICS_OFF.get())
         routing = self.router(xg, vg, k, capacity_factor, all_valid, causal=self.causal, decided=routing)  # hooks
-        if fused is None:  # out: the combine weights, for a dispatcher outside the graph
+        if fused is None:  # out: the combine weights, for the experts' own path or a dispatcher outside the graph
             K = routing.expert_index.shape[-1]
-            out = self._dispatch(x, routing.expert_index.reshape(-1, K), out.reshape(-1, K).to(xg.dtype),
-                                 routing.keep.reshape(-1, K))
+            out = (own or self._dispatch)(x, routing.expert_index.reshape(-1, K), out.reshape(-1, K).to(xg.dtype),
+                                          routing.keep.reshape(-1, K))
         record = None
         if self.record_routing:
             record = (routing.clean_probs.float(), vg, mg, routing.expert_index, routing.keep)
         return out.reshape(G, Sg, D), record
+
+    def _own_experts_path(self):
+        """The experts' own computation for this call (:meth:`Experts.routed_path`, e.g. LoRA experts' low-rank
+        path while their factors train) with dispatch "auto" / "fused" and no expert parallelism hook, else None.
+        It runs outside the compiled routing graph, as a dispatcher does."""
+        if getattr(self, "expert_dispatcher", None) is not None or self.config.dispatch not in ("auto", "fused"):
+            return None
+        return self.experts.routed_path()
 
     def _fused_experts(self, x: Tensor):
         """(fused expert function, the experts' StackedWeights) when this call takes the fused GPU path (dispatch
