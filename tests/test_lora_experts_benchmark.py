@@ -22,7 +22,8 @@ TIMING_KEYS = {"fwd_ms", "fwd_peak_mb", "fwdbwd_ms", "fwdbwd_peak_mb"}
 def test_smoke_run_writes_json_and_page_and_paths_agree(tmp_path):
     pytest.importorskip("triton")
     # The fused kernels run on the CPU under TRITON_INTERPRET=1, which Triton reads at import: a fresh process.
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # CUDA hidden: the smoke case is the fp32 CPU one on every machine (on a GPU it would pick CUDA and bf16).
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora_experts.py"), "--smoke", "--out",
                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
