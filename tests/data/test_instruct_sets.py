@@ -301,3 +301,24 @@ def test_same_seed_same_set_other_seed_another(task, shared_dataset):
     first = _fingerprint(build_task(task, seed=5, **caps, **options))
     assert first == _fingerprint(build_task(task, seed=5, **caps, **options))
     assert first != _fingerprint(build_task(task, seed=6, **caps, **options))
+
+
+def test_task_repeats_repeat_a_tasks_training_samples_only(shared_dataset):
+    shared_dataset(*FSDD)
+    shared_dataset(*MNIST)
+    caps = dict(num_train=6, num_val=2, num_test=2, image_size=16, batch_size=3)
+    plain = InstructSetsDataModule(tasks=["fsdd", "mnist"], **caps)
+    plain.setup("fit")
+    repeated = InstructSetsDataModule(tasks=["fsdd", "mnist"], task_repeats={"fsdd": 3}, **caps)
+    repeated.setup("fit")
+
+    def ids(samples, task):
+        return [s.id for s in samples if s.task == task]
+
+    assert ids(repeated.train_set.samples, "fsdd") == ids(plain.train_set.samples, "fsdd") * 3
+    assert ids(repeated.train_set.samples, "mnist") == ids(plain.train_set.samples, "mnist")
+    assert [s.id for s in repeated.val_set.samples] == [s.id for s in plain.val_set.samples]
+    assert repeated.vocab_size == plain.vocab_size
+    for bad in ({"video": 2}, {"fsdd": 0}, {"fsdd": 1.5}):
+        with pytest.raises(ValueError, match="task_repeats"):
+            InstructSetsDataModule(tasks=["fsdd", "mnist"], task_repeats=bad, **caps)

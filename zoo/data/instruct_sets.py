@@ -399,6 +399,9 @@ class InstructSetsDataModule(InstructDataModuleBase):
         num_train / num_val / num_test: caps on source items per split and task (None = all).
         task_options: per-task builder arguments, e.g. ``{"pope": {"source": "mnist"}, "video": {"frames": 4}}``
             (for the tasks of ``tasks`` and of ``vocabulary_tasks``).
+        task_repeats: how many times each epoch repeats a task's TRAINING samples (default 1), e.g. ``{"fsdd": 8}``:
+            balances a mixture in which one task has far fewer items (FSDD has 2,400 training recordings, MNIST
+            55,000 images, and the video task two questions per clip). Validation and test are never repeated.
         vocabulary_tasks: build the compact vocabulary from the training text of these tasks (a superset of
             ``tasks``, same caps and options) instead of ``tasks`` alone. Stages that train on part of the
             mixture (Uni-MoE stage 2: one modality per run) then share the vocabulary of the stages that train on
@@ -414,7 +417,7 @@ class InstructSetsDataModule(InstructDataModuleBase):
                  image_std: Sequence[float] = CLIP_STD, image_aspect: str = "pad", max_length: Optional[int] = 2048,
                  truncation: str = "error", tokens_per_image: int = 1, tokens_per_audio: int = 1,
                  tokens_per_video: int = 1, vocabulary_tasks: Optional[Sequence[str]] = None,
-                 **loader: Any) -> None:
+                 task_repeats: Optional[dict[str, int]] = None, **loader: Any) -> None:
         super().__init__(template, tokenizer, image_size, image_mean, image_std, image_aspect, max_length, truncation,
                          tokens_per_image, tokens_per_audio, tokens_per_video, None, **loader)
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -435,6 +438,12 @@ class InstructSetsDataModule(InstructDataModuleBase):
         extra = set(task_options or {}) - set(tasks) - set(vocab_tasks or ())
         if extra:
             raise ValueError(f"task_options names tasks not in tasks or vocabulary_tasks: {sorted(extra)}")
+        repeats = dict(task_repeats or {})
+        bad = {t: n for t, n in repeats.items()
+               if t not in tasks or isinstance(n, bool) or not isinstance(n, int) or n < 1}
+        if bad:
+            raise ValueError(f"task_repeats must map tasks of {tasks} to whole numbers >= 1, got {bad}")
+        self.task_repeats = repeats
         self.tasks, self.data_dir, self.vocabulary_tasks = tasks, data_dir, vocab_tasks
         self.limits = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
         self.task_options = {k: dict(v) for k, v in (task_options or {}).items()}
@@ -445,7 +454,7 @@ class InstructSetsDataModule(InstructDataModuleBase):
         for task in self.tasks:
             built = build_task(task, self.data_dir, self.seed, **self.limits, **self.task_options.get(task, {}))
             for split in SPLITS:
-                merged[split] += built[split]
+                merged[split] += built[split] * (self.task_repeats.get(task, 1) if split == "train" else 1)
         return merged["train"], merged["val"], merged["test"]
 
     def _make_tokenizer(self, train: list[InstructSample]) -> Any:
