@@ -245,5 +245,6 @@ def test_short_audio_windows_cut_clips_into_chunks_in_order():
     assert thirty.shape[0] == Q  # the default: one 30 s window
     with pytest.raises(ValueError, match="0.02 s"):
         zoo.create_model("uni_moe_tiny", audio_window_seconds=0.01)
+    too_long = zoo.create_model("uni_moe_tiny", audio_window_seconds=31.0)  # beyond the encoder's 1500 positions
     with pytest.raises(ValueError, match="max_positions"):
-        zoo.create_model("uni_moe_tiny", audio_window_seconds=31.0)
+        too_long.encode_audio(clip[None])

@@ -108,6 +108,36 @@ def resolve_tower(official: dict[str, Any], key: str, checkpoint: Path, given: O
     return folder
 
 
+def vision_state(official: dict[str, Any], layout: Any, vision_folder: Optional[Path], state: dict[str, Tensor],
+                 notes: list[str]) -> tuple[Any, str]:
+    """The image side of an official Uni-MoE layout (every variant has the same one): the CLIP tower's and the
+    ``mm_projector``'s tensors into ``state`` (``vision_tower.*``, ``projector.*``), a line into ``notes``; returns
+    ``(vision tower config or None, projector kind)``. A projector without a tower, or a tower without a projector,
+    is a clear error."""
+    s = layout.settings
+    if layout.vision_tower is None:
+        if layout.projector:
+            raise HFCheckpointError("the checkpoint has an image projector but config.json names no mm_vision_tower; "
+                                    "pass --vision-tower DIR")
+        return None, "mlp2x_gelu"
+    hf_cfg, tensors = layout.vision_tower
+    vision_cfg = tower_config_from_official(official, hf_cfg)
+    prefix, _ = split_hf_vision_tensors(tensors)
+    tower_state, _ = hf_vision_state_dict(tensors, vision_cfg, prefix)
+    if s["mm_hidden_size"] is not None and int(s["mm_hidden_size"]) != vision_cfg.dim:
+        raise HFCheckpointError(f"config.json mm_hidden_size={s['mm_hidden_size']} but the vision tower "
+                                f"{vision_folder} has width {vision_cfg.dim}: wrong --vision-tower?")
+    if not layout.projector:
+        raise HFCheckpointError("the checkpoint names a vision tower but has no model.mm_projector.* in its weights, "
+                                "mm_projector.bin or non_lora_trainables.bin: copy the release's mm_projector.bin "
+                                "into the folder")
+    projector_kind = s["mm_projector_type"]
+    state.update({f"vision_tower.{k}": v for k, v in tower_state.items()})
+    state.update({f"projector.{k}": v for k, v in _projector(projector_kind, layout.projector, "mm_projector").items()})
+    notes.append(f"vision tower from {vision_folder}")
+    return vision_cfg, projector_kind
+
+
 def _projector(kind: str, tensors: dict[str, Tensor], what: str) -> dict[str, Tensor]:
     """A :class:`zoo.models.connectors.Projector` state dict (``linear`` is a bare nn.Linear officially)."""
     if kind not in _PROJECTORS:
@@ -204,23 +234,7 @@ def read_uni_moe(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,
     decoder = decoder_config_from_layout(layout)
     state = {f"decoder.{k}": v for k, v in lm_state_dict(layout, decoder).items()}
 
-    vision_cfg, projector_kind = None, "mlp2x_gelu"
-    if layout.vision_tower is not None:
-        hf_cfg, tensors = layout.vision_tower
-        vision_cfg = tower_config_from_official(official, hf_cfg)
-        prefix, _ = split_hf_vision_tensors(tensors)
-        tower_state, _ = hf_vision_state_dict(tensors, vision_cfg, prefix)
-        if s["mm_hidden_size"] is not None and int(s["mm_hidden_size"]) != vision_cfg.dim:
-            raise HFCheckpointError(f"config.json mm_hidden_size={s['mm_hidden_size']} but the vision tower "
-                                    f"{vision_folder} has width {vision_cfg.dim}: wrong --vision-tower?")
-        projector_kind = s["mm_projector_type"]
-        state.update({f"vision_tower.{k}": v for k, v in tower_state.items()})
-        state.update({f"projector.{k}": v for k, v in
-                      _projector(projector_kind, layout.projector, "mm_projector").items()})
-        notes.append(f"vision tower from {vision_folder}")
-    elif layout.projector:
-        raise HFCheckpointError("the checkpoint has an image projector but config.json names no mm_vision_tower; "
-                                "pass --vision-tower DIR")
+    vision_cfg, projector_kind = vision_state(official, layout, vision_folder, state, notes)
 
     enc_cfg = qformer_cfg = None
     audio_projector = "linear"

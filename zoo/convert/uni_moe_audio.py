@@ -206,10 +206,8 @@ def qformer_state_dict(aligner: dict[str, Tensor], where: str) -> tuple[Any, dic
 def read_uni_moe_audio(checkpoint: PathLike, vision_tower: Optional[PathLike] = None,
                        audio_tower: Optional[PathLike] = None, base: Optional[PathLike] = None):
     """Read an official Uni-MoE audio-variant folder (+ towers) into :class:`zoo.convert.uni_moe.UniMoEParts`."""
-    from zoo.convert.hf_vision import hf_vision_state_dict, split_hf_vision_tensors
-    from zoo.convert.moe_llava import tower_config_from_official
     from zoo.convert.uni_moe import (UniMoEParts, _projector, decoder_config_from_layout, lm_state_dict,
-                                     resolve_tower)
+                                     resolve_tower, vision_state)
     from zoo.convert.uni_moe_lora import ADAPTER_CONFIG, read_lora_finetune
     from zoo.models.uni_moe import UniMoEConfig
 
@@ -254,26 +252,7 @@ def read_uni_moe_audio(checkpoint: PathLike, vision_tower: Optional[PathLike] = 
     decoder = decoder_config_from_layout(layout)
     state = {f"decoder.{k}": v for k, v in lm_state_dict(layout, decoder).items()}
 
-    vision_cfg, projector_kind = None, "mlp2x_gelu"
-    if layout.vision_tower is not None:
-        hf_cfg, vt = layout.vision_tower
-        vision_cfg = tower_config_from_official(official, hf_cfg)
-        prefix, _ = split_hf_vision_tensors(vt)
-        tower_state, _ = hf_vision_state_dict(vt, vision_cfg, prefix)
-        if s["mm_hidden_size"] is not None and int(s["mm_hidden_size"]) != vision_cfg.dim:
-            raise HFCheckpointError(f"config.json mm_hidden_size={s['mm_hidden_size']} but the vision tower "
-                                    f"{vision_folder} has width {vision_cfg.dim}: wrong --vision-tower?")
-        if not layout.projector:
-            raise HFCheckpointError(f"{checkpoint}: no model.mm_projector.* in the weights, mm_projector.bin or "
-                                    "non_lora_trainables.bin")
-        projector_kind = s["mm_projector_type"]
-        state.update({f"vision_tower.{k}": v for k, v in tower_state.items()})
-        state.update({f"projector.{k}": v for k, v in
-                      _projector(projector_kind, layout.projector, "mm_projector").items()})
-        notes.append(f"vision tower from {vision_folder}")
-    elif layout.projector:
-        raise HFCheckpointError("the checkpoint has an image projector but config.json names no mm_vision_tower; "
-                                "pass --vision-tower DIR")
+    vision_cfg, projector_kind = vision_state(official, layout, vision_folder, state, notes)
 
     beats_path = resolve_beats(official, checkpoint, audio_tower, extra_dirs)
     beats_cfg, beats_state, beats_notes = read_beats_file(beats_path)

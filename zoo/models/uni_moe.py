@@ -126,11 +126,7 @@ class UniMoEConfig:
         if moe is not None and moe.num_modalities < NUM_MODALITIES:
             raise ValueError(f"decoder.moe.num_modalities={moe.num_modalities}: Uni-MoE's routers get modality ids "
                              f"0..{NUM_MODALITIES - 1} (text, image, video, audio); set it to {NUM_MODALITIES}")
-        samples = window_samples(self.audio_window_seconds)  # ValueError naming the fix
-        if self.audio_encoder is not None and samples // (2 * HOP_LENGTH) > self.audio_encoder.max_positions:
-            raise ValueError(f"audio_window_seconds={self.audio_window_seconds} needs "
-                             f"{samples // (2 * HOP_LENGTH)} encoder positions; audio_encoder.max_positions is "
-                             f"{self.audio_encoder.max_positions} (30 s = 1500)")
+        window_samples(self.audio_window_seconds)  # ValueError naming the fix (the encoder's reach: see encode_audio)
         if self.audio_beats_window is not None:
             need = beats_min_samples(self.audio_beats.input_patch_size) if self.audio_beats is not None else 1
             if self.audio_beats_window < need:
@@ -215,6 +211,12 @@ class UniMoE(nn.Module):
         n_mels = self.config.audio_encoder.n_mels
         if isinstance(audio, Tensor) and audio.ndim == 2:  # waveforms [B, samples] at 16 kHz
             window = window_samples(self.config.audio_window_seconds)
+            # checked here, not in the config: a converted tiny tower may take only short log-mel inputs directly
+            if window // (2 * HOP_LENGTH) > self.config.audio_encoder.max_positions:
+                raise ValueError(f"audio_window_seconds={self.config.audio_window_seconds} needs "
+                                 f"{window // (2 * HOP_LENGTH)} encoder positions but audio_encoder.max_positions is "
+                                 f"{self.config.audio_encoder.max_positions} (30 s = 1500): pass log-mel windows "
+                                 "[B, C, n_mels, frames] or set a shorter audio_window_seconds")
             lengths = (torch.full((audio.shape[0],), audio.shape[1]) if audio_lengths is None
                        else audio_lengths.to("cpu"))
             # every clip's 30 s windows through ONE log-mel call (windows are independent: Whisper normalises each
