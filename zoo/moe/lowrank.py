@@ -2,7 +2,7 @@
 low-rank products on the routed tokens, never materialising per-expert weights.
 
 Why (``benchmarks/results/lora_experts.md``, H200, bf16, Uni-MoE sizes D 4096, F 11008, r 8, top-2): for a
-TRAINING step (forward + backward, gradients to the LoRA factors and the input) this path is 1.17-2.33x faster
+TRAINING step (forward + backward, gradients to the LoRA factors and the input) this path is 1.15-2.33x faster
 than merging ``base + s A B`` into full [E, D, H'] weights every step and running the fused kernel on them, with
 1.65-4.08x less peak memory (the merged weights and their gradients are E full FFNs). For inference, merged-once
 weights on the fused kernel stay fastest, so :class:`LoRAExperts` takes this path only while its factors train.
