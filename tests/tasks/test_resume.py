@@ -131,3 +131,22 @@ def test_a_new_run_into_a_folder_holding_one_is_refused(tmp_path, capsys):
     assert out["global_step"] == 1 and torch.load(ckpt, weights_only=False)["global_step"] == 1
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "runs" / "r" / "metrics.csv", newline=""))]
     assert steps == [0]  # the old run's rows are gone
+
+
+def test_resuming_with_changed_model_settings_says_what_differs(tmp_path, capsys):
+    """A run resumed (--ckpt_path last) after its model settings changed gets one clear error naming what differs
+    and how to go on, not Lightning's strict-load dump; the checkpoint stays as it was."""
+    base = ["--config", DIGITS, *QUIET, f"--trainer.default_root_dir={tmp_path}", "--run_name=r",
+            "--trainer.max_steps=2"]
+    main(base)
+    ckpt = tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    wider = ["--model.model_overrides={encoder: {dropout: 0.1, mlp_dim: 72}}"]
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--trainer.max_steps=4", "--ckpt_path=last", *wider])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "written by a different model" in err and "of another shape" in err and "--overwrite" in err
+    assert ckpt.read_bytes() == before
+    out = main([*base, "--trainer.max_steps=4", "--ckpt_path=last"])  # the same settings still resume
+    assert out["global_step"] == 4

@@ -260,3 +260,37 @@ class ZooTask(RecipeOptimizerMixin, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.checkpoint_class_names = list((checkpoint.get(DATAMODULE_KEY) or {}).get("class_names") or [])
+        self._check_checkpoint_tensors(checkpoint.get("state_dict"))
+
+    def _check_checkpoint_tensors(self, saved: Any) -> None:
+        """A checkpoint written by another model (the recipe or the model settings changed since, e.g. LoRA added,
+        a preset swapped) is a :class:`~zoo.tasks.checkpoints.CheckpointError` that says what differs and how to go
+        on, before Lightning's strict load fails with every missing and unexpected name in one line. Runs before
+        the weights load (resuming ``--ckpt_path last``, ``eval.py --checkpoint``)."""
+        from zoo.tasks.checkpoints import CheckpointError
+
+        if not isinstance(saved, MutableMapping) or not getattr(self, "strict_loading", True):
+            return
+        own = self.state_dict()
+        if not own:  # a model built lazily, after the weights load: Lightning's own check applies
+            return
+        missing = sorted(set(own) - set(saved))
+        unexpected = sorted(set(saved) - set(own))
+        reshaped = sorted(k for k in set(own) & set(saved) if isinstance(saved[k], torch.Tensor)
+                          and tuple(saved[k].shape) != tuple(own[k].shape))
+        if not (missing or unexpected or reshaped):
+            return
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) this model has are not in it (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) in it this model does not have "
+                         f"(e.g. {', '.join(unexpected[:3])})")
+        if reshaped:
+            k = reshaped[0]
+            parts.append(f"{len(reshaped)} tensor(s) of another shape (e.g. {k}: checkpoint "
+                         f"{list(saved[k].shape)}, model {list(own[k].shape)})")
+        raise CheckpointError("the checkpoint was written by a different model than the one these settings build: "
+                              + "; ".join(parts) + ". The recipe or the model settings changed since it was "
+                              "written: start the run again (--overwrite true), choose another --run_name, or "
+                              "restore the settings it was trained with")
