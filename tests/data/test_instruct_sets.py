@@ -322,3 +322,19 @@ def test_task_repeats_repeat_a_tasks_training_samples_only(shared_dataset):
     for bad in ({"video": 2}, {"fsdd": 0}, {"fsdd": 1.5}):
         with pytest.raises(ValueError, match="task_repeats"):
             InstructSetsDataModule(tasks=["fsdd", "mnist"], task_repeats=bad, **caps)
+
+
+def test_two_frame_clips_are_the_first_and_last_frames_of_the_longer_clips(shared_dataset):
+    """The Uni-MoE recipes load `video: {frames: 2}` because the model keeps the first and last frames
+    (max_video_frames 2): those must be exactly the 8-frame clip's first and last frames, question for question."""
+    shared_dataset(*MNIST)
+    from zoo.data.instruct_sets import video_questions
+
+    limits = {"train": 6, "val": 2, "test": 2}
+    long, short = video_questions(limits=limits, frames=8), video_questions(limits=limits, frames=2)
+    for split in ("train", "test"):
+        assert [s.id for s in long[split]] == [s.id for s in short[split]]
+        assert [s.conversations for s in long[split]] == [s.conversations for s in short[split]]
+        for a, b in zip(long[split], short[split]):
+            frames8, frames2 = a.video(), b.video()
+            assert frames2.shape[0] == 2 and torch.equal(frames2, frames8[[0, -1]])
