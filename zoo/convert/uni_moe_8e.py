@@ -62,8 +62,8 @@ from torch import Tensor
 
 from zoo.convert.hf_files import HFCheckpointError, PathLike, read_json, read_weight_file
 from zoo.convert.uni_moe_layout import _moe_layers, read_official_tensors
-from zoo.convert.uni_moe_lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AUDIO_ALIGNER, MLP_GATES, NON_LORA,
-                                      _override, is_lora_folder, lora_deltas, strip_peft_prefix)
+from zoo.convert.uni_moe_lora import (AUDIO_ALIGNER, MLP_GATES, NON_LORA, _override, is_lora_folder,
+                                      merge_peft_adapter, strip_peft_prefix)
 
 #: The official base-FFN file of each of the 8 experts (the fixed list in ``Uni_MoE_8e/Uni_MoE_speech/train/train.py``
 #: and ``model/all_builder.py``): expert e's base is ``{mlp_dir}/{OFFICIAL_EXPERT_BASES[e]}.bin``.
@@ -282,21 +282,10 @@ def read_8e_finetune(folder: PathLike, base: Optional[PathLike], mlp_dir: Option
     if path.is_file() and read_weight_file(path):
         notes.append(f"{FM_ADAPTER} ignored (use_fm_block is false: the official model has no such modules)")
 
-    adapter_path = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
-    if adapter_path is not None:
-        if not (folder / ADAPTER_CONFIG).is_file():
-            raise HFCheckpointError(f"{adapter_path} has no {ADAPTER_CONFIG} beside it (r, lora_alpha are needed)")
-        config = read_json(folder / ADAPTER_CONFIG)
-        if not isinstance(config, dict):
-            raise HFCheckpointError(f"{folder / ADAPTER_CONFIG} is not a JSON object")
-        deltas = lora_deltas(read_weight_file(adapter_path), config, str(adapter_path))
-        for name, delta in deltas.items():
-            if name not in tensors or tuple(tensors[name].shape) != tuple(delta.shape):
-                raise HFCheckpointError(f"{adapter_path}: LoRA target {name!r} has no weight of shape "
-                                        f"{tuple(delta.shape)} in the base checkpoint (wrong --base?)")
-            w = tensors[name]
-            tensors[name] = (w.float() + delta).to(w.dtype)
-        notes.append(f"{len(deltas)} attention LoRA deltas merged (r={config['r']}, lora_alpha={config['lora_alpha']})")
+    merged = merge_peft_adapter(folder, tensors)
+    if merged is not None:
+        notes.append(f"{merged[0]} attention LoRA deltas merged (r={merged[1]['r']}, "
+                     f"lora_alpha={merged[1]['lora_alpha']})")
     path = folder / AUDIO_ALIGNER
     if path.is_file():
         _override(tensors, strip_peft_prefix(read_weight_file(path)), path)

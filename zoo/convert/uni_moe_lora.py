@@ -36,7 +36,6 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 from zoo.convert.hf_files import HFCheckpointError, PathLike, read_json, read_weight_file
@@ -146,6 +145,35 @@ def _override(tensors: dict[str, Tensor], new: dict[str, Tensor], path: Path) ->
         tensors[k] = v
 
 
+def merge_peft_adapter(folder: Path, tensors: dict[str, Tensor]) -> Optional[tuple[int, dict[str, Any]]]:
+    """Merges the PEFT adapter of ``folder`` (``adapter_model.bin`` / ``.safetensors`` + ``adapter_config.json``)
+    into ``tensors`` in place, each ``W += (lora_alpha / r) B A`` computed in fp32 and stored in W's dtype.
+    Returns ``(number of deltas, adapter config)``, or None when the folder has no adapter. A config without
+    weights, weights without a config, or a target the base lacks (or has at another shape) is an error naming
+    the file: usually the wrong ``--base``."""
+    adapter_path = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
+    if adapter_path is None:
+        if (folder / ADAPTER_CONFIG).is_file():
+            raise HFCheckpointError(f"{folder} has {ADAPTER_CONFIG} but no {' / '.join(ADAPTER_WEIGHTS)}")
+        return None
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise HFCheckpointError(f"{adapter_path} has no {ADAPTER_CONFIG} beside it (r, lora_alpha are needed)")
+    config = read_json(folder / ADAPTER_CONFIG)
+    if not isinstance(config, dict):
+        raise HFCheckpointError(f"{folder / ADAPTER_CONFIG} is not a JSON object")
+    deltas = lora_deltas(read_weight_file(adapter_path), config, str(adapter_path))
+    for name, delta in deltas.items():
+        if name not in tensors:
+            raise HFCheckpointError(f"{adapter_path}: LoRA target {name[:-len('.weight')]!r} has no weight "
+                                    f"{name!r} in the base checkpoint (wrong --base?)")
+        w = tensors[name]
+        if tuple(delta.shape) != tuple(w.shape):
+            raise HFCheckpointError(f"{adapter_path}: LoRA B @ A for {name!r} is {tuple(delta.shape)}, the base "
+                                    f"weight is {tuple(w.shape)} (wrong --base?)")
+        tensors[name] = (w.float() + delta).to(w.dtype) if w.is_floating_point() else w
+    return len(deltas), config
+
+
 def read_lora_finetune(folder: PathLike, base: Optional[PathLike]) -> tuple[dict[str, Any], dict[str, Tensor],
                                                                            list[str]]:
     """(config, merged tensors under official names, notes) of the fine-tune ``folder`` trained from ``base``."""
@@ -169,26 +197,9 @@ def read_lora_finetune(folder: PathLike, base: Optional[PathLike]) -> tuple[dict
     path = folder / NON_LORA
     if path.is_file():
         _override(tensors, strip_peft_prefix(read_weight_file(path)), path)
-    adapter_path = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
-    if adapter_path is not None:
-        if not (folder / ADAPTER_CONFIG).is_file():
-            raise HFCheckpointError(f"{adapter_path} has no {ADAPTER_CONFIG} beside it (r, lora_alpha are needed)")
-        config = read_json(folder / ADAPTER_CONFIG)
-        if not isinstance(config, dict):
-            raise HFCheckpointError(f"{folder / ADAPTER_CONFIG} is not a JSON object")
-        deltas = lora_deltas(read_weight_file(adapter_path), config, str(adapter_path))
-        for name, delta in deltas.items():
-            if name not in tensors:
-                raise HFCheckpointError(f"{adapter_path}: LoRA target {name[:-len('.weight')]!r} has no weight "
-                                        f"{name!r} in the base checkpoint (wrong --base?)")
-            w = tensors[name]
-            if tuple(delta.shape) != tuple(w.shape):
-                raise HFCheckpointError(f"{adapter_path}: LoRA B @ A for {name!r} is {tuple(delta.shape)}, the base "
-                                        f"weight is {tuple(w.shape)} (wrong --base?)")
-            tensors[name] = (w.float() + delta).to(w.dtype) if w.is_floating_point() else w
-        notes.append(f"{len(deltas)} LoRA deltas merged (r={config['r']}, lora_alpha={config['lora_alpha']})")
-    elif (folder / ADAPTER_CONFIG).is_file():
-        raise HFCheckpointError(f"{folder} has {ADAPTER_CONFIG} but no {' / '.join(ADAPTER_WEIGHTS)}")
+    merged = merge_peft_adapter(folder, tensors)
+    if merged is not None:
+        notes.append(f"{merged[0]} LoRA deltas merged (r={merged[1]['r']}, lora_alpha={merged[1]['lora_alpha']})")
     for fname in (AUDIO_ALIGNER, MLP_GATES):
         path = folder / fname
         if path.is_file():
@@ -196,4 +207,4 @@ def read_lora_finetune(folder: PathLike, base: Optional[PathLike]) -> tuple[dict
     return cfg, tensors, notes
 
 
-__all__ = ["is_lora_folder", "lora_deltas", "read_lora_finetune", "strip_peft_prefix"]
+__all__ = ["is_lora_folder", "lora_deltas", "merge_peft_adapter", "read_lora_finetune", "strip_peft_prefix"]
