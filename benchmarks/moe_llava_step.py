@@ -14,6 +14,9 @@ balance loss, backward, AdamW update. They differ only in the MoE layers:
 
 - ``zoo``: :class:`zoo.moe.MoELayer` as the preset builds it (causal per-sequence capacity 1.5, fused GPU experts,
   routing + losses compiled and replayed as CUDA graphs where enabled);
+- ``ideal`` (the bound, not a peer): every MoE layer swapped for ``benchmarks/moe_peers.py:IdealTop2Experts``, the
+  two expert passes of every token as perfectly balanced GEMMs with no routing work: a floor for any top-2 MoE
+  layer that runs its experts as GEMMs, so deepspeed / ideal is the highest zoo / deepspeed ratio any MoE layer could give this step;
 - ``deepspeed``: every MoE layer swapped for ``benchmarks/moe_peers.py:DeepSpeedTop2MoE`` holding the same weights:
   DeepSpeed 0.9.5's ``top2gating`` over the micro-batch, one-hot ``[T, E, C]`` einsum dispatch / combine, each
   expert on its buffer (what MoE-LLaVA runs), capacity factor 1.5, min capacity 4, balance loss 0.01.
@@ -41,7 +44,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 TARGET = 2.0
-IMPLS = ("zoo", "deepspeed")
+IMPLS = ("zoo", "deepspeed", "ideal")
 
 
 def build(args):
@@ -53,10 +56,14 @@ def build(args):
         model = zoo.create_model(args.preset, **overrides)
     model.decoder.gradient_checkpointing = not args.no_checkpointing
     apply_freeze(model, moe_tuning_stage(3))
-    if args.impl == "deepspeed":  # after the freeze: the peer holds the same (already frozen / trainable) tensors
+    if args.impl in ("deepspeed", "ideal"):  # after the freeze: the peer holds the same (frozen / trainable) tensors
         import moe_peers
 
-        swapped = moe_peers.replace_moe_layers_with_deepspeed(model.decoder, capacity_factor=1.5, min_capacity=4)
+        if args.impl == "deepspeed":
+            swapped = moe_peers.replace_moe_layers(model.decoder, moe_peers.DeepSpeedTop2MoE, capacity_factor=1.5,
+                                                   min_capacity=4)
+        else:
+            swapped = moe_peers.replace_moe_layers(model.decoder, moe_peers.IdealTop2Experts)
         assert swapped > 0, "the preset has no MoE layers to compare"
     return model.train()
 
@@ -156,6 +163,15 @@ def write_report(data: dict, out: Path) -> None:
         data["speedup"] = ratio
         lines += ["", f"zoo / official tokens/s: **{ratio:.2f}x** (target {TARGET:.0f}x: "
                   f"{'met' if ratio >= TARGET else 'missed'})."]
+    if {"ideal", "deepspeed"} <= set(rows):
+        bound = rows["ideal"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
+        data["bound"] = bound
+        lines += ["", f"Bound: the step with every MoE layer as perfectly balanced top-2 GEMMs and no routing (`ideal`) "
+                  f"runs {bound:.2f}x the official algorithm's tokens/s: no MoE layer can lift this step's ratio "
+                  "above that while the rest of the step stays as it is (for a layer that runs its experts as GEMMs)."]
+        if "zoo" in rows:
+            lines.append(f"The zoo's MoE layers cost {rows['zoo']['step_ms'] - rows['ideal']['step_ms']:.1f} ms a step "
+                         f"above that floor; the official algorithm's {rows['deepspeed']['step_ms'] - rows['ideal']['step_ms']:.1f} ms.")
     (out / "moe_llava_step.md").write_text("\n".join(lines) + "\n")
     (out / "moe_llava_step.json").write_text(json.dumps(data, indent=1) + "\n")
 
@@ -174,14 +190,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (CPU smoke runs)")
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--impl", choices=IMPLS, help="run one implementation in this process (else: each in its own)")
+    ap.add_argument("--impls", default=",".join(IMPLS),
+                    help="which implementations to run, each in its own process, comma-separated (default: all)")
     ap.add_argument("--out", type=Path, help="folder for moe_llava_step.{json,md}")
     args = ap.parse_args(argv)
     if args.impl:
         result = run_one(args)
         print(json.dumps(result))
         return result
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        ap.error(f"--impls: unknown {sorted(unknown)}; choose from {', '.join(IMPLS)}")
     results = []
-    for impl in IMPLS:
+    for impl in impls:
         cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--impl", impl]
         cmd = [c for i, c in enumerate(cmd) if not (c == "--out" or (i > 0 and cmd[i - 1] == "--out"))]
         print(f"[moe_llava_step] {impl} ...", flush=True)

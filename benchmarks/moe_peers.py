@@ -242,16 +242,40 @@ class DeepSpeedTop2MoE(torch.nn.Module):
         return torch.einsum("sec,ecm->sm", combine.to(x.dtype), out).reshape(B, S, D)
 
 
-def replace_moe_layers_with_deepspeed(model, **kwargs) -> int:
-    """Swap every zoo ``MoELayer`` of ``model`` for a :class:`DeepSpeedTop2MoE` holding the same weights; returns how
-    many were swapped. The peer's ``l_aux`` values are read with :func:`deepspeed_aux_loss`."""
+class IdealTop2Experts(torch.nn.Module):
+    """The floor of any top-2 MoE layer's cost, for the step benchmark's bound (not a correct MoE): every token's two
+    expert passes as if the routing were perfectly balanced and already sorted. The ``2T`` rows (each token twice)
+    are cut into ``E`` equal chunks, chunk e goes through expert e in one GEMM (every expert gets rows, so every
+    expert gets gradients and optimizer work as in a real layer), and each token's two results are averaged. Only the
+    router's fp32 logits are computed (and unused) beside it: no top-k, no capacity, no permutation, no loss.
+    ``forward(x [B, S, D], mask=None, modality=None) -> [B, S, D]`` like the layer it replaces."""
+
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.router_weight = layer.router.proj.weight  # [E, D]
+        self.experts = layer.experts
+        self.num_experts = self.router_weight.shape[0]
+
+    def forward(self, x, mask=None, modality=None):
+        B, S, D = x.shape
+        tokens = x.reshape(-1, D)
+        T = tokens.shape[0]
+        F.linear(tokens.float(), self.router_weight.float())  # the router's GEMM, as every layer pays it
+        rows = torch.cat([tokens, tokens]).chunk(self.num_experts)  # [2T, D] in E near-equal chunks
+        out = torch.cat([self.experts.expert(e, r) for e, r in enumerate(rows)])
+        return (0.5 * (out[:T] + out[T:])).reshape(B, S, D)
+
+
+def replace_moe_layers(model, peer: Callable, **kwargs) -> int:
+    """Swap every zoo ``MoELayer`` of ``model`` for ``peer(layer, **kwargs)`` (:class:`DeepSpeedTop2MoE`,
+    :class:`IdealTop2Experts`), holding the same weights; returns how many were swapped."""
     from zoo.moe import MoELayer
 
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, MoELayer):
-                setattr(parent, name, DeepSpeedTop2MoE(child, **kwargs))
+                setattr(parent, name, peer(child, **kwargs))
                 swapped += 1
     return swapped
 

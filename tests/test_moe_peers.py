@@ -103,3 +103,28 @@ def test_deepspeed_peer_capacity_rule_queues_second_choices_after_all_first_choi
     # expert 0's one slot: token 0 (first choice), expert 1's: token 1 (first choice); token 0's second choice
     # (expert 1) queues after all first choices and is dropped.
     assert torch.equal(captured[0], x[0, :1]) and torch.equal(captured[1], x[0, 1:2])
+
+
+def test_ideal_bound_computes_the_layer_when_experts_are_equal_and_trains_every_expert():
+    """The step benchmark's bound (``IdealTop2Experts``: every token's two expert passes as balanced GEMMs, no routing)
+    costs what a top-2 layer's experts cost: with all experts holding the same weights it computes the zoo layer's
+    output (renormalised top-2 weights sum to 1), and every expert gets a gradient (so the optimizer's work matches)."""
+    import torch
+
+    from zoo.moe import MoEConfig, MoELayer
+
+    P = _ds_peer()
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, MoEConfig(num_experts=4, top_k=2, renormalize=True, dropless=True, group_size=None,
+                                      activation="swiglu", expert_bias=False)).eval()
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.copy_(p[:1].expand_as(p))  # expert 0's weights in every expert
+    x = torch.randn(2, 5, 8)
+    ideal = P.IdealTop2Experts(layer)
+    with torch.no_grad():
+        assert (layer(x) - ideal(x)).abs().max() <= 1e-5
+    ideal(x).square().sum().backward()
+    for p in layer.experts.parameters():
+        assert p.grad is not None and (p.grad.flatten(1).abs().sum(1) > 0).all()  # each expert's slice got gradient
+    assert P.replace_moe_layers(torch.nn.Sequential(layer), P.IdealTop2Experts) == 1
