@@ -59,17 +59,24 @@ def _ds_peer():
     return moe_peers
 
 
+def _top2_layer():
+    """A dropless renormalised top-2 SwiGLU layer (MoE-LLaVA's routing), seeded: [E=4] experts of 8 -> 16 -> 8."""
+    import torch
+
+    from zoo.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    return MoELayer(8, 16, MoEConfig(num_experts=4, top_k=2, renormalize=True, dropless=True, group_size=None,
+                                     activation="swiglu", expert_bias=False)).eval()
+
+
 def test_deepspeed_peer_equals_the_zoo_layer_when_nothing_is_dropped():
     """The MoE-LLaVA benchmark peer (DeepSpeed 0.9.5's top-2 gating + einsum dispatch) computes the same function
     as the zoo layer with renormalised top-2 routing when its capacity keeps every token."""
     import torch
 
-    from zoo.moe import MoEConfig, MoELayer
-
     P = _ds_peer()
-    torch.manual_seed(0)
-    layer = MoELayer(8, 16, MoEConfig(num_experts=4, top_k=2, renormalize=True, dropless=True, group_size=None,
-                                      activation="swiglu", expert_bias=False)).eval()
+    layer = _top2_layer()
     with torch.no_grad():
         for p in layer.experts.parameters():
             p.normal_(std=0.3)
@@ -111,12 +118,8 @@ def test_ideal_bound_computes_the_layer_when_experts_are_equal_and_trains_every_
     output (renormalised top-2 weights sum to 1), and every expert gets a gradient (so the optimizer's work matches)."""
     import torch
 
-    from zoo.moe import MoEConfig, MoELayer
-
     P = _ds_peer()
-    torch.manual_seed(0)
-    layer = MoELayer(8, 16, MoEConfig(num_experts=4, top_k=2, renormalize=True, dropless=True, group_size=None,
-                                      activation="swiglu", expert_bias=False)).eval()
+    layer = _top2_layer()
     with torch.no_grad():
         for p in layer.experts.parameters():
             p.copy_(p[:1].expand_as(p))  # expert 0's weights in every expert
