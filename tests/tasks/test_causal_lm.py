@@ -122,6 +122,82 @@ def test_causal_lm_trains_under_fsdp():
     assert "FSDP OK steps=3" in result.stdout
 
 
+def test_configure_model_is_a_no_op_without_a_device_mesh():
+    """Outside ModelParallelStrategy (no device mesh) the model keeps its plain parameters, the same tensors."""
+    task = CausalLMTask(model="decoder_tiny_moe", vocab_size=50)
+    before = dict(task.model.named_parameters())
+    task.configure_model()
+    after = dict(task.model.named_parameters())
+    assert before.keys() == after.keys() and all(after[n] is before[n] for n in before)
+    assert all(type(p) is torch.nn.Parameter for p in after.values())
+
+
+@pytest.mark.timeout(300)
+def test_causal_lm_trains_sharded_on_cpu_and_matches_one_process(tmp_path):
+    """FSDP2 on CPU: Lightning's ModelParallelStrategy, 2 processes over gloo, 3 steps of the tiny MoE LM (with
+    gradient clipping that binds). The parameters are DTensors sharded on dim 0 (each rank holds half of every
+    weight, the two halves make the full tensor), the optimiser holds those sharded tensors, and the run equals one
+    process replaying the same samples (rank 0's then rank 1's batch as two accumulated micro-batches per step):
+    same training losses per rank and step, same final parameters, same loss of the final model."""
+    import subprocess
+    import sys
+
+    script = str(Path(__file__).with_name("_fsdp2_cpu_lm.py"))
+    for mode in ("sharded", "single"):
+        result = subprocess.run([sys.executable, script, mode, str(tmp_path)], capture_output=True, text=True,
+                                timeout=240, cwd=REPO)
+        assert result.returncode == 0, f"{mode}: {result.stderr[-3000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single = torch.load(tmp_path / "single.pt", weights_only=False)
+
+    assert [r["steps"] for r in ranks] == [3, 3] and single["steps"] == 3
+    # Data parallel: per step the two ranks train on disjoint samples (8 each).
+    for a, b in zip(ranks[0]["indices"], ranks[1]["indices"]):
+        assert len(a) == len(b) == 8 and not set(a) & set(b)
+    assert len(ranks[0]["indices"]) == 3
+
+    # Really sharded: every parameter a DTensor split on dim 0 over the 2 ranks; the halves rebuild the full tensor.
+    full = ranks[0]["full"]
+    for name, held in ranks[0]["params"].items():
+        other = ranks[1]["params"][name]
+        assert held["dtensor"] and held["placements"] == [("Shard", 0)], (name, held["placements"])
+        assert held["shape"] == tuple(full[name].shape)
+        torch.testing.assert_close(torch.cat([held["local"], other["local"]]), full[name], rtol=0, atol=0)
+    for big in ("blocks.0.mlp.experts.w1", "embed.weight", "lm_head.weight"):
+        local, shape = ranks[0]["params"][big]["local"], ranks[0]["params"][big]["shape"]
+        assert local.shape[0] == shape[0] // 2 and local.numel() == full[big].numel() // 2, big
+    # The optimiser was built after sharding: it steps the DTensors, with the same decay / no-decay split.
+    assert all(r["optimizer_holds_model_params"] for r in ranks)
+    assert ranks[0]["optimizer_names"] == single["optimizer_names"]
+
+    # Same training: losses (rank 0 and rank 1 per step = the replay's micro-batches), parameters, final loss.
+    assert single["indices"] == [ranks[r]["indices"][step] for step in range(3) for r in range(2)]
+    sharded_losses = [ranks[r]["losses"][step] for step in range(3) for r in range(2)]
+    assert sharded_losses == pytest.approx(single["losses"], rel=1e-4)
+    assert full.keys() == single["full"].keys()
+    torch.manual_seed(0)
+    initial = dict(CausalLMTask(model="decoder_tiny_moe", vocab_size=100).model.named_parameters())
+    moved = max(float((single["full"][n] - initial[n]).abs().max()) for n in full)
+    assert moved > 1e-3  # training changed the weights, so agreeing below is not agreeing on the init
+    for name in full:
+        torch.testing.assert_close(full[name], single["full"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+    sys.path.insert(0, str(Path(script).parent))
+    try:
+        from _fsdp2_cpu_lm import RandomTokens
+    finally:
+        sys.path.remove(str(Path(script).parent))
+    ids = RandomTokens().ids
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool)}
+    final = []
+    for params in (full, single["full"]):
+        task = CausalLMTask(model="decoder_tiny_moe", vocab_size=100).eval()
+        task.model.load_state_dict(params)
+        with torch.no_grad():
+            final.append(float(task._shared_step(batch, "val")[0]))
+    assert final[0] == pytest.approx(final[1], rel=1e-4)
+
+
 def test_test_pass_reports_routing_and_records_only_then():
     """A test pass fills ``test_routing`` through RoutingReport (tokens per expert = the layers' kept slots, the
     examples counted); the layers record their routing only during that pass."""

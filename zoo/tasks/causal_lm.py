@@ -8,6 +8,9 @@ Logged: ``{train,val,test}/loss``, ``/ce``, ``/aux_loss``, ``/aux/<name>``, ``va
 ``<split>/moe/<layer>/{max_share,min_share,dropped}``. ``test`` also fills :attr:`CausalLMTask.test_routing`
 (tokens per expert per layer, from a :class:`~zoo.tasks.routing_report.RoutingReport`) for the summary and the
 expert-utilisation plot.
+
+Under Lightning's ``ModelParallelStrategy`` (FSDP2, also on CPU with gloo) :meth:`CausalLMTask.configure_model`
+shards the decoder (:func:`fully_shard_decoder`); under every other strategy it does nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +39,33 @@ def next_token_targets(input_ids: Tensor, attention_mask: Optional[Tensor]) -> T
     if attention_mask is not None:
         targets[~attention_mask[:, 1:].to(torch.bool)] = IGNORE
     return targets
+
+
+def fully_shard_decoder(model: nn.Module, mesh: Any) -> nn.Module:
+    """FSDP2 over ``mesh`` (Lightning's ``("data_parallel", "tensor_parallel")`` device mesh): each block of
+    ``model.blocks`` is its own unit (its parameters are gathered just for its forward / backward, so at most one
+    block is unsharded at a time), then the root takes what is left (embedding, final norm, LM head; a tied LM head
+    is the embedding's tensor, owned once by the root unit). Parameters become DTensors sharded on dim 0 (the stacked
+    experts ``[E, ...]`` on the expert dim), so the optimiser must be built after this: Lightning calls
+    ``configure_optimizers`` after ``configure_model``.
+
+    Idempotent (Lightning calls ``configure_model`` for every fit / validate / test). Only data parallelism: the zoo
+    has no tensor-parallel plan, so a mesh with a tensor-parallel dim > 1 is refused rather than silently
+    replicating work on it."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(f"the zoo's decoder LMs shard with FSDP2 only (no tensor parallelism), but the device mesh "
+                         f"has tensor_parallel={mesh['tensor_parallel'].size()}; use "
+                         "ModelParallelStrategy(data_parallel_size=<number of processes>, tensor_parallel_size=1)")
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+    for block in model.blocks:
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    return model
 
 
 class CausalLMTask(ZooTask):
@@ -80,6 +110,14 @@ class CausalLMTask(ZooTask):
         self.apply_eval_routing(model)
         self.layer_names = moe_layer_names(model)
         return model
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (FSDP2): shard every decoder block, then the rest (embedding,
+        final norm, LM head) with :func:`torch.distributed.fsdp.fully_shard` over the data-parallel mesh. A no-op
+        under every other strategy (no device mesh). See :func:`fully_shard_decoder`."""
+        mesh = self.device_mesh
+        if mesh is not None:
+            fully_shard_decoder(self.model, mesh)
 
     def take_from_datamodule(self, dm: Any) -> None:
         """The vocabulary size comes from the datamodule unless given (a disagreeing value is an error)."""
