@@ -132,6 +132,30 @@ def test_configure_model_is_a_no_op_without_a_device_mesh():
     assert all(type(p) is torch.nn.Parameter for p in after.values())
 
 
+def test_sharding_refuses_a_tensor_parallel_mesh():
+    """Lightning's default mesh for 2 devices on one node is (data_parallel=1, tensor_parallel=2): the zoo has no
+    tensor-parallel plan, so sharding over it is refused with the setting to use instead, before any module changes."""
+    from zoo.tasks.causal_lm import fully_shard_decoder
+
+    class Dim:
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+    class Mesh:  # the two things fully_shard_decoder reads of a DeviceMesh
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name):
+            return Dim({"data_parallel": 1, "tensor_parallel": 2}[name])
+
+    task = CausalLMTask(model="decoder_tiny_moe", vocab_size=50)
+    with pytest.raises(ValueError, match="tensor_parallel=2.*tensor_parallel_size=1"):
+        fully_shard_decoder(task.model, Mesh())
+    assert all(type(p) is torch.nn.Parameter for p in task.model.parameters())
+
+
 @pytest.mark.timeout(300)
 def test_causal_lm_trains_sharded_on_cpu_and_matches_one_process(tmp_path):
     """FSDP2 on CPU: Lightning's ModelParallelStrategy, 2 processes over gloo, 3 steps of the tiny MoE LM (with
