@@ -176,8 +176,10 @@ def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, 
     """Times of zoo prefill and decode (eager, or ``compiled`` by :func:`compiled_decode_step`; CUDA-graphed with
     ``graph``): median of ``repeats`` runs after a warm-up run (with a compiled step: the compilation)."""
     # Past dynamo's recompile limit a compiled step would run eagerly (a warning only): a row labelled "compile"
-    # would time eager steps. Make that an error (an error row) instead.
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    # would time eager steps. Make that an error (an error row) instead, where this torch has the switch.
+    strict = ({"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit")
+              else {})
+    with torch._dynamo.config.patch(**strict):
         # warm-up (kernels, allocator; compiling a compiled step for this batch and cache length)
         run_zoo(model, batch, min(prompt, 32), min(new, 4), graph, compiled, cache_len=prompt + new)
         runs = [run_zoo(model, batch, prompt, new, graph, compiled) for _ in range(repeats)]
