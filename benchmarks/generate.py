@@ -14,7 +14,10 @@ Mixtral is also run in transformers' MixtralForCausalLM on the same weights (con
 zoo.convert.hf_lm): its eager path (DynamicCache) and, where it works, static cache + torch.compile.
 Zoo decode steps run eagerly and, separately, as replays of one CUDA graph of the step (the KV cache is
 preallocated and its next slot lives on the device, so a captured step stays valid; a failed capture is recorded
-as an error row, the eager rows stand). Timings: CUDA-synchronised wall clock, median of ``--repeats`` runs after a
+as an error row, the eager rows stand). With ``--compile`` zoo decode is also timed with the step compiled by
+``torch.compile`` (``zoo.models.generate.compiled_decode_step``: inductor fuses the norms, RoPE, residual adds,
+activations and routing ops that dominate a batch-1 step): "zoo + compile" (compiled step, launched from Python)
+and "zoo + compile + CUDA graph" (the compiled step captured in the same kind of CUDA graph). Timings: CUDA-synchronised wall clock, median of ``--repeats`` runs after a
 warm-up run.
 """
 
@@ -37,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 import zoo  # noqa: E402
+from zoo.models.generate import compiled_decode_step  # noqa: E402
 from zoo.moe import moe_layers  # noqa: E402
 
 
@@ -100,15 +104,17 @@ def kv_bytes(cfg, batch: int, length: int, element_size: int = 2) -> int:
 
 
 class GraphedDecodeStep:
-    """One decode step (``model(token [B, 1], cache=cache)``) captured as a CUDA graph on ``cache``: a replay
-    reads the token from a static buffer, writes the next KV slot and advances the cache's device-side slot."""
+    """One decode step (``model(token [B, 1], cache=cache)``, or ``compiled(token, cache)``: a compiled step that
+    has already run once, so that compiling happens outside the capture) captured as a CUDA graph on ``cache``: a
+    replay reads the token from a static buffer, writes the next KV slot and advances the cache's device-side
+    slot."""
 
-    def __init__(self, model, cache, batch: int) -> None:
+    def __init__(self, model, cache, batch: int, compiled=None) -> None:
         self.cache = cache
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model(self.token, cache=cache).logits
+            self.logits = model(self.token, cache=cache).logits if compiled is None else compiled(self.token, cache)
         cache.length -= 1  # capturing ran the host bookkeeping once without running the step
 
     def __call__(self, token):
@@ -121,12 +127,15 @@ class GraphedDecodeStep:
 
 
 @torch.no_grad()
-def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False) -> dict:
-    """One prefill + ``new`` decode steps (the first eager, the rest replays of a CUDA graph with ``graph``);
-    returns times and the experts each step used per MoE layer."""
+def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False, compiled=None,
+            cache_len: int | None = None) -> dict:
+    """One prefill + ``new`` decode steps (the first eager, the rest replays of a CUDA graph with ``graph``; each
+    step ``compiled(token, cache)`` instead of ``model(token, cache=cache)`` with a compiled step); returns times and
+    the experts each step used per MoE layer. ``cache_len``: KV-cache slots (default prompt + new; a compiled step
+    is compiled per cache length, so its warm-up run uses the timed runs' length)."""
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=DEVICE)
-    cache = model.new_cache(batch, prompt + new)
+    cache = model.new_cache(batch, cache_len or prompt + new)
     layers = moe_layers(model)
     out = {}
     out["prefill_s"] = sync_time(lambda: model(ids, cache=cache))
@@ -136,14 +145,16 @@ def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False) -> di
     def used():
         return [(layer.aux.stats.tokens_per_expert > 0).sum() for layer in layers]
 
+    def one_step(t):
+        return model(t, cache=cache).logits if compiled is None else compiled(t, cache)
+
     steps = new
-    if graph:  # one eager step (warms up the kernels), then capture
-        token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+    if graph:  # one step outside the graph (warms up the kernels; compiles a compiled step), then capture
+        token = one_step(token)[:, -1:].argmax(-1)
         chosen.append(used())
-        step, steps = GraphedDecodeStep(model, cache, batch), new - 1
+        step, steps = GraphedDecodeStep(model, cache, batch, compiled), new - 1
     else:
-        def step(t):
-            return model(t, cache=cache).logits
+        step = one_step
 
     def decode():
         nonlocal token
@@ -156,10 +167,22 @@ def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False) -> di
     return out
 
 
+def zoo_impl(graph: bool, compiled) -> str:
+    return "zoo" + (" + compile" if compiled is not None else "") + (" + CUDA graph" if graph else "")
+
+
 def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, bandwidth: float,
-             graph: bool = False) -> dict:
-    run_zoo(model, batch, min(prompt, 32), 4, graph)  # warm-up (kernels, allocator)
-    runs = [run_zoo(model, batch, prompt, new, graph) for _ in range(repeats)]
+             graph: bool = False, compiled=None) -> dict:
+    """Times of zoo prefill and decode (eager, or ``compiled`` by :func:`compiled_decode_step`; CUDA-graphed with
+    ``graph``): median of ``repeats`` runs after a warm-up run (with a compiled step: the compilation)."""
+    # Past dynamo's recompile limit a compiled step would run eagerly (a warning only): a row labelled "compile"
+    # would time eager steps. Make that an error (an error row) instead, where this torch has the switch.
+    strict = ({"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit")
+              else {})
+    with torch._dynamo.config.patch(**strict):
+        # warm-up (kernels, allocator; compiling a compiled step for this batch and cache length)
+        run_zoo(model, batch, min(prompt, 32), min(new, 4), graph, compiled, cache_len=prompt + new)
+        runs = [run_zoo(model, batch, prompt, new, graph, compiled) for _ in range(repeats)]
     prefill = statistics.median(r["prefill_s"] for r in runs)
     decode = statistics.median(r["decode_s"] for r in runs)
     dense, experts = weight_bytes(model)
@@ -168,7 +191,7 @@ def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, 
     step_bytes = [dense + sum(n * eb for n, (eb, _) in zip(step, experts)) + kv_bytes(model.config, batch, prompt + i)
                   for i, step in enumerate(steps)]
     bound_s = sum(step_bytes) / bandwidth
-    return dict(impl="zoo + CUDA graph" if graph else "zoo", model=name, batch=batch, prompt=prompt, new=new,
+    return dict(impl=zoo_impl(graph, compiled), model=name, batch=batch, prompt=prompt, new=new,
                 prefill_tok_s=batch * prompt / prefill, decode_tok_s=batch * new / decode,
                 decode_step_ms=1e3 * decode / new, bound_step_ms=1e3 * bound_s / new,
                 bandwidth_fraction=bound_s / decode,
@@ -273,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-static", action="store_true", help="skip transformers' static cache + torch.compile")
     ap.add_argument("--no-cuda-graph", action="store_true", help="time only eager zoo decode steps")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time zoo decode with the step compiled by torch.compile: 'zoo + compile' and (on CUDA, "
+                         "unless --no-cuda-graph) 'zoo + compile + CUDA graph'")
     ap.add_argument("--smoke", action="store_true", help="toy widths on the CPU in fp32: checks the script runs")
     ap.add_argument("--models", nargs="+", default=["phi2x4", "mixtral"], choices=["phi2x4", "mixtral"],
                     help="which shapes to run (a time-boxed lease call can run them separately)")
@@ -303,12 +329,19 @@ def main(argv: list[str] | None = None) -> None:
 
     # CUDA-graph rows last per model: a failed capture can leave the CUDA context unusable for what follows.
     graph_modes = (False, True) if DEVICE == "cuda" and not args.no_cuda_graph else (False,)
+    # (CUDA graph, compiled) per zoo row kind; compiled rows after eager ones, graph rows after both
+    zoo_modes = [(graph, comp) for graph in graph_modes for comp in ((False, True) if args.compile else (False,))]
+
+    def zoo_rows(name: str, model, modes, compiled) -> None:
+        for graph, comp in modes:
+            for b in args.batches:
+                record(zoo_case, name, model, b, args.prompt, args.new, args.repeats, bandwidth, graph,
+                       compiled if comp else None)
+
     if "phi2x4" in args.models:
         with torch.device(DEVICE):
             phi = zoo.models.DecoderLM(fit(phi2x4_config(args.phi_depth))).to(dtype).eval()
-        for graph in graph_modes:
-            for b in args.batches:
-                record(zoo_case, "phi2x4", phi, b, args.prompt, args.new, args.repeats, bandwidth, graph)
+        zoo_rows("phi2x4", phi, zoo_modes, compiled_decode_step(phi) if args.compile else None)
         del phi
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -324,8 +357,10 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as err:
             traceback.print_exc()
             data["errors"].append(f"transformers Mixtral: {type(err).__name__}: {err}")
+    # one compiled step per model: its compiled graphs (one per batch size) serve the graphed rows too
+    mix_compiled = compiled_decode_step(mix) if args.compile else None
+    zoo_rows("mixtral", mix, [mode for mode in zoo_modes if not mode[0]], mix_compiled)
     for b in args.batches:
-        record(zoo_case, "mixtral", mix, b, args.prompt, args.new, args.repeats, bandwidth)
         if hf is not None:
             record(hf_case, hf, "transformers eager", b, args.prompt, args.new, args.repeats, False)
     if hf is not None and not args.skip_static and DEVICE == "cuda":
@@ -333,8 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         for b in args.batches:
             record(hf_case, hf, "transformers static+compile", b, args.prompt, args.new, args.repeats, True)
     del hf
-    for b in args.batches if True in graph_modes else ():
-        record(zoo_case, "mixtral", mix, b, args.prompt, args.new, args.repeats, bandwidth, True)
+    zoo_rows("mixtral", mix, [mode for mode in zoo_modes if mode[0]], mix_compiled)
     write_report(data, out)
     print((out / "generate.md").read_text())
 

@@ -1,15 +1,119 @@
 """Autoregressive generation for :class:`zoo.models.decoder.DecoderLM`: prefill the prompt (token ids, or
 embeddings for multimodal prompts) into a preallocated KV cache, then one token per sequence per step (greedy, or
-sampling with temperature / top-k / top-p)."""
+sampling with temperature / top-k / top-p).
+
+:func:`compiled_decode_step` gives the decode step (one token per sequence into the KV cache) compiled by
+``torch.compile``; ``generate(..., compile=True)`` uses it."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from zoo.layers.kv_cache import KVCache, causal_attention_mask, positions_from_mask
 from zoo.moe.layer import routing_statistics_off
+
+
+class _DeviceSlotCache:
+    """What a compiled decode step sees of a :class:`KVCache`: the same tensors, and only the device-side part of
+    :meth:`KVCache.start_step` (slots from ``next_slot``, positions from ``num_real``, the validity write).
+
+    Why: ``KVCache.start_step`` also checks and advances the host counter ``length``. Traced by dynamo, that Python
+    int becomes a guarded constant, so every step (a new ``length``) would recompile. :class:`CompiledDecodeStep`
+    does that host bookkeeping outside the compiled region instead; the traced part has no host state left, which
+    is also what lets a CUDA graph of the compiled step replay it (as ``GraphedDecodeStep`` does for the eager
+    step). Keep this in step with ``KVCache.start_step``: the tests pin the compiled logits to the eager ones."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def start_step(self, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``mask [B, S]`` -> ``(slots [S], positions [B, S], attn_mask [B, 1, S, T])``, as ``KVCache.start_step``."""
+        c = self.cache
+        S = mask.shape[1]
+        slots = c.next_slot + c._offsets[:S]
+        mask = mask.to(torch.bool)
+        positions = positions_from_mask(mask, c.num_real)
+        c.key_valid.index_copy_(1, slots, mask)
+        c.num_real += mask.sum(-1)
+        c.next_slot += S
+        return slots, positions, causal_attention_mask(c.key_valid, slots)
+
+    def update(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cache.update(layer, slots, k, v)
+
+
+class CompiledDecodeStep:
+    """``step(token [B, 1], cache, modality [B, 1] | None = None) -> logits [B, 1, V]``: one decode step of
+    ``model`` (``model(token, cache=cache, modality=modality).logits``, the model in eval mode) through
+    ``torch.compile(dynamic=False)``, so inductor fuses the step's many small kernels (norms, RoPE, residual adds,
+    activations, routing ops), which dominate a batch-1 decode step's time on a GPU.
+
+    Shapes are static: the KV cache is preallocated and its next slot lives on the device, so every step of one
+    cache (and of any other cache with the same batch size and length) reuses the first step's graph; only a new
+    batch size, cache length, dtype or device compiles again. The host side of the cache (the overflow check and
+    ``cache.length``) is done here, outside the compiled region (:class:`_DeviceSlotCache` says why).
+
+    ``mode`` is passed to ``torch.compile``; the default (None) makes no CUDA graph of its own: the caller may
+    capture the compiled step in its own ``torch.cuda.graph`` (``benchmarks/generate.py``: "zoo + compile + CUDA
+    graph"), which is the simplest way to replay a step that writes into caller-owned cache tensors.
+    ``mode="reduce-overhead"`` (CUDA graph trees) is not the default because the step mutates the cache tensors in
+    place, and the trees replay a graph only when its mutated inputs have static addresses (parameters, buffers,
+    tensors marked static); the cache tensors are plain inputs of the step, so the trees would skip the graph
+    (this reasoning is not yet checked on a GPU). Before capturing the step in a CUDA graph, call it once outside
+    the capture: the first call (per batch size and cache length) compiles.
+
+    Every step object shares one compiled code object, and dynamo keeps at most ``torch._dynamo.config.
+    recompile_limit`` (8) graphs per code object: past that many (model, batch size, cache length) combinations in
+    one process, dynamo runs the step eagerly with a warning (same values, no fusion).
+
+    The model is held by a weak reference when ``weak=True`` (what :func:`generate` uses for its per-model cache of
+    steps), else strongly.
+    """
+
+    def __init__(self, model: nn.Module, mode: Optional[str] = None, weak: bool = False) -> None:
+        model_ref = weakref.ref(model) if weak else (lambda: model)
+
+        def step(token: Tensor, cache: _DeviceSlotCache, modality: Optional[Tensor]) -> Tensor:
+            return model_ref()(token, cache=cache, modality=modality).logits
+
+        self._compiled = torch.compile(step, dynamic=False, mode=mode)
+
+    def __call__(self, token: Tensor, cache: KVCache, modality: Optional[Tensor] = None) -> Tensor:
+        if token.ndim != 2 or token.shape[1] != 1:
+            raise ValueError(f"a decode step takes one token per sequence, token [B, 1]; got {tuple(token.shape)}")
+        if token.shape[0] != cache.batch_size:
+            raise ValueError(f"the cache was made for batch size {cache.batch_size}, got a batch of {token.shape[0]}")
+        if cache.length + 1 > cache.max_len:
+            raise ValueError(f"1 new token does not fit in the KV cache: {cache.length} of its {cache.max_len} slots "
+                             "are used. Make the cache longer (generate(..., max_cache_len=...) >= prompt length + "
+                             "max_new_tokens)")
+        # Dynamo guards on strides, even of the size-1 token axis (``ids[:, -1:]`` is [B, 1] with stride (S, 1)):
+        # give the compiled step the same (1, 1) layout every time, or a slice as the first token recompiles later.
+        token, modality = _packed(token), None if modality is None else _packed(modality)
+        logits = self._compiled(token, _DeviceSlotCache(cache), modality)
+        cache.length += 1  # the host copy of next_slot, which the compiled step advanced on the device
+        return logits
+
+
+def _packed(x: Tensor) -> Tensor:
+    """``x [B, 1]`` with strides (1, 1) (a copy only when it has others)."""
+    return x if x.stride() == (1, 1) else x.clone(memory_format=torch.contiguous_format)
+
+
+def compiled_decode_step(model: nn.Module, mode: Optional[str] = None) -> CompiledDecodeStep:
+    """A :class:`CompiledDecodeStep` of ``model``: ``step(token [B, 1], cache) -> logits [B, 1, V]``, the same
+    logits as ``model(token, cache=cache).logits`` (the model in eval mode; wrap calls in
+    ``torch.no_grad()``)."""
+    return CompiledDecodeStep(model, mode=mode)
+
+
+# generate(compile=True): one compiled step per model, reused by later calls (compiling is the slow part). The step
+# holds its model weakly, so this cache does not keep models alive.
+_COMPILED_STEPS: "weakref.WeakKeyDictionary[nn.Module, CompiledDecodeStep]" = weakref.WeakKeyDictionary()
 
 
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -42,7 +146,7 @@ def generate(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mas
              top_p: Optional[float] = None, eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
              max_cache_len: Optional[int] = None, generator: Optional[torch.Generator] = None, *,
              inputs_embeds: Optional[Tensor] = None, modality: Optional[Tensor] = None,
-             on_token: Optional[Callable[[Tensor], None]] = None) -> Tensor:
+             on_token: Optional[Callable[[Tensor], None]] = None, compile: bool = False) -> Tensor:
     """Continue each prompt of ``input_ids [B, S]`` (or of ``inputs_embeds [B, S, D]``) by up to
     ``max_new_tokens`` tokens.
 
@@ -58,6 +162,10 @@ def generate(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mas
     ``on_token``: called with each step's tokens ``[B]`` (on the model's device) as soon as they are chosen, so a
     caller can stream the answer (``python -m zoo.generate`` prints each token as it comes); it does not change
     what is generated.
+
+    ``compile``: run the decode steps (not the prefill, whose length varies) through :func:`compiled_decode_step`
+    (one compiled step per model, kept for later calls; the first call of a batch size and cache length compiles).
+    Same tokens as eager decoding up to floating-point rounding.
 
     Returns ``[B, S + N]`` token ids: the prompt followed by the N <= max_new_tokens generated tokens; with
     ``inputs_embeds`` (no prompt ids to return) only the ``[B, N]`` generated tokens.
@@ -96,6 +204,11 @@ def generate(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mas
             else:
                 logits = model(None, mask, cache=cache, inputs_embeds=inputs_embeds, modality=modality).logits[:, -1]
             step_mask = torch.ones(B, 1, dtype=torch.bool, device=device)
+            decode = None
+            if compile:
+                decode = _COMPILED_STEPS.get(model)
+                if decode is None:
+                    decode = _COMPILED_STEPS[model] = CompiledDecodeStep(model, weak=True)
             # Generated tokens are text: modality 0 where the prompt carried modality ids.
             step_modality = None if modality is None else torch.zeros(B, 1, dtype=torch.long, device=device)
             finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -115,7 +228,10 @@ def generate(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mas
                     on_token(token)
                 if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                     break
-                logits = model(token[:, None], step_mask, cache=cache, modality=step_modality).logits[:, -1]
+                if decode is not None:  # the compiled step's mask is all ones too (its default)
+                    logits = decode(token[:, None], cache, step_modality)[:, -1]
+                else:
+                    logits = model(token[:, None], step_mask, cache=cache, modality=step_modality).logits[:, -1]
     finally:
         model.train(was_training)
     return torch.cat(out, dim=1)

@@ -70,4 +70,23 @@ def sorted_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Tensor, kee
     return slots.view(T, K, D).sum(dim=1).to(x.dtype)
 
 
+def dense_dispatch(x: Tensor, expert_index: Tensor, combine_weight: Tensor, keep: Tensor,
+                   experts: Experts) -> Tensor:
+    """Every expert on every token (``experts.forward_dense`` on ``[E, T, D]``), then each slot picks its expert's
+    row: E / K times the expert FLOPs of the other dispatchers, but no data-dependent shapes and no host sync.
+
+    For traced inference (:class:`~zoo.moe.layer.MoELayer` uses it in eval mode under ``torch.compile`` when the
+    fused kernel does not apply, e.g. a compiled decode step on the CPU): :func:`sorted_dispatch`'s per-expert row
+    counts are host values, which break the traced graph and recompile it for every new routing pattern. Decode
+    steps have few tokens, so the extra FLOPs are small there."""
+    T, D = x.shape
+    E = experts.num_experts
+    acc = _accumulate_dtype(x)
+    y_all = experts.forward_dense(x.unsqueeze(0).expand(E, T, D))  # [E, T, D]
+    valid = keep.bool() & (expert_index >= 0) & (expert_index < E)  # out-of-range slots dropped, as in loop_dispatch
+    picked = y_all[expert_index.clamp(0, E - 1), torch.arange(T, device=x.device)[:, None]]  # [T, K, D]
+    weight = torch.where(valid, combine_weight.to(acc), torch.zeros((), dtype=acc, device=x.device))
+    return (picked.to(acc) * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+
 DISPATCHERS = {"loop": loop_dispatch, "sorted": sorted_dispatch}

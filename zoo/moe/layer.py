@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from zoo.layers.mlp import Mlp
 from zoo.moe.compiled import maybe_compiled
 from zoo.moe.config import MoEConfig
-from zoo.moe.dispatch import DISPATCHERS
+from zoo.moe.dispatch import DISPATCHERS, dense_dispatch
 from zoo.moe.experts import Experts, StackedExperts
 from zoo.moe.routing import ExpertChoiceRouter, Routing, SoftRouter, TopKRouter
 from zoo.moe.stats import MoEAux, RoutingRecord, RoutingStats, soft_aux, soft_expert_probs, sparse_aux
@@ -313,6 +313,10 @@ class MoELayer(nn.Module):
         if getattr(self, "expert_dispatcher", None) is not None:  # expert parallelism (zoo.distributed)
             return self.expert_dispatcher(x, expert_index, combine_weight, keep, self.experts)
         mode = self.config.dispatch
+        if mode == "auto" and not self.training and torch.compiler.is_compiling():
+            # A traced inference step (e.g. a compiled decode step): the sorted dispatcher's host-side row counts
+            # would break the graph and recompile per routing pattern; the dense dispatcher keeps shapes static.
+            return dense_dispatch(x, expert_index, combine_weight, keep, self.experts)
         return DISPATCHERS["sorted" if mode in ("auto", "fused") else mode](x, expert_index, combine_weight, keep,
                                                                             self.experts)
 
