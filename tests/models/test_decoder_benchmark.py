@@ -3,7 +3,6 @@ without --compile (the compiled decode step; its CUDA-graph rows need a GPU)."""
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,19 +11,7 @@ pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def hf_kernels_not_shadowed(monkeypatch):
-    """pytest puts tests/ on sys.path (rootdir conftest), where the package tests/kernels shadows the installed
-    Hugging Face ``kernels`` package that transformers' Mixtral imports (ImportError: CUDAProperties). Take tests/
-    off the path (and its ``kernels`` out of sys.modules) for this test only."""
-    tests_dir = REPO / "tests"
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != tests_dir])
-    mod = sys.modules.get("kernels")
-    if mod is not None and tests_dir in Path(getattr(mod, "__file__", None) or "/").resolve().parents:
-        monkeypatch.delitem(sys.modules, "kernels")
-
-
-def test_generate_benchmark_smoke(tmp_path, hf_kernels_not_shadowed):
+def test_generate_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("generate_bench", REPO / "benchmarks" / "generate.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
