@@ -232,7 +232,7 @@ def _rel(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead's GPU run)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("per_expert_base", [True, False], ids=["per_expert_base", "shared_base"])
 def test_layer_lowrank_on_cuda_bf16_with_compiled_routing(per_expert_base, monkeypatch):
     """On the GPU in bf16, two training steps of MoELayer with the default settings (routing compiled and replayed
