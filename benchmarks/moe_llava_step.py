@@ -2,8 +2,10 @@
 """One MoE-Tuning stage-III training step of a MoE-LLaVA model: the zoo against the official algorithm, one GPU run.
 
     python benchmarks/moe_llava_step.py --out benchmarks/results     # Phi-2 x4 shape; writes moe_llava_step.{json,md}
+    python benchmarks/moe_llava_step.py --decoder-depth 8 --impls ideal --profile DIR --out DIR
+                                                                      # where the ideal step's time goes
     python benchmarks/moe_llava_step.py --preset moe_llava_tiny --device cpu --steps 1 --warmup 0 --batch 2 \
-        --text-tokens 8 --out /tmp/x                                  # the CPU smoke run the tests use
+        --text-tokens 8 --fp32 --out /tmp/x   # the CPU smoke run (tests/test_moe_llava_step_benchmark.py)
 
 Both implementations are the same zoo model (``--preset``, default ``moe_llava_phi2_2_7b_4e``: CLIP ViT-L/14-336
 tower, mlp2x_gelu projector, Phi-2 decoder with 4 experts top-2 in every other block; random weights), the same
@@ -97,7 +99,7 @@ def run_one(args) -> dict:
         import moe_peers
         peer = moe_peers
 
-    def step(i):
+    def step(i, timer=None):
         ids, mask, images, labels = inputs[i % len(inputs)]
         opt.zero_grad(set_to_none=True)
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=not args.fp32):
@@ -105,8 +107,14 @@ def run_one(args) -> dict:
             loss = out.loss
             if peer is not None:
                 loss = loss + 0.01 * peer.deepspeed_aux_loss(model.decoder)
+        if timer:
+            timer.mark("forward: projector, decoder, loss")
         loss.backward()
+        if timer:
+            timer.mark("backward (with the checkpoint recompute)")
         opt.step()
+        if timer:
+            timer.mark("optimizer")
         return loss
 
     for i in range(args.warmup):
@@ -125,12 +133,73 @@ def run_one(args) -> dict:
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens = args.batch * (image_tokens + args.text_tokens)
-    return dict(impl=args.impl, preset=args.preset, decoder_depth=model.config.decoder.depth, batch=args.batch, image_tokens=image_tokens,
+    profile = profile_steps(model, step, args) if args.profile else None
+    return dict(profile=profile,impl=args.impl, preset=args.preset, decoder_depth=model.config.decoder.depth, batch=args.batch, image_tokens=image_tokens,
                 text_tokens=args.text_tokens, tokens_per_step=tokens, step_ms=1e3 * step_s,
                 step_ms_all=[round(1e3 * t, 2) for t in times], tokens_per_s=tokens / step_s,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                 params=params, trainable_params=sum(p.numel() for p in trainable), final_loss=float(loss),
                 gradient_checkpointing=not args.no_checkpointing, dtype="float32" if args.fp32 else "bf16-autocast")
+
+
+class PhaseTimer:
+    """Milliseconds per phase of a step, each phase closed by a device synchronisation so that its kernels count in
+    it. For the profile only: the syncs remove the overlap a timed step has, so the phases add up to a little more
+    than the step."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.ms: dict[str, list[float]] = {}
+
+    def start(self) -> None:
+        self.sync()
+        self.t = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.ms.setdefault(phase, []).append(1e3 * (now - self.t))
+        self.t = now
+
+
+def profile_steps(model, step, args, steps: int = 3) -> dict:
+    """Where a step's time goes (``--profile DIR``): the median ms of each phase over ``steps`` steps (the frozen
+    vision tower's forward apart, through hooks on it), and one ``torch.profiler`` table of the kernels / ops by self
+    device time over two more steps, written to ``DIR/moe_llava_step_profile_<impl>.txt``; its top rows (ms per
+    step) come back in the result."""
+    cuda = args.device == "cuda"
+    timer = PhaseTimer(cuda)
+    hooks = [model.vision_tower.register_forward_pre_hook(lambda *_: timer.mark("forward: before the tower")),
+             model.vision_tower.register_forward_hook(lambda *_: timer.mark("forward: vision tower"))]
+    try:
+        for i in range(steps):
+            if cuda:
+                torch.compiler.cudagraph_mark_step_begin()
+            timer.start()
+            step(i, timer)
+    finally:
+        for h in hooks:
+            h.remove()
+    phases = {name: round(statistics.median(ms), 2) for name, ms in timer.ms.items()}
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    profiled = 2
+    with torch.profiler.profile(activities=activities) as prof:
+        for i in range(profiled):
+            if cuda:
+                torch.compiler.cudagraph_mark_step_begin()
+            step(i)
+        timer.sync()
+    events = prof.key_averages()
+    # the device's own time where there is one (kernels), else the CPU's (a CPU smoke run)
+    field = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ranked = sorted(events, key=lambda e: getattr(e, field, 0.0), reverse=True)
+    top = [dict(name=e.key[:120], calls_per_step=e.count / profiled,
+                ms_per_step=round(getattr(e, field, 0.0) / 1e3 / profiled, 3)) for e in ranked[:25]]
+    args.profile.mkdir(parents=True, exist_ok=True)
+    (args.profile / f"moe_llava_step_profile_{args.impl}.txt").write_text(
+        f"{args.impl}: {profiled} steps, rows by {field} (microseconds, both steps together)\n\n"
+        + events.table(sort_by=field, row_limit=60) + "\n")
+    return dict(phases_ms=phases, top_ops=top, table=f"moe_llava_step_profile_{args.impl}.txt")
 
 
 def env_info(args) -> dict:
@@ -174,6 +243,21 @@ def write_report(data: dict, out: Path) -> None:
             floor = rows["ideal"]["step_ms"]
             lines.append(f"MoE layers against that floor: the zoo's {rows['zoo']['step_ms'] - floor:+.1f} ms a step, "
                          f"the official algorithm's {rows['deepspeed']['step_ms'] - floor:+.1f} ms.")
+    profiled = {impl: r["profile"] for impl, r in rows.items() if r.get("profile")}
+    if profiled:
+        impls = list(profiled)
+        phases = list(dict.fromkeys(ph for p in profiled.values() for ph in p["phases_ms"]))
+        lines += ["", "## Where a step's time goes (`--profile`)", "",
+                  "Median ms per phase over 3 steps, each phase closed by a device sync (so they add up to a little "
+                  "more than the timed step):", "",
+                  "| phase | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
+        for ph in phases:
+            lines.append(f"| {ph} | " + " | ".join(f"{profiled[i]['phases_ms'].get(ph, 0.0):.1f}" for i in impls) + " |")
+        for impl in impls:
+            lines += ["", f"Top ops of `{impl}` by self time, ms per step (full table: `{profiled[impl]['table']}`):", "",
+                      "| op | calls / step | ms / step |", "|---|---|---|"]
+            lines += [f"| `{t['name'][:90]}` | {t['calls_per_step']:g} | {t['ms_per_step']:.2f} |"
+                      for t in profiled[impl]["top_ops"][:12]]
     (out / "moe_llava_step.md").write_text("\n".join(lines) + "\n")
     (out / "moe_llava_step.json").write_text(json.dumps(data, indent=1) + "\n")
 
@@ -195,6 +279,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--impls", default=",".join(IMPLS),
                     help="which implementations to run, each in its own process, comma-separated (default: all)")
     ap.add_argument("--out", type=Path, help="folder for moe_llava_step.{json,md}")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="after the timed steps, split a step's time into phases and write a torch.profiler table "
+                         "per implementation to DIR (the phases and top ops also go to the JSON / Markdown)")
     args = ap.parse_args(argv)
     if args.impl:
         result = run_one(args)

@@ -1,0 +1,32 @@
+"""benchmarks/moe_llava_step.py runs end to end on the CPU (the tiny preset, one step per implementation) and writes
+what its GPU run reports: the zoo / official ratio, the ideal-MoE bound, and with --profile the phase split and the
+profiler tables."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_step_benchmark_smoke_with_bound_and_profile(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "moe_llava_step.py"), "--preset", "moe_llava_tiny", "--device",
+           "cpu", "--steps", "1", "--warmup", "0", "--batch", "2", "--text-tokens", "8", "--fp32",
+           "--profile", str(tmp_path / "profile"), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "moe_llava_step.json").read_text())
+    rows = {r["impl"]: r for r in data["results"]}
+    assert set(rows) == {"zoo", "deepspeed", "ideal"} and not any("error" in r for r in rows.values())
+    assert data["speedup"] == rows["zoo"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
+    assert data["bound"] == rows["ideal"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
+    for impl, r in rows.items():
+        phases = r["profile"]["phases_ms"]
+        assert set(phases) == {"forward: before the tower", "forward: vision tower",
+                               "forward: projector, decoder, loss", "backward (with the checkpoint recompute)",
+                               "optimizer"}
+        assert all(ms >= 0 for ms in phases.values()) and phases["backward (with the checkpoint recompute)"] > 0
+        assert r["profile"]["top_ops"] and (tmp_path / "profile" / r["profile"]["table"]).is_file()
+    report = (tmp_path / "moe_llava_step.md").read_text()
+    assert "Bound:" in report and "| forward: vision tower |" in report and "Top ops of `ideal`" in report
