@@ -68,13 +68,20 @@ class KVCache:
             raise ValueError(f"{S} new tokens do not fit in the KV cache: {self.length} of its {self.max_len} slots "
                              f"are used. Make the cache longer (generate(..., max_cache_len=...) >= prompt length + "
                              "max_new_tokens) or shorten the prompt")
+        self.length += S
+        return self.advance_on_device(mask)
+
+    def advance_on_device(self, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The device-side part of :meth:`start_step`, with no host state read or written (no checks, ``length``
+        untouched): what a compiled or CUDA-graphed step may run. ``mask [B, S]`` -> ``(slots [S], positions [B, S],
+        attn_mask [B, 1, S, T])``."""
+        S = mask.shape[1]
         slots = self.next_slot + self._offsets[:S]
         mask = mask.to(torch.bool)
         positions = positions_from_mask(mask, self.num_real)
         self.key_valid.index_copy_(1, slots, mask)
         self.num_real += mask.sum(-1)
         self.next_slot += S
-        self.length += S
         return slots, positions, causal_attention_mask(self.key_valid, slots)
 
     def update(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from zoo.layers.kv_cache import KVCache, causal_attention_mask, positions_from_mask
+from zoo.layers.kv_cache import KVCache
 from zoo.moe.layer import routing_statistics_off
 
 
@@ -25,22 +25,15 @@ class _DeviceSlotCache:
     int becomes a guarded constant, so every step (a new ``length``) would recompile. :class:`CompiledDecodeStep`
     does that host bookkeeping outside the compiled region instead; the traced part has no host state left, which
     is also what lets a CUDA graph of the compiled step replay it (as ``GraphedDecodeStep`` does for the eager
-    step). Keep this in step with ``KVCache.start_step``: the tests pin the compiled logits to the eager ones."""
+    step). The device part is ``KVCache.advance_on_device``, the one ``KVCache.start_step`` runs too."""
 
     def __init__(self, cache: KVCache) -> None:
         self.cache = cache
 
     def start_step(self, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``mask [B, S]`` -> ``(slots [S], positions [B, S], attn_mask [B, 1, S, T])``, as ``KVCache.start_step``."""
-        c = self.cache
-        S = mask.shape[1]
-        slots = c.next_slot + c._offsets[:S]
-        mask = mask.to(torch.bool)
-        positions = positions_from_mask(mask, c.num_real)
-        c.key_valid.index_copy_(1, slots, mask)
-        c.num_real += mask.sum(-1)
-        c.next_slot += S
-        return slots, positions, causal_attention_mask(c.key_valid, slots)
+        """``mask [B, S]`` -> ``(slots [S], positions [B, S], attn_mask [B, 1, S, T])``: ``KVCache.start_step``
+        without its host part (``KVCache.advance_on_device``)."""
+        return self.cache.advance_on_device(mask)
 
     def update(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.cache.update(layer, slots, k, v)
