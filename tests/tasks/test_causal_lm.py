@@ -267,3 +267,19 @@ def test_param_groups_with_tied_embeddings():
                                    "train")
     loss.backward()
     optimizer.step()
+
+
+def test_strategies_writing_sharded_checkpoint_folders_are_refused_with_the_setting_to_use():
+    """A zoo run keeps one checkpoint file per save (resume, eval.py, init_from read it): ModelParallelStrategy's
+    default (sharded folders) and FSDPStrategy(state_dict_type="sharded") are refused before training, naming the
+    init_args that write one file; those settings and plain DDP pass."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from zoo.tasks.cli import refuse_sharded_checkpoints
+
+    with pytest.raises(ValueError, match='"save_distributed_checkpoint": false'):
+        refuse_sharded_checkpoints(ModelParallelStrategy())
+    with pytest.raises(ValueError, match='"state_dict_type": "full"'):
+        refuse_sharded_checkpoints(FSDPStrategy(state_dict_type="sharded"))
+    for ok in (ModelParallelStrategy(save_distributed_checkpoint=False), FSDPStrategy(), DDPStrategy()):
+        refuse_sharded_checkpoints(ok)

@@ -150,3 +150,27 @@ def test_resuming_with_changed_model_settings_says_what_differs(tmp_path, capsys
     assert ckpt.read_bytes() == before
     out = main([*base, "--trainer.max_steps=4", "--ckpt_path=last"])  # the same settings still resume
     assert out["global_step"] == 4
+
+
+def test_two_process_run_resumed_part_way_into_an_epoch_gives_the_uninterrupted_weights(tmp_path):
+    """DDP on 2 CPU processes (gloo), digits: 10 batches per epoch on each rank. A run stopped at step 12 (2 batches
+    into epoch 1) and resumed to step 30 with --ckpt_path last ends with the 30-step run's weights bit for bit.
+    Before the sharded resumable sampler, Lightning's wrapper of the sampler failed on the resumed run's first batch
+    (IndexError: the resumed epoch is shorter than the wrapper's index range)."""
+    import subprocess
+    import sys
+
+    kr = _kill_resume()
+    base = ["--config", DIGITS, *QUIET, f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu",
+            "--trainer.devices=2", "--trainer.strategy=ddp"]
+
+    def train(*args):
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), *base, *args], cwd=REPO, env=kr._env(),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    train("--run_name=whole", "--trainer.max_steps=30")
+    train("--run_name=split", "--trainer.max_steps=12")
+    train("--run_name=split", "--trainer.max_steps=30", "--ckpt_path=last")
+    whole, split = (kr.final_weights(tmp_path / "runs" / r) for r in ("whole", "split"))
+    assert kr.identical(whole, split)

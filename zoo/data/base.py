@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data.sampling import ResumableShuffleSampler, SeededSampleDataset
+from zoo.data.sampling import (ResumableShuffleSampler, SeededSampleDataset,
+                               ShardedResumableShuffleSampler)
 
 # The test split is seed-independent wherever we have to carve it ourselves (digits, single-tree ImageFolder),
 # so that test numbers stay comparable across training seeds; only the val hold-out follows `seed`.
@@ -367,8 +368,27 @@ class SplitDataModule(L.LightningDataModule):
         """Build all three splits once (cheap for these datasets, and keeps the split independent of stage)."""
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_splits()
-            self._train_sampler = ResumableShuffleSampler(len(self.train_set), self.seed)  # type: ignore[arg-type]
+            self._train_sampler = self._new_train_sampler(len(self.train_set))  # type: ignore[arg-type]
             self._apply_resume_order()
+
+    def _shard_train_sampler_for_the_trainer(self) -> None:
+        """The datamodule may have been set up before a multi-process trainer was attached (the CLI reads the
+        vocabulary first): make the sampler this process's share now, keeping where the order stands (a resume
+        position already loaded from the checkpoint)."""
+        old = self._train_sampler
+        new = self._new_train_sampler(old.size)
+        if (new.num_replicas, new.rank) != (old.num_replicas, old.rank):
+            new.resume_at(old._next_epoch, old._next_skip)
+            self._train_sampler = new
+
+    def _new_train_sampler(self, size: int) -> ResumableShuffleSampler:
+        """The resumable training order; with several processes (DDP, expert parallelism, FSDP) this process's
+        share of it, which Lightning then leaves as it is (:class:`ShardedResumableShuffleSampler`)."""
+        trainer = self.trainer
+        replicas = trainer.world_size if trainer is not None else 1
+        if replicas > 1:
+            return ShardedResumableShuffleSampler(size, self.seed, replicas, trainer.global_rank)
+        return ResumableShuffleSampler(size, self.seed)
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -388,7 +408,9 @@ class SplitDataModule(L.LightningDataModule):
         if sampler is None or sampler.epoch < 0 or trainer is None:
             return {}
         done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        # batches_done counts this process's batches; world_size turns them into positions of the epoch
         return {"train_order": {"epoch": sampler.epoch, "batches_done": done, "batch_size": self.batch_size,
+                                "world_size": sampler.num_replicas,
                                 "epoch_finished": done >= trainer.num_training_batches, "seed": self.seed}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -404,12 +426,15 @@ class SplitDataModule(L.LightningDataModule):
         if order["epoch_finished"]:
             sampler.resume_at(order["epoch"] + 1, 0)
         else:
-            sampler.resume_at(order["epoch"], min(sampler.size, order["batches_done"] * order["batch_size"]))
+            trained = order["batches_done"] * order["batch_size"] * order.get("world_size", 1)  # by every process
+            sampler.resume_at(order["epoch"], min(sampler.total, trained))
         self._resume_order = None
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         self._require_setup()
         assert dataset is not None
+        if shuffle:
+            self._shard_train_sampler_for_the_trainer()
         return self.loader.dataloader(
             SeededSampleDataset(dataset) if shuffle else dataset,
             sampler=self._train_sampler if shuffle else None,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
 _MASK64 = (1 << 64) - 1
@@ -58,24 +58,33 @@ class ResumableShuffleSampler(Sampler[int]):
     Each ``iter()`` is one epoch (the first is epoch 0, or the one set by :meth:`resume_at`). Yields
     :class:`SeededIndex` values whose ``.seed`` is ``derive_seed(seed, epoch, position)``.
 
-    State: :meth:`state` gives the epoch being iterated; a run resumed with :meth:`resume_at(epoch, skip)` starts
-    that epoch after its first ``skip`` samples (the already trained batches).
+    Several processes (``num_replicas`` > 1, this one ``rank``): the epoch's order is padded to a multiple of
+    ``num_replicas`` by repeating its first samples (as torch's ``DistributedSampler``), and this rank takes the
+    positions ``rank, rank + num_replicas, ...`` of it; a sample's augmentation seed depends on its position in the
+    epoch only, not on the number of processes.
+
+    State: :attr:`epoch` is the epoch being iterated; a run resumed with :meth:`resume_at(epoch, skip)` starts
+    that epoch after its first ``skip`` positions (the samples every rank together already trained).
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not one of the {num_replicas} replicas")
         self.size = int(size)
         self.seed = int(seed)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.total = -(-self.size // self.num_replicas) * self.num_replicas  # padded epoch length, all ranks
         self._next_epoch = 0  # the epoch the next iter() runs
-        self._next_skip = 0  # samples of that epoch already trained (a resumed run)
+        self._next_skip = 0  # positions of that epoch already trained (a resumed run)
         self.epoch = -1  # the epoch being (or last) iterated; -1 before the first
 
     def __len__(self) -> int:
-        return self.size
+        return self.total // self.num_replicas  # this rank's share of a whole epoch (also when resumed part-way)
 
     def resume_at(self, epoch: int, skip: int) -> None:
-        """The next ``iter()`` is epoch ``epoch``, starting at its ``skip``-th sample."""
-        if not 0 <= skip <= self.size:
-            raise ValueError(f"cannot resume at sample {skip} of an epoch of {self.size}")
+        """The next ``iter()`` is epoch ``epoch``, starting at its ``skip``-th position."""
+        if not 0 <= skip <= self.total:
+            raise ValueError(f"cannot resume at sample {skip} of an epoch of {self.total}")
         self._next_epoch, self._next_skip = int(epoch), int(skip)
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -87,8 +96,21 @@ class ResumableShuffleSampler(Sampler[int]):
         epoch, skip = self._next_epoch, self._next_skip
         self.epoch, self._next_epoch, self._next_skip = epoch, epoch + 1, 0
         order = self.order(epoch).tolist()
-        for position in range(skip, self.size):
+        order += order[:self.total - self.size]  # padding (several replicas only)
+        for position in range(skip + self.rank, self.total, self.num_replicas):
             yield SeededIndex(order[position], derive_seed(self.seed, epoch, position))
+
+
+class ShardedResumableShuffleSampler(ResumableShuffleSampler, DistributedSampler):
+    """:class:`ResumableShuffleSampler` for one of several processes, and a ``DistributedSampler`` by type so that
+    Lightning uses it as it is: Lightning wraps any other sampler in its ``DistributedSamplerWrapper``, which
+    lists one epoch up front and indexes it by the full epoch length, so a run resumed part-way into an epoch
+    (fewer samples left) failed with an IndexError on its first batch, and the skipped samples would have been
+    counted per rank instead of for all ranks. ``DistributedSampler.__init__`` is not run: nothing of it is used."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at every epoch start; the sampler keeps its own epoch (resumable), so it is ignored
+        (``DistributedSampler.set_epoch`` would overwrite :attr:`epoch`, the checkpointed one)."""
 
 
 class SeededSampleDataset(Dataset):

@@ -81,6 +81,20 @@ def default_checkpoint(root: Optional[str | os.PathLike] = None, run_name: str =
 DEFAULT_CHECKPOINT_EVERY_N_STEPS = 100
 
 
+def refuse_sharded_checkpoints(strategy: Any) -> None:
+    """A run folder keeps one checkpoint FILE per save: resuming (and its settings check), ``eval.py``,
+    ``init_from: run:NAME`` and publishing read it. A strategy set to write sharded checkpoint folders (Lightning's
+    ``ModelParallelStrategy`` by default, ``FSDPStrategy(state_dict_type="sharded")``) is refused before training
+    starts, with the setting that writes one file (the full state dict, gathered on rank 0)."""
+    sharded = getattr(strategy, "_save_distributed_checkpoint", False)  # ModelParallelStrategy
+    sharded = sharded or getattr(strategy, "_state_dict_type", None) == "sharded"  # FSDPStrategy
+    if sharded:
+        raise ValueError(f"{type(strategy).__name__} is set to write sharded checkpoint folders, but a zoo run keeps "
+                         "one checkpoint file per save (resume, eval.py and init_from read it): add "
+                         '"save_distributed_checkpoint": false (ModelParallelStrategy) or "state_dict_type": "full" '
+                         "(FSDPStrategy) to the strategy's init_args")
+
+
 class AtomicModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose writes are atomic: each checkpoint goes to a hidden temp file in the same folder,
     is fsync'ed, then ``os.replace``-d over the target, so a run killed at any moment leaves the previous complete
@@ -148,6 +162,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
     def setup(self, trainer: Trainer, pl_module, stage: str) -> None:  # noqa: ANN001
+        refuse_sharded_checkpoints(trainer.strategy)
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
             for stale in Path(self.dirpath).glob(".*.partial"):  # left by a run killed mid-write
