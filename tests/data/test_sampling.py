@@ -59,7 +59,7 @@ def test_a_datamodule_set_up_before_a_multi_process_trainer_shards_its_order_and
     assert type(dm._train_sampler) is ResumableShuffleSampler
     dm.load_state_dict({"train_order": {"epoch": 1, "batches_done": 3, "batch_size": 16, "world_size": 2,
                                         "epoch_finished": False, "seed": 0}})
-    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1}))
     sampler = dm.train_dataloader().sampler
     assert isinstance(sampler, ShardedResumableShuffleSampler) and (sampler.num_replicas, sampler.rank) == (2, 1)
     reference = ShardedResumableShuffleSampler(sampler.size, 0, num_replicas=2, rank=1)

@@ -384,10 +384,11 @@ class SplitDataModule(L.LightningDataModule):
     def _new_train_sampler(self, size: int) -> ResumableShuffleSampler:
         """The resumable training order; with several processes (DDP, expert parallelism, FSDP) this process's
         share of it, which Lightning then leaves as it is (:class:`ShardedResumableShuffleSampler`)."""
-        trainer = self.trainer
-        replicas = trainer.world_size if trainer is not None else 1
+        # the strategy's data-parallel split (DDP: every process; a tensor-parallel group would share one share)
+        split = getattr(getattr(self.trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
+        replicas, rank = split.get("num_replicas", 1), split.get("rank", 0)
         if replicas > 1:
-            return ShardedResumableShuffleSampler(size, self.seed, replicas, trainer.global_rank)
+            return ShardedResumableShuffleSampler(size, self.seed, replicas, rank)
         return ResumableShuffleSampler(size, self.seed)
 
     @property
