@@ -45,14 +45,12 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(convert_cli):
     """The fixture converted through the command line and loaded back with ``zoo.create_model("local-dir:...")``."""
     import zoo
-    from zoo.convert.__main__ import main
 
-    out = tmp_path_factory.mktemp("uni_moe_8e")
-    assert main(["uni-moe", "--checkpoint", str(E2), "--base", str(BASE), "--mlp-dir", str(EXPERTS), "--out",
-                 str(out), "--vision-tower", str(CLIP), "--audio-tower", str(WHISPER)]) == 0
+    out = convert_cli("uni_moe_8e", "uni-moe", "--checkpoint", str(E2), "--base", str(BASE), "--mlp-dir",
+                      str(EXPERTS), "--vision-tower", str(CLIP), "--audio-tower", str(WHISPER))
     return out, zoo.create_model(f"local-dir:{out}").eval()
 
 

@@ -37,14 +37,12 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(convert_cli):
     """The fixture converted through the command line and loaded back with ``zoo.create_model("local-dir:...")``."""
     import zoo
-    from zoo.convert.__main__ import main
 
-    out = tmp_path_factory.mktemp("uni_moe_audio")
-    assert main(["uni-moe", "--checkpoint", str(CKPT), "--out", str(out), "--vision-tower", str(CLIP),
-                 "--audio-tower", str(BEATS)]) == 0
+    out = convert_cli("uni_moe_audio", "uni-moe", "--checkpoint", str(CKPT), "--vision-tower", str(CLIP),
+                      "--audio-tower", str(BEATS))
     saved = json.loads((out / "config.json").read_text())
     assert saved["family"] == "uni_moe"
     assert json.loads((FIXTURE / "reference_meta.json").read_text())["window_samples"] == WINDOW

@@ -40,15 +40,13 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(convert_cli):
     """The fixture converted through the command line (towers passed explicitly) and loaded back with
     ``zoo.create_model("local-dir:...")``."""
     import zoo
-    from zoo.convert.__main__ import main
 
-    out = tmp_path_factory.mktemp("uni_moe")
-    assert main(["uni-moe", "--checkpoint", str(CKPT), "--out", str(out), "--vision-tower", str(CLIP),
-                 "--audio-tower", str(WHISPER)]) == 0
+    out = convert_cli("uni_moe", "uni-moe", "--checkpoint", str(CKPT), "--vision-tower", str(CLIP),
+                      "--audio-tower", str(WHISPER))
     assert json.loads((out / "config.json").read_text())["family"] == "uni_moe"
     return zoo.create_model(f"local-dir:{out}").eval()
 

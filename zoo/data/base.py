@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data.sampling import (ResumableShuffleSampler, SeededSampleDataset,
-                               ShardedResumableShuffleSampler)
+from zoo.data.sampling import ResumableShuffleSampler, SeededSampleDataset
 
 # The test split is seed-independent wherever we have to carve it ourselves (digits, single-tree ImageFolder),
 # so that test numbers stay comparable across training seeds; only the val hold-out follows `seed`.
@@ -375,21 +374,19 @@ class SplitDataModule(L.LightningDataModule):
         """The datamodule may have been set up before a multi-process trainer was attached (the CLI reads the
         vocabulary first): make the sampler this process's share now, keeping where the order stands (a resume
         position already loaded from the checkpoint)."""
-        old = self._train_sampler
-        new = self._new_train_sampler(old.size)
-        if (new.num_replicas, new.rank) != (old.num_replicas, old.rank):
-            new.resume_at(old._next_epoch, old._next_skip)
-            self._train_sampler = new
+        self._train_sampler = self._train_sampler.for_replicas(*self._data_parallel_split())
 
     def _new_train_sampler(self, size: int) -> ResumableShuffleSampler:
         """The resumable training order; with several processes (DDP, expert parallelism, FSDP) this process's
-        share of it, which Lightning then leaves as it is (:class:`ShardedResumableShuffleSampler`)."""
-        # the strategy's data-parallel split (DDP: every process; a tensor-parallel group would share one share)
+        share of it, which Lightning then leaves as it is
+        (:class:`zoo.data.sampling.ShardedResumableShuffleSampler`)."""
+        return ResumableShuffleSampler(size, self.seed).for_replicas(*self._data_parallel_split())
+
+    def _data_parallel_split(self) -> tuple[int, int]:
+        """(data-parallel processes, this one's rank) from the trainer's strategy, (1, 0) without one. DDP: every
+        process; the processes of one tensor-parallel group would share a share."""
         split = getattr(getattr(self.trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
-        replicas, rank = split.get("num_replicas", 1), split.get("rank", 0)
-        if replicas > 1:
-            return ShardedResumableShuffleSampler(size, self.seed, replicas, rank)
-        return ResumableShuffleSampler(size, self.seed)
+        return split.get("num_replicas", 1), split.get("rank", 0)
 
     @property
     def split_sizes(self) -> dict[str, int]:

@@ -87,6 +87,16 @@ class ResumableShuffleSampler(Sampler[int]):
             raise ValueError(f"cannot resume at sample {skip} of an epoch of {self.total}")
         self._next_epoch, self._next_skip = int(epoch), int(skip)
 
+    def for_replicas(self, num_replicas: int, rank: int) -> "ResumableShuffleSampler":
+        """This order as ``rank``'s share of ``num_replicas`` processes, at the same pending position (the epoch and
+        skip the next ``iter()`` starts from): ``self`` when it already is that share."""
+        if (num_replicas, rank) == (self.num_replicas, self.rank):
+            return self
+        cls = ShardedResumableShuffleSampler if num_replicas > 1 else ResumableShuffleSampler
+        new = cls(self.size, self.seed, num_replicas, rank)
+        new.resume_at(self._next_epoch, self._next_skip)
+        return new
+
     def order(self, epoch: int) -> torch.Tensor:
         """The permutation of epoch ``epoch``, ``[size]`` int64."""
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))

@@ -35,18 +35,6 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 _COMPILED: dict[tuple[Callable, Optional[str]], Callable] = {}
-
-
-def _backend_compile_errors() -> tuple[type[BaseException], ...]:
-    # A compiler backend that fails (e.g. torch 2.11's inductor emitting C++ that does not build for one kernel on an
-    # AVX-512 host) raises one of these, before the graph runs.
-    errors = []
-    for module, name in (("torch._dynamo.exc", "BackendCompilerFailed"), ("torch._inductor.exc", "InductorError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
 _GRAD_HOOKED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
@@ -126,6 +114,18 @@ def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device,
         compiled = _eager_if_the_compiler_fails(compiled, fn, (fn, mode))
         _COMPILED[(fn, mode)] = compiled
     return compiled
+
+
+def _backend_compile_errors() -> tuple[type[BaseException], ...]:
+    # A compiler backend that fails (e.g. torch 2.11's inductor emitting C++ that does not build for one kernel on an
+    # AVX-512 host) raises one of these, before the graph runs.
+    errors = []
+    for module, name in (("torch._dynamo.exc", "BackendCompilerFailed"), ("torch._inductor.exc", "InductorError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def _eager_if_the_compiler_fails(compiled: Callable, fn: Callable, key: tuple[Callable, Optional[str]]) -> Callable:
