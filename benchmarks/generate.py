@@ -17,8 +17,8 @@ preallocated and its next slot lives on the device, so a captured step stays val
 as an error row, the eager rows stand). With ``--compile`` zoo decode is also timed with the step compiled by
 ``torch.compile`` (``zoo.models.generate.compiled_decode_step``: inductor fuses the norms, RoPE, residual adds,
 activations and routing ops that dominate a batch-1 step): "zoo + compile" (compiled step, launched from Python)
-and "zoo + compile + CUDA graph" (the compiled step captured in the same kind of CUDA graph). Timings: CUDA-synchronised wall clock, median of ``--repeats`` runs after a
-warm-up run.
+and "zoo + compile + CUDA graph" (the compiled step captured in the same kind of CUDA graph). Timings:
+CUDA-synchronised wall clock, median of ``--repeats`` runs after a warm-up run.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ balance loss, backward, AdamW update. They differ only in the MoE layers:
   routing + losses compiled and replayed as CUDA graphs where enabled);
 - ``ideal`` (the bound, not a peer): every MoE layer swapped for ``benchmarks/moe_peers.py:IdealTop2Experts``, the
   two expert passes of every token as perfectly balanced GEMMs with no routing work: a floor for any top-2 MoE
-  layer that runs its experts as GEMMs, so deepspeed / ideal is the highest zoo / deepspeed ratio any MoE layer could give this step;
+  layer that runs its experts as GEMMs, so deepspeed / ideal is about the highest zoo / deepspeed ratio any MoE
+  layer could give this step;
 - ``deepspeed``: every MoE layer swapped for ``benchmarks/moe_peers.py:DeepSpeedTop2MoE`` holding the same weights:
   DeepSpeed 0.9.5's ``top2gating`` over the micro-batch, one-hot ``[T, E, C]`` einsum dispatch / combine, each
   expert on its buffer (what MoE-LLaVA runs), capacity factor 1.5, min capacity 4, balance loss 0.01.
@@ -134,7 +135,8 @@ def run_one(args) -> dict:
     step_s = statistics.median(times)
     tokens = args.batch * (image_tokens + args.text_tokens)
     profile = profile_steps(model, step, args) if args.profile else None
-    return dict(profile=profile,impl=args.impl, preset=args.preset, decoder_depth=model.config.decoder.depth, batch=args.batch, image_tokens=image_tokens,
+    return dict(impl=args.impl, preset=args.preset, decoder_depth=model.config.decoder.depth, batch=args.batch,
+                image_tokens=image_tokens, profile=profile,
                 text_tokens=args.text_tokens, tokens_per_step=tokens, step_ms=1e3 * step_s,
                 step_ms_all=[round(1e3 * t, 2) for t in times], tokens_per_s=tokens / step_s,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -252,9 +254,11 @@ def write_report(data: dict, out: Path) -> None:
                   "more than the timed step):", "",
                   "| phase | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
         for ph in phases:
-            lines.append(f"| {ph} | " + " | ".join(f"{profiled[i]['phases_ms'].get(ph, 0.0):.1f}" for i in impls) + " |")
+            cells = " | ".join(f"{profiled[i]['phases_ms'].get(ph, 0.0):.1f}" for i in impls)
+            lines.append(f"| {ph} | {cells} |")
         for impl in impls:
-            lines += ["", f"Top ops of `{impl}` by self time, ms per step (full table: `{profiled[impl]['table']}`):", "",
+            lines += ["", f"Top ops of `{impl}` by self time, ms per step "
+                          f"(full table: `{profiled[impl]['table']}`):", "",
                       "| op | calls / step | ms / step |", "|---|---|---|"]
             lines += [f"| `{t['name'][:90]}` | {t['calls_per_step']:g} | {t['ms_per_step']:.2f} |"
                       for t in profiled[impl]["top_ops"][:12]]

@@ -4,9 +4,9 @@ process: 3 training steps of the tiny MoE decoder LM, in one of two modes.
 ``sharded OUT``: Lightning's ``ModelParallelStrategy`` (FSDP2, ``CausalLMTask.configure_model`` shards the model) on
 ``accelerator="cpu", devices=2`` with gloo. Lightning's subprocess launcher re-executes this command line for rank 1,
 so the mode and OUT reach both processes. Each rank writes ``OUT/rank<r>.pt``: the samples it trained on per step,
-its training loss per step, how each parameter is held (type, placements as (kind, dim), global and local shape, the local shard),
-the optimiser's parameter names and whether those are the sharded tensors; rank 0 also writes the full (gathered)
-final parameters.
+its training loss per step, how each parameter is held (type, placements as (kind, dim), global and local shape,
+the local shard), the optimiser's parameter names and whether those are the sharded tensors; rank 0 also writes the
+full (gathered) final parameters.
 
 ``single OUT``: one process replays the same 3 optimiser steps: for each step, rank 0's samples then rank 1's as two
 micro-batches with ``accumulate_grad_batches=2`` (the mean of the two micro-batch gradients is what FSDP's gradient
