@@ -30,3 +30,15 @@ def test_the_installed_kernels_package_is_the_one_imported():
     import kernels
 
     assert TESTS not in Path(kernels.__file__).resolve().parents, kernels.__file__
+
+
+def test_no_test_monkeypatches_a_torch_config_module():
+    """pytest 9.2's ``monkeypatch.setattr`` DELETES an entry of torch's config modules (``torch._dynamo.config``,
+    ``torch._inductor.config``) on undo, so every later test that reads it failed (error_on_recompile, in the
+    session-13 fresh-environment CI run). Tests patch them with the modules' own ``config.patch(...)``."""
+    import re
+
+    pattern = re.compile(r"monkeypatch\.(setattr|delattr)\(\s*torch\._\w+\.config")
+    offenders = [f"{p.relative_to(TESTS)}:{n}" for p in TESTS.rglob("*.py") if p.name != Path(__file__).name
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, f"use torch._dynamo.config.patch(...) (a context manager / decorator) instead: {offenders}"

@@ -7,6 +7,8 @@ twice; every test starts from an empty dynamo cache so its compile counts are it
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -52,12 +54,14 @@ def test_moe_decode_step_traces_as_one_graph():
 
 
 @pytest.mark.parametrize("variant", ["moe", "phi_parallel"])
-def test_compiled_step_matches_eager_and_does_not_recompile(variant, monkeypatch):
+def test_compiled_step_matches_eager_and_does_not_recompile(variant):
     model = moe_decoder() if variant == "moe" else tiny("phi_parallel", depth=2)
     step = compiled_decode_step(model)
     ids, mask = left_padded()
     steps = 5
-    with torch.no_grad():
+    # dynamo's own config.patch, not pytest's monkeypatch: pytest 9.2's monkeypatch DELETES a config entry of torch's
+    # config modules on undo, which broke every later test that reads it
+    with torch.no_grad(), contextlib.ExitStack() as strict:
         eager_cache, compiled_cache = model.new_cache(2, 6 + steps), model.new_cache(2, 6 + steps)
         model(ids, mask, cache=eager_cache)
         model(ids, mask, cache=compiled_cache)
@@ -71,7 +75,7 @@ def test_compiled_step_matches_eager_and_does_not_recompile(variant, monkeypatch
                 frames = counters["stats"]["unique_graphs"]
                 assert frames == 1  # one graph for the whole step
                 # every later step must reuse it: a recompilation now raises instead of passing silently
-                monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+                strict.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
             token = eager[:, -1:].argmax(-1)
         assert counters["stats"]["unique_graphs"] == frames
         # the cache: same tensors written the same way, host and device slot counters advanced together

@@ -126,10 +126,12 @@ def test_compile_setting():
         assert maybe_compiled(topk_route, True, cpu) is topk_route
 
 
-def test_recompile_limit_falls_back_to_eager(monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=1)
+def test_recompile_limit_falls_back_to_eager():
     """Past dynamo's recompilation limit the layer keeps training eagerly (same numbers) instead of failing, as a
     LIMoE run alternating image / text shapes would otherwise do."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # (dynamo's own config.patch, not pytest's monkeypatch: pytest 9.2's monkeypatch DELETES a config entry of
+    # torch's config modules on undo, which broke every later test that reads it)
     torch._dynamo.reset()
     kwargs = dict(num_experts=4, top_k=2, group_size=None)
     torch.manual_seed(0)
