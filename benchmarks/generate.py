@@ -8,8 +8,12 @@ to ``--mixtral-depth`` (4) blocks. Per shape and batch size (1 and 32):
   * prefill tokens/s: one forward of B x ``--prompt`` tokens into an empty KV cache;
   * decode tokens/s: ``--new`` single-token steps after that prefill (B tokens per step);
   * decode as a fraction of the bandwidth limit: bytes a step must read (every dense weight, the experts the step's
-    tokens chose in each MoE layer, and the KV cache filled so far) / the device's copy bandwidth (measured in the
-    same run: read + write of a 2 GiB buffer), against the measured step time.
+    tokens chose in each MoE layer, and the KV cache filled so far; of an untied input embedding table only the
+    step's B token rows) / the device's copy bandwidth (measured in the same run: read + write of a 2 GiB buffer),
+    against the measured step time.
+  * ``--profile``: where a batch-1 decode step's time goes (``profile_<model>.md``): the GPU kernels of one step
+    (count, summed kernel time, grouped by kind, the slowest kernels) with the step eager and, where it works,
+    inside its CUDA graph; kernel time well under the step time means launch gaps, near it means slow kernels.
 Mixtral is also run in transformers' MixtralForCausalLM on the same weights (converted from its state dict with
 zoo.convert.hf_lm): its eager path (DynamicCache) and, where it works, static cache + torch.compile.
 Zoo decode steps run eagerly and, separately, as replays of one CUDA graph of the step (the KV cache is
@@ -89,14 +93,24 @@ def shrink(cfg):
 
 
 def weight_bytes(model) -> tuple[int, list[tuple[int, int]]]:
-    """(bytes of every non-expert parameter, [(bytes of one expert, E) per MoE layer])."""
+    """(bytes of every non-expert parameter a step reads in full, [(bytes of one expert, E) per MoE layer]).
+    An untied input embedding table is left out: a step reads only its B token rows (see :func:`embedding_row_bytes`;
+    a tied one is read whole by the LM head)."""
     expert_params = {id(p) for layer in moe_layers(model) for p in layer.experts.parameters()}
+    if model.embed.weight is not model.lm_head.weight:
+        expert_params.add(id(model.embed.weight))  # not read in full: counted per token row instead
     dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
     per_layer = []
     for layer in moe_layers(model):
         total = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
         per_layer.append((total // layer.config.num_experts, layer.config.num_experts))
     return dense, per_layer
+
+
+def embedding_row_bytes(model, batch: int) -> int:
+    """Bytes of the input-embedding rows a step of ``batch`` tokens reads (0 when tied: the LM head reads it all)."""
+    weight = model.embed.weight
+    return 0 if weight is model.lm_head.weight else batch * weight.shape[1] * weight.element_size()
 
 
 def kv_bytes(cfg, batch: int, length: int, element_size: int = 2) -> int:
@@ -167,6 +181,90 @@ def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False, compi
     return out
 
 
+KERNEL_KINDS = (  # (kind, substrings of a kernel name), first match wins
+    ("fused MoE (Triton)", ("_gemm1_kernel", "_gemm_scatter_kernel", "_route_", "_combine_kernel")),
+    ("inductor fused (Triton)", ("triton_",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("GEMM / GEMV (cuBLAS, CUTLASS)", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "sm80_", "splitk",
+                                       "aten::linear", "aten::addmm", "aten::mm")),
+    ("norm", ("norm",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k.lower() in low for k in keys):
+            return kind
+    return "other (elementwise, copies, indexing)"
+
+
+def profile_kernels(fn, steps: int) -> tuple[list[tuple[str, float]], float]:
+    """GPU kernels (name, microseconds) that ``steps`` calls of ``fn`` ran, and the calls' wall time in
+    microseconds (CUDA-synchronised). On the CPU (``--smoke``) the outermost aten ops stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        wall_us = 1e6 * (time.perf_counter() - t0)
+    if DEVICE != "cuda":
+        return [(e.name, e.cpu_time_total) for e in prof.events() if e.name.startswith("aten::")
+                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))], wall_us
+    return [(e.name, e.device_time_total) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA], wall_us
+
+
+def kernel_summary(label: str, kernels: list[tuple[str, float]], wall_us: float, steps: int, top: int = 15) -> list:
+    """Markdown lines: per step, kernel count and summed kernel time against the wall time, by kind, slowest."""
+    if not kernels:
+        return [f"### {label}", "", "(the profiler recorded no kernels)", ""]
+    total = sum(us for _, us in kernels)
+    lines = [f"### {label}", "", f"Per step: {len(kernels) / steps:.0f} kernels, {total / steps:.0f} us of kernel "
+             f"time, {wall_us / steps:.0f} us wall ({100 * total / wall_us:.0f}% of the wall time busy).", "",
+             "| kind | kernels / step | us / step | share of kernel time |", "|---|---|---|---|"]
+    kinds: dict[str, list[float]] = {}
+    for name, us in kernels:
+        kinds.setdefault(kernel_kind(name), []).append(us)
+    for kind, times in sorted(kinds.items(), key=lambda kv: -sum(kv[1])):
+        share = 100 * sum(times) / total
+        lines.append(f"| {kind} | {len(times) / steps:.0f} | {sum(times) / steps:.0f} | {share:.0f}% |")
+    by_name: dict[str, list[float]] = {}
+    for name, us in kernels:
+        by_name.setdefault(name, []).append(us)
+    lines += ["", "Slowest kernels (summed over a step):", "", "| kernel | calls / step | us / step | mean us |",
+              "|---|---|---|---|"]
+    for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{short}` | {len(times) / steps:.1f} | {sum(times) / steps:.1f} | "
+                     f"{statistics.mean(times):.1f} |")
+    return lines + [""]
+
+
+@torch.no_grad()
+def profile_decode(name: str, model, batch: int, prompt: int, new: int, compiled, graph: bool, steps: int = 8) -> list:
+    """Markdown lines of :func:`kernel_summary` for ``steps`` decode steps of ``model`` at ``batch`` after a
+    ``prompt``-token prefill: eager (``compiled`` None) or compiled, launched from Python or replayed from a CUDA
+    graph. The cache has the timed runs' ``prompt + new`` slots (a compiled step is compiled per cache length)."""
+    cfg = model.config
+    cache = model.new_cache(batch, prompt + max(new, steps + 2))
+    model(torch.randint(0, cfg.vocab_size, (batch, prompt), device=DEVICE), cache=cache)
+    token = torch.randint(0, cfg.vocab_size, (batch, 1), device=DEVICE)
+
+    def one_step(t):
+        return model(t, cache=cache).logits if compiled is None else compiled(t, cache)
+
+    one_step(token)  # warm-up (compiles a compiled step for this batch and cache length)
+    step = GraphedDecodeStep(model, cache, batch, compiled) if graph else one_step
+    step(token)
+    kernels, wall_us = profile_kernels(lambda: step(token), steps)
+    return kernel_summary(f"{name}, batch {batch}: {zoo_impl(graph, compiled)}", kernels, wall_us, steps)
+
+
 def zoo_impl(graph: bool, compiled) -> str:
     return "zoo" + (" + compile" if compiled is not None else "") + (" + CUDA graph" if graph else "")
 
@@ -188,8 +286,8 @@ def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, 
     dense, experts = weight_bytes(model)
     steps = runs[0]["experts_per_step"]
     # bytes a step must read: dense weights + chosen experts + the KV cache filled so far (mean over the steps)
-    step_bytes = [dense + sum(n * eb for n, (eb, _) in zip(step, experts)) + kv_bytes(model.config, batch, prompt + i)
-                  for i, step in enumerate(steps)]
+    step_bytes = [dense + embedding_row_bytes(model, batch) + sum(n * eb for n, (eb, _) in zip(step, experts))
+                  + kv_bytes(model.config, batch, prompt + i) for i, step in enumerate(steps)]
     bound_s = sum(step_bytes) / bandwidth
     return dict(impl=zoo_impl(graph, compiled), model=name, batch=batch, prompt=prompt, new=new,
                 prefill_tok_s=batch * prompt / prefill, decode_tok_s=batch * new / decode,
@@ -299,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also time zoo decode with the step compiled by torch.compile: 'zoo + compile' and (on CUDA, "
                          "unless --no-cuda-graph) 'zoo + compile + CUDA graph'")
+    ap.add_argument("--profile", action="store_true",
+                    help="also write profile_<model>.md: the GPU kernels of a batch-1 decode step (eager, CUDA graph, "
+                         "and with --compile the compiled step in its CUDA graph)")
     ap.add_argument("--smoke", action="store_true", help="toy widths on the CPU in fp32: checks the script runs")
     ap.add_argument("--models", nargs="+", default=["phi2x4", "mixtral"], choices=["phi2x4", "mixtral"],
                     help="which shapes to run (a time-boxed lease call can run them separately)")
@@ -338,10 +439,29 @@ def main(argv: list[str] | None = None) -> None:
                 record(zoo_case, name, model, b, args.prompt, args.new, args.repeats, bandwidth, graph,
                        compiled if comp else None)
 
+    def profiles(name: str, model, compiled) -> None:
+        if not args.profile:
+            return
+        lines = [f"# Where a batch-1 decode step of {name} spends its time ({data['env']['device']}, "
+                 f"{data['env']['date']})", "", f"torch {data['env']['torch']}; {data['dtype']}, random weights, "
+                 f"prompt {args.prompt}. Kernel times from torch.profiler (CUPTI), {8} steps. Command: "
+                 f"`{data['env']['command']}`", ""]
+        for graph, comp in zoo_modes:
+            try:
+                lines += profile_decode(name, model, 1, args.prompt, args.new, compiled if comp else None, graph)
+            except Exception as err:  # a profile that fails must not lose the timed rows
+                traceback.print_exc()
+                lines += [f"### {name}: {zoo_impl(graph, compiled if comp else None)}", "",
+                          f"failed: {type(err).__name__}: {err}", ""]
+            (out / f"profile_{name}.md").write_text("\n".join(lines) + "\n")
+
     if "phi2x4" in args.models:
         with torch.device(DEVICE):
             phi = zoo.models.DecoderLM(fit(phi2x4_config(args.phi_depth))).to(dtype).eval()
-        zoo_rows("phi2x4", phi, zoo_modes, compiled_decode_step(phi) if args.compile else None)
+        phi_compiled = compiled_decode_step(phi) if args.compile else None
+        profiles("phi2x4", phi, phi_compiled)  # first: a time-boxed call keeps the profile (it compiles batch 1)
+        zoo_rows("phi2x4", phi, zoo_modes, phi_compiled)
+        del phi_compiled
         del phi
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -359,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
             data["errors"].append(f"transformers Mixtral: {type(err).__name__}: {err}")
     # one compiled step per model: its compiled graphs (one per batch size) serve the graphed rows too
     mix_compiled = compiled_decode_step(mix) if args.compile else None
+    profiles("mixtral", mix, mix_compiled)
     zoo_rows("mixtral", mix, [mode for mode in zoo_modes if not mode[0]], mix_compiled)
     for b in args.batches:
         if hf is not None:

@@ -78,6 +78,10 @@ GPU_CASES = {
     "gpu_hybrid_swiglu_subset": dict(T=999, D=256, H=256, E=32, K=2, act="swiglu", dtype="bfloat16",
                                      backend="hybrid", pattern="subset"),
     "gpu_auto_bf16": dict(T=2048, D=512, H=1024, E=8, K=2, act="swiglu", dtype="bfloat16", backend="auto"),
+    # decode shapes (at most DECODE_ROWS_PER_EXPERT rows per expert): the short, narrow decode tiles
+    "gpu_decode_one_token_bf16": dict(T=1, D=256, H=1024, E=4, K=2, act="gelu_tanh", dtype="bfloat16"),
+    "gpu_decode_wide_swiglu_bf16": dict(T=3, D=320, H=4608, E=8, K=2, act="swiglu", dtype="bfloat16"),
+    "gpu_decode_batch_odd_fp16": dict(T=32, D=200, H=300, E=4, K=2, act="gelu_tanh", dtype="float16"),
     "gpu_triton_pregather_bf16": dict(T=1000, D=256, H=512, E=8, K=2, act="gelu_tanh", dtype="bfloat16",
                                       pregather={"dw1": True, "dw2": False}),
     "gpu_gmm_skewed": dict(T=3000, D=256, H=512, E=16, K=2, act="swiglu", dtype="bfloat16", pattern="skewed",
@@ -484,6 +488,22 @@ def test_cuda_helpers():
 
 
 # ------------------------------------------------------------------ anywhere: argument checks
+def test_decode_shapes_take_tiles_that_fill_the_gpu(monkeypatch):
+    """A decode step of Phi-2x4 (T=1, top-2 of 4 experts, D=2560, H=10240) reads only two experts' weights: with
+    the training tiles GEMM2 had 40 programs with work on a 132-SM GPU. The decode tiles give every SM work."""
+    fm = importlib.import_module("zoo.kernels.fused_moe")
+    monkeypatch.setattr(fm, "_interpret", lambda: False)
+    T, K, E, D, H = 1, 2, 4, 2560, 10240
+    for kind, n in (("gemm1", H), ("gemm2", D)):
+        cfg = fm._pick_config(kind, T * K / E, n, H if kind == "gemm2" else D, torch.bfloat16, False)
+        assert cfg.BM == 16
+        busy_programs = K * -(-n // cfg.BN)  # one M tile for each of the two chosen experts
+        assert busy_programs >= 132, (kind, cfg)
+    # past the decode threshold the training tiles stay
+    assert fm._pick_config("gemm2", 2 * fm.DECODE_ROWS_PER_EXPERT, D, H, torch.bfloat16, False).BM == 64
+    assert fm._pick_config("gemm1", 0.5, H, D, torch.float32, False).BM == 64  # fp32 (tf32) keeps its tiles
+
+
 def test_available_false_on_cpu():
     assert not fused_moe_available(torch.zeros(2, 2))
     if HAS_CUDA:

@@ -16,7 +16,7 @@ def test_generate_benchmark_smoke(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(["--smoke", "--out", str(tmp_path), "--prompt", "8", "--new", "3", "--repeats", "1",
-                 "--batches", "1", "2"])
+                 "--batches", "1", "2", "--profile"])
     data = json.loads((tmp_path / "generate.json").read_text())
     assert not data["errors"]
     rows = {(r["model"], r["impl"], r["batch"]) for r in data["results"]}
@@ -25,6 +25,25 @@ def test_generate_benchmark_smoke(tmp_path):
     zoo_rows = [r for r in data["results"] if r["impl"] == "zoo"]
     assert all(0 < r["bandwidth_fraction"] and r["experts_per_step"] > 0 for r in zoo_rows)
     assert "| phi2x4 | zoo | 1 |" in (tmp_path / "generate.md").read_text()
+    # --profile: one section per zoo mode (on the CPU the outermost aten ops stand in for GPU kernels)
+    for name in ("phi2x4", "mixtral"):
+        profile = (tmp_path / f"profile_{name}.md").read_text()
+        assert f"### {name}, batch 1: zoo" in profile and "failed" not in profile
+        assert "Per step:" in profile and "| GEMM / GEMV (cuBLAS, CUTLASS) |" in profile
+
+
+def test_kernel_kinds():
+    """The profile's kernel classes, on names the H200 profile shows."""
+    spec = importlib.util.spec_from_file_location("generate_bench", REPO / "benchmarks" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kind = module.kernel_kind
+    assert kind("_gemm_scatter_kernel") == kind("_route_hist_kernel") == "fused MoE (Triton)"
+    assert kind("nvjet_tst_64x8_64x16_4x1_v_bz_TNT") == kind("void gemv2T_kernel_val<int, int, __nv_bfloat16>") \
+        == kind("aten::addmm") == "GEMM / GEMV (cuBLAS, CUTLASS)"
+    assert kind("void pytorch_flash::flash_fwd_splitkv_kernel<...>") == "attention"
+    assert kind("triton_per_fused_add_native_layer_norm_0") == "inductor fused (Triton)"
+    assert kind("void at::native::vectorized_elementwise_kernel<4, ...>") == "other (elementwise, copies, indexing)"
 
 
 def test_generate_benchmark_smoke_compiled(tmp_path):

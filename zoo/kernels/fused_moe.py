@@ -643,6 +643,8 @@ class GemmConfig:
 # Set entries here (e.g. from a benchmark sweep) to override the heuristics: key = kernel name
 # ("gemm1", "gemm2", "bwd_act", "dx", "dw1", "dw2"), value = GemmConfig.
 CONFIG_OVERRIDE: Dict[str, GemmConfig] = {}
+# Forward GEMMs with at most this many slot rows per expert (T*K/E) take the decode tiles of _pick_config.
+DECODE_ROWS_PER_EXPERT = 16
 
 
 def _pick_config(kind: str, rows_per_expert: float, n: int, k: int, dtype: torch.dtype, swiglu: bool) -> GemmConfig:
@@ -659,6 +661,12 @@ def _pick_config(kind: str, rows_per_expert: float, n: int, k: int, dtype: torch
         return GemmConfig(bm, 64 if swiglu and kind == "gemm1" else 128, 32, 4, 3, 8)
     if kind in ("dw1", "dw2"):  # M, N = feature dims, K = the expert's rows
         return GemmConfig(128, 128, 64, 8 if swiglu else 4, 3, 8)
+    if kind in ("gemm1", "gemm2") and rows_per_expert <= DECODE_ROWS_PER_EXPERT:
+        # Decode (a few tokens per expert): the step only streams the chosen experts' weights, so the tiles are
+        # short (16 rows, the least tl.dot takes) and narrow (more programs than SMs even when only 2 experts are
+        # used, which 128-wide tiles over D = 2560 are not: 40 programs on 132 SMs) with long K steps in flight.
+        bn = 64 if n > 4096 else 32
+        return GemmConfig(16, bn, 128, 4, 3 if swiglu else 4, 8)
     bm = 64 if rows_per_expert < 96 else 128
     if kind == "gemm1":
         if swiglu:  # two accumulators (gate, up)
