@@ -258,11 +258,21 @@ def profile_decode(name: str, model, batch: int, prompt: int, new: int, compiled
     def one_step(t):
         return model(t, cache=cache).logits if compiled is None else compiled(t, cache)
 
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     one_step(token)  # warm-up (compiles a compiled step for this batch and cache length)
+    compiled_note = []
+    if compiled is not None:  # one graph and no break, or parts of the step ran eagerly
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        compiled_note = [f"dynamo: {graphs} graph(s), {breaks} graph break(s) while compiling this step"
+                         + (f" ({'; '.join(list(counters['graph_break'])[:3])})" if breaks else "")
+                         if graphs else "dynamo: the step was compiled earlier in this run (no new graph)", ""]
     step = GraphedDecodeStep(model, cache, batch, compiled) if graph else one_step
     step(token)
     kernels, wall_us = profile_kernels(lambda: step(token), steps)
-    return kernel_summary(f"{name}, batch {batch}: {zoo_impl(graph, compiled)}", kernels, wall_us, steps)
+    lines = kernel_summary(f"{name}, batch {batch}: {zoo_impl(graph, compiled)}", kernels, wall_us, steps)
+    return lines[:2] + compiled_note + lines[2:]
 
 
 def zoo_impl(graph: bool, compiled) -> str:

@@ -173,3 +173,20 @@ def test_dense_dispatch_equals_the_reference_dispatchers(activation, bias):
     torch.testing.assert_close(dense_dispatch(x, expert_index, combine, keep, experts), want)
     in_range = keep & (expert_index < E)
     torch.testing.assert_close(sorted_dispatch(x, expert_index, combine, in_range, experts), want)
+
+
+def test_no_context_variable_is_read_in_code_a_decode_step_traces():
+    """torch 2.11's dynamo cannot trace ``ContextVar.get``: the routing-statistics switch was one, read in every MoE
+    layer, and on the H200 (torch 2.11) the compiled Phi-2x4 step broke its graph there, recompiled per block and ran
+    24 of 32 blocks eagerly (0.72x of the hoped-for speed-up; the torch of CI traces ContextVar, so the graph test
+    above did not see it). Code that runs inside a compiled step reads plain globals instead. ``zoo/moe/compiled.py``
+    reads its ContextVar only outside compiled code (when deciding whether to compile)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "zoo"
+    traced = [*(root / "layers").glob("*.py"), *(root / "moe").glob("*.py"), *(root / "kernels").glob("*.py"),
+              root / "models" / "decoder.py", root / "models" / "generate.py"]
+    offenders = [str(p.relative_to(root.parent)) for p in traced
+                 if p.name != "compiled.py" and re.search(r"^\s*(import|from) contextvars", p.read_text(), re.M)]
+    assert not offenders, offenders

@@ -61,3 +61,16 @@ def test_generate_benchmark_smoke_compiled(tmp_path):
     # the compiled step routed tokens like the eager one (same weights, same kinds of inputs)
     assert rows["zoo + compile"]["bandwidth_fraction"] > 0 and rows["zoo + compile"]["experts_per_step"] > 0
     assert "| phi2x4 | zoo + compile | 2 |" in (tmp_path / "generate.md").read_text()
+
+
+def test_generate_benchmark_profile_reports_the_compiled_graphs(tmp_path):
+    """--profile --compile says how many graphs and graph breaks compiling the step gave (one, none: a break is how
+    the H200 run found the compiled step running mostly eagerly)."""
+    spec = importlib.util.spec_from_file_location("generate_bench", REPO / "benchmarks" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--smoke", "--compile", "--profile", "--out", str(tmp_path), "--prompt", "8", "--new", "3",
+                 "--repeats", "1", "--batches", "1", "--models", "phi2x4"])
+    profile = (tmp_path / "profile_phi2x4.md").read_text()
+    assert "### phi2x4, batch 1: zoo + compile" in profile
+    assert "dynamo: 1 graph(s), 0 graph break(s) while compiling this step" in profile

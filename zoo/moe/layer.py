@@ -19,7 +19,6 @@ an MoE layer replace any ``mlp(x)`` call, e.g. inside a timm ``Block``.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import replace
 from typing import Callable, Iterator, Optional
 
@@ -47,7 +46,15 @@ def _fused_moe_or_none(x: Tensor, activation: str):
     return fused_moe if fused_moe_available(x) else None
 
 
-_STATISTICS_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_moe_statistics_off", default=False)
+# How many routing_statistics_off() blocks are open. A module global, not a ContextVar: the layer reads it inside
+# compiled code, and torch 2.11's dynamo cannot trace ContextVar.get (a graph break in every MoE layer, after which a
+# compiled 32-block decode step recompiled per block and ran 24 of them eagerly: session 14 on the H200). Dynamo
+# guards on a global's value, so entering or leaving the block selects the other compiled graph.
+_STATISTICS_OFF_DEPTH = 0
+
+
+def _statistics_off() -> bool:
+    return _STATISTICS_OFF_DEPTH > 0
 
 
 @contextlib.contextmanager
@@ -58,12 +65,14 @@ def routing_statistics_off() -> Iterator[None]:
     For generation: every decode step runs each MoE layer on one token per sequence, where the losses and
     statistics are a large share of the layer's kernel launches and nobody reads them. A layer in training mode
     refuses to run inside it (its aux loss is part of the objective). Routing records (``record_routing``) and
-    router hooks are unaffected."""
-    token = _STATISTICS_OFF.set(True)
+    router hooks are unaffected. The switch is process-wide (not per thread): generate in one thread at a time, or
+    keep training threads out of the block's lifetime."""
+    global _STATISTICS_OFF_DEPTH
+    _STATISTICS_OFF_DEPTH += 1
     try:
         yield
     finally:
-        _STATISTICS_OFF.reset(token)
+        _STATISTICS_OFF_DEPTH -= 1
 
 
 def routed_moe(decide: Callable[..., Routing], decide_args: tuple, cfg: MoEConfig, x: Tensor, valid: Tensor,
@@ -215,7 +224,7 @@ class MoELayer(nn.Module):
         # Drop the last step's outputs first: on the CUDA-graph path their memory is reused once nothing holds them.
         self.aux = None
         self.last_routing = None
-        if self.training and _STATISTICS_OFF.get():
+        if self.training and _statistics_off():
             raise RuntimeError("an MoE layer in training mode ran inside routing_statistics_off(): its auxiliary loss "
                                "is part of the training objective; use the context for inference (model.eval()) only")
         if B == 0 or S == 0:
@@ -273,7 +282,7 @@ class MoELayer(nn.Module):
         activation = cfg.activation if weights is None else weights.activation
         step = maybe_compiled(routed_moe, cfg.compile_routing, x.device, cfg.cuda_graphs)
         out, self.aux, routing = step(plan.decide, plan.args, cfg, x, vg, mg, all_valid, fused, stacked, activation,
-                                      not _STATISTICS_OFF.get())
+                                      not _statistics_off())
         routing = self.router(xg, vg, k, capacity_factor, all_valid, causal=self.causal, decided=routing)  # hooks
         if fused is None:  # out: the combine weights, for the experts' own path or a dispatcher outside the graph
             K = routing.expert_index.shape[-1]
@@ -328,7 +337,7 @@ class MoELayer(nn.Module):
         slots = slots.reshape(G, E, P, D).permute(1, 0, 2, 3).reshape(E, G * P, D)
         out = self.experts.forward_dense(slots).reshape(E, G, P, D).permute(1, 0, 2, 3).reshape(G, E * P, D)
         y = torch.einsum("gsn,gnd->gsd", combine.to(out.dtype), out)
-        self.aux = None if _STATISTICS_OFF.get() else soft_aux(self.config, dispatch, logits, vg, mg)
+        self.aux = None if _statistics_off() else soft_aux(self.config, dispatch, logits, vg, mg)
         record = None
         if self.record_routing:
             record = (soft_expert_probs(logits.detach(), E).float(), vg, mg, None, None)
