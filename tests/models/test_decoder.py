@@ -167,7 +167,7 @@ def test_decode_step_reuses_the_preallocated_cache():
     shapes at every step (what a CUDA graph of the step needs)."""
     model = tiny()
     cache = model.new_cache(2, 12)
-    ptrs = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.key_valid.data_ptr())
+    ptrs = [t.data_ptr() for t in (*cache.keys, *cache.values, cache.key_valid)]
     seen_shapes = set()
     attn = model.blocks[0].attn
     hook = attn.register_forward_hook(lambda m, a, out: seen_shapes.add(tuple(a[3].shape)))
@@ -176,9 +176,21 @@ def test_decode_step_reuses_the_preallocated_cache():
         for _ in range(4):
             model(torch.randint(0, 61, (2, 1)), cache=cache)
     hook.remove()
-    assert (cache.keys.data_ptr(), cache.values.data_ptr(), cache.key_valid.data_ptr()) == ptrs
+    assert [t.data_ptr() for t in (*cache.keys, *cache.values, cache.key_valid)] == ptrs
     assert seen_shapes == {(2, 1, 5, 12), (2, 1, 1, 12)} and cache.length == 9 and cache.next_slot.item() == 9
-    assert cache.keys[:, :, :, 9:].abs().sum() == 0  # untouched slots
+    assert all(k[:, :, 9:].abs().sum() == 0 for k in (*cache.keys, *cache.values))  # untouched slots
+
+
+def test_each_layer_caches_in_its_own_tensor():
+    """Per-layer cache tensors, not views of one [L, ...] tensor: written through views, a compiled decode step
+    rebuilt and copied every layer's cache in every step (zoo/layers/kv_cache.py says what it cost)."""
+    model = tiny()
+    cache = model.new_cache(2, 12)
+    tensors = [*cache.keys, *cache.values]
+    assert len(cache.keys) == len(cache.values) == model.config.depth
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+    assert all(t.shape == (2, model.config.kv_heads, 12, model.config.head_width) and t.is_contiguous()
+               for t in tensors)
 
 
 def test_prompt_longer_than_cache_is_a_clear_error():
