@@ -410,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also write profile_<model>.md: the GPU kernels of a batch-1 decode step (eager, CUDA graph, "
                          "and with --compile the compiled step in its CUDA graph)")
+    ap.add_argument("--only", default=None, choices=[zoo_impl(g, c) for g in (False, True) for c in (None, True)],
+                    help="time only this kind of zoo row (a time-boxed call), e.g. 'zoo + compile + CUDA graph' "
+                         "(with --compile)")
     ap.add_argument("--smoke", action="store_true", help="toy widths on the CPU in fp32: checks the script runs")
     ap.add_argument("--models", nargs="+", default=["phi2x4", "mixtral"], choices=["phi2x4", "mixtral"],
                     help="which shapes to run (a time-boxed lease call can run them separately)")
@@ -441,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     # CUDA-graph rows last per model: a failed capture can leave the CUDA context unusable for what follows.
     graph_modes = (False, True) if DEVICE == "cuda" and not args.no_cuda_graph else (False,)
     # (CUDA graph, compiled) per zoo row kind; compiled rows after eager ones, graph rows after both
-    zoo_modes = [(graph, comp) for graph in graph_modes for comp in ((False, True) if args.compile else (False,))]
+    zoo_modes = [(graph, comp) for graph in graph_modes for comp in ((False, True) if args.compile else (False,))
+                 if args.only is None or zoo_impl(graph, comp or None) == args.only]
 
     def zoo_rows(name: str, model, modes, compiled) -> None:
         for graph, comp in modes:

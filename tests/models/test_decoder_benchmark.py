@@ -70,7 +70,9 @@ def test_generate_benchmark_profile_reports_the_compiled_graphs(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(["--smoke", "--compile", "--profile", "--out", str(tmp_path), "--prompt", "8", "--new", "3",
-                 "--repeats", "1", "--batches", "1", "--models", "phi2x4"])
+                 "--repeats", "1", "--batches", "1", "--models", "phi2x4", "--only", "zoo + compile"])
     profile = (tmp_path / "profile_phi2x4.md").read_text()
-    assert "### phi2x4, batch 1: zoo + compile" in profile
+    assert "### phi2x4, batch 1: zoo + compile" in profile and "### phi2x4, batch 1: zoo\n" not in profile
+    # --only: just that kind of row
+    assert [r["impl"] for r in json.loads((tmp_path / "generate.json").read_text())["results"]] == ["zoo + compile"]
     assert "dynamo: 1 graph(s), 0 graph break(s) while compiling this step" in profile
