@@ -16,6 +16,7 @@ to ``--mixtral-depth`` (4) blocks. Per shape and batch size (1 and 32):
     inside its CUDA graph; kernel time well under the step time means launch gaps, near it means slow kernels.
 Mixtral is also run in transformers' MixtralForCausalLM on the same weights (converted from its state dict with
 zoo.convert.hf_lm): its eager path (DynamicCache) and, where it works, static cache + torch.compile.
+The zoo models run with fused q / k / v projections (``DecoderLM.fuse_qkv_``; ``--no-fuse-qkv`` keeps them apart).
 Zoo decode steps run eagerly and, separately, as replays of one CUDA graph of the step (the KV cache is
 preallocated and its next slot lives on the device, so a captured step stays valid; a failed capture is recorded
 as an error row, the eager rows stand). With ``--compile`` zoo decode is also timed with the step compiled by
@@ -410,6 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also write profile_<model>.md: the GPU kernels of a batch-1 decode step (eager, CUDA graph, "
                          "and with --compile the compiled step in its CUDA graph)")
+    ap.add_argument("--no-fuse-qkv", action="store_true",
+                    help="keep separate q / k / v projections in the zoo models (default: DecoderLM.fuse_qkv_(), one "
+                         "projection per block, as a server would run them)")
     ap.add_argument("--only", default=None, choices=[zoo_impl(g, c) for g in (False, True) for c in (None, True)],
                     help="time only this kind of zoo row (a time-boxed call), e.g. 'zoo + compile + CUDA graph' "
                          "(with --compile)")
@@ -472,6 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     if "phi2x4" in args.models:
         with torch.device(DEVICE):
             phi = zoo.models.DecoderLM(fit(phi2x4_config(args.phi_depth))).to(dtype).eval()
+        if not args.no_fuse_qkv:
+            phi.fuse_qkv_()
         phi_compiled = compiled_decode_step(phi) if args.compile else None
         profiles("phi2x4", phi, phi_compiled)  # first: a time-boxed call keeps the profile (it compiles batch 1)
         zoo_rows("phi2x4", phi, zoo_modes, phi_compiled)
@@ -491,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as err:
             traceback.print_exc()
             data["errors"].append(f"transformers Mixtral: {type(err).__name__}: {err}")
+    if not args.no_fuse_qkv:  # after hf_mixtral: it loads transformers' weights in the separate-projection layout
+        mix.fuse_qkv_()
     # one compiled step per model: its compiled graphs (one per batch size) serve the graphed rows too
     mix_compiled = compiled_decode_step(mix) if args.compile else None
     profiles("mixtral", mix, mix_compiled)

@@ -193,6 +193,33 @@ def test_each_layer_caches_in_its_own_tensor():
                for t in tensors)
 
 
+@pytest.mark.parametrize("variant,over", [("llama_gqa", {}), ("olmoe_qknorm", {}),
+                                          ("phi_parallel", {"fused_qkv": False})])
+def test_fuse_qkv_keeps_the_logits_and_round_trips(variant, over, tmp_path):
+    """``fuse_qkv_`` (inference: one GEMV instead of three per decode step) gives the same logits, full forward and
+    KV-cached decode, with GQA, q/k norms and biases; the fused model saves and loads as a fused-qkv model."""
+    import zoo
+
+    model = tiny(variant, **over)
+    ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+        cache = model.new_cache(2, 12)
+        ref_step = model(ids[:, :1], cache=cache).logits
+    assert model.fuse_qkv_() is model and model.config.fused_qkv
+    assert all(not hasattr(b.attn, "q_proj") and b.attn.fused_qkv for b in model.blocks)
+    assert model.fuse_qkv_() is model  # a no-op the second time
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=0)
+        cache = model.new_cache(2, 12)
+        torch.testing.assert_close(model(ids[:, :1], cache=cache).logits, ref_step, atol=1e-5, rtol=0)
+    zoo.save_pretrained(model, tmp_path / "fused")
+    loaded = zoo.create_model(f"local-dir:{tmp_path / 'fused'}").eval()
+    assert loaded.config.fused_qkv
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref, atol=1e-5, rtol=0)
+
+
 def test_prompt_longer_than_cache_is_a_clear_error():
     model = tiny()
     ids = torch.randint(0, 61, (1, 10))
