@@ -54,6 +54,12 @@ CASES = {
     "gmm_all_masked": dict(T=9, D=32, H=32, E=3, K=1, act="gelu_tanh", dtype="bfloat16", backend="grouped_mm",
                            pattern="all_masked"),
 }
+# Decode shapes: at most DECODE_ROWS_PER_EXPERT rows per expert and H >= 2 x BK, so GEMM2 splits K (decode_split_k)
+CASES.update({
+    "decode_split_k_gelu_bias": dict(T=2, D=32, H=96, E=4, K=2, act="gelu_tanh", dtype="float32"),
+    "decode_split_k_swiglu_odd_h": dict(T=3, D=24, H=80, E=5, K=2, act="swiglu", dtype="float32"),
+})
+
 DETERMINISM_CASES = {
     "det_swiglu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="swiglu", dtype="bfloat16"),
     "det_hybrid_swiglu_bf16": dict(T=50, D=32, H=32, E=4, K=2, act="swiglu", dtype="bfloat16", backend="hybrid"),
@@ -494,11 +500,17 @@ def test_decode_shapes_take_tiles_that_fill_the_gpu(monkeypatch):
     fm = importlib.import_module("zoo.kernels.fused_moe")
     monkeypatch.setattr(fm, "_interpret", lambda: False)
     T, K, E, D, H = 1, 2, 4, 2560, 10240
-    for kind, n in (("gemm1", H), ("gemm2", D)):
-        cfg = fm._pick_config(kind, T * K / E, n, H if kind == "gemm2" else D, torch.bfloat16, False)
+    for kind, n, kd in (("gemm1", H, D), ("gemm2", D, H)):
+        cfg = fm._pick_config(kind, T * K / E, n, kd, torch.bfloat16, False)
         assert cfg.BM == 16
-        busy_programs = K * -(-n // cfg.BN)  # one M tile for each of the two chosen experts
-        assert busy_programs >= 132, (kind, cfg)
+        split = fm.decode_split_k(kind, T * K, E, n, kd, cfg)
+        busy_programs = K * -(-n // cfg.BN) * split  # one M tile for each of the two chosen experts
+        assert busy_programs >= 132, (kind, cfg, split)
+        assert split == 1 or kind == "gemm2"
+    # GEMM2 reads w2 [E, H, D] along D: 64-column tiles (128-byte rows), its programs from chunks of H
+    assert fm._pick_config("gemm2", 0.5, D, H, torch.bfloat16, False).BN == 64
+    assert fm.decode_split_k("gemm2", 2, 4, D, H, fm._pick_config("gemm2", 0.5, D, H, torch.bfloat16, False)) > 1
+    assert fm.decode_split_k("gemm2", 4096, 4, D, H, fm._pick_config("gemm2", 1024, D, H, torch.bfloat16, False)) == 1
     # past the decode threshold the training tiles stay
     assert fm._pick_config("gemm2", 2 * fm.DECODE_ROWS_PER_EXPERT, D, H, torch.bfloat16, False).BM == 64
     assert fm._pick_config("gemm1", 0.5, H, D, torch.float32, False).BM == 64  # fp32 (tf32) keeps its tiles

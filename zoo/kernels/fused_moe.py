@@ -306,8 +306,8 @@ if _HAS_TRITON:
     # forward GEMM2 (act @ w2[e] + b2[e]) * cw   and   backward dX (dh @ w1[e]^T)
     @triton.jit
     def _gemm_scatter_kernel(a_ptr, w_ptr, b_ptr, cw_ptr, out_ptr, slot_ptr, counts_ptr, starts_ptr,
-                             KD, N, E, num_m,
-                             stride_ar, stride_we, stride_wk, stride_wn, stride_be, stride_or,
+                             KD, N, E, num_m, k_chunk,
+                             stride_ar, stride_we, stride_wk, stride_wn, stride_be, stride_or, stride_os,
                              HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr,
                              UPCAST: tl.constexpr, TF32: tl.constexpr, EVEN_K: tl.constexpr,
                              E_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -324,16 +324,24 @@ if _HAS_TRITON:
         offs_k = tl.arange(0, BK)
         offs_n = pid_n * BN + tl.arange(0, BN)
         nmask = offs_n < N
-        a_ptrs = a_ptr + rows64[:, None] * stride_ar + offs_k[None, :]
-        b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-        acc = _rows_matmul(a_ptrs, b_ptrs, rmask, nmask, offs_k, KD, stride_wk, UPCAST, TF32, EVEN_K, BM, BN, BK)
+        # Split-K (decode): program (., s) sums K rows [s * k_chunk, (s + 1) * k_chunk) into partial s of out
+        # (stride_os apart; the caller adds the partials in a fixed order). One split: k_chunk = KD, stride_os = 0.
+        pid_s = tl.program_id(1)
+        k0 = pid_s * k_chunk
+        a_ptrs = a_ptr + rows64[:, None] * stride_ar + (k0 + offs_k)[None, :]
+        b_ptrs = (w_ptr + e.to(tl.int64) * stride_we + (k0 + offs_k)[:, None].to(tl.int64) * stride_wk
+                  + offs_n[None, :] * stride_wn)
+        acc = _rows_matmul(a_ptrs, b_ptrs, rmask, nmask, offs_k, tl.minimum(k_chunk, KD - k0), stride_wk, UPCAST,
+                           TF32, EVEN_K, BM, BN, BK)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + e.to(tl.int64) * stride_be + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            if pid_s == 0:
+                acc += tl.load(b_ptr + e.to(tl.int64) * stride_be + offs_n, mask=nmask,
+                               other=0.0).to(tl.float32)[None, :]
         slot = tl.load(slot_ptr + rows, mask=rmask, other=0)
         if HAS_CW:
             cw = tl.load(cw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
             acc = acc * cw[:, None]
-        optrs = out_ptr + slot.to(tl.int64)[:, None] * stride_or + offs_n[None, :]
+        optrs = out_ptr + pid_s.to(tl.int64) * stride_os + slot.to(tl.int64)[:, None] * stride_or + offs_n[None, :]
         tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
     # ---------------- backward: dA = dy[tok] @ w2[e]^T, d(cw), activation backward ----------------
@@ -665,7 +673,8 @@ def _pick_config(kind: str, rows_per_expert: float, n: int, k: int, dtype: torch
         # Decode (a few tokens per expert): the step only streams the chosen experts' weights, so the tiles are
         # short (16 rows, the least tl.dot takes) and narrow (more programs than SMs even when only 2 experts are
         # used, which 128-wide tiles over D = 2560 are not: 40 programs on 132 SMs) with long K steps in flight.
-        bn = 64 if n > 4096 else 32
+        # GEMM2 keeps 64 columns (128-byte rows of w2) and gets its programs from splitting K (decode_split_k).
+        bn = 64 if kind == "gemm2" or n > 4096 else 32
         return GemmConfig(16, bn, 128, 4, 3 if swiglu else 4, 8)
     bm = 64 if rows_per_expert < 96 else 128
     if kind == "gemm1":
@@ -766,16 +775,33 @@ def _launch_gemm1(x, w1, b1, meta: RouteMeta, K: int, H: int, swiglu: bool, stor
     return (hpre if store_hpre else None), act
 
 
+def decode_split_k(kind: str, TK: int, E: int, n: int, kd: int, cfg: GemmConfig) -> int:
+    """K chunks of the forward GEMM2 at decode (at most ``DECODE_ROWS_PER_EXPERT`` slot rows per expert), else 1.
+
+    A decode step's GEMM2 streams the chosen experts' [H, D] weights into few output tiles: without splitting H,
+    Phi-2x4's GEMM2 had 40-160 programs and read at half the copy bandwidth (2.2 TB/s on the H200,
+    ``benchmarks/results/generate_session14.md``) where GEMM1, with 4x more output columns, read at full speed.
+    Chunks of H give ~512 programs in flight; the caller adds the partials in a fixed order (deterministic). A pure
+    function of the shape."""
+    if kind != "gemm2" or TK / E > DECODE_ROWS_PER_EXPERT:
+        return 1
+    busy = triton.cdiv(n, cfg.BN) * min(E, TK)  # output tiles with rows: one M tile per expert used
+    return max(1, min(8, 512 // busy, kd // cfg.BK))
+
+
 def _launch_gemm_scatter(kind, a, w, bias, cw, meta: RouteMeta, n: int, kd: int, stride_wk: int, stride_wn: int,
-                         out: Tensor):
+                         out: Tensor, split: int = 1):
+    """``out`` [TK, n], or [split, TK, n] fp32 partial sums over ``split`` chunks of K (:func:`decode_split_k`)."""
     TK = meta.sorted_slot.numel()
     cfg = _pick_config(kind, TK / meta.E, n, kd, a.dtype, False)
     num_m = _num_m_tiles(TK, meta.E, cfg.BM)
-    grid = (num_m * triton.cdiv(n, cfg.BN),)
+    k_chunk = triton.cdiv(triton.cdiv(kd, split), cfg.BK) * cfg.BK  # a multiple of BK: EVEN_K holds in every chunk
+    grid = (num_m * triton.cdiv(n, cfg.BN), triton.cdiv(kd, k_chunk))
     _gemm_scatter_kernel[grid](
         a, w, bias if bias is not None else a, cw if cw is not None else a, out, meta.sorted_slot,
-        meta.counts, meta.starts, kd, n, meta.E, num_m,
-        a.stride(0), w.stride(0), stride_wk, stride_wn, bias.stride(0) if bias is not None else 0, out.stride(0),
+        meta.counts, meta.starts, kd, n, meta.E, num_m, k_chunk,
+        a.stride(0), w.stride(0), stride_wk, stride_wn, bias.stride(0) if bias is not None else 0,
+        out.stride(-2), out.stride(0) if out.dim() == 3 else 0,
         HAS_BIAS=bias is not None, HAS_CW=cw is not None,
         UPCAST=_interpret() and a.dtype != torch.float32, TF32=a.dtype == torch.float32,
         EVEN_K=kd % cfg.BK == 0, E_PAD=meta.E_PAD, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
@@ -865,8 +891,14 @@ def _triton_forward(x, cw, w1, b1, w2, b2, meta, K, swiglu, need_grad):
     H = w2.shape[1]
     TK = T * K
     hpre, act = _launch_gemm1(x, w1, b1, meta, K, H, swiglu, store_hpre=need_grad)
-    yslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
-    _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot)
+    split = decode_split_k("gemm2", TK, meta.E, D, H, _pick_config("gemm2", TK / meta.E, D, H, x.dtype, False))
+    if split > 1:  # fp32 partials over chunks of H, added in a fixed order
+        parts = torch.empty(split, TK, D, dtype=torch.float32, device=x.device)
+        _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), parts, split)
+        yslot = parts.sum(0)
+    else:
+        yslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
+        _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot)
     y = _combine(yslot, meta.valid, T, K, x.dtype)
     return y, hpre, act
 
