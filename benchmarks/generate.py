@@ -13,7 +13,7 @@ to ``--mixtral-depth`` (4) blocks. Per shape and batch size (1 and 32):
     against the measured step time.
   * ``--profile``: where a batch-1 decode step's time goes (``profile_<model>.md``): the GPU kernels of one step
     (count, summed kernel time, grouped by kind, the slowest kernels) with the step eager and, where it works,
-    inside its CUDA graph; kernel time well under the step time means launch gaps, near it means slow kernels.
+    inside its CUDA graph, and the same for a batch-1 prefill; kernel time well under the step time means launch gaps, near it means slow kernels.
 Mixtral is also run in transformers' MixtralForCausalLM on the same weights (converted from its state dict with
 zoo.convert.hf_lm): its eager path (DynamicCache) and, where it works, static cache + torch.compile.
 The zoo models run with fused q / k / v projections (``DecoderLM.fuse_qkv_``; ``--no-fuse-qkv`` keeps them apart).
@@ -276,6 +276,17 @@ def profile_decode(name: str, model, batch: int, prompt: int, new: int, compiled
     return lines[:2] + compiled_note + lines[2:]
 
 
+@torch.no_grad()
+def profile_prefill(name: str, model, batch: int, prompt: int, steps: int = 3) -> list:
+    """Markdown lines of :func:`kernel_summary` for ``steps`` prefills of ``batch`` x ``prompt`` tokens (eager, each
+    into a fresh cache; one untimed prefill first)."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE)
+    caches = [model.new_cache(batch, prompt) for _ in range(steps + 1)]
+    model(ids, cache=caches.pop())
+    kernels, wall_us = profile_kernels(lambda: model(ids, cache=caches.pop()), steps)
+    return kernel_summary(f"{name}, batch {batch}: prefill of {prompt} tokens (zoo, eager)", kernels, wall_us, steps)
+
+
 def zoo_impl(graph: bool, compiled) -> str:
     return "zoo" + (" + compile" if compiled is not None else "") + (" + CUDA graph" if graph else "")
 
@@ -460,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     def profiles(name: str, model, compiled) -> None:
         if not args.profile:
             return
-        lines = [f"# Where a batch-1 decode step of {name} spends its time ({data['env']['device']}, "
+        lines = [f"# Where a batch-1 decode step and prefill of {name} spend their time ({data['env']['device']}, "
                  f"{data['env']['date']})", "", f"torch {data['env']['torch']}; {data['dtype']}, random weights, "
                  f"prompt {args.prompt}. Kernel times from torch.profiler (CUPTI), {8} steps. Command: "
                  f"`{data['env']['command']}`", ""]
@@ -472,6 +483,12 @@ def main(argv: list[str] | None = None) -> None:
                 lines += [f"### {name}: {zoo_impl(graph, compiled if comp else None)}", "",
                           f"failed: {type(err).__name__}: {err}", ""]
             (out / f"profile_{name}.md").write_text("\n".join(lines) + "\n")
+        try:  # prefill (target: 1.3x transformers' best): its kernels against its wall time
+            lines += profile_prefill(name, model, 1, args.prompt)
+        except Exception as err:
+            traceback.print_exc()
+            lines += [f"### {name}: prefill", "", f"failed: {type(err).__name__}: {err}", ""]
+        (out / f"profile_{name}.md").write_text("\n".join(lines) + "\n")
 
     if "phi2x4" in args.models:
         with torch.device(DEVICE):

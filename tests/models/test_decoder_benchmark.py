@@ -30,6 +30,7 @@ def test_generate_benchmark_smoke(tmp_path):
         profile = (tmp_path / f"profile_{name}.md").read_text()
         assert f"### {name}, batch 1: zoo" in profile and "failed" not in profile
         assert "Per step:" in profile and "| GEMM / GEMV (cuBLAS, CUTLASS) |" in profile
+        assert f"### {name}, batch 1: prefill of 8 tokens (zoo, eager)" in profile
 
 
 def test_kernel_kinds():
