@@ -6,13 +6,30 @@ CI is meant to have the data, so a broken path must not hide as a skip.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from zoo.data import find_dataset_dir
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str, register: bool = False) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks/ is not a package). ``register``: also put it in
+    ``sys.modules`` under ``name`` (what pickling its functions for worker processes needs)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def running_in_ci() -> bool:

@@ -1,14 +1,10 @@
 """benchmarks/caption_nn_baseline.py: cosine (not Euclidean) nearest neighbour, and the recipe's seed-built tower."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-spec = importlib.util.spec_from_file_location(
-    "caption_nn_baseline", Path(__file__).resolve().parents[1] / "benchmarks/caption_nn_baseline.py")
-nnb = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(nnb)
+from tests.conftest import load_benchmark
+
+nnb = load_benchmark("caption_nn_baseline")
 
 
 def test_nearest_is_by_cosine():

@@ -1,17 +1,13 @@
 """benchmarks/generate_history.py: the best zoo row per (model, batch) over a run's files, and the plot."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("generate_history", REPO / "benchmarks" / "generate_history.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("generate_history")
 
 
 def _run_file(path: Path, rows: list[tuple[str, str, int, float]]) -> Path:

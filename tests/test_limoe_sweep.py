@@ -1,21 +1,14 @@
 """benchmarks/limoe_sweep.py: the self-supervision round's variants parse through train.py's CLI and reach the
 task and the datamodule (nothing is trained)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from tests.conftest import REPO, load_benchmark
 from zoo.tasks.cli import build_cli
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _sweep():
-    spec = importlib.util.spec_from_file_location("limoe_sweep", REPO / "benchmarks" / "limoe_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("limoe_sweep")
 
 
 VARIANTS = _sweep().VARIANTS

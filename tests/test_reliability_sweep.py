@@ -3,24 +3,11 @@ raw library traceback, a silent wrong result or a crash. The CLI cases (subproce
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import load_benchmark
 
-
-def _sweep():
-    spec = importlib.util.spec_from_file_location("reliability_sweep", REPO / "benchmarks" / "reliability_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reliability_sweep"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _sweep()
+sweep = load_benchmark("reliability_sweep", register=True)
 
 
 @pytest.fixture(scope="module")

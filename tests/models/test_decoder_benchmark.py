@@ -1,20 +1,17 @@
 """benchmarks/generate.py runs end to end (toy widths on the CPU: --smoke) and writes its JSON / Markdown, with and
 without --compile (the compiled decode step; its CUDA-graph rows need a GPU)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_benchmark
+
 pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_generate_benchmark_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("generate_bench", REPO / "benchmarks" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("generate")
     module.main(["--smoke", "--out", str(tmp_path), "--prompt", "8", "--new", "3", "--repeats", "1",
                  "--batches", "1", "2", "--profile"])
     data = json.loads((tmp_path / "generate.json").read_text())
@@ -35,9 +32,7 @@ def test_generate_benchmark_smoke(tmp_path):
 
 def test_kernel_kinds():
     """The profile's kernel classes, on names the H200 profile shows."""
-    spec = importlib.util.spec_from_file_location("generate_bench", REPO / "benchmarks" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("generate")
     kind = module.kernel_kind
     assert kind("_gemm_scatter_kernel") == kind("_route_hist_kernel") == "fused MoE (Triton)"
     assert kind("nvjet_tst_64x8_64x16_4x1_v_bz_TNT") == kind("void gemv2T_kernel_val<int, int, __nv_bfloat16>") \
@@ -50,9 +45,7 @@ def test_kernel_kinds():
 def test_generate_benchmark_smoke_compiled(tmp_path):
     """--compile adds "zoo + compile" rows (compiled decode step; inductor on the CPU, hence one batch size and one
     model: each compile takes seconds here)."""
-    spec = importlib.util.spec_from_file_location("generate_bench", REPO / "benchmarks" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("generate")
     module.main(["--smoke", "--compile", "--out", str(tmp_path), "--prompt", "8", "--new", "3", "--repeats", "1",
                  "--batches", "2", "--models", "phi2x4"])
     data = json.loads((tmp_path / "generate.json").read_text())
@@ -67,9 +60,7 @@ def test_generate_benchmark_smoke_compiled(tmp_path):
 def test_generate_benchmark_profile_reports_the_compiled_graphs(tmp_path):
     """--profile --compile says how many graphs and graph breaks compiling the step gave (one, none: a break is how
     the H200 run found the compiled step running mostly eagerly)."""
-    spec = importlib.util.spec_from_file_location("generate_bench", REPO / "benchmarks" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("generate")
     module.main(["--smoke", "--compile", "--profile", "--out", str(tmp_path), "--prompt", "8", "--new", "3",
                  "--repeats", "1", "--batches", "1", "--models", "phi2x4", "--only", "zoo + compile"])
     profile = (tmp_path / "profile_phi2x4.md").read_text()

@@ -1,12 +1,12 @@
 """Every LIMoE training recipe parses and instantiates (task + datamodule) through train.py's CLI, and
 benchmarks/limoe_run.py uses that same CLI."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from tests.conftest import load_benchmark
 from zoo.tasks.cli import ZooCLI, build_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -14,10 +14,7 @@ RECIPES = sorted((REPO / "configs" / "train").glob("limoe_*.yaml"))
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("limoe_run", REPO / "benchmarks" / "limoe_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("limoe_run")
 
 
 def test_there_are_limoe_recipes():
@@ -86,12 +83,9 @@ def test_limoe_runner_results_json(tmp_path, shared_dataset):
 def test_limoe_report_reads_both_metric_units():
     """benchmarks/limoe_report.py shows percent: recorded runs (no metric_unit, percent) stay as they are, runs in
     fractions (what tasks log now) are scaled, so a new run is never read as 100x worse than a recorded one."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("limoe_report", REPO / "benchmarks" / "limoe_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_benchmark("limoe_report")
     recorded = json.loads((REPO / "benchmarks" / "results" / "limoe_mnist.json").read_text())["runs"]["entropy_on"]
     assert "metric_unit" not in recorded and recorded["test"]["zero_shot_acc"] > 1  # recorded in percent
     assert report.in_percent(recorded) == recorded

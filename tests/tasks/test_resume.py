@@ -6,7 +6,6 @@ rows of the killed run past its checkpoint, and a new run into a folder holding 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import random
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import load_benchmark
 from zoo.tasks.cli import DEFAULT_CHECKPOINT_EVERY_N_STEPS, build_cli, checkpoint_callback, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,10 +22,7 @@ QUIET = ["--test=false", "--trainer.enable_progress_bar=false"]
 
 
 def _kill_resume():
-    spec = importlib.util.spec_from_file_location("kill_resume", REPO / "benchmarks" / "kill_resume.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kill_resume")
 
 
 @pytest.fixture(autouse=True)
