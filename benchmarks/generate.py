@@ -22,7 +22,8 @@ preallocated and its next slot lives on the device, so a captured step stays val
 as an error row, the eager rows stand). With ``--compile`` zoo decode is also timed with the step compiled by
 ``torch.compile`` (``zoo.models.generate.compiled_decode_step``: inductor fuses the norms, RoPE, residual adds,
 activations and routing ops that dominate a batch-1 step): "zoo + compile" (compiled step, launched from Python)
-and "zoo + compile + CUDA graph" (the compiled step captured in the same kind of CUDA graph). Timings:
+and "zoo + compile + CUDA graph" (the compiled step captured in the same kind of CUDA graph); these rows' prefill runs
+through the same compiled function (``CompiledDecodeStep.prefill``, compiled per prompt length). Timings:
 CUDA-synchronised wall clock, median of ``--repeats`` runs after a warm-up run.
 """
 
@@ -153,7 +154,8 @@ def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False, compi
     cache = model.new_cache(batch, cache_len or prompt + new)
     layers = moe_layers(model)
     out = {}
-    out["prefill_s"] = sync_time(lambda: model(ids, cache=cache))
+    # a compiled step also prefills (CompiledDecodeStep.prefill: one more graph per prompt length)
+    out["prefill_s"] = sync_time(lambda: model(ids, cache=cache) if compiled is None else compiled.prefill(ids, cache))
     token = torch.randint(0, cfg.vocab_size, (batch, 1), device=DEVICE)
     chosen = []  # per step: [distinct experts used per MoE layer] (device tensors, read after timing)
 
@@ -299,9 +301,14 @@ def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, 
     # would time eager steps. Make that an error (an error row) instead, where this torch has the switch.
     strict = ({"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit")
               else {})
+    # Both models' steps share one code object: (decode + prefill) x batch sizes x models graphs in one process, past
+    # dynamo's default limit of 8 with --models phi2x4 mixtral.
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        strict["recompile_limit"] = max(torch._dynamo.config.recompile_limit, 32)
     with torch._dynamo.config.patch(**strict):
-        # warm-up (kernels, allocator; compiling a compiled step for this batch and cache length)
-        run_zoo(model, batch, min(prompt, 32), min(new, 4), graph, compiled, cache_len=prompt + new)
+        # warm-up (kernels, allocator; compiling a compiled step for this batch, prompt and cache length)
+        run_zoo(model, batch, prompt if compiled is not None else min(prompt, 32), min(new, 4), graph, compiled,
+                cache_len=prompt + new)
         runs = [run_zoo(model, batch, prompt, new, graph, compiled) for _ in range(repeats)]
     prefill = statistics.median(r["prefill_s"] for r in runs)
     decode = statistics.median(r["decode_s"] for r in runs)

@@ -96,6 +96,25 @@ def test_compiled_step_matches_eager_and_does_not_recompile(variant):
             step(token, compiled_cache)
 
 
+def test_compiled_prefill_matches_eager_then_decodes_on():
+    """``CompiledDecodeStep.prefill``: a prompt through the same compiled function (what benchmarks/generate.py's
+    "zoo + compile" rows time for prefill) gives the eager logits and leaves the cache where eager prefill does."""
+    model = moe_decoder()
+    torch.manual_seed(5)
+    ids = torch.randint(1, 61, (2, 6))
+    step = compiled_decode_step(model)
+    with torch.no_grad():
+        ref_cache, cache = model.new_cache(2, 9), model.new_cache(2, 9)
+        ref = model(ids, cache=ref_cache).logits
+        got = step.prefill(ids, cache)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        assert cache.length == ref_cache.length == 6 and int(cache.next_slot) == 6
+        token = ref[:, -1:].argmax(-1)
+        torch.testing.assert_close(step(token, cache), model(token, cache=ref_cache).logits, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="do not fit in the KV cache"):
+            step.prefill(ids, cache)
+
+
 def test_greedy_generate_with_compile_gives_the_eager_tokens():
     """generate(compile=True): left-padded batch of 2, MoE decoder; the compiled step is kept per model, so a
     second call compiles nothing."""

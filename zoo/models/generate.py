@@ -92,6 +92,23 @@ class CompiledDecodeStep:
         return logits
 
 
+    def prefill(self, input_ids: Tensor, cache: KVCache) -> Tensor:
+        """``input_ids [B, S]`` (no padding) appended to ``cache`` through the same compiled function: the
+        logits ``[B, S, V]`` of ``model(input_ids, cache=cache)``. Shapes are static, so every prompt length (and
+        cache length) compiles once: for serving fixed-length prompts and for benchmarks, not for prompts of every
+        length (``generate`` prefills eagerly)."""
+        if input_ids.ndim != 2 or input_ids.shape[0] != cache.batch_size:
+            raise ValueError(f"prefill takes input_ids [B, S] with B = the cache's batch size {cache.batch_size}, "
+                             f"got {tuple(input_ids.shape)}")
+        S = input_ids.shape[1]
+        if cache.length + S > cache.max_len:
+            raise ValueError(f"{S} new tokens do not fit in the KV cache: {cache.length} of its {cache.max_len} slots "
+                             "are used. Make the cache longer or shorten the prompt")
+        logits = self._compiled(input_ids.contiguous(), _DeviceSlotCache(cache), None)
+        cache.length += S
+        return logits
+
+
 def _packed(x: Tensor) -> Tensor:
     """``x [B, 1]`` with strides (1, 1) (a copy only when it has others)."""
     return x if x.stride() == (1, 1) else x.clone(memory_format=torch.contiguous_format)
