@@ -13,7 +13,8 @@ to ``--mixtral-depth`` (4) blocks. Per shape and batch size (1 and 32):
     against the measured step time.
   * ``--profile``: where a batch-1 decode step's time goes (``profile_<model>.md``): the GPU kernels of one step
     (count, summed kernel time, grouped by kind, the slowest kernels) with the step eager and, where it works,
-    inside its CUDA graph, and the same for a batch-1 prefill; kernel time well under the step time means launch gaps, near it means slow kernels.
+    inside its CUDA graph, and the same for a batch-1 prefill; kernel time well under the step time means launch
+    gaps, near it means slow kernels.
 Mixtral is also run in transformers' MixtralForCausalLM on the same weights (converted from its state dict with
 zoo.convert.hf_lm): its eager path (DynamicCache) and, where it works, static cache + torch.compile.
 The zoo models run with fused q / k / v projections (``DecoderLM.fuse_qkv_``; ``--no-fuse-qkv`` keeps them apart).
@@ -249,7 +250,8 @@ def kernel_summary(label: str, kernels: list[tuple[str, float]], wall_us: float,
 
 
 @torch.no_grad()
-def profile_decode(name: str, model, batch: int, prompt: int, new: int, compiled, graph: bool, steps: int = 8) -> list:
+def profile_decode(name: str, model, batch: int, prompt: int, new: int, compiled, graph: bool,
+                   steps: int = 8) -> list:
     """Markdown lines of :func:`kernel_summary` for ``steps`` decode steps of ``model`` at ``batch`` after a
     ``prompt``-token prefill: eager (``compiled`` None) or compiled, launched from Python or replayed from a CUDA
     graph. The cache has the timed runs' ``prompt + new`` slots (a compiled step is compiled per cache length)."""
@@ -428,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
                          "unless --no-cuda-graph) 'zoo + compile + CUDA graph'")
     ap.add_argument("--profile", action="store_true",
                     help="also write profile_<model>.md: the GPU kernels of a batch-1 decode step (eager, CUDA graph, "
-                         "and with --compile the compiled step in its CUDA graph)")
+                         "and with --compile the compiled step in its CUDA graph) and of a batch-1 prefill")
     ap.add_argument("--no-fuse-qkv", action="store_true",
                     help="keep separate q / k / v projections in the zoo models (default: DecoderLM.fuse_qkv_(), one "
                          "projection per block, as a server would run them)")

@@ -2,9 +2,10 @@
 """Decode against the bandwidth limit across runs of benchmarks/generate.py: one PNG, one group of bars per model and
 batch size, one bar per run (its best zoo row: the fastest decode among the zoo rows of that run), with the targets.
 
-    python benchmarks/generate_history.py --out benchmarks/results/generate_history.png \\
-        "session 12=benchmarks/results/generate_session12.json" \\
-        "session 14=benchmarks/results/generate_session14_phi2x4.json,benchmarks/results/generate_session14_mixtral.json"
+    R=benchmarks/results; python benchmarks/generate_history.py --out $R/generate_history.png \\
+        "session 12 (eager step, CUDA graph)=$R/generate_session12.json" \\
+        "session 14, compiled step=$R/generate_session14_phi2x4.json,$R/generate_session14_mixtral.json" \\
+        "session 14, + per-layer KV cache=$R/generate_session14_kvcache.json"
 
 Each run is ``LABEL=JSON[,JSON...]`` (a run split over several lease calls has several files; a later file's row
 for the same model and batch replaces an earlier one).

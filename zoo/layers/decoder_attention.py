@@ -48,8 +48,8 @@ class DecoderAttention(nn.Module):
 
     @torch.no_grad()
     def fuse_qkv_(self) -> "DecoderAttention":
-        """Replace ``q_proj`` / ``k_proj`` / ``v_proj`` by one ``qkv`` projection with their rows stacked ``[q | k | v]``
-        (in place; a no-op when already fused). Same outputs: every output element is the same dot product, only
+        """Replace ``q_proj`` / ``k_proj`` / ``v_proj`` by one ``qkv`` projection, their rows stacked
+        ``[q | k | v]`` (in place; a no-op when already fused). Same outputs: every output element is the same dot product, only
         computed by one GEMM (a decode step reads the same bytes in one GEMV instead of three short ones)."""
         if self.fused_qkv:
             return self

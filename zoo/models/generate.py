@@ -91,7 +91,6 @@ class CompiledDecodeStep:
         cache.length += 1  # the host copy of next_slot, which the compiled step advanced on the device
         return logits
 
-
     def prefill(self, input_ids: Tensor, cache: KVCache) -> Tensor:
         """``input_ids [B, S]`` (no padding) appended to ``cache`` through the same compiled function: the
         logits ``[B, S, V]`` of ``model(input_ids, cache=cache)``. Shapes are static, so every prompt length (and
