@@ -135,11 +135,9 @@ class GraphedDecodeStep:
         cache.length -= 1  # capturing ran the host bookkeeping once without running the step
 
     def __call__(self, token):
-        if self.cache.length + 1 > self.cache.max_len:
-            raise ValueError("KV cache full")
+        self.cache.reserve(*self.token.shape)  # the host part of the step; the replay advances the device part
         self.token.copy_(token)
         self.graph.replay()
-        self.cache.length += 1
         return self.logits
 
 
@@ -301,13 +299,13 @@ def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, 
     ``graph``): median of ``repeats`` runs after a warm-up run (with a compiled step: the compilation)."""
     # Past dynamo's recompile limit a compiled step would run eagerly (a warning only): a row labelled "compile"
     # would time eager steps. Make that an error (an error row) instead, where this torch has the switch.
-    strict = ({"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit")
-              else {})
+    dynamo_settings = ({"fail_on_recompile_limit_hit": True}
+                       if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else {})
     # Both models' steps share one code object: (decode + prefill) x batch sizes x models graphs in one process, past
     # dynamo's default limit of 8 with --models phi2x4 mixtral.
     if hasattr(torch._dynamo.config, "recompile_limit"):
-        strict["recompile_limit"] = max(torch._dynamo.config.recompile_limit, 32)
-    with torch._dynamo.config.patch(**strict):
+        dynamo_settings["recompile_limit"] = max(torch._dynamo.config.recompile_limit, 32)
+    with torch._dynamo.config.patch(**dynamo_settings):
         # warm-up (kernels, allocator; compiling a compiled step for this batch, prompt and cache length)
         run_zoo(model, batch, prompt if compiled is not None else min(prompt, 32), min(new, 4), graph, compiled,
                 cache_len=prompt + new)

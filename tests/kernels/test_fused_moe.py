@@ -503,14 +503,13 @@ def test_decode_shapes_take_tiles_that_fill_the_gpu(monkeypatch):
     for kind, n, kd in (("gemm1", H, D), ("gemm2", D, H)):
         cfg = fm._pick_config(kind, T * K / E, n, kd, torch.bfloat16, False)
         assert cfg.BM == 16
-        split = fm.decode_split_k(kind, T * K, E, n, kd, cfg)
+        split = fm.decode_split_k(T * K, E, n, kd, cfg) if kind == "gemm2" else 1  # GEMM1 never splits K
         busy_programs = K * -(-n // cfg.BN) * split  # one M tile for each of the two chosen experts
         assert busy_programs >= 132, (kind, cfg, split)
-        assert split == 1 or kind == "gemm2"
     # GEMM2 reads w2 [E, H, D] along D: 64-column tiles (128-byte rows), its programs from chunks of H
     assert fm._pick_config("gemm2", 0.5, D, H, torch.bfloat16, False).BN == 64
-    assert fm.decode_split_k("gemm2", 2, 4, D, H, fm._pick_config("gemm2", 0.5, D, H, torch.bfloat16, False)) > 1
-    assert fm.decode_split_k("gemm2", 4096, 4, D, H, fm._pick_config("gemm2", 1024, D, H, torch.bfloat16, False)) == 1
+    assert fm.decode_split_k(2, 4, D, H, fm._pick_config("gemm2", 0.5, D, H, torch.bfloat16, False)) > 1
+    assert fm.decode_split_k(4096, 4, D, H, fm._pick_config("gemm2", 1024, D, H, torch.bfloat16, False)) == 1
     # past the decode threshold the training tiles stay
     assert fm._pick_config("gemm2", 2 * fm.DECODE_ROWS_PER_EXPERT, D, H, torch.bfloat16, False).BM == 64
     assert fm._pick_config("gemm1", 0.5, H, D, torch.float32, False).BM == 64  # fp32 (tf32) keeps its tiles

@@ -775,7 +775,7 @@ def _launch_gemm1(x, w1, b1, meta: RouteMeta, K: int, H: int, swiglu: bool, stor
     return (hpre if store_hpre else None), act
 
 
-def decode_split_k(kind: str, TK: int, E: int, n: int, kd: int, cfg: GemmConfig) -> int:
+def decode_split_k(TK: int, E: int, n: int, kd: int, cfg: GemmConfig) -> int:
     """K chunks of the forward GEMM2 at decode (at most ``DECODE_ROWS_PER_EXPERT`` slot rows per expert), else 1.
 
     A decode step's GEMM2 streams the chosen experts' [H, D] weights into few output tiles: without splitting H,
@@ -783,17 +783,18 @@ def decode_split_k(kind: str, TK: int, E: int, n: int, kd: int, cfg: GemmConfig)
     ``benchmarks/results/generate_session14.md``) where GEMM1, with 4x more output columns, read at full speed.
     Chunks of H give ~512 programs in flight; the caller adds the partials in a fixed order (deterministic). A pure
     function of the shape."""
-    if kind != "gemm2" or TK / E > DECODE_ROWS_PER_EXPERT:
+    if TK / E > DECODE_ROWS_PER_EXPERT:
         return 1
     busy = triton.cdiv(n, cfg.BN) * min(E, TK)  # output tiles with rows: one M tile per expert used
     return max(1, min(8, 512 // busy, kd // cfg.BK))
 
 
 def _launch_gemm_scatter(kind, a, w, bias, cw, meta: RouteMeta, n: int, kd: int, stride_wk: int, stride_wn: int,
-                         out: Tensor, split: int = 1):
-    """``out`` [TK, n], or [split, TK, n] fp32 partial sums over ``split`` chunks of K (:func:`decode_split_k`)."""
+                         out: Tensor, split: int = 1, cfg: Optional[GemmConfig] = None):
+    """``out`` [TK, n], or [split, TK, n] fp32 partial sums over ``split`` chunks of K (:func:`decode_split_k`).
+    ``cfg``: the tiles, when the caller already picked them."""
     TK = meta.sorted_slot.numel()
-    cfg = _pick_config(kind, TK / meta.E, n, kd, a.dtype, False)
+    cfg = cfg or _pick_config(kind, TK / meta.E, n, kd, a.dtype, False)
     num_m = _num_m_tiles(TK, meta.E, cfg.BM)
     k_chunk = triton.cdiv(triton.cdiv(kd, split), cfg.BK) * cfg.BK  # a multiple of BK: EVEN_K holds in every chunk
     grid = (num_m * triton.cdiv(n, cfg.BN), triton.cdiv(kd, k_chunk))
@@ -891,14 +892,15 @@ def _triton_forward(x, cw, w1, b1, w2, b2, meta, K, swiglu, need_grad):
     H = w2.shape[1]
     TK = T * K
     hpre, act = _launch_gemm1(x, w1, b1, meta, K, H, swiglu, store_hpre=need_grad)
-    split = decode_split_k("gemm2", TK, meta.E, D, H, _pick_config("gemm2", TK / meta.E, D, H, x.dtype, False))
+    cfg = _pick_config("gemm2", TK / meta.E, D, H, x.dtype, False)
+    split = decode_split_k(TK, meta.E, D, H, cfg)
     if split > 1:  # fp32 partials over chunks of H, added in a fixed order
         parts = torch.empty(split, TK, D, dtype=torch.float32, device=x.device)
-        _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), parts, split)
+        _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), parts, split, cfg)
         yslot = parts.sum(0)
     else:
         yslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
-        _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot)
+        _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot, cfg=cfg)
     y = _combine(yslot, meta.valid, T, K, x.dtype)
     return y, hpre, act
 

@@ -65,15 +65,21 @@ class KVCache:
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
 
     def start_step(self, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B, S = mask.shape
-        if B != self.batch_size:
-            raise ValueError(f"the cache was made for batch size {self.batch_size}, got a batch of {B}")
-        if self.length + S > self.max_len:
-            raise ValueError(f"{S} new tokens do not fit in the KV cache: {self.length} of its {self.max_len} slots "
-                             f"are used. Make the cache longer (generate(..., max_cache_len=...) >= prompt length + "
-                             "max_new_tokens) or shorten the prompt")
-        self.length += S
+        self.reserve(*mask.shape)
         return self.advance_on_device(mask)
+
+    def reserve(self, batch_size: int, num_tokens: int) -> None:
+        """The host-side part of :meth:`start_step`: check that ``num_tokens`` new tokens of a batch of
+        ``batch_size`` fit, and count them in ``length``. A compiled or CUDA-graphed step calls it outside the graph
+        and runs :meth:`advance_on_device` inside."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"the cache was made for batch size {self.batch_size}, got a batch of {batch_size}")
+        if self.length + num_tokens > self.max_len:
+            what = "1 new token does" if num_tokens == 1 else f"{num_tokens} new tokens do"
+            raise ValueError(f"{what} not fit in the KV cache: {self.length} of its {self.max_len} slots are used. "
+                             "Make the cache longer (generate(..., max_cache_len=...) >= prompt length + "
+                             "max_new_tokens) or shorten the prompt")
+        self.length += num_tokens
 
     def advance_on_device(self, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The device-side part of :meth:`start_step`, with no host state read or written (no checks, ``length``

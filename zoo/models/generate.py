@@ -48,7 +48,8 @@ class CompiledDecodeStep:
     Shapes are static: the KV cache is preallocated and its next slot lives on the device, so every step of one
     cache (and of any other cache with the same batch size and length) reuses the first step's graph; only a new
     batch size, cache length, dtype or device compiles again. The host side of the cache (the overflow check and
-    ``cache.length``) is done here, outside the compiled region (:class:`_DeviceSlotCache` says why).
+    ``cache.length``: :meth:`KVCache.reserve`) is done here, outside the compiled region (:class:`_DeviceSlotCache`
+    says why).
 
     ``mode`` is passed to ``torch.compile``; the default (None) makes no CUDA graph of its own: the caller may
     capture the compiled step in its own ``torch.cuda.graph`` (``benchmarks/generate.py``: "zoo + compile + CUDA
@@ -78,34 +79,21 @@ class CompiledDecodeStep:
     def __call__(self, token: Tensor, cache: KVCache, modality: Optional[Tensor] = None) -> Tensor:
         if token.ndim != 2 or token.shape[1] != 1:
             raise ValueError(f"a decode step takes one token per sequence, token [B, 1]; got {tuple(token.shape)}")
-        if token.shape[0] != cache.batch_size:
-            raise ValueError(f"the cache was made for batch size {cache.batch_size}, got a batch of {token.shape[0]}")
-        if cache.length + 1 > cache.max_len:
-            raise ValueError(f"1 new token does not fit in the KV cache: {cache.length} of its {cache.max_len} slots "
-                             "are used. Make the cache longer (generate(..., max_cache_len=...) >= prompt length + "
-                             "max_new_tokens)")
         # Dynamo guards on strides, even of the size-1 token axis (``ids[:, -1:]`` is [B, 1] with stride (S, 1)):
         # give the compiled step the same (1, 1) layout every time, or a slice as the first token recompiles later.
         token, modality = _packed(token), None if modality is None else _packed(modality)
-        logits = self._compiled(token, _DeviceSlotCache(cache), modality)
-        cache.length += 1  # the host copy of next_slot, which the compiled step advanced on the device
-        return logits
+        cache.reserve(*token.shape)  # the host part of the step (the compiled one advances next_slot on the device)
+        return self._compiled(token, _DeviceSlotCache(cache), modality)
 
     def prefill(self, input_ids: Tensor, cache: KVCache) -> Tensor:
         """``input_ids [B, S]`` (no padding) appended to ``cache`` through the same compiled function: the
         logits ``[B, S, V]`` of ``model(input_ids, cache=cache)``. Shapes are static, so every prompt length (and
         cache length) compiles once: for serving fixed-length prompts and for benchmarks, not for prompts of every
         length (``generate`` prefills eagerly)."""
-        if input_ids.ndim != 2 or input_ids.shape[0] != cache.batch_size:
-            raise ValueError(f"prefill takes input_ids [B, S] with B = the cache's batch size {cache.batch_size}, "
-                             f"got {tuple(input_ids.shape)}")
-        S = input_ids.shape[1]
-        if cache.length + S > cache.max_len:
-            raise ValueError(f"{S} new tokens do not fit in the KV cache: {cache.length} of its {cache.max_len} slots "
-                             "are used. Make the cache longer or shorten the prompt")
-        logits = self._compiled(input_ids.contiguous(), _DeviceSlotCache(cache), None)
-        cache.length += S
-        return logits
+        if input_ids.ndim != 2:
+            raise ValueError(f"prefill takes input_ids [B, S], got {tuple(input_ids.shape)}")
+        cache.reserve(*input_ids.shape)
+        return self._compiled(input_ids.contiguous(), _DeviceSlotCache(cache), None)
 
 
 def _packed(x: Tensor) -> Tensor:
