@@ -243,8 +243,9 @@ class DeepSpeedTop2MoE(torch.nn.Module):
 
 
 class IdealTop2Experts(torch.nn.Module):
-    """The floor of any top-2 MoE layer's cost, for the step benchmark's bound (not a correct MoE): every token's two
-    expert passes as if the routing were perfectly balanced and already sorted. The ``2T`` rows (each token twice)
+    """A reference cost of a top-2 MoE layer, for the step benchmark (not a correct MoE): every token's two expert
+    passes as plain GEMMs, as if the routing were perfectly balanced and already sorted. Not a floor: fused kernels
+    beat its autograd backward (``benchmarks/results/moe_llava_step.md``, session 14). The ``2T`` rows (each token twice)
     are cut into ``E`` equal chunks, chunk e goes through expert e in one GEMM (every expert gets rows, so every
     expert gets gradients and optimizer work as in a real layer), and each token's two results are averaged. Only the
     router's fp32 logits are computed (and unused) beside it: no top-k, no capacity, no permutation, no loss.
