@@ -9,9 +9,9 @@ allocated once; a step writes its S new slots in place (``index_copy_`` at slots
 attention always reads all T slots with a mask, so every decode step has the same shapes, the same tensors and no
 host-side slot number (what a CUDA graph of the step needs). One tensor per layer, not one ``[L, ...]`` tensor: a
 compiled step writes each layer's slots in place only when the layer's cache is a whole input of the graph; written
-through a view of one shared tensor, inductor rebuilt and copied the whole cache (every layer's) in every step (a
-decode step with 16,384 slots took 250 ms compiled against 16.5 ms eager on the CPU; on the H200 a compiled Phi-2x4
-step at batch 32 took 46 ms with the copies and 6.3 ms without).
+through a view of one shared tensor, inductor rebuilt and copied the whole cache (every layer's) in every step (on
+the H200 a compiled Phi-2x4 step at batch 32 took 46 ms with the copies and 6.3 ms without:
+``benchmarks/results/generate_session14.md``).
 """
 
 from __future__ import annotations
