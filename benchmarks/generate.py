@@ -25,7 +25,9 @@ as an error row, the eager rows stand). With ``--compile`` zoo decode is also ti
 activations and routing ops that dominate a batch-1 step): "zoo + compile" (compiled step, launched from Python)
 and "zoo + compile + CUDA graph" (the compiled step captured in the same kind of CUDA graph); these rows' prefill runs
 through the same compiled function (``CompiledDecodeStep.prefill``, compiled per prompt length). Timings:
-CUDA-synchronised wall clock, median of ``--repeats`` runs after a warm-up run.
+CUDA-synchronised wall clock, median of ``--repeats`` runs after a warm-up run. Zoo rows run as
+``zoo.models.generate`` does, inside ``routing_statistics_off()`` (no MoE losses or statistics); the experts a
+step chose (for its bytes) come from one more, untimed eager run per model and batch size with them on.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import statistics
 import sys
 import time
 import traceback
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,7 +51,7 @@ import torch  # noqa: E402
 
 import zoo  # noqa: E402
 from zoo.models.generate import compiled_decode_step  # noqa: E402
-from zoo.moe import moe_layers  # noqa: E402
+from zoo.moe import moe_layers, routing_statistics_off  # noqa: E402
 
 
 DEVICE = "cuda"
@@ -143,11 +146,12 @@ class GraphedDecodeStep:
 
 @torch.no_grad()
 def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False, compiled=None,
-            cache_len: int | None = None) -> dict:
+            cache_len: int | None = None, count_experts: bool = False) -> dict:
     """One prefill + ``new`` decode steps (the first eager, the rest replays of a CUDA graph with ``graph``; each
-    step ``compiled(token, cache)`` instead of ``model(token, cache=cache)`` with a compiled step); returns times and
-    the experts each step used per MoE layer. ``cache_len``: KV-cache slots (default prompt + new; a compiled step
-    is compiled per cache length, so its warm-up run uses the timed runs' length)."""
+    step ``compiled(token, cache)`` instead of ``model(token, cache=cache)`` with a compiled step); returns times and,
+    with ``count_experts`` (the MoE layers' routing statistics on), the experts each step used per MoE layer.
+    ``cache_len``: KV-cache slots (default prompt + new; a compiled step is compiled per cache length, so its warm-up
+    run uses the timed runs' length)."""
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=DEVICE)
     cache = model.new_cache(batch, cache_len or prompt + new)
@@ -167,7 +171,8 @@ def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False, compi
     steps = new
     if graph:  # one step outside the graph (warms up the kernels; compiles a compiled step), then capture
         token = one_step(token)[:, -1:].argmax(-1)
-        chosen.append(used())
+        if count_experts:
+            chosen.append(used())
         step, steps = GraphedDecodeStep(model, cache, batch, compiled), new - 1
     else:
         step = one_step
@@ -176,7 +181,8 @@ def run_zoo(model, batch: int, prompt: int, new: int, graph: bool = False, compi
         nonlocal token
         for _ in range(steps):
             token = step(token)[:, -1:].argmax(-1)
-            chosen.append(used())
+            if count_experts:
+                chosen.append(used())
 
     out["decode_s"] = sync_time(decode) * new / steps
     out["experts_per_step"] = [[int(c) for c in step] for step in chosen]
@@ -248,6 +254,7 @@ def kernel_summary(label: str, kernels: list[tuple[str, float]], wall_us: float,
 
 
 @torch.no_grad()
+@routing_statistics_off()
 def profile_decode(name: str, model, batch: int, prompt: int, new: int, compiled, graph: bool,
                    steps: int = 8) -> list:
     """Markdown lines of :func:`kernel_summary` for ``steps`` decode steps of ``model`` at ``batch`` after a
@@ -279,6 +286,7 @@ def profile_decode(name: str, model, batch: int, prompt: int, new: int, compiled
 
 
 @torch.no_grad()
+@routing_statistics_off()
 def profile_prefill(name: str, model, batch: int, prompt: int, steps: int = 3) -> list:
     """Markdown lines of :func:`kernel_summary` for ``steps`` prefills of ``batch`` x ``prompt`` tokens (eager, each
     into a fresh cache; one untimed prefill first)."""
@@ -293,6 +301,20 @@ def zoo_impl(graph: bool, compiled) -> str:
     return "zoo" + (" + compile" if compiled is not None else "") + (" + CUDA graph" if graph else "")
 
 
+# model -> {(batch, prompt, new): experts_chosen's answer}; weak keys: a later model may take a freed model's id
+_EXPERTS_CHOSEN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def experts_chosen(model, batch: int, prompt: int, new: int) -> list[list[int]]:
+    """Per decode step, the distinct experts each MoE layer's tokens chose, from one eager, untimed run with the
+    routing statistics on (random prompts, as the timed runs: the count, 2 per layer at batch 1 with top-2, moves a
+    little with the prompt at batch 32). Counted once per model, batch and length, for every row kind."""
+    known = _EXPERTS_CHOSEN.setdefault(model, {})
+    if (batch, prompt, new) not in known:
+        known[batch, prompt, new] = run_zoo(model, batch, prompt, new, count_experts=True)["experts_per_step"]
+    return known[batch, prompt, new]
+
+
 def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, bandwidth: float,
              graph: bool = False, compiled=None) -> dict:
     """Times of zoo prefill and decode (eager, or ``compiled`` by :func:`compiled_decode_step`; CUDA-graphed with
@@ -305,7 +327,10 @@ def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, 
     # dynamo's default limit of 8 with --models phi2x4 mixtral.
     if hasattr(torch._dynamo.config, "recompile_limit"):
         dynamo_settings["recompile_limit"] = max(torch._dynamo.config.recompile_limit, 32)
-    with torch._dynamo.config.patch(**dynamo_settings):
+    # Timed as zoo.models.generate runs a model: without the MoE layers' losses and statistics (nobody reads them
+    # while generating; in session 14 they were part of every timed step, and counting experts from them added
+    # per-layer kernels after every step).
+    with torch._dynamo.config.patch(**dynamo_settings), routing_statistics_off():
         # warm-up (kernels, allocator; compiling a compiled step for this batch, prompt and cache length)
         run_zoo(model, batch, prompt if compiled is not None else min(prompt, 32), min(new, 4), graph, compiled,
                 cache_len=prompt + new)
@@ -313,7 +338,7 @@ def zoo_case(name: str, model, batch: int, prompt: int, new: int, repeats: int, 
     prefill = statistics.median(r["prefill_s"] for r in runs)
     decode = statistics.median(r["decode_s"] for r in runs)
     dense, experts = weight_bytes(model)
-    steps = runs[0]["experts_per_step"]
+    steps = experts_chosen(model, batch, prompt, new)
     # bytes a step must read: dense weights + chosen experts + the KV cache filled so far (mean over the steps)
     step_bytes = [dense + embedding_row_bytes(model, batch) + sum(n * eb for n, (eb, _) in zip(step, experts))
                   + kv_bytes(model.config, batch, prompt + i) for i, step in enumerate(steps)]

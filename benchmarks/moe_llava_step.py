@@ -20,6 +20,10 @@ balance loss, backward, AdamW update. They differ only in the MoE layers:
   two expert passes of every token as perfectly balanced plain GEMMs with no routing work. Not a floor: the zoo's
   fused kernels ran the step faster than it on the H200 (session 14: their backward beats autograd through
   per-expert GEMMs), so deepspeed / ideal is no upper limit on the zoo / deepspeed ratio;
+- ``free`` (a ceiling, not a peer): every MoE layer swapped for ``benchmarks/moe_peers.py:FreeMoE``, which costs
+  one elementwise product (no experts, routing, loss or their optimizer update; the backward still runs through
+  the blocks above). deepspeed / free is the most any MoE-layer implementation could gain over the official
+  algorithm in this step, the shared parts (tower, attention, dense blocks, recompute, AdamW) as they are;
 - ``deepspeed``: every MoE layer swapped for ``benchmarks/moe_peers.py:DeepSpeedTop2MoE`` holding the same weights:
   DeepSpeed 0.9.5's ``top2gating`` over the micro-batch, one-hot ``[T, E, C]`` einsum dispatch / combine, each
   expert on its buffer (what MoE-LLaVA runs), capacity factor 1.5, min capacity 4, balance loss 0.01.
@@ -47,7 +51,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 TARGET = 2.0
-IMPLS = ("zoo", "deepspeed", "ideal")
+IMPLS = ("zoo", "deepspeed", "ideal", "free")
 
 
 def build(args):
@@ -59,14 +63,15 @@ def build(args):
         model = zoo.create_model(args.preset, **overrides)
     model.decoder.gradient_checkpointing = not args.no_checkpointing
     apply_freeze(model, moe_tuning_stage(3))
-    if args.impl in ("deepspeed", "ideal"):  # after the freeze: the peer holds the same (frozen / trainable) tensors
+    if args.impl != "zoo":  # after the freeze: the peer holds the same (frozen / trainable) tensors
         import moe_peers
 
         if args.impl == "deepspeed":
             swapped = moe_peers.replace_moe_layers(model.decoder, moe_peers.DeepSpeedTop2MoE, capacity_factor=1.5,
                                                    min_capacity=4)
         else:
-            swapped = moe_peers.replace_moe_layers(model.decoder, moe_peers.IdealTop2Experts)
+            peer = {"ideal": moe_peers.IdealTop2Experts, "free": moe_peers.FreeMoE}[args.impl]
+            swapped = moe_peers.replace_moe_layers(model.decoder, peer)
         assert swapped > 0, "the preset has no MoE layers to compare"
     return model.train()
 
@@ -245,6 +250,15 @@ def write_report(data: dict, out: Path) -> None:
             reference = rows["ideal"]["step_ms"]
             lines.append(f"MoE layers against that reference: the zoo's {rows['zoo']['step_ms'] - reference:+.1f} ms "
                          f"a step, the official algorithm's {rows['deepspeed']['step_ms'] - reference:+.1f} ms.")
+    if {"free", "deepspeed"} <= set(rows):
+        ceiling = rows["free"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
+        data["ceiling"] = ceiling
+        lines += ["", f"Ceiling: with every MoE layer costing nothing (`free`: a trainable scalar times its input; "
+                  f"no experts, routing, loss or their optimizer update) the step runs {ceiling:.2f}x the official "
+                  f"algorithm's tokens/s: no MoE-layer implementation can exceed that here (target "
+                  f"{TARGET:.0f}x: {'reachable' if ceiling >= TARGET else 'out of reach'} by MoE-layer work alone; "
+                  f"the shared parts take {rows['free']['step_ms']:.1f} ms of the zoo's "
+                  f"{rows['zoo']['step_ms']:.1f} ms)." if "zoo" in rows else ""]
     profiled = {impl: r["profile"] for impl, r in rows.items() if r.get("profile")}
     if profiled:
         impls = list(profiled)

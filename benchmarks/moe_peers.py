@@ -267,9 +267,27 @@ class IdealTop2Experts(torch.nn.Module):
         return (0.5 * (out[:T] + out[T:])).reshape(B, S, D)
 
 
+class FreeMoE(torch.nn.Module):
+    """A stand-in that makes an MoE layer cost (almost) nothing, for the step benchmark's ceiling (not an MoE):
+    ``x * gain`` with one trainable scalar ``gain`` (0 at the start). The layer's experts and router are gone (no
+    expert GEMMs, no routing, no loss, no optimizer update of theirs), but the backward still runs through every
+    block above the first MoE layer, as it does with a real layer, because ``gain`` trains. A step with these in
+    place of the MoE layers is what any MoE implementation would cost if its layers took no time: the official
+    algorithm's step / this step bounds the speed-up over it that MoE-layer work alone can give.
+    ``forward(x [B, S, D], mask=None, modality=None) -> [B, S, D]`` like the layer it replaces."""
+
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.zeros((), device=layer.router.proj.weight.device,
+                                                   dtype=layer.router.proj.weight.dtype))
+
+    def forward(self, x, mask=None, modality=None):
+        return x * self.gain
+
+
 def replace_moe_layers(model, peer: Callable, **kwargs) -> int:
     """Swap every zoo ``MoELayer`` of ``model`` for ``peer(layer, **kwargs)`` (:class:`DeepSpeedTop2MoE`,
-    :class:`IdealTop2Experts`), holding the same weights; returns how many were swapped."""
+    :class:`IdealTop2Experts`, :class:`FreeMoE`), holding the same weights; returns how many were swapped."""
     from zoo.moe import MoELayer
 
     swapped = 0

@@ -18,7 +18,10 @@ def test_step_benchmark_smoke_with_bound_and_profile(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads((tmp_path / "moe_llava_step.json").read_text())
     rows = {r["impl"]: r for r in data["results"]}
-    assert set(rows) == {"zoo", "deepspeed", "ideal"} and not any("error" in r for r in rows.values())
+    assert set(rows) == {"zoo", "deepspeed", "ideal", "free"} and not any("error" in r for r in rows.values())
+    # the ceiling's step has no expert parameters left, only one trainable scalar per MoE layer (2 in the tiny preset)
+    assert rows["free"]["trainable_params"] == 2 < rows["zoo"]["trainable_params"] == rows["ideal"]["trainable_params"]
+    assert data["ceiling"] == rows["free"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
     assert data["speedup"] == rows["zoo"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
     assert data["bound"] == rows["ideal"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
     for impl, r in rows.items():
@@ -29,4 +32,4 @@ def test_step_benchmark_smoke_with_bound_and_profile(tmp_path):
         assert all(ms >= 0 for ms in phases.values()) and phases["backward (with the checkpoint recompute)"] > 0
         assert r["profile"]["top_ops"] and (tmp_path / "profile" / r["profile"]["table"]).is_file()
     report = (tmp_path / "moe_llava_step.md").read_text()
-    assert "Bound:" in report and "| forward: vision tower |" in report and "Top ops of `ideal`" in report
+    assert "Bound:" in report and "Ceiling:" in report and "| forward: vision tower |" in report and "Top ops of `ideal`" in report

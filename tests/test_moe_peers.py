@@ -131,3 +131,21 @@ def test_ideal_bound_computes_the_layer_when_experts_are_equal_and_trains_every_
     for p in layer.experts.parameters():
         assert p.grad is not None and (p.grad.flatten(1).abs().sum(1) > 0).all()  # each expert's slice got gradient
     assert P.replace_moe_layers(torch.nn.Sequential(layer), P.IdealTop2Experts) == 1
+
+
+def test_free_stand_in_costs_nothing_but_keeps_the_backward():
+    """The step benchmark's ceiling (``FreeMoE``): no expert or router parameters, output ``gain * x`` (0 at the
+    start), and the one scalar gets a gradient, so a model's backward still runs through the blocks above it."""
+    import torch
+
+    P = _ds_peer()
+    layer = _top2_layer()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), layer)
+    assert P.replace_moe_layers(model, P.FreeMoE) == 1
+    free = model[1]
+    assert [n for n, _ in free.named_parameters()] == ["gain"]
+    x = torch.randn(2, 5, 8)
+    out = model(x)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert free.gain.grad is not None and free.gain.grad != 0

@@ -58,6 +58,9 @@ CASES = {
 CASES.update({
     "decode_split_k_gelu_bias": dict(T=2, D=32, H=96, E=4, K=2, act="gelu_tanh", dtype="float32"),
     "decode_split_k_swiglu_odd_h": dict(T=3, D=24, H=80, E=5, K=2, act="swiglu", dtype="float32"),
+    # 4 chunks asked for, but chunks rounded up to whole K tiles (32 rows here) cover H=130 in 3: a 4th partial
+    # allocated and summed but never written would add garbage (on a GPU: Qwen2-MoE's H=1408, 8 chunks asked, 6)
+    "decode_split_k_uneven_chunks": dict(T=2, D=24, H=130, E=4, K=2, act="gelu_tanh", dtype="float32"),
 })
 
 DETERMINISM_CASES = {
@@ -510,6 +513,12 @@ def test_decode_shapes_take_tiles_that_fill_the_gpu(monkeypatch):
     assert fm._pick_config("gemm2", 0.5, D, H, torch.bfloat16, False).BN == 64
     assert fm.decode_split_k(2, 4, D, H, fm._pick_config("gemm2", 0.5, D, H, torch.bfloat16, False)) > 1
     assert fm.decode_split_k(4096, 4, D, H, fm._pick_config("gemm2", 1024, D, H, torch.bfloat16, False)) == 1
+    # the split is the number of whole-tile chunks that cover H (Qwen2-MoE's H = 1408: 8 asked, 6 chunks of 256)
+    for h in (1408, 1024, 14336, 10240, 5460, 300):
+        cfg = fm._pick_config("gemm2", 0.5, D, h, torch.bfloat16, False)
+        split = fm.decode_split_k(2, 4, D, h, cfg)
+        assert -(-h // fm._k_chunk(h, split, cfg.BK)) == split, h
+    assert fm.decode_split_k(2, 4, D, 1408, fm._pick_config("gemm2", 0.5, D, 1408, torch.bfloat16, False)) == 6
     # past the decode threshold the training tiles stay
     assert fm._pick_config("gemm2", 2 * fm.DECODE_ROWS_PER_EXPERT, D, H, torch.bfloat16, False).BM == 64
     assert fm._pick_config("gemm1", 0.5, H, D, torch.float32, False).BM == 64  # fp32 (tf32) keeps its tiles

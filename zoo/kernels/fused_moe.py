@@ -311,7 +311,7 @@ if _HAS_TRITON:
                              HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr,
                              UPCAST: tl.constexpr, TF32: tl.constexpr, EVEN_K: tl.constexpr,
                              E_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                             GROUP_M: tl.constexpr):
+                             GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BN)
         pid_m, pid_n = _swizzle(pid, num_m, num_n, GROUP_M)
@@ -324,24 +324,33 @@ if _HAS_TRITON:
         offs_k = tl.arange(0, BK)
         offs_n = pid_n * BN + tl.arange(0, BN)
         nmask = offs_n < N
-        # Split-K (decode): program (., s) sums K rows [s * k_chunk, (s + 1) * k_chunk) into partial s of out
-        # (stride_os apart; the caller adds the partials in a fixed order). One split: k_chunk = KD, stride_os = 0.
-        pid_s = tl.program_id(1)
-        k0 = pid_s * k_chunk
-        a_ptrs = a_ptr + rows64[:, None] * stride_ar + (k0 + offs_k)[None, :]
-        b_ptrs = (w_ptr + e.to(tl.int64) * stride_we + (k0 + offs_k)[:, None].to(tl.int64) * stride_wk
-                  + offs_n[None, :] * stride_wn)
-        acc = _rows_matmul(a_ptrs, b_ptrs, rmask, nmask, offs_k, tl.minimum(k_chunk, KD - k0), stride_wk, UPCAST,
-                           TF32, EVEN_K, BM, BN, BK)
+        slot = tl.load(slot_ptr + rows, mask=rmask, other=0)
+        optrs = out_ptr + slot.to(tl.int64)[:, None] * stride_or + offs_n[None, :]
+        # SPLIT_K a constexpr: the unsplit kernel (training, prefill) is compiled without the split's runtime K bound
+        # and offsets (with them, every GEMM2 and dX of a MoE-LLaVA training step ran slower on the H200: the step
+        # took 108 ms where it had taken 89, session 15).
+        if SPLIT_K:
+            # Program (., s) sums K rows [s * k_chunk, (s + 1) * k_chunk) into partial s of out (stride_os apart;
+            # the caller adds the partials in a fixed order).
+            pid_s = tl.program_id(1)
+            k0 = pid_s * k_chunk
+            a_ptrs = a_ptr + rows64[:, None] * stride_ar + (k0 + offs_k)[None, :]
+            b_ptrs = (w_ptr + e.to(tl.int64) * stride_we + (k0 + offs_k)[:, None].to(tl.int64) * stride_wk
+                      + offs_n[None, :] * stride_wn)
+            acc = _rows_matmul(a_ptrs, b_ptrs, rmask, nmask, offs_k, tl.minimum(k_chunk, KD - k0), stride_wk,
+                               UPCAST, TF32, EVEN_K, BM, BN, BK)
+            optrs += pid_s.to(tl.int64) * stride_os
+        else:
+            a_ptrs = a_ptr + rows64[:, None] * stride_ar + offs_k[None, :]
+            b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+            acc = _rows_matmul(a_ptrs, b_ptrs, rmask, nmask, offs_k, KD, stride_wk, UPCAST, TF32, EVEN_K, BM, BN, BK)
         if HAS_BIAS:
-            if pid_s == 0:
+            if not SPLIT_K or tl.program_id(1) == 0:
                 acc += tl.load(b_ptr + e.to(tl.int64) * stride_be + offs_n, mask=nmask,
                                other=0.0).to(tl.float32)[None, :]
-        slot = tl.load(slot_ptr + rows, mask=rmask, other=0)
         if HAS_CW:
             cw = tl.load(cw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
             acc = acc * cw[:, None]
-        optrs = out_ptr + pid_s.to(tl.int64) * stride_os + slot.to(tl.int64)[:, None] * stride_or + offs_n[None, :]
         tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
     # ---------------- backward: dA = dy[tok] @ w2[e]^T, d(cw), activation backward ----------------
@@ -472,11 +481,12 @@ if _HAS_TRITON:
     # ---------------- combine: y[t] = sum_k valid[t,k] * (src[row(t,k)] (+ b[e]) ) (* w[t,k]) ----------------
     @triton.jit
     def _combine_kernel(src_ptr, idx_ptr, valid_ptr, w_ptr, e_ptr, bias_ptr, out_ptr,
-                        T, D, stride_sr, stride_be, stride_ot,
+                        T, D, stride_sr, stride_be, stride_ot, stride_ss,
                         K_TOP: tl.constexpr, HAS_IDX: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BT: tl.constexpr, BD: tl.constexpr):
+                        BT: tl.constexpr, BD: tl.constexpr, SPLIT: tl.constexpr):
         """y[t] = sum over k = 0..K-1 (fixed order, fp32) of valid[t,k] * (src[row(t,k)] (+ b[e])) (* w[t,k]);
-        row(t,k) = t*K+k, or idx[t*K+k] (rows in sorted order).  Invalid slots are never read."""
+        row(t,k) = t*K+k, or idx[t*K+k] (rows in sorted order).  Invalid slots are never read. ``SPLIT`` > 1: src
+        is [SPLIT, rows, D] split-K partials (``stride_ss`` apart), each slot's row their sum in order 0..SPLIT-1."""
         pid_t = tl.program_id(0)
         pid_d = tl.program_id(1)
         toks = pid_t * BT + tl.arange(0, BT)
@@ -494,6 +504,9 @@ if _HAS_TRITON:
                 r = s
             m2 = v[:, None] & cm[None, :]
             val = tl.load(src_ptr + r[:, None] * stride_sr + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            for sp in tl.static_range(1, SPLIT):
+                val += tl.load(src_ptr + sp * stride_ss + r[:, None] * stride_sr + cols[None, :], mask=m2,
+                               other=0.0).to(tl.float32)
             if HAS_BIAS:
                 ee = tl.load(e_ptr + s, mask=tm & v, other=0).to(tl.int64)
                 val += tl.load(bias_ptr + ee[:, None] * stride_be + cols[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -707,8 +720,10 @@ def _route_layout(TK: int, E: int) -> tuple[int, int, int, int, int, int]:
     """Launch geometry and buffer layout of :func:`route` for T*K = ``TK`` slots and E experts (also what the
     fake implementation of the custom op allocates): (E_PAD, SB, NSUB, nb, TKA, buffer length)."""
     E_PAD = _next_pow2(E + 1)
-    SB = max(16, min(1024, 16384 // E_PAD))  # slots per sub-block: the [SB, E_PAD] one-hot fits in registers
-    NSUB = max(1, 1024 // SB)
+    # Slots per sub-block: the [SB, E_PAD] one-hot fits in registers, and no wider than the slots there are (a decode
+    # step has a few: Mixtral's batch-1 scatter over a 1024-wide block took 8.9 us of a 1.16 ms step on the H200).
+    SB = max(16, min(1024, 16384 // E_PAD, _next_pow2(TK)))
+    NSUB = max(1, min(1024 // SB, -(-TK // SB)))
     if _interpret():
         SB, NSUB = max(16, min(SB, 64)), 2  # two sub-blocks: the loop is tested on CPU too
     nb = max(1, -(-TK // (SB * NSUB)))
@@ -786,7 +801,15 @@ def decode_split_k(TK: int, E: int, n: int, kd: int, cfg: GemmConfig) -> int:
     if TK / E > DECODE_ROWS_PER_EXPERT:
         return 1
     busy = triton.cdiv(n, cfg.BN) * min(E, TK)  # output tiles with rows: one M tile per expert used
-    return max(1, min(8, 512 // busy, kd // cfg.BK))
+    wanted = max(1, min(8, 512 // busy, kd // cfg.BK))
+    # Chunks are whole K tiles, so fewer may cover K than were asked for (H = 1408, 8 asked: 6 of 256 rows). Return
+    # the count that covers it: every partial the caller allocates and adds up is then written.
+    return triton.cdiv(kd, _k_chunk(kd, wanted, cfg.BK))
+
+
+def _k_chunk(kd: int, split: int, bk: int) -> int:
+    """Rows of K per split-K chunk: ``kd / split`` rounded up to whole ``bk`` tiles (EVEN_K holds in every chunk)."""
+    return triton.cdiv(triton.cdiv(kd, split), bk) * bk
 
 
 def _launch_gemm_scatter(kind, a, w, bias, cw, meta: RouteMeta, n: int, kd: int, stride_wk: int, stride_wn: int,
@@ -796,8 +819,11 @@ def _launch_gemm_scatter(kind, a, w, bias, cw, meta: RouteMeta, n: int, kd: int,
     TK = meta.sorted_slot.numel()
     cfg = cfg or _pick_config(kind, TK / meta.E, n, kd, a.dtype, False)
     num_m = _num_m_tiles(TK, meta.E, cfg.BM)
-    k_chunk = triton.cdiv(triton.cdiv(kd, split), cfg.BK) * cfg.BK  # a multiple of BK: EVEN_K holds in every chunk
+    k_chunk = _k_chunk(kd, split, cfg.BK)
     grid = (num_m * triton.cdiv(n, cfg.BN), triton.cdiv(kd, k_chunk))
+    if grid[1] != split:
+        raise ValueError(f"split={split} chunks of K={kd} in whole tiles of {cfg.BK} are {grid[1]}: take the split "
+                         "from decode_split_k (a partial left unwritten would be added as garbage)")
     _gemm_scatter_kernel[grid](
         a, w, bias if bias is not None else a, cw if cw is not None else a, out, meta.sorted_slot,
         meta.counts, meta.starts, kd, n, meta.E, num_m, k_chunk,
@@ -806,14 +832,16 @@ def _launch_gemm_scatter(kind, a, w, bias, cw, meta: RouteMeta, n: int, kd: int,
         HAS_BIAS=bias is not None, HAS_CW=cw is not None,
         UPCAST=_interpret() and a.dtype != torch.float32, TF32=a.dtype == torch.float32,
         EVEN_K=kd % cfg.BK == 0, E_PAD=meta.E_PAD, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_K=grid[1] > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
 def _combine(src: Tensor, valid: Tensor, T: int, K: int, out_dtype: torch.dtype, idx: Optional[Tensor] = None,
              w: Optional[Tensor] = None, e: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-    D = src.shape[1]
+    """``src`` [rows, D], or [split, rows, D] split-K partials (added here, in order, before the slots)."""
+    split = src.shape[0] if src.dim() == 3 else 1
+    D = src.shape[-1]
     out = torch.empty(T, D, dtype=out_dtype, device=src.device)
     BD = min(256, _next_pow2(D))
     BT = 4 if _interpret() else max(1, min(16, 2048 // BD))
@@ -821,8 +849,9 @@ def _combine(src: Tensor, valid: Tensor, T: int, K: int, out_dtype: torch.dtype,
     _combine_kernel[grid](
         src, idx if idx is not None else valid, valid, w if w is not None else src, e if e is not None else valid,
         bias if bias is not None else src, out,
-        T, D, src.stride(0), bias.stride(0) if bias is not None else 0, out.stride(0),
-        K_TOP=K, HAS_IDX=idx is not None, HAS_W=w is not None, HAS_BIAS=bias is not None, BT=BT, BD=BD,
+        T, D, src.stride(-2), bias.stride(0) if bias is not None else 0, out.stride(0),
+        src.stride(0) if split > 1 else 0,
+        K_TOP=K, HAS_IDX=idx is not None, HAS_W=w is not None, HAS_BIAS=bias is not None, BT=BT, BD=BD, SPLIT=split,
     )
     return out
 
@@ -894,10 +923,9 @@ def _triton_forward(x, cw, w1, b1, w2, b2, meta, K, swiglu, need_grad):
     hpre, act = _launch_gemm1(x, w1, b1, meta, K, H, swiglu, store_hpre=need_grad)
     cfg = _pick_config("gemm2", TK / meta.E, D, H, x.dtype, False)
     split = decode_split_k(TK, meta.E, D, H, cfg)
-    if split > 1:  # fp32 partials over chunks of H, added in a fixed order
-        parts = torch.empty(split, TK, D, dtype=torch.float32, device=x.device)
-        _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), parts, split, cfg)
-        yslot = parts.sum(0)
+    if split > 1:  # fp32 partials over chunks of H, added in a fixed order by the combine (no kernel of their own)
+        yslot = torch.empty(split, TK, D, dtype=torch.float32, device=x.device)
+        _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot, split, cfg)
     else:
         yslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
         _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot, cfg=cfg)
