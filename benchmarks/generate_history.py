@@ -5,7 +5,8 @@ batch size, one bar per run (its best zoo row: the fastest decode among the zoo 
     R=benchmarks/results; python benchmarks/generate_history.py --out $R/generate_history.png \\
         "session 12 (eager step, CUDA graph)=$R/generate_session12.json" \\
         "session 14, compiled step=$R/generate_session14_phi2x4.json,$R/generate_session14_mixtral.json" \\
-        "session 14, + per-layer KV cache=$R/generate_session14_kvcache.json"
+        "session 14, + per-layer KV cache=$R/generate_session14_kvcache.json" \\
+        "session 15, + fused qkv, split-K, trims=$R/generate_session15_mixtral.json,$R/generate_session15_phi2x4.json"
 
 Each run is ``LABEL=JSON[,JSON...]`` (a run split over several lease calls has several files; a later file's row
 for the same model and batch replaces an earlier one).

@@ -20,7 +20,8 @@ def test_step_benchmark_smoke_with_bound_and_profile(tmp_path):
     rows = {r["impl"]: r for r in data["results"]}
     assert set(rows) == {"zoo", "deepspeed", "ideal", "free"} and not any("error" in r for r in rows.values())
     # the ceiling's step has no expert parameters left, only one trainable scalar per MoE layer (2 in the tiny preset)
-    assert rows["free"]["trainable_params"] == 2 < rows["zoo"]["trainable_params"] == rows["ideal"]["trainable_params"]
+    assert rows["free"]["trainable_params"] == 2
+    assert rows["zoo"]["trainable_params"] == rows["ideal"]["trainable_params"] > 2
     assert data["ceiling"] == rows["free"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
     assert data["speedup"] == rows["zoo"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
     assert data["bound"] == rows["ideal"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]

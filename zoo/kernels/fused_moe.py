@@ -326,9 +326,9 @@ if _HAS_TRITON:
         nmask = offs_n < N
         slot = tl.load(slot_ptr + rows, mask=rmask, other=0)
         optrs = out_ptr + slot.to(tl.int64)[:, None] * stride_or + offs_n[None, :]
-        # SPLIT_K a constexpr: the unsplit kernel (training, prefill) is compiled without the split's runtime K bound
-        # and offsets (with them, every GEMM2 and dX of a MoE-LLaVA training step ran slower on the H200: the step
-        # took 108 ms where it had taken 89, session 15).
+        # SPLIT_K a constexpr: the unsplit kernel (training, prefill) compiles to the code it had before split-K,
+        # without the split's runtime K bound and int64 K offsets (a suspect when session 15's MoE-LLaVA step ran
+        # 108 ms against session 14's 89; the step stayed as slow and as noisy with this, so that was not it).
         if SPLIT_K:
             # Program (., s) sums K rows [s * k_chunk, (s + 1) * k_chunk) into partial s of out (stride_os apart;
             # the caller adds the partials in a fixed order).
