@@ -169,6 +169,29 @@ class PhaseTimer:
         self.t = now
 
 
+def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 8) -> tuple[float, float, list[dict]]:
+    """GPU idle time inside a run of kernels: ``kernels`` [(start_us, end_us, name)] in any order (overlapping
+    kernels count once). Returns (busy us, idle us between the first start and the last end, the ``top`` longest
+    idle gaps as dicts of ``us``, the kernel ``before`` and the one ``after``). Idle gaps inside a step are where the
+    GPU waited for the host: launch-bound stretches, host syncs, Python between launches."""
+    if not kernels:
+        return 0.0, 0.0, []
+    ordered = sorted(kernels)
+    busy, idle, gaps = 0.0, 0.0, []
+    run_start, run_end, last = ordered[0][0], ordered[0][1], ordered[0][2]
+    for start, end, name in ordered[1:]:
+        if start > run_end:  # the GPU had nothing to run in [run_end, start)
+            busy += run_end - run_start
+            idle += start - run_end
+            gaps.append(dict(us=round(start - run_end, 1), before=last[:80], after=name[:80]))
+            run_start = start
+        if end >= run_end:
+            run_end, last = end, name
+    busy += run_end - run_start
+    gaps.sort(key=lambda g: -g["us"])
+    return busy, idle, gaps[:top]
+
+
 def profile_steps(model, step, args, steps: int = 3) -> dict:
     """Where a step's time goes (``--profile DIR``): the median ms of each phase over ``steps`` steps (the frozen
     vision tower's forward apart, through hooks on it), and one ``torch.profiler`` table of the kernels / ops by self
@@ -196,6 +219,12 @@ def profile_steps(model, step, args, steps: int = 3) -> dict:
                 torch.compiler.cudagraph_mark_step_begin()
             step(i)
         timer.sync()
+    gpu = None
+    if cuda:  # where the GPU waited (the zoo's steps spread far more than the peer's: session 15)
+        busy, idle, gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                                      if e.device_type == torch.autograd.DeviceType.CUDA])
+        gpu = dict(busy_ms_per_step=round(busy / 1e3 / profiled, 2), idle_ms_per_step=round(idle / 1e3 / profiled, 2),
+                   longest_gaps=gaps)
     events = prof.key_averages()
     # the device's own time where there is one (kernels), else the CPU's (a CPU smoke run)
     field = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -206,7 +235,7 @@ def profile_steps(model, step, args, steps: int = 3) -> dict:
     (args.profile / f"moe_llava_step_profile_{args.impl}.txt").write_text(
         f"{args.impl}: {profiled} steps, rows by {field} (microseconds, both steps together)\n\n"
         + events.table(sort_by=field, row_limit=60) + "\n")
-    return dict(phases_ms=phases, top_ops=top, table=f"moe_llava_step_profile_{args.impl}.txt")
+    return dict(phases_ms=phases, top_ops=top, table=f"moe_llava_step_profile_{args.impl}.txt", gpu=gpu)
 
 
 def env_info(args) -> dict:
@@ -271,6 +300,12 @@ def write_report(data: dict, out: Path) -> None:
             cells = " | ".join(f"{profiled[i]['phases_ms'].get(ph, 0.0):.1f}" for i in impls)
             lines.append(f"| {ph} | {cells} |")
         for impl in impls:
+            gpu = profiled[impl].get("gpu")
+            if gpu:
+                lines += ["", f"`{impl}` on the GPU, per profiled step: {gpu['busy_ms_per_step']:.1f} ms running "
+                          f"kernels, {gpu['idle_ms_per_step']:.1f} ms idle between them (waiting for the host). "
+                          "Longest gaps: " + "; ".join(f"{g['us'] / 1e3:.2f} ms after `{g['before'][:40]}`"
+                                                       for g in gpu["longest_gaps"][:4]) + "."]
             lines += ["", f"Top ops of `{impl}` by self time, ms per step "
                           f"(full table: `{profiled[impl]['table']}`):", "",
                       "| op | calls / step | ms / step |", "|---|---|---|"]

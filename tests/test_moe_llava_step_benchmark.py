@@ -34,3 +34,16 @@ def test_step_benchmark_smoke_with_bound_and_profile(tmp_path):
         assert r["profile"]["top_ops"] and (tmp_path / "profile" / r["profile"]["table"]).is_file()
     report = (tmp_path / "moe_llava_step.md").read_text()
     assert "Bound:" in report and "Ceiling:" in report and "| forward: vision tower |" in report and "Top ops of `ideal`" in report
+
+
+def test_idle_gaps_merges_overlapping_kernels_and_ranks_the_gaps():
+    """The profile's GPU idle time: kernels that overlap count once, a gap is time with no kernel between the first
+    start and the last end, and the longest gaps name the kernels on each side."""
+    from tests.conftest import load_benchmark
+
+    module = load_benchmark("moe_llava_step")
+    kernels = [(30.0, 40.0, "c"), (0.0, 10.0, "a"), (5.0, 12.0, "b"), (100.0, 101.0, "d")]  # a and b overlap
+    busy, idle, gaps = module.idle_gaps(kernels)
+    assert (busy, idle) == (12.0 + 10.0 + 1.0, 18.0 + 60.0)
+    assert gaps == [dict(us=60.0, before="c", after="d"), dict(us=18.0, before="b", after="c")]
+    assert module.idle_gaps([]) == (0.0, 0.0, [])
