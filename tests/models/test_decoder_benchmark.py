@@ -68,3 +68,27 @@ def test_generate_benchmark_profile_reports_the_compiled_graphs(tmp_path):
     # --only: just that kind of row
     assert [r["impl"] for r in json.loads((tmp_path / "generate.json").read_text())["results"]] == ["zoo + compile"]
     assert "dynamo: 1 graph(s), 0 graph break(s) while compiling this step" in profile
+
+
+def test_timed_decode_runs_without_routing_statistics(monkeypatch):
+    """The timed runs are what zoo.models.generate runs: no MoE losses or statistics (sparse_aux) in any timed
+    prefill or step; only the one untimed run that counts the experts computes them, once per model and batch."""
+    import torch
+
+    import zoo
+    import zoo.moe.layer as layer_module
+
+    module = load_benchmark("generate")
+    monkeypatch.setattr(module, "DEVICE", "cpu")
+    with torch.device("cpu"):
+        model = zoo.models.DecoderLM(module.shrink(module.phi2x4_config(2))).eval()
+    calls = []
+    real = layer_module.sparse_aux
+    monkeypatch.setattr(layer_module, "sparse_aux", lambda *a, **k: calls.append(1) or real(*a, **k))
+    row = module.zoo_case("phi2x4", model, 2, 8, 3, 2, bandwidth=1e9)
+    moe = len(module.moe_layers(model))
+    # the counting run: one prefill + 3 steps, each through every MoE layer; the warm-up and 2 timed runs: none
+    assert moe > 0 and len(calls) == 4 * moe
+    assert row["experts_per_step"] > 0
+    module.zoo_case("phi2x4", model, 2, 8, 3, 1, bandwidth=1e9)  # same model and batch: counted already
+    assert len(calls) == 4 * moe
