@@ -519,6 +519,11 @@ def test_decode_shapes_take_tiles_that_fill_the_gpu(monkeypatch):
         split = fm.decode_split_k(2, 4, D, h, cfg)
         assert -(-h // fm._k_chunk(h, split, cfg.BK)) == split, h
     assert fm.decode_split_k(2, 4, D, 1408, fm._pick_config("gemm2", 0.5, D, 1408, torch.bfloat16, False)) == 6
+    # the route's one-hot sub-block is no wider than the slots (a 1024-slot block for 2 slots took 8.9 us on the
+    # H200); training-size routes keep their 1024-slot blocks
+    E_PAD, SB, NSUB, nb = fm._route_layout(2, 8)[:4]
+    assert (SB, NSUB, nb) == (16, 1, 1)
+    assert fm._route_layout(6656, 4)[1:4] == (1024, 1, 7)
     # past the decode threshold the training tiles stay
     assert fm._pick_config("gemm2", 2 * fm.DECODE_ROWS_PER_EXPERT, D, H, torch.bfloat16, False).BM == 64
     assert fm._pick_config("gemm1", 0.5, H, D, torch.float32, False).BM == 64  # fp32 (tf32) keeps its tiles
