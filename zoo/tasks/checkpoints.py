@@ -33,10 +33,16 @@ def load_training_checkpoint(path: str | os.PathLike, map_location: Any = "cpu")
     expected = "expected a Lightning training checkpoint as written by train.py (runs/<run_name>/checkpoints/*.ckpt)"
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is an empty file; {expected}")
+    # torch.save has written zip archives since torch 1.6; anything else would go to torch's legacy unpickler, which
+    # reads arbitrary bytes as sizes (about 1 random file in 100 ended in a MemoryError or OverflowError there).
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is not a torch.save archive (corrupt, truncated or another "
+                              f"format); {expected}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, UnicodeDecodeError, ValueError,
-            AttributeError, ModuleNotFoundError, ImportError, IndexError, TypeError, KeyError) as err:
+            AttributeError, ModuleNotFoundError, ImportError, IndexError, TypeError, KeyError, OverflowError,
+            MemoryError) as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise CheckpointError(f"checkpoint {path} cannot be read (corrupt or truncated?): {type(err).__name__}: "
                               f"{first}; {expected}") from err

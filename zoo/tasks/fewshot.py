@@ -278,12 +278,13 @@ def _load_task_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[
         source = {"model": args.model, "pretrained": info.get("tag", args.pretrained)}
     else:
         from zoo.tasks.base import TRAINER_KEY, task_class_of
+        from zoo.tasks.checkpoints import load_training_checkpoint
         from zoo.tasks.cli import default_checkpoint
 
         ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.root)
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"no checkpoint at {ckpt_path}: pass --checkpoint PATH (or run train.py first)")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = load_training_checkpoint(ckpt_path)  # one clear error for a corrupt or foreign file
         task = task_class_of(checkpoint).load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
         dm = datamodule_of_checkpoint(checkpoint, args.data, overrides)
         threads = args.num_threads or (checkpoint.get(TRAINER_KEY) or {}).get("num_threads")
