@@ -28,6 +28,10 @@ balance loss, backward, AdamW update. They differ only in the MoE layers:
   DeepSpeed 0.9.5's ``top2gating`` over the micro-batch, one-hot ``[T, E, C]`` einsum dispatch / combine, each
   expert on its buffer (what MoE-LLaVA runs), capacity factor 1.5, min capacity 4, balance loss 0.01.
 
+``--except-moe`` checkpoints the decoder blocks without their MoE layers (``DecoderLM.gradient_checkpointing =
+"except_moe"``), for every implementation: the MoE layers (or the peers in their place) run once per step and keep
+their activations; the zoo's then keep their CUDA graphs, which whole-block checkpointing turns off.
+
 Each implementation runs in its own process (a clean peak-memory count). Reported: median step time over
 ``--steps`` after ``--warmup`` steps (CUDA-synchronised wall time), tokens/s = batch x (576 + text tokens) / step,
 peak allocated memory. Target (issue 19): zoo >= 2x the tokens/s of the official algorithm.
@@ -61,7 +65,7 @@ def build(args):
     with torch.device(args.device):  # build on the device: initialising billions of weights on the CPU takes minutes
         overrides = {} if args.decoder_depth is None else {"decoder.depth": args.decoder_depth}
         model = zoo.create_model(args.preset, **overrides)
-    model.decoder.gradient_checkpointing = not args.no_checkpointing
+    model.decoder.gradient_checkpointing = checkpointing(args)
     apply_freeze(model, moe_tuning_stage(3))
     if args.impl != "zoo":  # after the freeze: the peer holds the same (frozen / trainable) tensors
         import moe_peers
@@ -74,6 +78,12 @@ def build(args):
             swapped = moe_peers.replace_moe_layers(model.decoder, peer)
         assert swapped > 0, "the preset has no MoE layers to compare"
     return model.train()
+
+
+def checkpointing(args):
+    """The decoder's ``gradient_checkpointing`` for this run: whole blocks (default), all but the MoE layers
+    (``--except-moe``: the same for every implementation, the peers sit where the MoE layers were) or none."""
+    return False if args.no_checkpointing else ("except_moe" if args.except_moe else True)
 
 
 def batch(model, args, gen):
@@ -146,7 +156,7 @@ def run_one(args) -> dict:
                 step_ms_all=[round(1e3 * t, 2) for t in times], tokens_per_s=tokens / step_s,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                 params=params, trainable_params=sum(p.numel() for p in trainable), final_loss=float(loss),
-                gradient_checkpointing=not args.no_checkpointing, dtype="float32" if args.fp32 else "bf16-autocast")
+                gradient_checkpointing=checkpointing(args), dtype="float32" if args.fp32 else "bf16-autocast")
 
 
 class PhaseTimer:
@@ -328,6 +338,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (CPU smoke runs)")
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--except-moe", action="store_true",
+                    help="checkpoint the decoder blocks except their MoE layers, which run once per step (with "
+                         "their CUDA graphs, for the zoo) and keep their activations; for every implementation")
     ap.add_argument("--impl", choices=IMPLS, help="run one implementation in this process (else: each in its own)")
     ap.add_argument("--impls", default=",".join(IMPLS),
                     help="which implementations to run, each in its own process, comma-separated (default: all)")

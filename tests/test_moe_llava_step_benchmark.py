@@ -47,3 +47,15 @@ def test_idle_gaps_merges_overlapping_kernels_and_ranks_the_gaps():
     assert (busy, idle) == (12.0 + 10.0 + 1.0, 18.0 + 60.0)
     assert gaps == [dict(us=60.0, before="c", after="d"), dict(us=18.0, before="b", after="c")]
     assert module.idle_gaps([]) == (0.0, 0.0, [])
+
+
+def test_step_benchmark_except_moe_checkpointing():
+    """--except-moe: the decoder checkpoints its blocks but not their MoE layers (or the peers in their place)."""
+    from tests.conftest import load_benchmark
+
+    module = load_benchmark("moe_llava_step")
+    common = ["--preset", "moe_llava_tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch", "2",
+              "--text-tokens", "8", "--fp32", "--except-moe"]
+    for impl in ("zoo", "deepspeed"):
+        row = module.main([*common, "--impl", impl])
+        assert row["gradient_checkpointing"] == "except_moe" and row["final_loss"] > 0, impl

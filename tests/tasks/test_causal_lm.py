@@ -40,16 +40,75 @@ def test_loss_is_next_token_cross_entropy_plus_aux():
 def test_gradient_checkpointing_gives_the_same_gradients():
     ids = torch.randint(0, 512, (2, 12))
     grads = []
-    for ckpt in (False, True):
+    losses = []
+    for ckpt in (False, True, "except_moe"):
         torch.manual_seed(0)
         model = zoo.create_model("decoder_tiny_moe").train()
         model.gradient_checkpointing = ckpt
         out = model(ids)
-        (out.logits.square().mean() + out.aux_loss).backward()
+        loss = out.logits.square().mean() + out.aux_loss
+        loss.backward()
+        losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and len(grads[0]) > 10
+    assert torch.equal(losses[0], losses[2])  # the same ops in the same order
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+        torch.testing.assert_close(grads[2][name], grads[0][name], msg=name)
+
+
+@pytest.mark.parametrize("parallel_residual", [False, True])
+def test_checkpointing_except_moe_runs_moe_layers_once_and_recomputes_the_rest(parallel_residual, monkeypatch):
+    """``gradient_checkpointing="except_moe"``: each MoE layer runs once per step, outside any checkpoint (so its
+    compiled routing may keep its CUDA graphs), every other part of every block is recomputed in the backward; the
+    gradients equal an uncheckpointed run's (sequential and Phi-2's parallel residual)."""
+    from zoo.layers.mlp import Mlp
+    from zoo.moe import MoELayer, compiled
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # asked of a CPU-only torch here
+    cuda = torch.device("cuda")
+    overrides = {"parallel_residual": parallel_residual}
+    ids = torch.randint(0, 512, (2, 10))
+    grads = {}
+    for ckpt in (False, "except_moe"):
+        torch.manual_seed(0)
+        model = zoo.create_model("decoder_tiny_moe", **overrides).train()
+        model.gradient_checkpointing = ckpt
+        calls = {"moe": [], "mlp": 0, "attn": 0}
+
+        def moe_hook(m, a):
+            calls["moe"].append(compiled.cuda_graphs_enabled(None, cuda))
+
+        def count(key):
+            def hook(m, a):
+                calls[key] += 1
+            return hook
+
+        for block in model.blocks:
+            if isinstance(block.mlp, MoELayer):
+                block.mlp.register_forward_pre_hook(moe_hook)
+            else:
+                assert isinstance(block.mlp, Mlp)
+                block.mlp.register_forward_pre_hook(count("mlp"))
+            block.attn.register_forward_pre_hook(count("attn"))
+        out = model(ids)
+        (out.logits.square().mean() + out.aux_loss).backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        depth, moe = len(model.blocks), len(model.config.moe_layer_indices)
+        dense = depth - moe
+        runs = 1 if ckpt is False else 2
+        assert calls["moe"] == [True] * moe  # once each, graphs allowed (the block-checkpointing test: off, twice)
+        assert calls["mlp"] == runs * dense and calls["attn"] == runs * depth
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads["except_moe"][name], g, msg=name)
+
+
+def test_gradient_checkpointing_values_are_checked():
+    model = zoo.create_model("decoder_tiny_moe")
+    with pytest.raises(ValueError, match="gradient_checkpointing must be one of"):
+        model.gradient_checkpointing = "moe_only"
+    task = CausalLMTask(model="decoder_tiny_moe", vocab_size=50, gradient_checkpointing="except_moe")
+    assert task.model.gradient_checkpointing == "except_moe"
 
 
 def test_task_refuses_a_non_decoder_preset():

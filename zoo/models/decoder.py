@@ -33,6 +33,9 @@ from zoo.moe import MoEConfig, MoELayer
 from zoo.moe.compiled import cuda_graphs_off
 from zoo.moe.layer import collect_moe_aux
 
+# DecoderLM.gradient_checkpointing's values: keep everything, recompute whole blocks, recompute all but MoE layers
+GRADIENT_CHECKPOINTING = (False, True, "except_moe")
+
 MoEPlacement = Literal["all", "sparse", "first_half", "second_half", "dense"]
 PLACEMENTS = ("all", "sparse", "first_half", "second_half", "dense")
 
@@ -165,12 +168,18 @@ class DecoderBlock(nn.Module):
                 modality: Optional[Tensor] = None) -> Tensor:
         """``modality [B, S]``: per-token modality ids for an MoE layer's router statistics and per-modality losses
         (a dense MLP ignores them)."""
+        residual, mlp_input = self.attention_part(x, cos, sin, attn_mask, cache, slots)
+        return residual + self.mlp(mlp_input, mask=mask, modality=modality)
+
+    def attention_part(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
+                       cache: Optional[KVCache] = None, slots: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Everything of the block before its MLP: (the residual stream the MLP's output is added to, the MLP's
+        input), both [B, S, D]. Sequential: (x + attn, mlp_norm(x + attn)); parallel residual (Phi-2): (x + attn,
+        attn_norm(x)), both branches reading the same normed input. Apart so that a checkpoint can hold this part
+        without the MLP (``DecoderLM.gradient_checkpointing = "except_moe"``)."""
         h = self.attn_norm(x)
-        attn = self.attn(h, cos, sin, attn_mask, cache, slots)
-        if self.mlp_norm is None:  # parallel residual: both branches read the same normed input
-            return x + attn + self.mlp(h, mask=mask, modality=modality)
-        x = x + attn
-        return x + self.mlp(self.mlp_norm(x), mask=mask, modality=modality)
+        x = x + self.attn(h, cos, sin, attn_mask, cache, slots)
+        return x, (h if self.mlp_norm is None else self.mlp_norm(x))
 
 
 class DecoderLM(nn.Module):
@@ -197,12 +206,31 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(cfg, self.rope, i, i in moe_at) for i in range(cfg.depth))
         self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=cfg.lm_head_bias)
-        # Training-time memory option (not part of the architecture, so not in the config): recompute each
-        # block's activations in the backward pass instead of keeping them.
+        # Training-time memory option (not part of the architecture, so not in the config): see the property.
         self.gradient_checkpointing = False
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    @property
+    def gradient_checkpointing(self) -> Union[bool, str]:
+        """Recompute activations in the backward pass instead of keeping them (training only):
+
+        - ``False``: keep everything;
+        - ``True``: recompute whole blocks (least memory). An MoE layer then runs twice per step (forward and
+          recompute), which CUDA graph trees cannot replay, so its compiled routing runs without CUDA graphs
+          (:func:`zoo.moe.compiled.cuda_graphs_off`): one Python launch per kernel;
+        - ``"except_moe"``: recompute every block but the MLPs at MoE positions (``config.moe_layer_indices``),
+          whose activations are kept (for Phi-2x4's shape, ~136 MB a MoE layer for 3,328 tokens in bf16). Those
+          layers run once per step, with their CUDA graphs. Whatever module sits at an MoE position is treated so
+          (a benchmark peer swapped in there too)."""
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: Union[bool, str]) -> None:
+        if value not in GRADIENT_CHECKPOINTING:
+            raise ValueError(f"gradient_checkpointing must be one of {GRADIENT_CHECKPOINTING}, got {value!r}")
+        self._gradient_checkpointing = value
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) linear / embedding / expert weights, zero biases, unit norms."""
@@ -257,9 +285,14 @@ class DecoderLM(nn.Module):
         else:
             slots, positions, attn_mask = cache.start_step(mask)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for block in self.blocks:
-            if checkpointing:
+        checkpointing = self.gradient_checkpointing if self.training and torch.is_grad_enabled() and cache is None \
+            else False
+        moe_at = set(self.config.moe_layer_indices)
+        for i, block in enumerate(self.blocks):
+            if checkpointing == "except_moe" and i in moe_at:  # the MoE layer runs once, outside the checkpoint
+                residual, mlp_input = checkpoint(block.attention_part, x, cos, sin, attn_mask, use_reentrant=False)
+                x = residual + block.mlp(mlp_input, mask=mask, modality=modality)
+            elif checkpointing:
                 x = checkpoint(_block_without_cuda_graphs, block, x, mask, cos, sin, attn_mask, None, None, modality,
                                use_reentrant=False)
             else:

@@ -16,7 +16,7 @@ shards the decoder (:func:`fully_shard_decoder`); under every other strategy it 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,8 @@ class CausalLMTask(ZooTask):
     Args:
         model: a ``decoder`` preset (e.g. ``"decoder_tiny_moe"``); model_overrides: changes to its config.
         vocab_size: None = the datamodule's (``take_from_datamodule``).
-        gradient_checkpointing: recompute block activations in the backward pass (less memory, ~1/3 more compute).
+        gradient_checkpointing: recompute block activations in the backward pass (less memory, ~1/3 more compute);
+            ``"except_moe"``: all but the MoE layers (``DecoderLM.gradient_checkpointing``).
         pretrained: as :func:`zoo.create_model`.
         **shared: the optimiser, LR schedule and eval-time routing every task takes (:class:`ZooTask`,
             :class:`zoo.tasks.optim.OptimizerConfig`); defaults: ``optimizer_defaults`` (betas (0.9, 0.95), weight
@@ -88,7 +89,7 @@ class CausalLMTask(ZooTask):
         model: str = "decoder_tiny_moe",
         model_overrides: Optional[dict[str, Any]] = None,
         vocab_size: Optional[int] = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: Union[bool, Literal["except_moe"]] = False,
         pretrained: Optional[Union[bool, str]] = None,
         **shared: Any,
     ) -> None:
@@ -106,7 +107,7 @@ class CausalLMTask(ZooTask):
         model = create_model(hp.model, pretrained=hp.get("pretrained"), **overrides)
         if not hasattr(model, "gradient_checkpointing"):
             raise ValueError(f"CausalLMTask needs a decoder LM preset; {hp.model!r} builds a {type(model).__name__}")
-        model.gradient_checkpointing = bool(hp.gradient_checkpointing)
+        model.gradient_checkpointing = hp.gradient_checkpointing
         self.apply_eval_routing(model)
         self.layer_names = moe_layer_names(model)
         return model

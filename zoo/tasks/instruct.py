@@ -28,7 +28,7 @@ import inspect
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -97,7 +97,8 @@ class InstructTask(ZooTask):
         export_ffn: Uni-MoE stage 2: at the end of training, write this run's dense FFNs as the named expert file
             ``<run folder>/experts/<export_ffn>.safetensors``.
         max_new_tokens: answer length limit of test-time generation.
-        gradient_checkpointing: recompute decoder block activations in the backward pass.
+        gradient_checkpointing: recompute decoder block activations in the backward pass; ``"except_moe"``: all
+            but the MoE layers (``DecoderLM.gradient_checkpointing``).
         **shared: optimiser, LR schedule and eval-time routing (:class:`ZooTask`).
     """
 
@@ -115,7 +116,7 @@ class InstructTask(ZooTask):
         lora: Optional[dict[str, Any]] = None,
         export_ffn: Optional[str] = None,
         max_new_tokens: int = 24,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: Union[bool, Literal["except_moe"]] = False,
         **shared: Any,
     ) -> None:
         super().__init__(**shared)
@@ -168,7 +169,7 @@ class InstructTask(ZooTask):
         if hp.get("trainable") is not None:
             apply_freeze(model, list(hp.trainable))
         if hasattr(model, "decoder"):
-            model.decoder.gradient_checkpointing = bool(hp.gradient_checkpointing)
+            model.decoder.gradient_checkpointing = hp.gradient_checkpointing
         self.apply_eval_routing(model)
         self.layer_names = moe_layer_names(model)
         return model
