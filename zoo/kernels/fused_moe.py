@@ -923,12 +923,10 @@ def _triton_forward(x, cw, w1, b1, w2, b2, meta, K, swiglu, need_grad):
     hpre, act = _launch_gemm1(x, w1, b1, meta, K, H, swiglu, store_hpre=need_grad)
     cfg = _pick_config("gemm2", TK / meta.E, D, H, x.dtype, False)
     split = decode_split_k(TK, meta.E, D, H, cfg)
-    if split > 1:  # fp32 partials over chunks of H, added in a fixed order by the combine (no kernel of their own)
-        yslot = torch.empty(split, TK, D, dtype=torch.float32, device=x.device)
-        _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot, split, cfg)
-    else:
-        yslot = torch.empty(TK, D, dtype=x.dtype, device=x.device)
-        _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot, cfg=cfg)
+    # split > 1: fp32 partials over chunks of H, added in a fixed order by the combine (no kernel of their own)
+    yslot = (torch.empty(split, TK, D, dtype=torch.float32, device=x.device) if split > 1
+             else torch.empty(TK, D, dtype=x.dtype, device=x.device))
+    _launch_gemm_scatter("gemm2", act, w2, b2, cw, meta, D, H, w2.stride(1), w2.stride(2), yslot, split, cfg)
     y = _combine(yslot, meta.valid, T, K, x.dtype)
     return y, hpre, act
 

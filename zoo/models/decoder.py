@@ -158,6 +158,8 @@ class DecoderBlock(nn.Module):
                                      qkv_bias=cfg.qkv_bias, out_bias=cfg.attn_out_bias, fused_qkv=cfg.fused_qkv,
                                      qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
         self.mlp_norm = None if cfg.parallel_residual else make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
+        # Structure, not the module type: whatever later sits in ``mlp`` here (a benchmark peer) counts as MoE too.
+        self.moe_position = moe
         if moe:
             self.mlp: nn.Module = MoELayer(cfg.dim, cfg.moe_mlp_dim or cfg.mlp_dim, cfg.moe, causal=True)
         else:
@@ -220,7 +222,7 @@ class DecoderLM(nn.Module):
         - ``True``: recompute whole blocks (least memory). An MoE layer then runs twice per step (forward and
           recompute), which CUDA graph trees cannot replay, so its compiled routing runs without CUDA graphs
           (:func:`zoo.moe.compiled.cuda_graphs_off`): one Python launch per kernel;
-        - ``"except_moe"``: recompute every block but the MLPs at MoE positions (``config.moe_layer_indices``),
+        - ``"except_moe"``: recompute every block but the MLPs at MoE positions (``DecoderBlock.moe_position``),
           whose activations are kept (for Phi-2x4's shape, ~136 MB a MoE layer for 3,328 tokens in bf16). Those
           layers run once per step, with their CUDA graphs. Whatever module sits at an MoE position is treated so
           (a benchmark peer swapped in there too)."""
@@ -285,11 +287,9 @@ class DecoderLM(nn.Module):
         else:
             slots, positions, attn_mask = cache.start_step(mask)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
-        checkpointing = self.gradient_checkpointing if self.training and torch.is_grad_enabled() and cache is None \
-            else False
-        moe_at = set(self.config.moe_layer_indices)
-        for i, block in enumerate(self.blocks):
-            if checkpointing == "except_moe" and i in moe_at:  # the MoE layer runs once, outside the checkpoint
+        checkpointing = self.training and torch.is_grad_enabled() and cache is None and self.gradient_checkpointing
+        for block in self.blocks:
+            if checkpointing == "except_moe" and block.moe_position:  # the MoE layer runs once, outside the checkpoint
                 residual, mlp_input = checkpoint(block.attention_part, x, cos, sin, attn_mask, use_reentrant=False)
                 x = residual + block.mlp(mlp_input, mask=mask, modality=modality)
             elif checkpointing:
