@@ -223,9 +223,9 @@ class DecoderLM(nn.Module):
           recompute), which CUDA graph trees cannot replay, so its compiled routing runs without CUDA graphs
           (:func:`zoo.moe.compiled.cuda_graphs_off`): one Python launch per kernel;
         - ``"except_moe"``: recompute every block but the MLPs at MoE positions (``DecoderBlock.moe_position``),
-          whose activations are kept (for Phi-2x4's shape, ~136 MB a MoE layer for 3,328 tokens in bf16). Those
-          layers run once per step, with their CUDA graphs. Whatever module sits at an MoE position is treated so
-          (a benchmark peer swapped in there too)."""
+          whose activations are kept (the fused path's pre-activation and activation, [T*k, H] each: ~0.27 GB a MoE
+          layer for Phi-2x4's shape, 3,328 tokens, bf16). Those layers run once per step, with their CUDA graphs.
+          Whatever module sits at an MoE position is treated so (a benchmark peer swapped in there too)."""
         return self._gradient_checkpointing
 
     @gradient_checkpointing.setter
