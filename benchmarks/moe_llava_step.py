@@ -31,6 +31,10 @@ balance loss, backward, AdamW update. They differ only in the MoE layers:
 ``--except-moe`` checkpoints the decoder blocks without their MoE layers (``DecoderLM.gradient_checkpointing =
 "except_moe"``), for every implementation: the MoE layers (or the peers in their place) run once per step and keep
 their activations; the zoo's then keep their CUDA graphs, which whole-block checkpointing turns off.
+``--peer-checkpointing blocks`` keeps whole-block checkpointing for the official algorithm (and ``ideal``) whatever
+the zoo does: how MoE-LLaVA trains (``--gradient_checkpointing True``: Hugging Face checkpoints whole decoder layers,
+the DeepSpeed MoE layer inside). ``free`` always follows the zoo's policy. With ``free`` in the run, the report also
+gives each MoE implementation's own cost: its step time over ``free``'s.
 
 Each implementation runs in its own process (a clean peak-memory count). Reported: median step time over
 ``--steps`` after ``--warmup`` steps (CUDA-synchronised wall time), tokens/s = batch x (576 + text tokens) / step,
@@ -55,6 +59,8 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 TARGET = 2.0
+# the decoder's gradient_checkpointing values as the report names them
+CHECKPOINTING_NAMES = {True: "whole blocks", "except_moe": "all but the MoE layers", False: "none"}
 IMPLS = ("zoo", "deepspeed", "ideal", "free")
 
 
@@ -77,13 +83,42 @@ def build(args):
             peer = {"ideal": moe_peers.IdealTop2Experts, "free": moe_peers.FreeMoE}[args.impl]
             swapped = moe_peers.replace_moe_layers(model.decoder, peer)
         assert swapped > 0, "the preset has no MoE layers to compare"
+    if args.frozen_bf16:
+        store_frozen_matmul_weights_in_bf16(model)
+    if args.fused_backend != "auto":
+        force_fused_backend(args.fused_backend)
     return model.train()
 
 
 def checkpointing(args):
     """The decoder's ``gradient_checkpointing`` for this run: whole blocks (default), all but the MoE layers
-    (``--except-moe``: the same for every implementation, the peers sit where the MoE layers were) or none."""
+    (``--except-moe``: the peers sit where the MoE layers were) or none; ``--peer-checkpointing`` sets the official
+    algorithm's and ``ideal``'s apart (``free`` is the zoo without MoE cost: it follows the zoo)."""
+    if args.impl in ("deepspeed", "ideal") and args.peer_checkpointing is not None:
+        return {"blocks": True, "except_moe": "except_moe", "none": False}[args.peer_checkpointing]
     return False if args.no_checkpointing else ("except_moe" if args.except_moe else True)
+
+
+def store_frozen_matmul_weights_in_bf16(model) -> None:
+    """``--frozen-bf16``: every Linear / Conv2d whose own parameters are all frozen keeps them in bf16. Under bf16
+    autocast its output is the same bits (autocast casts those weights to bf16 at every use, forward and checkpoint
+    recompute); only the casts go, as in a DeepSpeed bf16 run, which stores all weights in bf16. For every
+    implementation alike; ``train.py`` does not do this (its frozen weights stay fp32)."""
+    from torch import nn
+
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and own and not any(p.requires_grad for p in own):
+            m.to(torch.bfloat16)
+
+
+def force_fused_backend(backend: str) -> None:
+    """``--fused-backend``: the zoo's fused expert kernels use ``backend`` at every shape instead of
+    :func:`zoo.kernels.fused_moe.auto_backend`'s per-shape rule (to measure the rule's choice against the others)."""
+    import importlib
+
+    kernels = importlib.import_module("zoo.kernels.fused_moe")  # the module (zoo.kernels.fused_moe is its function)
+    kernels.choose_backend = lambda *shape: backend
 
 
 def batch(model, args, gen):
@@ -264,14 +299,16 @@ def write_report(data: dict, out: Path) -> None:
              "routers (stage III's freeze spec); random weights and inputs (`benchmarks/moe_llava_step.py`).", "",
              f"Target: zoo >= {TARGET:.0f}x the tokens/s of the official algorithm (DeepSpeed 0.9.5 top-2 einsum "
              "dispatch, `benchmarks/moe_peers.py:DeepSpeedTop2MoE`).", "",
-             "| impl | preset | decoder blocks | batch | tokens/step | step ms (median) | tokens/s | peak GB | trainable params |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| impl | preset | decoder blocks | batch | tokens/step | checkpointing | step ms (median) | tokens/s | peak GB "
+             "| trainable params |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         if "error" in r:
-            lines.append(f"| {r['impl']} | failed: {r['error'][:200]} |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['impl']} | failed: {r['error'][:200]} |  |  |  |  |  |  |  |  |")
             continue
         peak = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "n/a"
-        lines.append(f"| {r['impl']} | {r['preset']} | {r.get('decoder_depth', '')} | {r['batch']} | {r['tokens_per_step']} | {r['step_ms']:.1f} | "
+        lines.append(f"| {r['impl']} | {r['preset']} | {r.get('decoder_depth', '')} | {r['batch']} | {r['tokens_per_step']} | "
+                     f"{CHECKPOINTING_NAMES[r['gradient_checkpointing']]} | {r['step_ms']:.1f} | "
                      f"{r['tokens_per_s']:.0f} | {peak} | {r['trainable_params']:,} |")
     def over_official(impl: str, key: str):
         """tokens/s of ``impl`` / the official algorithm's, stored as ``data[key]``; None if either did not run."""
@@ -303,6 +340,13 @@ def write_report(data: dict, out: Path) -> None:
                   f"algorithm's tokens/s: no MoE-layer implementation can exceed that here (target "
                   f"{TARGET:.0f}x: {'reachable' if ceiling >= TARGET else 'out of reach'} by MoE-layer work "
                   f"alone{shared})."]
+        if "zoo" in rows:  # the MoE layers alone: each step's time over the free step's (their optimizer update too)
+            free = rows["free"]["step_ms"]
+            data["moe_layers_ms"] = {impl: rows[impl]["step_ms"] - free for impl in ("zoo", "deepspeed")}
+            zoo_ms, official_ms = data["moe_layers_ms"]["zoo"], data["moe_layers_ms"]["deepspeed"]
+            lines.append(f"The MoE layers alone (step time over `free`'s, their optimizer update included): the "
+                         f"zoo's {zoo_ms:.1f} ms, the official algorithm's {official_ms:.1f} ms "
+                         f"({official_ms / zoo_ms:.2f}x).")
     profiled = {impl: r["profile"] for impl, r in rows.items() if r.get("profile")}
     if profiled:
         impls = list(profiled)
@@ -346,6 +390,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--except-moe", action="store_true",
                     help="checkpoint the decoder blocks except their MoE layers, which run once per step (with "
                          "their CUDA graphs, for the zoo) and keep their activations; for every implementation")
+    ap.add_argument("--peer-checkpointing", choices=("blocks", "except_moe", "none"),
+                    help="the official algorithm's (and ideal's) checkpointing when it differs from the zoo's: "
+                         "'blocks' is how MoE-LLaVA trains (Hugging Face checkpointing of whole decoder layers, "
+                         "the DeepSpeed MoE layer inside); default: the zoo's")
+    ap.add_argument("--frozen-bf16", action="store_true",
+                    help="frozen Linear / Conv2d weights stored in bf16, for every implementation (the same bits "
+                         "under bf16 autocast, without its casts)")
+    ap.add_argument("--fused-backend", choices=("auto", "hybrid", "grouped_mm", "triton"), default="auto",
+                    help="the zoo's fused expert-GEMM backend at every shape (default: the per-shape rule)")
     ap.add_argument("--impl", choices=IMPLS, help="run one implementation in this process (else: each in its own)")
     ap.add_argument("--impls", default=",".join(IMPLS),
                     help="which implementations to run, each in its own process, comma-separated (default: all)")

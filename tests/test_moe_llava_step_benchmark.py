@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -59,3 +61,50 @@ def test_step_benchmark_except_moe_checkpointing():
     for impl in ("zoo", "deepspeed"):
         row = module.main([*common, "--impl", impl])
         assert row["gradient_checkpointing"] == "except_moe" and row["final_loss"] > 0, impl
+
+
+def test_step_benchmark_peer_checkpointing_frozen_bf16_and_the_moe_layers_alone(tmp_path):
+    """--peer-checkpointing sets the official algorithm's policy apart from the zoo's (MoE-LLaVA checkpoints whole
+    layers); free follows the zoo. The report names each row's policy and the MoE layers' own cost over free.
+    --frozen-bf16 stores exactly the frozen Linear / Conv2d weights in bf16 (run under CPU bf16 autocast)."""
+    from tests.conftest import load_benchmark
+
+    module = load_benchmark("moe_llava_step")
+    common = ["--preset", "moe_llava_tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch", "2",
+              "--text-tokens", "8", "--except-moe", "--peer-checkpointing", "blocks"]
+    data = module.main([*common, "--frozen-bf16", "--impls", "zoo,free,deepspeed", "--out", str(tmp_path)])
+    rows = {r["impl"]: r for r in data["results"]}
+    assert not any("error" in r for r in rows.values()), rows
+    assert [rows[i]["gradient_checkpointing"] for i in ("zoo", "free", "deepspeed")] == ["except_moe", "except_moe",
+                                                                                          True]
+    assert data["moe_layers_ms"] == {i: rows[i]["step_ms"] - rows["free"]["step_ms"] for i in ("zoo", "deepspeed")}
+    report = (tmp_path / "moe_llava_step.md").read_text()
+    assert "| all but the MoE layers |" in report and "| whole blocks |" in report and "The MoE layers alone" in report
+
+    args = module.main.__globals__["argparse"].Namespace(
+        preset="moe_llava_tiny", device="cpu", decoder_depth=None, impl="zoo", no_checkpointing=False,
+        except_moe=False, peer_checkpointing=None, frozen_bf16=True, fused_backend="auto")
+    model = module.build(args)
+    for name, p in model.named_parameters():
+        owner = model.get_submodule(name.rsplit(".", 1)[0])
+        matmul = isinstance(owner, (torch.nn.Linear, torch.nn.Conv2d))
+        want = torch.bfloat16 if matmul and not any(q.requires_grad for q in owner.parameters(recurse=False)) \
+            else torch.float32
+        assert p.dtype == want, name
+    assert any(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_force_fused_backend_replaces_the_per_shape_rule(monkeypatch):
+    """--fused-backend: every shape gets the named backend, where the rule would pick by shape."""
+    import importlib
+
+    from tests.conftest import load_benchmark
+
+    kernels = importlib.import_module("zoo.kernels.fused_moe")
+
+    monkeypatch.setattr(kernels, "choose_backend", kernels.choose_backend)  # undone after the test
+    x = torch.zeros(4, 8)
+    assert kernels.choose_backend(x, 4, 2, 4, 8, 16, "gelu_tanh") == "triton"  # CPU: no grouped_mm
+    load_benchmark("moe_llava_step").force_fused_backend("grouped_mm")
+    assert kernels.choose_backend(x, 4, 2, 4, 8, 16, "gelu_tanh") == "grouped_mm"
