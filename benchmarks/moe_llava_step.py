@@ -70,6 +70,8 @@ def build(args):
 
     with torch.device(args.device):  # build on the device: initialising billions of weights on the CPU takes minutes
         overrides = {} if args.decoder_depth is None else {"decoder.depth": args.decoder_depth}
+        if args.no_moe_cuda_graphs:
+            overrides["decoder.moe.cuda_graphs"] = False
         model = zoo.create_model(args.preset, **overrides)
     model.decoder.gradient_checkpointing = checkpointing(args)
     apply_freeze(model, moe_tuning_stage(3))
@@ -397,6 +399,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--frozen-bf16", action="store_true",
                     help="frozen Linear / Conv2d weights stored in bf16, for every implementation (the same bits "
                          "under bf16 autocast, without its casts)")
+    ap.add_argument("--no-moe-cuda-graphs", action="store_true",
+                    help="the zoo's MoE layers compile their routing but replay no CUDA graphs "
+                         "(MoEConfig.cuda_graphs=False)")
     ap.add_argument("--fused-backend", choices=("auto", "hybrid", "grouped_mm", "triton"), default="auto",
                     help="the zoo's fused expert-GEMM backend at every shape (default: the per-shape rule)")
     ap.add_argument("--impl", choices=IMPLS, help="run one implementation in this process (else: each in its own)")
