@@ -85,6 +85,9 @@ def build(args):
             peer = {"ideal": moe_peers.IdealTop2Experts, "free": moe_peers.FreeMoE}[args.impl]
             swapped = moe_peers.replace_moe_layers(model.decoder, peer)
         assert swapped > 0, "the preset has no MoE layers to compare"
+    if args.compile:  # the zoo's training option (InstructTask(compile=True)), for every implementation alike
+        model.decoder.compile_blocks = True
+        model.compile_tower = True
     if args.frozen_bf16:
         store_frozen_matmul_weights_in_bf16(model)
     if args.fused_backend != "auto":
@@ -396,6 +399,9 @@ def main(argv=None) -> dict:
                     help="the official algorithm's (and ideal's) checkpointing when it differs from the zoo's: "
                          "'blocks' is how MoE-LLaVA trains (Hugging Face checkpointing of whole decoder layers, "
                          "the DeepSpeed MoE layer inside); default: the zoo's")
+    ap.add_argument("--compile", action="store_true",
+                    help="the decoder blocks and the vision tower through torch.compile (DecoderLM.compile_blocks, "
+                         "MoELLaVA.compile_tower: the tasks' compile option), for every implementation")
     ap.add_argument("--frozen-bf16", action="store_true",
                     help="frozen Linear / Conv2d weights stored in bf16, for every implementation (the same bits "
                          "under bf16 autocast, without its casts)")

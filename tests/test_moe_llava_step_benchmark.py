@@ -67,7 +67,7 @@ def test_step_benchmark_peer_checkpointing_frozen_bf16_and_the_moe_layers_alone(
     """--peer-checkpointing sets the official algorithm's policy apart from the zoo's (MoE-LLaVA checkpoints whole
     layers); free follows the zoo. The report names each row's policy and the MoE layers' own cost over free.
     --frozen-bf16 stores exactly the frozen Linear / Conv2d weights in bf16 (run under CPU bf16 autocast);
-    --no-moe-cuda-graphs reaches the MoE layers' config."""
+    --no-moe-cuda-graphs reaches the MoE layers' config, --compile the model's compile options."""
     from tests.conftest import load_benchmark
 
     module = load_benchmark("moe_llava_step")
@@ -84,8 +84,10 @@ def test_step_benchmark_peer_checkpointing_frozen_bf16_and_the_moe_layers_alone(
 
     args = module.main.__globals__["argparse"].Namespace(
         preset="moe_llava_tiny", device="cpu", decoder_depth=None, impl="zoo", no_checkpointing=False,
-        except_moe=False, peer_checkpointing=None, frozen_bf16=True, fused_backend="auto", no_moe_cuda_graphs=True)
+        except_moe=False, peer_checkpointing=None, frozen_bf16=True, fused_backend="auto", no_moe_cuda_graphs=True,
+        compile=True)
     model = module.build(args)
+    assert model.decoder.compile_blocks and model.compile_tower
     assert {b.mlp.config.cuda_graphs for b in model.decoder.blocks if b.moe_position} == {False}
     for name, p in model.named_parameters():
         owner = model.get_submodule(name.rsplit(".", 1)[0])

@@ -113,3 +113,35 @@ def test_lora_is_a_freeze_group_of_every_family():
     apply_freeze(model, ["routers", "lora"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == lora_parameter_names(model) | {n for n, _ in groups["routers"]}
+
+
+def test_compile_tower_runs_the_frozen_tower_compiled_while_training_only(monkeypatch):
+    """``MoELLaVA.compile_tower``: while training, the (frozen, no-autograd) tower's forward goes through one compiled
+    function and gives the eager tower's features; in eval it runs as it is. The task's ``compile`` sets it and the
+    decoder's ``compile_blocks``."""
+    from zoo.models import moe_llava as module
+    from zoo.moe import compiled
+    from zoo.tasks.instruct import InstructTask
+
+    monkeypatch.setattr(compiled, "_COMPILED_ONCE", {})
+    asked = []
+
+    def spy(fn):
+        asked.append(fn.__name__)
+        return compiled.compiled_once(fn)
+
+    monkeypatch.setattr(module, "compiled_once", spy)
+    torch.manual_seed(0)
+    model = zoo.create_model("moe_llava_tiny").train()
+    images = _images(model, 2)
+    eager = model.encode_images(images)
+    assert asked == []
+    model.compile_tower = True
+    torch.testing.assert_close(model.encode_images(images), eager, rtol=1e-4, atol=1e-5)
+    assert asked == ["_tower_forward"] and not any(p.requires_grad for p in model.vision_tower.parameters())
+    asked.clear()
+    model.eval().encode_images(images)
+    assert asked == []
+    task = InstructTask("moe_llava_tiny", compile=True)
+    assert task.model.compile_tower is True and task.model.decoder.compile_blocks is True
+    assert InstructTask("moe_llava_tiny").model.compile_tower is False

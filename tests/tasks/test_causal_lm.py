@@ -342,3 +342,50 @@ def test_strategies_writing_sharded_checkpoint_folders_are_refused_with_the_sett
         refuse_sharded_checkpoints(FSDPStrategy(state_dict_type="sharded"))
     for ok in (ModelParallelStrategy(save_distributed_checkpoint=False), FSDPStrategy(), DDPStrategy()):
         refuse_sharded_checkpoints(ok)
+
+
+@pytest.mark.parametrize("ckpt", [False, True, "except_moe"])
+def test_compile_blocks_gives_the_same_loss_and_gradients_and_compiles_only_while_training(ckpt, monkeypatch):
+    """``DecoderLM.compile_blocks``: dense blocks run as one compiled call, MoE blocks' attention parts compiled and
+    their MoE layers as always, under every checkpointing policy; loss and gradients equal the eager run's (inductor
+    may round differently); evaluation does not compile."""
+    from zoo.models import decoder as decoder_module
+    from zoo.moe import compiled
+
+    monkeypatch.setattr(compiled, "_COMPILED_ONCE", {})
+    asked = []
+
+    def spy(fn):
+        asked.append(fn.__name__)
+        return compiled.compiled_once(fn)
+
+    monkeypatch.setattr(decoder_module, "compiled_once", spy)
+    ids = torch.randint(0, 512, (2, 10))
+    runs = {}
+    for compile_blocks in (False, True):
+        torch.manual_seed(0)
+        model = zoo.create_model("decoder_tiny_moe").train()
+        model.gradient_checkpointing = ckpt
+        model.compile_blocks = compile_blocks
+        out = model(ids)
+        loss = out.logits.square().mean() + out.aux_loss
+        loss.backward()
+        runs[compile_blocks] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                if p.grad is not None})
+    assert set(asked) == {"_dense_block", "_attention_part"}
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
+    assert runs[True][1].keys() == runs[False][1].keys() and len(runs[False][1]) > 10
+    for name, g in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    asked.clear()
+    with torch.no_grad():
+        model.eval()(ids)
+    assert asked == []
+
+
+def test_compile_blocks_values_are_checked_and_the_task_sets_them():
+    model = zoo.create_model("decoder_tiny_moe")
+    with pytest.raises(ValueError, match="compile_blocks must be True or False"):
+        model.compile_blocks = "yes"
+    assert CausalLMTask(model="decoder_tiny_moe", vocab_size=50, compile=True).model.compile_blocks is True
+    assert CausalLMTask(model="decoder_tiny_moe", vocab_size=50).model.compile_blocks is False

@@ -30,7 +30,7 @@ from zoo.layers.rope import RotaryEmbedding
 from zoo.models.output import ModelOutput
 from zoo.models.transformer import resolve_moe_layers
 from zoo.moe import MoEConfig, MoELayer
-from zoo.moe.compiled import cuda_graphs_off
+from zoo.moe.compiled import compiled_once, cuda_graphs_off
 from zoo.moe.layer import collect_moe_aux
 
 # DecoderLM.gradient_checkpointing's values: keep everything, recompute whole blocks, recompute all but MoE layers
@@ -208,8 +208,9 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(cfg, self.rope, i, i in moe_at) for i in range(cfg.depth))
         self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=cfg.lm_head_bias)
-        # Training-time memory option (not part of the architecture, so not in the config): see the property.
+        # Training-time options (not part of the architecture, so not in the config): see the properties.
         self.gradient_checkpointing = False
+        self.compile_blocks = False
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -233,6 +234,29 @@ class DecoderLM(nn.Module):
         if value not in GRADIENT_CHECKPOINTING:
             raise ValueError(f"gradient_checkpointing must be one of {GRADIENT_CHECKPOINTING}, got {value!r}")
         self._gradient_checkpointing = value
+
+    @property
+    def compile_blocks(self) -> bool:
+        """Run the blocks through ``torch.compile`` while training (autograd recording, no cache); evaluation and
+        generation run them as they are (generation compiles its own step).
+
+        Why: eager PyTorch launches a training step's norms, RoPE, residual adds, autocast casts and MLP epilogues one
+        kernel at a time; inductor fuses them, which cut 12 ms of the 130 ms stage-III Phi-2x4 step with the official
+        MoE algorithm on the H200 and makes the zoo's step less bound by the host (session 16,
+        ``benchmarks/results/moe_llava_step.md``). One compiled function serves every block (the block is an
+        argument; dynamo does not specialise on it), inside each block's checkpoint where there is one.
+
+        A dense block is one compiled call. At an MoE position only the attention part is compiled: the MoE layer
+        runs as always (its routing compiled by itself), but without CUDA graphs (:func:`~zoo.moe.compiled.
+        cuda_graphs_off`): with the blocks compiled around them, CUDA graph trees reported an output of the MoE
+        layer's graph overwritten by a later replay (session 16, H200)."""
+        return self._compile_blocks
+
+    @compile_blocks.setter
+    def compile_blocks(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"compile_blocks must be True or False, got {value!r}")
+        self._compile_blocks = value
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) linear / embedding / expert weights, zero biases, unit norms."""
@@ -288,8 +312,11 @@ class DecoderLM(nn.Module):
             slots, positions, attn_mask = cache.start_step(mask)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         checkpointing = self.training and torch.is_grad_enabled() and cache is None and self.gradient_checkpointing
+        compiled = self.compile_blocks and self.training and torch.is_grad_enabled() and cache is None
         for block in self.blocks:
-            if checkpointing == "except_moe" and block.moe_position:  # the MoE layer runs once, outside the checkpoint
+            if compiled:
+                x = _compiled_block(block, checkpointing, x, mask, cos, sin, attn_mask, modality)
+            elif checkpointing == "except_moe" and block.moe_position:  # the MoE layer runs once, outside the checkpoint
                 residual, mlp_input = checkpoint(block.attention_part, x, cos, sin, attn_mask, use_reentrant=False)
                 x = residual + block.mlp(mlp_input, mask=mask, modality=modality)
             elif checkpointing:
@@ -329,6 +356,40 @@ class DecoderLM(nn.Module):
         from zoo.models.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
+
+
+def _attention_part(block: DecoderBlock, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor):
+    return block.attention_part(x, cos, sin, attn_mask)
+
+
+def _dense_block(block: DecoderBlock, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor) -> Tensor:
+    return block(x, mask, cos, sin, attn_mask)
+
+
+def _moe_block(block: DecoderBlock, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
+               modality: Optional[Tensor]) -> Tensor:
+    """An MoE block with its attention part compiled; the MoE layer without CUDA graphs (entered here, inside any
+    checkpoint, so that the recompute runs the same way)."""
+    residual, mlp_input = compiled_once(_attention_part)(block, x, cos, sin, attn_mask)
+    with cuda_graphs_off():
+        return residual + block.mlp(mlp_input, mask=mask, modality=modality)
+
+
+def _compiled_block(block: DecoderBlock, checkpointing: Union[bool, str], x: Tensor, mask: Tensor, cos: Tensor,
+                    sin: Tensor, attn_mask: Tensor, modality: Optional[Tensor]) -> Tensor:
+    """One block of a training forward with ``DecoderLM.compile_blocks``, checkpointed as ``checkpointing`` says."""
+    if not block.moe_position:
+        if checkpointing:
+            return checkpoint(compiled_once(_dense_block), block, x, mask, cos, sin, attn_mask, use_reentrant=False)
+        return compiled_once(_dense_block)(block, x, mask, cos, sin, attn_mask)
+    if checkpointing == "except_moe":  # the attention part recomputed, the MoE layer run once
+        residual, mlp_input = checkpoint(compiled_once(_attention_part), block, x, cos, sin, attn_mask,
+                                         use_reentrant=False)
+        with cuda_graphs_off():
+            return residual + block.mlp(mlp_input, mask=mask, modality=modality)
+    if checkpointing:
+        return checkpoint(_moe_block, block, x, mask, cos, sin, attn_mask, modality, use_reentrant=False)
+    return _moe_block(block, x, mask, cos, sin, attn_mask, modality)
 
 
 def _block_without_cuda_graphs(block: nn.Module, *args: Any) -> Tensor:

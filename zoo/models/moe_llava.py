@@ -31,6 +31,7 @@ Where the zoo differs from the official code (DeepSpeed 0.9.5's ``top2gating``) 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -43,6 +44,7 @@ from zoo.models.freeze import run_tower
 from zoo.models.multimodal import (IGNORE_INDEX, IMAGE_TOKEN_ID, NUM_MODALITIES, MultimodalOutput, SplicedBatch,
                                    shifted_lm_loss, splice_media)
 from zoo.models.towers import VisionTower, VisionTowerConfig
+from zoo.moe.compiled import compiled_once
 from zoo.registry import CardInfo
 
 __all__ = ["MoELLaVAConfig", "MoELLaVA", "IMAGE_TOKEN_ID", "IGNORE_INDEX"]
@@ -78,6 +80,10 @@ class MoELLaVAConfig:
             raise ValueError(f"tokenizer_model_max_length must be >= 1 or None, got {self.tokenizer_model_max_length}")
 
 
+def _tower_forward(tower: nn.Module, images: Tensor) -> Tensor:
+    return tower(images)
+
+
 class MoELLaVA(nn.Module):
     """``forward(input_ids [B, L], attention_mask [B, L] | None, images [B, 3, H, W] | None, labels [B, L] | None)
     -> MultimodalOutput`` (:mod:`zoo.models.multimodal`): ``logits [B, S', V]`` over the spliced right-padded
@@ -89,6 +95,10 @@ class MoELLaVA(nn.Module):
     that names ``vision_tower`` trains it), ``projector.{0,2}.*`` (:class:`Projector`), ``decoder.*``
     (:class:`DecoderLM`). The tower runs without autograd while none of its parameters requires a gradient (the
     official tower is always under ``no_grad``).
+
+    Training-time options: ``compile_tower`` (the tower's forward through ``torch.compile`` while training) and the
+    decoder's ``gradient_checkpointing`` / ``compile_blocks`` (:class:`DecoderLM`); the tasks set them from their
+    ``gradient_checkpointing`` and ``compile`` arguments.
     """
 
     def __init__(self, config: MoELLaVAConfig) -> None:
@@ -98,6 +108,9 @@ class MoELLaVA(nn.Module):
         self.projector = Projector(config.projector, self.vision_tower.out_dim, config.decoder.dim)
         self.decoder = DecoderLM(config.decoder)
         self.vision_tower.requires_grad_(False)
+        # Training-time option (not architecture, so not in the config): the tower's forward through torch.compile
+        # while training (inductor fuses its norms, casts and epilogues; ~24 eager blocks launch-bound otherwise).
+        self.compile_tower = False
 
     # ------------------------------------------------------------------------------------------------ pieces
     def encode_images(self, images: Tensor) -> Tensor:
@@ -105,7 +118,9 @@ class MoELLaVA(nn.Module):
         tower_dtype = self.vision_tower.pos_embed.dtype
         if isinstance(images, Tensor) and images.is_floating_point():
             images = images.to(tower_dtype)
-        features = run_tower(self.vision_tower, images)
+        call = (functools.partial(compiled_once(_tower_forward), self.vision_tower)
+                if self.compile_tower and self.training else None)
+        features = run_tower(self.vision_tower, images, call=call)
         return self.projector(features.to(self.projector[0].weight.dtype))
 
     def prepare_inputs(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,

@@ -116,6 +116,19 @@ def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device,
     return compiled
 
 
+_COMPILED_ONCE: dict[Callable, Callable] = {}
+
+
+def compiled_once(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` (default mode: no CUDA graphs), built on first use and shared by every caller in the
+    process: the compiled decoder blocks and vision tower (``DecoderLM.compile_blocks``, ``MoELLaVA.compile_tower``)
+    pass the module as an argument, and dynamo does not specialise on it, so one graph serves every block."""
+    compiled = _COMPILED_ONCE.get(fn)
+    if compiled is None:
+        compiled = _COMPILED_ONCE[fn] = torch.compile(fn)
+    return compiled
+
+
 def _backend_compile_errors() -> tuple[type[BaseException], ...]:
     # A compiler backend that fails (e.g. torch 2.11's inductor emitting C++ that does not build for one kernel on an
     # AVX-512 host) raises one of these, before the graph runs.
