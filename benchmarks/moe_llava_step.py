@@ -244,13 +244,20 @@ def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 8) -> tuple[fl
 
 def profile_steps(model, step, args, steps: int = 3) -> dict:
     """Where a step's time goes (``--profile DIR``): the median ms of each phase over ``steps`` steps (the frozen
-    vision tower's forward apart, through hooks on it), and one ``torch.profiler`` table of the kernels / ops by self
+    vision tower and projector apart), and one ``torch.profiler`` table of the kernels / ops by self
     device time over two more steps, written to ``DIR/moe_llava_step_profile_<impl>.txt``; its top rows (ms per
     step) come back in the result."""
     cuda = args.device == "cuda"
     timer = PhaseTimer(cuda)
-    hooks = [model.vision_tower.register_forward_pre_hook(lambda *_: timer.mark("forward: before the tower")),
-             model.vision_tower.register_forward_hook(lambda *_: timer.mark("forward: vision tower"))]
+    encode_images = model.encode_images
+
+    def timed_encode_images(images):  # not module hooks: a compiled tower (--compile) does not run them
+        timer.mark("forward: before the tower")
+        features = encode_images(images)
+        timer.mark("forward: vision tower + projector")
+        return features
+
+    model.encode_images = timed_encode_images
     try:
         for i in range(steps):
             if cuda:
@@ -258,8 +265,7 @@ def profile_steps(model, step, args, steps: int = 3) -> dict:
             timer.start()
             step(i, timer)
     finally:
-        for h in hooks:
-            h.remove()
+        del model.encode_images  # the method again
     phases = {name: round(statistics.median(ms), 2) for name, ms in timer.ms.items()}
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     profiled = 2

@@ -241,10 +241,11 @@ class DecoderLM(nn.Module):
         generation run them as they are (generation compiles its own step).
 
         Why: eager PyTorch launches a training step's norms, RoPE, residual adds, autocast casts and MLP epilogues one
-        kernel at a time; inductor fuses them, which cut 12 ms of the 130 ms stage-III Phi-2x4 step with the official
-        MoE algorithm on the H200 and makes the zoo's step less bound by the host (session 16,
-        ``benchmarks/results/moe_llava_step.md``). One compiled function serves every block (the block is an
-        argument; dynamo does not specialise on it), inside each block's checkpoint where there is one.
+        kernel at a time; inductor fuses them. With the tower compiled too (``MoELLaVA.compile_tower``), the
+        stage-III Phi-2x4 step (8 blocks) went from 92.4 to 85.1 ms on an H200 whose host was the bottleneck (the
+        same step with cost-free MoE layers: 73.6 to 62.0 ms; session 16, ``benchmarks/results/moe_llava_step.md``).
+        One compiled function serves every block (the block is an argument; dynamo does not specialise on it),
+        inside each block's checkpoint where there is one.
 
         A dense block is one compiled call. At an MoE position only the attention part is compiled: the MoE layer
         runs as always (its routing compiled by itself), but without CUDA graphs (:func:`~zoo.moe.compiled.
