@@ -2,8 +2,12 @@
 """The stage-III step across lease machines: one PNG, one group of bars per run of benchmarks/moe_llava_step.py
 (the zoo, the step with cost-free MoE layers, the official algorithm), each group labelled with zoo / official.
 
-    R=benchmarks/results; python benchmarks/moe_llava_step_plot.py --out $R/moe_llava_step_session16.png \\
-        "call 1=$R/moe_llava_step_session16.json:x+w" "call 3=$R/moe_llava_step_session16.json:H" ...
+    R=benchmarks/results; S=$R/moe_llava_step_session16.json
+    python benchmarks/moe_llava_step_plot.py --out $R/moe_llava_step_session16.png "call 3=$S:H" \\
+        "call 3\\n--frozen-bf16=$S:F" "call 4=$S:H2" "call 5=$S:H3" "call 5\\n--compile=$S:K" \\
+        "call 6\\n--compile=$S:K3" "call 3\\nbatch 8=$S:H8"
+
+(``\\n`` in a label breaks the line.)
 
 Each run is ``LABEL=JSON[:RUN[+RUN...]]``: a report of moe_llava_step.py, or a session file holding several
 (``{"runs": [{"run": NAME, "results": [...]}, ...]}``) with the names of the runs to merge (rows of later runs
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 BARS = (("zoo", "zoo"), ("free", "MoE layers free (ceiling)"), ("deepspeed", "official algorithm"))
@@ -56,8 +59,9 @@ def plot(runs: list[tuple[str, dict[str, dict]]], out: Path, target: float = 2.0
         if {"zoo", "deepspeed"} <= set(rows):
             ratio = rows["deepspeed"]["step_ms"] / rows["zoo"]["step_ms"]
             top = max(r["step_ms"] for r in rows.values())
-            shown = math.floor(ratio * 100) / 100  # rounded down: 1.998x must not read as the 2x target
-            ax.text(i, top * 1.03, f"{shown:.2f}x", ha="center", fontsize=9,
+            # one more digit where rounding would reach the target: 1.998x must not read as 2.00x
+            shown = f"{ratio:.3f}x" if ratio < target <= round(ratio, 2) else f"{ratio:.2f}x"
+            ax.text(i, top * 1.03, shown, ha="center", fontsize=9,
                     color="tab:green" if ratio >= target else "tab:red")
     ax.set_xticks(range(len(runs)), [label for label, _ in runs], fontsize=8)
     ax.set_ylabel("training step time (ms, median)")
