@@ -66,3 +66,25 @@ def data_missing() -> Callable[[str], None]:
     """``data_missing(reason)``: for a test that found its real data absent by other means (e.g. a datamodule's
     FileNotFoundError): skip with the reason, or fail under ``CI=true``."""
     return _missing_data
+
+
+@pytest.fixture
+def spy_compiled_once(monkeypatch) -> Callable[[ModuleType], list]:
+    """``spy(module)``: ``module``'s ``compiled_once`` (:func:`zoo.moe.compiled.compiled_once`, as the module imported
+    it) records the name of every function it is asked to compile, in the list returned; the cache of compiled
+    functions starts empty, so every use is seen (undone after the test)."""
+    from zoo.moe import compiled
+
+    monkeypatch.setattr(compiled, "_COMPILED_ONCE", {})
+
+    def spy(module: ModuleType) -> list:
+        asked: list = []
+
+        def recording(fn):
+            asked.append(fn.__name__)
+            return compiled.compiled_once(fn)
+
+        monkeypatch.setattr(module, "compiled_once", recording)
+        return asked
+
+    return spy

@@ -115,22 +115,14 @@ def test_lora_is_a_freeze_group_of_every_family():
     assert trainable == lora_parameter_names(model) | {n for n, _ in groups["routers"]}
 
 
-def test_compile_tower_runs_the_frozen_tower_compiled_while_training_only(monkeypatch):
+def test_compile_tower_runs_the_frozen_tower_compiled_while_training_only(spy_compiled_once):
     """``MoELLaVA.compile_tower``: while training, the (frozen, no-autograd) tower's forward goes through one compiled
     function and gives the eager tower's features; in eval it runs as it is. The task's ``compile`` sets it and the
     decoder's ``compile_blocks``."""
     from zoo.models import moe_llava as module
-    from zoo.moe import compiled
     from zoo.tasks.instruct import InstructTask
 
-    monkeypatch.setattr(compiled, "_COMPILED_ONCE", {})
-    asked = []
-
-    def spy(fn):
-        asked.append(fn.__name__)
-        return compiled.compiled_once(fn)
-
-    monkeypatch.setattr(module, "compiled_once", spy)
+    asked = spy_compiled_once(module)
     torch.manual_seed(0)
     model = zoo.create_model("moe_llava_tiny").train()
     images = _images(model, 2)

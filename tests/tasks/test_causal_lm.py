@@ -345,21 +345,13 @@ def test_strategies_writing_sharded_checkpoint_folders_are_refused_with_the_sett
 
 
 @pytest.mark.parametrize("ckpt", [False, True, "except_moe"])
-def test_compile_blocks_gives_the_same_loss_and_gradients_and_compiles_only_while_training(ckpt, monkeypatch):
+def test_compile_blocks_gives_the_same_loss_and_gradients_and_compiles_only_while_training(ckpt, spy_compiled_once):
     """``DecoderLM.compile_blocks``: dense blocks run as one compiled call, MoE blocks' attention parts compiled and
     their MoE layers as always, under every checkpointing policy; loss and gradients equal the eager run's (inductor
     may round differently); evaluation does not compile."""
     from zoo.models import decoder as decoder_module
-    from zoo.moe import compiled
 
-    monkeypatch.setattr(compiled, "_COMPILED_ONCE", {})
-    asked = []
-
-    def spy(fn):
-        asked.append(fn.__name__)
-        return compiled.compiled_once(fn)
-
-    monkeypatch.setattr(decoder_module, "compiled_once", spy)
+    asked = spy_compiled_once(decoder_module)
     ids = torch.randint(0, 512, (2, 10))
     runs = {}
     for compile_blocks in (False, True):
