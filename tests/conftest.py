@@ -75,7 +75,7 @@ def spy_compiled_once(monkeypatch) -> Callable[[ModuleType], list]:
     functions starts empty, so every use is seen (undone after the test)."""
     from zoo.moe import compiled
 
-    monkeypatch.setattr(compiled, "_COMPILED_ONCE", {})
+    monkeypatch.setattr(compiled, "_COMPILED", {})
 
     def spy(module: ModuleType) -> list:
         asked: list = []

@@ -236,3 +236,31 @@ def test_a_compiler_backend_failure_falls_back_to_eager(monkeypatch):
     again = _run(fallback, x, None, None, 2)  # later calls go straight to eager: the compiler is not retried
     assert len(attempts) == tried
     torch.testing.assert_close(again[0], _run(eager, x, None, None, 2)[0])
+
+
+def test_compiled_once_is_one_shared_function_and_falls_back_to_eager(monkeypatch):
+    """compiled_once (the decoder's compiled blocks, the compiled tower): one compiled function per function for the
+    whole process, and on a compiler-backend failure a warning naming the option to turn off, then ``fn`` itself."""
+    import zoo.moe.compiled as compiled_mod
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    built = []
+
+    def broken_compile(fn, mode=None):
+        built.append((fn, mode))
+
+        def run(*args):
+            raise BackendCompilerFailed(lambda *a: None, RuntimeError("C++ compile error"), None)
+        return run
+
+    monkeypatch.setattr(compiled_mod, "_COMPILED", {})
+    monkeypatch.setattr(compiled_mod.torch, "compile", broken_compile)
+
+    def double(x):
+        return 2 * x
+
+    once = compiled_mod.compiled_once(double)
+    assert compiled_mod.compiled_once(double) is once and built == [(double, None)]
+    with pytest.warns(RuntimeWarning, match="failed in the compiler backend.*compile=False"):
+        assert once(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert compiled_mod.compiled_once(double) is double  # from then on, the function itself

@@ -106,26 +106,26 @@ def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device,
     if not compile_enabled(setting, device) or torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return fn
     mode = "reduce-overhead" if cuda_graphs_enabled(cuda_graphs, device) else None
+    return _compiled(fn, mode, "MoEConfig(compile_routing=False) skips compiling.")
+
+
+def compiled_once(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` (default mode: no CUDA graphs), built on first use and shared by every caller in the
+    process, falling back to ``fn`` if the compiler backend fails (as :func:`maybe_compiled`'s functions do). For the
+    compiled decoder blocks and vision tower (``DecoderLM.compile_blocks``, ``MoELLaVA.compile_tower``): they pass
+    the module as an argument, and dynamo does not specialise on it, so one graph serves every block."""
+    return _compiled(fn, None, "compile=False (DecoderLM.compile_blocks, MoELLaVA.compile_tower) skips compiling.")
+
+
+def _compiled(fn: Callable, mode: Optional[str], how_to_skip: str) -> Callable:
+    """The process's one compiled version of ``fn`` in ``mode``, built on first use."""
     compiled = _COMPILED.get((fn, mode))
     if compiled is None:
         compiled = torch.compile(fn, mode=mode)
         if mode is not None:
             compiled = _keeping_grads_out_of_graph_pool(compiled)
-        compiled = _eager_if_the_compiler_fails(compiled, fn, (fn, mode))
+        compiled = _eager_if_the_compiler_fails(compiled, fn, (fn, mode), how_to_skip)
         _COMPILED[(fn, mode)] = compiled
-    return compiled
-
-
-_COMPILED_ONCE: dict[Callable, Callable] = {}
-
-
-def compiled_once(fn: Callable) -> Callable:
-    """``torch.compile(fn)`` (default mode: no CUDA graphs), built on first use and shared by every caller in the
-    process: the compiled decoder blocks and vision tower (``DecoderLM.compile_blocks``, ``MoELLaVA.compile_tower``)
-    pass the module as an argument, and dynamo does not specialise on it, so one graph serves every block."""
-    compiled = _COMPILED_ONCE.get(fn)
-    if compiled is None:
-        compiled = _COMPILED_ONCE[fn] = torch.compile(fn)
     return compiled
 
 
@@ -141,7 +141,8 @@ def _backend_compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _eager_if_the_compiler_fails(compiled: Callable, fn: Callable, key: tuple[Callable, Optional[str]]) -> Callable:
+def _eager_if_the_compiler_fails(compiled: Callable, fn: Callable, key: tuple[Callable, Optional[str]],
+                                 how_to_skip: str) -> Callable:
     """``compiled``, or ``fn`` from the first call on which the compiler backend fails: a warning says so and the
     run goes on eagerly (same values, slower) instead of dying on a compiler bug. The compiled functions are single
     graphs (the tests check it), so a backend failure comes before any of ``fn`` ran, and running ``fn`` then
@@ -158,7 +159,7 @@ def _eager_if_the_compiler_fails(compiled: Callable, fn: Callable, key: tuple[Ca
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             warnings.warn(f"torch.compile of {getattr(fn, '__qualname__', fn)} failed in the compiler backend "
                           f"(torch {torch.__version__}: {type(err).__name__}: {first[:200]}); running it eagerly from "
-                          "now on: same results, slower. MoEConfig(compile_routing=False) skips compiling.",
+                          f"now on: same results, slower. {how_to_skip}",
                           RuntimeWarning, stacklevel=2)
             _COMPILED[key] = fn
             return fn(*args)
