@@ -359,6 +359,12 @@ def write_report(data: dict, out: Path) -> None:
                          f"zoo's {zoo_ms:.1f} ms, the official algorithm's {official_ms:.1f} ms "
                          f"({official_ms / zoo_ms:.2f}x).")
     profiled = {impl: r["profile"] for impl, r in rows.items() if r.get("profile")}
+    busy = {impl: p["gpu"]["busy_ms_per_step"] for impl, p in profiled.items() if p.get("gpu")}
+    if {"zoo", "deepspeed"} <= set(busy):  # the ratio a step would read were neither waiting for its host
+        data["gpu_work_ratio"] = busy["deepspeed"] / busy["zoo"]
+        lines += ["", f"GPU work a step (profiled, kernels running): the zoo's {busy['zoo']:.1f} ms, the official "
+                  f"algorithm's {busy['deepspeed']:.1f} ms ({data['gpu_work_ratio']:.2f}x): the ratio of the steps "
+                  "if neither waited for its host."]
     if profiled:
         impls = list(profiled)
         phases = list(dict.fromkeys(ph for p in profiled.values() for ph in p["phases_ms"]))

@@ -125,3 +125,26 @@ def test_profile_phases_keep_the_tower_when_it_is_compiled(tmp_path):
     phases = row["profile"]["phases_ms"]
     assert {"forward: before the tower", "forward: vision tower + projector"} <= set(phases), phases
     assert len(row["profile"]["phases_ms"]) == 5
+
+
+def test_report_gives_the_gpu_work_ratio_of_profiled_gpu_runs(tmp_path):
+    """With GPU profiles of the zoo and the official algorithm, the report gives the ratio of their kernels' busy time
+    (what the step ratio would be without host waits); without them (a CPU run) it gives none."""
+    from tests.conftest import load_benchmark
+
+    module = load_benchmark("moe_llava_step")
+
+    def row(impl, ms, busy):
+        gpu = None if busy is None else dict(busy_ms_per_step=busy, idle_ms_per_step=1.0, longest_gaps=[])
+        return dict(impl=impl, preset="p", decoder_depth=8, batch=4, tokens_per_step=3328, step_ms=ms,
+                    tokens_per_s=3328 / ms, peak_mem_gb=1.0, trainable_params=1, gradient_checkpointing=True,
+                    profile=dict(phases_ms={"optimizer": 1.0}, top_ops=[], table="t.txt", gpu=gpu))
+
+    env = dict(device="H200", date="today", torch="2", command="c")
+    data = dict(env=env, results=[row("zoo", 80.0, 50.0), row("deepspeed", 140.0, 110.0)])
+    module.write_report(data, tmp_path)
+    assert data["gpu_work_ratio"] == 110.0 / 50.0
+    assert "GPU work a step" in (tmp_path / "moe_llava_step.md").read_text()
+    cpu = dict(env=env, results=[row("zoo", 80.0, None), row("deepspeed", 140.0, None)])
+    module.write_report(cpu, tmp_path)
+    assert "gpu_work_ratio" not in cpu and "GPU work a step" not in (tmp_path / "moe_llava_step.md").read_text()
