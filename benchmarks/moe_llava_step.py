@@ -34,7 +34,10 @@ their activations; the zoo's then keep their CUDA graphs, which whole-block chec
 ``--peer-checkpointing blocks`` keeps whole-block checkpointing for the official algorithm (and ``ideal``) whatever
 the zoo does: how MoE-LLaVA trains (``--gradient_checkpointing True``: Hugging Face checkpoints whole decoder layers,
 the DeepSpeed MoE layer inside). ``free`` always follows the zoo's policy. With ``free`` in the run, the report also
-gives each MoE implementation's own cost: its step time over ``free``'s.
+gives each MoE implementation's own cost: its step time over ``free``'s. ``--compile`` turns on the zoo model's
+training compile option (``DecoderLM.compile_blocks`` + ``MoELLaVA.compile_tower``, what ``InstructTask(compile=True)``
+sets) for every implementation; ``--frozen-bf16``, ``--fused-backend`` and ``--no-moe-cuda-graphs`` are the
+variants session 16 measured (``benchmarks/results/moe_llava_step.md``).
 
 Each implementation runs in its own process (a clean peak-memory count). Reported: median step time over
 ``--steps`` after ``--warmup`` steps (CUDA-synchronised wall time), tokens/s = batch x (576 + text tokens) / step,
