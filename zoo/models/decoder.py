@@ -14,6 +14,7 @@ or parallel (Phi-2, GPT-J): one norm feeds both branches, ``x = x + attn(h) + ml
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Optional, Sequence, Union
 
@@ -315,14 +316,8 @@ class DecoderLM(nn.Module):
         checkpointing = self.training and torch.is_grad_enabled() and cache is None and self.gradient_checkpointing
         compiled = self.compile_blocks and self.training and torch.is_grad_enabled() and cache is None
         for block in self.blocks:
-            if compiled:
-                x = _compiled_block(block, checkpointing, x, mask, cos, sin, attn_mask, modality)
-            elif checkpointing == "except_moe" and block.moe_position:  # the MoE layer runs once, outside the checkpoint
-                residual, mlp_input = checkpoint(block.attention_part, x, cos, sin, attn_mask, use_reentrant=False)
-                x = residual + block.mlp(mlp_input, mask=mask, modality=modality)
-            elif checkpointing:
-                x = checkpoint(_block_without_cuda_graphs, block, x, mask, cos, sin, attn_mask, None, None, modality,
-                               use_reentrant=False)
+            if checkpointing or compiled:
+                x = _training_block(block, checkpointing, compiled, x, mask, cos, sin, attn_mask, modality)
             else:
                 x = block(x, mask, cos, sin, attn_mask, cache, slots, modality)
         x = self.norm(x)
@@ -363,12 +358,21 @@ def _attention_part(block: DecoderBlock, x: Tensor, cos: Tensor, sin: Tensor, at
     return block.attention_part(x, cos, sin, attn_mask)
 
 
-def _dense_block(block: DecoderBlock, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor) -> Tensor:
+def _dense_block(block: DecoderBlock, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
+                 modality: Optional[Tensor]) -> Tensor:
     return block(x, mask, cos, sin, attn_mask)
 
 
-def _moe_block(block: DecoderBlock, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
-               modality: Optional[Tensor]) -> Tensor:
+def _block_without_cuda_graphs(block: DecoderBlock, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor,
+                               attn_mask: Tensor, modality: Optional[Tensor]) -> Tensor:
+    """A checkpointed block: its MoE layer runs twice per step (forward, recompute in backward), which CUDA graph
+    trees cannot replay (:func:`zoo.moe.compiled.cuda_graphs_off`); the compiled step still runs, without graphs."""
+    with cuda_graphs_off():
+        return block(x, mask, cos, sin, attn_mask, None, None, modality)
+
+
+def _compiled_moe_block(block: DecoderBlock, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
+                        modality: Optional[Tensor]) -> Tensor:
     """An MoE block with its attention part compiled; the MoE layer without CUDA graphs (entered here, inside any
     checkpoint, so that the recompute runs the same way)."""
     residual, mlp_input = compiled_once(_attention_part)(block, x, cos, sin, attn_mask)
@@ -376,26 +380,21 @@ def _moe_block(block: DecoderBlock, x: Tensor, mask: Tensor, cos: Tensor, sin: T
         return residual + block.mlp(mlp_input, mask=mask, modality=modality)
 
 
-def _compiled_block(block: DecoderBlock, checkpointing: Union[bool, str], x: Tensor, mask: Tensor, cos: Tensor,
-                    sin: Tensor, attn_mask: Tensor, modality: Optional[Tensor]) -> Tensor:
-    """One block of a training forward with ``DecoderLM.compile_blocks``, checkpointed as ``checkpointing`` says."""
-    if not block.moe_position:
-        if checkpointing:
-            return checkpoint(compiled_once(_dense_block), block, x, mask, cos, sin, attn_mask, use_reentrant=False)
-        return compiled_once(_dense_block)(block, x, mask, cos, sin, attn_mask)
-    if checkpointing == "except_moe":  # the attention part recomputed, the MoE layer run once
-        residual, mlp_input = checkpoint(compiled_once(_attention_part), block, x, cos, sin, attn_mask,
-                                         use_reentrant=False)
-        with cuda_graphs_off():
+def _training_block(block: DecoderBlock, checkpointing: Union[bool, str], compiled: bool, x: Tensor, mask: Tensor,
+                    cos: Tensor, sin: Tensor, attn_mask: Tensor, modality: Optional[Tensor]) -> Tensor:
+    """One block of a training forward that is checkpointed (``DecoderLM.gradient_checkpointing``) or compiled
+    (``DecoderLM.compile_blocks``) or both. ``"except_moe"`` at an MoE position: the attention part checkpointed, the
+    MoE layer run once outside. Otherwise the block runs whole (its own call, so its hooks run) without CUDA graphs
+    when checkpointed; compiled, a dense block is one compiled call and an MoE block :func:`_compiled_moe_block`."""
+    if checkpointing == "except_moe" and block.moe_position:
+        attention = compiled_once(_attention_part) if compiled else _attention_part
+        residual, mlp_input = checkpoint(attention, block, x, cos, sin, attn_mask, use_reentrant=False)
+        with cuda_graphs_off() if compiled else contextlib.nullcontext():  # compiled: see compile_blocks
             return residual + block.mlp(mlp_input, mask=mask, modality=modality)
-    if checkpointing:
-        return checkpoint(_moe_block, block, x, mask, cos, sin, attn_mask, modality, use_reentrant=False)
-    return _moe_block(block, x, mask, cos, sin, attn_mask, modality)
-
-
-def _block_without_cuda_graphs(block: nn.Module, *args: Any) -> Tensor:
-    """A checkpointed block: its MoE layer runs twice per step (forward, recompute in backward), which CUDA graph
-    trees cannot replay (:func:`zoo.moe.compiled.cuda_graphs_off`); the compiled step still runs, without graphs."""
-    with cuda_graphs_off():
-        return block(*args)
+    if not compiled:  # so checkpointed whole
+        run = _block_without_cuda_graphs
+    else:
+        run = _compiled_moe_block if block.moe_position else compiled_once(_dense_block)
+    args = (block, x, mask, cos, sin, attn_mask, modality)
+    return checkpoint(run, *args, use_reentrant=False) if checkpointing else run(*args)
 
