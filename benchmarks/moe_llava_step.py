@@ -36,8 +36,9 @@ the zoo does: how MoE-LLaVA trains (``--gradient_checkpointing True``: Hugging F
 the DeepSpeed MoE layer inside). ``free`` always follows the zoo's policy. With ``free`` in the run, the report also
 gives each MoE implementation's own cost: its step time over ``free``'s. ``--compile`` turns on the zoo model's
 training compile option (``DecoderLM.compile_blocks`` + ``MoELLaVA.compile_tower``, what ``InstructTask(compile=True)``
-sets) for every implementation; ``--frozen-bf16``, ``--fused-backend`` and ``--no-moe-cuda-graphs`` are the
-variants session 16 measured (``benchmarks/results/moe_llava_step.md``).
+sets; ``--compile cuda_graphs``: ``compile="cuda_graphs"``) for every implementation; ``--frozen-bf16``,
+``--fused-backend`` and ``--no-moe-cuda-graphs`` are the variants session 16 measured
+(``benchmarks/results/moe_llava_step.md``).
 
 Each implementation runs in its own process (a clean peak-memory count). Reported: median step time over
 ``--steps`` after ``--warmup`` steps (CUDA-synchronised wall time), tokens/s = batch x (576 + text tokens) / step,
@@ -88,8 +89,8 @@ def build(args):
             peer = {"ideal": moe_peers.IdealTop2Experts, "free": moe_peers.FreeMoE}[args.impl]
             swapped = moe_peers.replace_moe_layers(model.decoder, peer)
         assert swapped > 0, "the preset has no MoE layers to compare"
-    if args.compile:  # the zoo's training option (InstructTask(compile=True)), for every implementation alike
-        model.decoder.compile_blocks = True
+    if args.compile:  # the zoo's training option (InstructTask(compile=...)), for every implementation alike
+        model.decoder.compile_blocks = "cuda_graphs" if args.compile == "cuda_graphs" else True
         model.compile_tower = True
     if args.frozen_bf16:
         store_frozen_matmul_weights_in_bf16(model)
@@ -414,9 +415,10 @@ def main(argv=None) -> dict:
                     help="the official algorithm's (and ideal's) checkpointing when it differs from the zoo's: "
                          "'blocks' is how MoE-LLaVA trains (Hugging Face checkpointing of whole decoder layers, "
                          "the DeepSpeed MoE layer inside); default: the zoo's")
-    ap.add_argument("--compile", action="store_true",
+    ap.add_argument("--compile", nargs="?", const="blocks", choices=("blocks", "cuda_graphs"),
                     help="the decoder blocks and the vision tower through torch.compile (DecoderLM.compile_blocks, "
-                         "MoELLaVA.compile_tower: the tasks' compile option), for every implementation")
+                         "MoELLaVA.compile_tower: the tasks' compile option), for every implementation; "
+                         "'cuda_graphs': the compiled decoder replayed as CUDA graphs (compile_blocks='cuda_graphs')")
     ap.add_argument("--frozen-bf16", action="store_true",
                     help="frozen Linear / Conv2d weights stored in bf16, for every implementation (the same bits "
                          "under bf16 autocast, without its casts)")

@@ -80,9 +80,9 @@ def spy_compiled_once(monkeypatch) -> Callable[[ModuleType], list]:
     def spy(module: ModuleType) -> list:
         asked: list = []
 
-        def recording(fn):
+        def recording(fn, **settings):
             asked.append(fn.__name__)
-            return compiled.compiled_once(fn)
+            return compiled.compiled_once(fn, **settings)
 
         monkeypatch.setattr(module, "compiled_once", recording)
         return asked

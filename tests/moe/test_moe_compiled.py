@@ -176,8 +176,9 @@ def test_grads_are_copied_when_adopted_and_added_otherwise():
 
 def test_checkpointed_decoder_blocks_run_without_cuda_graphs(monkeypatch):
     """Activation checkpointing runs a block twice per step (forward, recompute in backward); CUDA graph trees fail
-    on that ("graph recording observed an input tensor deallocate"), so both calls must see CUDA graphs off, and
-    a block run without checkpointing must not."""
+    on that ("graph recording observed an input tensor deallocate"), so both calls of a checkpointed MoE layer must
+    see CUDA graphs off, and one run without checkpointing must not. (Dense blocks replay no graphs of their own and
+    do not enter the context: a compiled stack could not trace it.)"""
     import zoo
     from zoo.moe import compiled
 
@@ -190,17 +191,18 @@ def test_checkpointed_decoder_blocks_run_without_cuda_graphs(monkeypatch):
 
     model = zoo.create_model("decoder_tiny_moe")
     seen = []
-    for block in model.blocks:
-        block.register_forward_pre_hook(lambda m, a: seen.append(compiled.cuda_graphs_enabled(None, cuda)))
+    moe_layers = [block.mlp for block in model.blocks if block.moe_position]
+    for layer in moe_layers:
+        layer.register_forward_pre_hook(lambda m, a: seen.append(compiled.cuda_graphs_enabled(None, cuda)))
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     model.train()
     model.gradient_checkpointing = True
     model(ids).logits.sum().backward()
-    assert len(seen) == 2 * len(model.blocks) and not any(seen)  # forward + recompute, graphs off in both
+    assert len(seen) == 2 * len(moe_layers) > 0 and not any(seen)  # forward + recompute, graphs off in both
     seen.clear()
     model.gradient_checkpointing = False
     model(ids).logits.sum().backward()
-    assert len(seen) == len(model.blocks) and all(seen)
+    assert len(seen) == len(moe_layers) and all(seen)
 
 
 def test_a_compiler_backend_failure_falls_back_to_eager(monkeypatch):

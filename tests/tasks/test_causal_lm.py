@@ -3,6 +3,9 @@ photo) and the recipes through train.py's CLI."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -344,17 +347,20 @@ def test_strategies_writing_sharded_checkpoint_folders_are_refused_with_the_sett
         refuse_sharded_checkpoints(ok)
 
 
-@pytest.mark.parametrize("ckpt", [False, True, "except_moe"])
-def test_compile_blocks_gives_the_same_loss_and_gradients_and_compiles_only_while_training(ckpt, spy_compiled_once):
-    """``DecoderLM.compile_blocks``: dense blocks run as one compiled call, MoE blocks' attention parts compiled and
-    their MoE layers as always, under every checkpointing policy; loss and gradients equal the eager run's (inductor
-    may round differently); evaluation does not compile."""
+def _check_compile_blocks(ckpt, mode, spy_compiled_once, compiled_functions: set, graphs: int) -> None:
+    """Loss and gradients of ``decoder_tiny_moe`` (MoE in blocks 0 and 2 of 4) with ``compile_blocks=mode`` equal the
+    eager run's (inductor may round differently), compiling exactly ``compiled_functions`` into ``graphs`` dynamo
+    graphs without a graph break; evaluation compiles nothing."""
+    from torch._dynamo.utils import counters
+
     from zoo.models import decoder as decoder_module
 
     asked = spy_compiled_once(decoder_module)
+    torch._dynamo.reset()
+    counters.clear()
     ids = torch.randint(0, 512, (2, 10))
     runs = {}
-    for compile_blocks in (False, True):
+    for compile_blocks in (False, mode):
         torch.manual_seed(0)
         model = zoo.create_model("decoder_tiny_moe").train()
         model.gradient_checkpointing = ckpt
@@ -364,20 +370,94 @@ def test_compile_blocks_gives_the_same_loss_and_gradients_and_compiles_only_whil
         loss.backward()
         runs[compile_blocks] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                 if p.grad is not None})
-    assert set(asked) == {"_dense_block", "_attention_part"}
-    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
-    assert runs[True][1].keys() == runs[False][1].keys() and len(runs[False][1]) > 10
+    assert set(asked) == compiled_functions
+    # a break inside the stack's block loop makes dynamo skip the whole loop: asked, but nothing compiled
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(runs[mode][0], runs[False][0], rtol=1e-5, atol=1e-6)
+    assert runs[mode][1].keys() == runs[False][1].keys() and len(runs[False][1]) > 10
     for name, g in runs[False][1].items():
-        torch.testing.assert_close(runs[True][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(runs[mode][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
     asked.clear()
     with torch.no_grad():
         model.eval()(ids)
     assert asked == []
 
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+WHOLE_STACK_CASES = [(False, True), ("except_moe", True), ("except_moe", "cuda_graphs")]
+
+
+@pytest.mark.parametrize("ckpt,mode", [(True, True), ("except_moe", True), (False, "cuda_graphs")])
+def test_compile_blocks_compiles_block_by_block_where_the_stack_cannot_be_one_graph(ckpt, mode, spy_compiled_once):
+    """``DecoderLM.compile_blocks`` with whole-block checkpoints (MoE layers inside checkpoints), or with MoE layers
+    that break graphs (the CPU's reference dispatcher; under TRITON_INTERPRET=1 the fused path would trace): dense
+    blocks compiled whole, MoE blocks' attention parts, the MoE layers eager in between."""
+    if INTERPRETED and ckpt is not True:
+        pytest.skip("under TRITON_INTERPRET=1 the fused experts trace: the whole stack is one graph")
+    _check_compile_blocks(ckpt, mode, spy_compiled_once, {"_dense_block", "_attention_part"}, graphs=2)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs the fused experts: runs in the TRITON_INTERPRET=1 process of "
+                                            "test_compile_blocks_traces_the_whole_stack_with_fused_experts")
+@pytest.mark.parametrize("ckpt,mode", WHOLE_STACK_CASES)
+def test_compile_blocks_whole_stack(ckpt, mode, spy_compiled_once):
+    _check_compile_blocks(ckpt, mode, spy_compiled_once, {"_training_blocks"}, graphs=1)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs the fused experts: runs in the TRITON_INTERPRET=1 process of "
+                                            "test_compile_blocks_traces_the_whole_stack_with_fused_experts")
+def test_compile_blocks_whole_stack_moe_llava():
+    """The stage-III MoE-LLaVA step as the benchmark runs it (spliced image tokens as inputs_embeds, modality ids,
+    "except_moe", the dense blocks checkpointed whole): one graph, no break, the eager loss and gradients."""
+    from torch._dynamo.utils import counters
+
+    from zoo.models.freeze import apply_freeze, moe_tuning_stage
+    from zoo.models.multimodal import IMAGE_TOKEN_ID
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for compile_blocks in (False, True):
+        torch.manual_seed(0)
+        model = zoo.create_model("moe_llava_tiny")
+        apply_freeze(model, moe_tuning_stage(3))
+        model.decoder.gradient_checkpointing = "except_moe"
+        model.decoder.compile_blocks = compile_blocks
+        model.train()
+        ids = torch.randint(0, model.config.decoder.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+        ids[:, 1] = IMAGE_TOKEN_ID
+        images = torch.randn(2, 3, model.config.vision.image_size, model.config.vision.image_size,
+                             generator=torch.Generator().manual_seed(2))
+        out = model(ids, torch.ones_like(ids, dtype=torch.bool), images, ids.clone())
+        out.loss.backward()
+        runs[compile_blocks] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                    if p.grad is not None})
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
+    assert runs[True][1].keys() == runs[False][1].keys() and runs[False][1]
+    for name, g in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_blocks_traces_the_whole_stack_with_fused_experts():
+    """With MoE layers on the fused experts (the GPU path; here its Triton kernels under TRITON_INTERPRET=1, which
+    Triton reads at import: a fresh process) and no whole-block checkpoints, the block stack is ONE compiled function
+    (``_training_blocks``), for "cuda_graphs" too (no replay on the CPU: tests/models/test_decoder_gpu.py replays
+    it), with the eager run's loss and gradients."""
+    if INTERPRETED:
+        pytest.skip("this is the interpreted process itself")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                           "-k", "test_compile_blocks_whole_stack"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0 and f"{len(WHOLE_STACK_CASES) + 1} passed" in proc.stdout, proc.stdout[-3000:]
+
+
 def test_compile_blocks_values_are_checked_and_the_task_sets_them():
     model = zoo.create_model("decoder_tiny_moe")
-    with pytest.raises(ValueError, match="compile_blocks must be True or False"):
-        model.compile_blocks = "yes"
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="compile_blocks must be one of"):
+            model.compile_blocks = bad
     assert CausalLMTask(model="decoder_tiny_moe", vocab_size=50, compile=True).model.compile_blocks is True
     assert CausalLMTask(model="decoder_tiny_moe", vocab_size=50).model.compile_blocks is False

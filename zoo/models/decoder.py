@@ -14,7 +14,6 @@ or parallel (Phi-2, GPT-J): one norm feeds both branches, ``x = x + attn(h) + ml
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Optional, Sequence, Union
 
@@ -36,6 +35,8 @@ from zoo.moe.layer import collect_moe_aux
 
 # DecoderLM.gradient_checkpointing's values: keep everything, recompute whole blocks, recompute all but MoE layers
 GRADIENT_CHECKPOINTING = (False, True, "except_moe")
+# DecoderLM.compile_blocks's values: eager, compiled, compiled and replayed as CUDA graphs
+COMPILE_BLOCKS = (False, True, "cuda_graphs")
 
 MoEPlacement = Literal["all", "sparse", "first_half", "second_half", "dense"]
 PLACEMENTS = ("all", "sparse", "first_half", "second_half", "dense")
@@ -237,27 +238,38 @@ class DecoderLM(nn.Module):
         self._gradient_checkpointing = value
 
     @property
-    def compile_blocks(self) -> bool:
+    def compile_blocks(self) -> Union[bool, str]:
         """Run the blocks through ``torch.compile`` while training (autograd recording, no cache); evaluation and
-        generation run them as they are (generation compiles its own step).
+        generation run them as they are (generation compiles its own step):
+
+        - ``False``: eager;
+        - ``True``: the whole block stack is one compiled function (:func:`_training_blocks`): one graph forward and
+          one backward, the checkpoint recomputes inside the backward graph, the MoE layers traced in (their routing
+          and, on the GPU, their fused expert kernels);
+        - ``"cuda_graphs"``: as ``True``, replayed as CUDA graphs (``mode="reduce-overhead"``): the host launches a
+          step's decoder as two replays. Each new sequence length records a graph of its own (memory), so it pays
+          off for fixed-length batches (packed or padded to a bucket). Parameter gradients are copied out of the
+          graph pool (:func:`zoo.moe.compiled.keep_grads_out_of_graph_pool`).
 
         Why: eager PyTorch launches a training step's norms, RoPE, residual adds, autocast casts and MLP epilogues one
-        kernel at a time; inductor fuses them. With the tower compiled too (``MoELLaVA.compile_tower``), the
-        stage-III Phi-2x4 step (8 blocks) went from 92.4 to 85.1 ms on an H200 whose host was the bottleneck (the
-        same step with cost-free MoE layers: 73.6 to 62.0 ms; session 16, ``benchmarks/results/moe_llava_step.md``).
-        One compiled function serves every block (the block is an argument; dynamo does not specialise on it),
-        inside each block's checkpoint where there is one.
+        kernel at a time, and the host falls behind the GPU (the stage-III Phi-2x4 step of ``benchmarks/
+        moe_llava_step.py``, ``benchmarks/results/moe_llava_step.md``); inductor fuses them, and one call for the
+        stack replaces a call per block (session 16 compiled block by block: ~1 ms of host time between blocks).
 
-        A dense block is one compiled call. At an MoE position only the attention part is compiled: the MoE layer
-        runs as always (its routing compiled by itself), but without CUDA graphs (:func:`~zoo.moe.compiled.
-        cuda_graphs_off`): with the blocks compiled around them, CUDA graph trees reported an output of the MoE
-        layer's graph overwritten by a later replay (session 16, H200)."""
+        Each block is compiled on its own instead (a dense block whole, an MoE block's attention part; the MoE layer
+        runs eagerly between them, its routing compiled by itself, without CUDA graphs: :func:`_compiled_moe_block`)
+        where the stack cannot be one graph:
+
+        - with whole-block checkpointing (``gradient_checkpointing=True``): an MoE layer then sits inside a
+          checkpoint, where dynamo refuses its side effect (the layer stores ``aux``);
+        - where an MoE layer would break the graph (:meth:`zoo.moe.MoELayer.traces_as_one_graph`: a reference
+          dispatcher, which reads row counts on the host, e.g. on the CPU; LoRA experts' own path)."""
         return self._compile_blocks
 
     @compile_blocks.setter
-    def compile_blocks(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise ValueError(f"compile_blocks must be True or False, got {value!r}")
+    def compile_blocks(self, value: Union[bool, str]) -> None:
+        if value not in COMPILE_BLOCKS or isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"compile_blocks must be one of {COMPILE_BLOCKS}, got {value!r}")
         self._compile_blocks = value
 
     def reset_parameters(self) -> None:
@@ -314,16 +326,30 @@ class DecoderLM(nn.Module):
             slots, positions, attn_mask = cache.start_step(mask)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         checkpointing = self.training and torch.is_grad_enabled() and cache is None and self.gradient_checkpointing
-        compiled = self.compile_blocks and self.training and torch.is_grad_enabled() and cache is None
-        for block in self.blocks:
-            if checkpointing or compiled:
-                x = _training_block(block, checkpointing, compiled, x, mask, cos, sin, attn_mask, modality)
-            else:
+        compiled = self.compile_blocks if self.training and torch.is_grad_enabled() and cache is None else False
+        if compiled and checkpointing is not True and self._traces_as_one_graph(x):  # see compile_blocks
+            stack = compiled_once(_training_blocks, cuda_graphs=compiled == "cuda_graphs")
+            x = stack(self, x, mask, cos, sin, attn_mask, modality, checkpointing)
+        elif compiled:  # a compiled call per block, the MoE layers run eagerly between them
+            for block in self.blocks:
+                run = _compiled_moe_block if block.moe_position else compiled_once(_dense_block)
+                x = checkpoint(run, block, x, mask, cos, sin, attn_mask, modality, use_reentrant=False)
+        elif checkpointing:
+            x = _training_blocks(self, x, mask, cos, sin, attn_mask, modality, checkpointing)
+        else:
+            for block in self.blocks:
                 x = block(x, mask, cos, sin, attn_mask, cache, slots, modality)
         x = self.norm(x)
         aux_loss, aux_losses, routing = collect_moe_aux(self)
         return ModelOutput(logits=self.lm_head(x), aux_loss=aux_loss, aux_losses=aux_losses, routing=routing,
                            hidden_states=x)
+
+    def _traces_as_one_graph(self, x: Tensor) -> bool:
+        """Whether every module at an MoE position traces into the compiled stack without a graph break
+        (:meth:`zoo.moe.MoELayer.traces_as_one_graph`; a module without that method, e.g. a benchmark peer, is
+        taken to trace). dynamo skips a whole loop with a break inside, so one break would leave nothing compiled."""
+        return all(getattr(block.mlp, "traces_as_one_graph", lambda _: True)(x)
+                   for block in self.blocks if block.moe_position)
 
     def _embed_inputs(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Tensor:
         """The token embeddings [B, S, D] of ``input_ids`` [B, S], or ``inputs_embeds`` [B, S, D] checked."""
@@ -380,21 +406,19 @@ def _compiled_moe_block(block: DecoderBlock, x: Tensor, mask: Tensor, cos: Tenso
         return residual + block.mlp(mlp_input, mask=mask, modality=modality)
 
 
-def _training_block(block: DecoderBlock, checkpointing: Union[bool, str], compiled: bool, x: Tensor, mask: Tensor,
-                    cos: Tensor, sin: Tensor, attn_mask: Tensor, modality: Optional[Tensor]) -> Tensor:
-    """One block of a training forward that is checkpointed (``DecoderLM.gradient_checkpointing``) or compiled
-    (``DecoderLM.compile_blocks``) or both. ``"except_moe"`` at an MoE position: the attention part checkpointed, the
-    MoE layer run once outside. Otherwise the block runs whole (its own call, so its hooks run) without CUDA graphs
-    when checkpointed; compiled, a dense block is one compiled call and an MoE block :func:`_compiled_moe_block`."""
-    if checkpointing == "except_moe" and block.moe_position:
-        attention = compiled_once(_attention_part) if compiled else _attention_part
-        residual, mlp_input = checkpoint(attention, block, x, cos, sin, attn_mask, use_reentrant=False)
-        with cuda_graphs_off() if compiled else contextlib.nullcontext():  # compiled: see compile_blocks
-            return residual + block.mlp(mlp_input, mask=mask, modality=modality)
-    if not compiled:  # so checkpointed whole
-        run = _block_without_cuda_graphs
-    else:
-        run = _compiled_moe_block if block.moe_position else compiled_once(_dense_block)
-    args = (block, x, mask, cos, sin, attn_mask, modality)
-    return checkpoint(run, *args, use_reentrant=False) if checkpointing else run(*args)
-
+def _training_blocks(decoder: DecoderLM, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
+                     modality: Optional[Tensor], checkpointing: Union[bool, str]) -> Tensor:
+    """All blocks of a training forward (``DecoderLM.gradient_checkpointing``): ``"except_moe"`` checkpoints an MoE
+    block's attention part and runs its MoE layer once outside; ``True`` checkpoints whole blocks (their own call, so
+    their hooks run), MoE layers without CUDA graphs (:func:`_block_without_cuda_graphs`). Traced whole by
+    ``compile_blocks`` unless ``True`` (the MoE layer's ``aux`` is a side effect dynamo refuses inside a checkpoint)."""
+    for block in decoder.blocks:
+        if checkpointing == "except_moe" and block.moe_position:
+            residual, mlp_input = checkpoint(_attention_part, block, x, cos, sin, attn_mask, use_reentrant=False)
+            x = residual + block.mlp(mlp_input, mask=mask, modality=modality)
+        elif checkpointing:  # a dense block needs no cuda_graphs_off (a context manager dynamo would break on)
+            run = _block_without_cuda_graphs if block.moe_position else _dense_block
+            x = checkpoint(run, block, x, mask, cos, sin, attn_mask, modality, use_reentrant=False)
+        else:
+            x = block(x, mask, cos, sin, attn_mask, None, None, modality)
+    return x

@@ -96,9 +96,9 @@ class MoELLaVA(nn.Module):
     (:class:`DecoderLM`). The tower runs without autograd while none of its parameters requires a gradient (the
     official tower is always under ``no_grad``).
 
-    Training-time options: ``compile_tower`` (the tower's forward through ``torch.compile`` while training) and the
-    decoder's ``gradient_checkpointing`` / ``compile_blocks`` (:class:`DecoderLM`); the tasks set them from their
-    ``gradient_checkpointing`` and ``compile`` arguments.
+    Training-time options: ``compile_tower`` (the tower's forward through ``torch.compile`` while training, replayed
+    as a CUDA graph on the GPU) and the decoder's ``gradient_checkpointing`` / ``compile_blocks`` (:class:`DecoderLM`);
+    the tasks set them from their ``gradient_checkpointing`` and ``compile`` arguments.
     """
 
     def __init__(self, config: MoELLaVAConfig) -> None:
@@ -109,7 +109,10 @@ class MoELLaVA(nn.Module):
         self.decoder = DecoderLM(config.decoder)
         self.vision_tower.requires_grad_(False)
         # Training-time option (not architecture, so not in the config): the tower's forward through torch.compile
-        # while training (inductor fuses its norms, casts and epilogues; ~24 eager blocks launch-bound otherwise).
+        # while training (inductor fuses its norms, casts and epilogues; ~24 eager blocks launch-bound otherwise),
+        # replayed as a CUDA graph: its input is always [B, 3, image_size, image_size], so one graph per batch size,
+        # and the compiled tower alone still took ~12 ms of host time for ~3 ms of GPU work (Phi-2x4 shape, batch 4,
+        # session 17, benchmarks/results/moe_llava_step.md).
         self.compile_tower = False
 
     # ------------------------------------------------------------------------------------------------ pieces
@@ -118,7 +121,7 @@ class MoELLaVA(nn.Module):
         tower_dtype = self.vision_tower.pos_embed.dtype
         if isinstance(images, Tensor) and images.is_floating_point():
             images = images.to(tower_dtype)
-        call = (functools.partial(compiled_once(_tower_forward), self.vision_tower)
+        call = (functools.partial(compiled_once(_tower_forward, cuda_graphs=True), self.vision_tower)
                 if self.compile_tower and self.training else None)
         features = run_tower(self.vision_tower, images, call=call)
         return self.projector(features.to(self.projector[0].weight.dtype))

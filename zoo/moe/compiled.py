@@ -109,12 +109,15 @@ def maybe_compiled(fn: Callable, setting: Optional[bool], device: torch.device,
     return _compiled(fn, mode, "MoEConfig(compile_routing=False) skips compiling.")
 
 
-def compiled_once(fn: Callable) -> Callable:
-    """``torch.compile(fn)`` (default mode: no CUDA graphs), built on first use and shared by every caller in the
-    process, falling back to ``fn`` if the compiler backend fails (as :func:`maybe_compiled`'s functions do). For the
-    compiled decoder blocks and vision tower (``DecoderLM.compile_blocks``, ``MoELLaVA.compile_tower``): they pass
-    the module as an argument, and dynamo does not specialise on it, so one graph serves every block."""
-    return _compiled(fn, None, "compile=False (DecoderLM.compile_blocks, MoELLaVA.compile_tower) skips compiling.")
+def compiled_once(fn: Callable, cuda_graphs: bool = False) -> Callable:
+    """``torch.compile(fn)``, built on first use and shared by every caller in the process, falling back to ``fn`` if
+    the compiler backend fails (as :func:`maybe_compiled`'s functions do); ``cuda_graphs``: also replayed as a CUDA
+    graph (``mode="reduce-overhead"``; the parameters of modules among the arguments get
+    :func:`keep_grads_out_of_graph_pool`). For the compiled decoder and vision tower (``DecoderLM.compile_blocks``,
+    ``MoELLaVA.compile_tower``): they pass the module as an argument, and dynamo does not specialise on it, so one
+    graph serves every block."""
+    return _compiled(fn, "reduce-overhead" if cuda_graphs else None,
+                     "compile=False (DecoderLM.compile_blocks, MoELLaVA.compile_tower) skips compiling.")
 
 
 def _compiled(fn: Callable, mode: Optional[str], how_to_skip: str) -> Callable:
@@ -176,9 +179,12 @@ def _keeping_grads_out_of_graph_pool(graphed: Callable) -> Callable:
 
 
 def _parameters_in(args: tuple) -> Iterator[torch.nn.Parameter]:
-    """The parameters among ``args``, looking into tuples and lists (the layer passes the router's parameters and its experts' weights inside tuples)."""
+    """The parameters among ``args``, looking into tuples and lists (the layer passes the router's parameters and its
+    experts' weights inside tuples) and modules (a compiled decoder gets the decoder)."""
     for arg in args:
         if isinstance(arg, torch.nn.Parameter):
             yield arg
         elif isinstance(arg, (tuple, list)):
             yield from _parameters_in(arg)
+        elif isinstance(arg, torch.nn.Module):
+            yield from arg.parameters()

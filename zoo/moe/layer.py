@@ -293,6 +293,15 @@ class MoELayer(nn.Module):
             record = (routing.clean_probs.float(), vg, mg, routing.expert_index, routing.keep)
         return out.reshape(G, Sg, D), record
 
+    def traces_as_one_graph(self, x: Tensor) -> bool:
+        """Whether a training forward on ``x`` [..., D] can be traced into an enclosing graph without a break
+        (``DecoderLM.compile_blocks`` compiles a whole decoder then): soft routing, or top-k / expert-choice routing
+        on the fused GPU experts. A reference dispatcher reads row counts on the host, and the experts' own path
+        (e.g. LoRA factors) runs outside graphs."""
+        if self.config.router == "soft":
+            return True
+        return self._own_experts_path() is None and self._fused_experts(x.reshape(-1, self.dim))[0] is not None
+
     def _own_experts_path(self):
         """The experts' own computation for this call (:meth:`Experts.routed_path`, e.g. LoRA experts' low-rank
         path while their factors train) with dispatch "auto" / "fused" and no expert parallelism hook, else None.

@@ -76,7 +76,8 @@ class CausalLMTask(ZooTask):
         vocab_size: None = the datamodule's (``take_from_datamodule``).
         gradient_checkpointing: recompute block activations in the backward pass (less memory, ~1/3 more compute);
             ``"except_moe"``: all but the MoE layers (``DecoderLM.gradient_checkpointing``).
-        compile: run the decoder blocks through ``torch.compile`` while training (``DecoderLM.compile_blocks``).
+        compile: run the decoder blocks through ``torch.compile`` while training (``DecoderLM.compile_blocks``);
+            ``"cuda_graphs"``: also replayed as CUDA graphs (fixed-length batches).
         pretrained: as :func:`zoo.create_model`.
         **shared: the optimiser, LR schedule and eval-time routing every task takes (:class:`ZooTask`,
             :class:`zoo.tasks.optim.OptimizerConfig`); defaults: ``optimizer_defaults`` (betas (0.9, 0.95), weight
@@ -91,7 +92,7 @@ class CausalLMTask(ZooTask):
         model_overrides: Optional[dict[str, Any]] = None,
         vocab_size: Optional[int] = None,
         gradient_checkpointing: Union[bool, Literal["except_moe"]] = False,
-        compile: bool = False,
+        compile: Union[bool, Literal["cuda_graphs"]] = False,
         pretrained: Optional[Union[bool, str]] = None,
         **shared: Any,
     ) -> None:
@@ -110,7 +111,7 @@ class CausalLMTask(ZooTask):
         if not hasattr(model, "gradient_checkpointing"):
             raise ValueError(f"CausalLMTask needs a decoder LM preset; {hp.model!r} builds a {type(model).__name__}")
         model.gradient_checkpointing = hp.gradient_checkpointing
-        model.compile_blocks = bool(hp.get("compile", False))
+        model.compile_blocks = hp.get("compile", False)
         self.apply_eval_routing(model)
         self.layer_names = moe_layer_names(model)
         return model

@@ -100,7 +100,8 @@ class InstructTask(ZooTask):
         gradient_checkpointing: recompute decoder block activations in the backward pass; ``"except_moe"``: all
             but the MoE layers (``DecoderLM.gradient_checkpointing``).
         compile: run the decoder blocks (``DecoderLM.compile_blocks``) and, where the model has one, the vision
-            tower (``compile_tower``) through ``torch.compile`` while training.
+            tower (``compile_tower``) through ``torch.compile`` while training; ``"cuda_graphs"``: the decoder also
+            replayed as CUDA graphs (fixed-length batches).
         **shared: optimiser, LR schedule and eval-time routing (:class:`ZooTask`).
     """
 
@@ -119,7 +120,7 @@ class InstructTask(ZooTask):
         export_ffn: Optional[str] = None,
         max_new_tokens: int = 24,
         gradient_checkpointing: Union[bool, Literal["except_moe"]] = False,
-        compile: bool = False,
+        compile: Union[bool, Literal["cuda_graphs"]] = False,
         **shared: Any,
     ) -> None:
         super().__init__(**shared)
@@ -173,7 +174,7 @@ class InstructTask(ZooTask):
             apply_freeze(model, list(hp.trainable))
         if hasattr(model, "decoder"):
             model.decoder.gradient_checkpointing = hp.gradient_checkpointing
-            model.decoder.compile_blocks = bool(hp.get("compile", False))
+            model.decoder.compile_blocks = hp.get("compile", False)
         if hasattr(model, "compile_tower"):
             model.compile_tower = bool(hp.get("compile", False))
         self.apply_eval_routing(model)
