@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -347,10 +348,12 @@ def test_strategies_writing_sharded_checkpoint_folders_are_refused_with_the_sett
         refuse_sharded_checkpoints(ok)
 
 
-def _check_compile_blocks(ckpt, mode, spy_compiled_once, compiled_functions: set, graphs: int) -> None:
+def _check_compile_blocks(ckpt, mode, spy_compiled_once, compiled_functions: set, graphs: int,
+                          moe_calls_per_layer: Optional[int] = None) -> None:
     """Loss and gradients of ``decoder_tiny_moe`` (MoE in blocks 0 and 2 of 4) with ``compile_blocks=mode`` equal the
     eager run's (inductor may round differently), compiling exactly ``compiled_functions`` into ``graphs`` dynamo
-    graphs without a graph break; evaluation compiles nothing."""
+    graphs without a graph break, each MoE layer called ``moe_calls_per_layer`` times a step (where the layers run
+    eagerly: 2 when their checkpoint recomputes them); evaluation compiles nothing."""
     from torch._dynamo.utils import counters
 
     from zoo.models import decoder as decoder_module
@@ -365,12 +368,19 @@ def _check_compile_blocks(ckpt, mode, spy_compiled_once, compiled_functions: set
         model = zoo.create_model("decoder_tiny_moe").train()
         model.gradient_checkpointing = ckpt
         model.compile_blocks = compile_blocks
+        calls = []
+        moe_layers = [block.mlp for block in model.blocks if block.moe_position]
+        if moe_calls_per_layer is not None and compile_blocks:
+            for layer in moe_layers:
+                layer.register_forward_pre_hook(lambda m, a: calls.append(m))
         out = model(ids)
         loss = out.logits.square().mean() + out.aux_loss
         loss.backward()
         runs[compile_blocks] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                 if p.grad is not None})
     assert set(asked) == compiled_functions
+    if moe_calls_per_layer is not None:
+        assert len(calls) == moe_calls_per_layer * len(moe_layers) > 0
     # a break inside the stack's block loop makes dynamo skip the whole loop: asked, but nothing compiled
     assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(runs[mode][0], runs[False][0], rtol=1e-5, atol=1e-6)
@@ -394,7 +404,8 @@ def test_compile_blocks_compiles_block_by_block_where_the_stack_cannot_be_one_gr
     blocks compiled whole, MoE blocks' attention parts, the MoE layers eager in between."""
     if INTERPRETED and ckpt is not True:
         pytest.skip("under TRITON_INTERPRET=1 the fused experts trace: the whole stack is one graph")
-    _check_compile_blocks(ckpt, mode, spy_compiled_once, {"_dense_block", "_attention_part"}, graphs=2)
+    _check_compile_blocks(ckpt, mode, spy_compiled_once, {"_dense_block", "_attention_part"}, graphs=2,
+                          moe_calls_per_layer=2 if ckpt is True else 1)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="needs the fused experts: runs in the TRITON_INTERPRET=1 process of "

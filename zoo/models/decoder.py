@@ -256,8 +256,8 @@ class DecoderLM(nn.Module):
         moe_llava_step.py``, ``benchmarks/results/moe_llava_step.md``); inductor fuses them, and one call for the
         stack replaces a call per block (session 16 compiled block by block: ~1 ms of host time between blocks).
 
-        Each block is compiled on its own instead (a dense block whole, an MoE block's attention part; the MoE layer
-        runs eagerly between them, its routing compiled by itself, without CUDA graphs: :func:`_compiled_moe_block`)
+        Each block is compiled on its own instead (:func:`_compiled_block`: a dense block whole, an MoE block's
+        attention part; the MoE layer runs eagerly between them, its routing compiled by itself, without CUDA graphs)
         where the stack cannot be one graph:
 
         - with whole-block checkpointing (``gradient_checkpointing=True``): an MoE layer then sits inside a
@@ -268,7 +268,7 @@ class DecoderLM(nn.Module):
 
     @compile_blocks.setter
     def compile_blocks(self, value: Union[bool, str]) -> None:
-        if value not in COMPILE_BLOCKS or isinstance(value, int) and not isinstance(value, bool):
+        if not (isinstance(value, bool) or value == "cuda_graphs"):
             raise ValueError(f"compile_blocks must be one of {COMPILE_BLOCKS}, got {value!r}")
         self._compile_blocks = value
 
@@ -332,8 +332,7 @@ class DecoderLM(nn.Module):
             x = stack(self, x, mask, cos, sin, attn_mask, modality, checkpointing)
         elif compiled:  # a compiled call per block, the MoE layers run eagerly between them
             for block in self.blocks:
-                run = _compiled_moe_block if block.moe_position else compiled_once(_dense_block)
-                x = checkpoint(run, block, x, mask, cos, sin, attn_mask, modality, use_reentrant=False)
+                x = _compiled_block(block, checkpointing, x, mask, cos, sin, attn_mask, modality)
         elif checkpointing:
             x = _training_blocks(self, x, mask, cos, sin, attn_mask, modality, checkpointing)
         else:
@@ -404,6 +403,22 @@ def _compiled_moe_block(block: DecoderBlock, x: Tensor, mask: Tensor, cos: Tenso
     residual, mlp_input = compiled_once(_attention_part)(block, x, cos, sin, attn_mask)
     with cuda_graphs_off():
         return residual + block.mlp(mlp_input, mask=mask, modality=modality)
+
+
+def _compiled_block(block: DecoderBlock, checkpointing: Union[bool, str], x: Tensor, mask: Tensor, cos: Tensor,
+                    sin: Tensor, attn_mask: Tensor, modality: Optional[Tensor]) -> Tensor:
+    """One block compiled on its own (``compile_blocks`` where the stack cannot be one graph), checkpointed as
+    ``checkpointing`` says: a dense block is one compiled call; an MoE block's attention part is compiled and its MoE
+    layer runs eagerly without CUDA graphs (:func:`_compiled_moe_block`; under ``"except_moe"`` only the attention
+    part is checkpointed and the MoE layer runs once)."""
+    if checkpointing == "except_moe" and block.moe_position:
+        residual, mlp_input = checkpoint(compiled_once(_attention_part), block, x, cos, sin, attn_mask,
+                                         use_reentrant=False)
+        with cuda_graphs_off():
+            return residual + block.mlp(mlp_input, mask=mask, modality=modality)
+    run = _compiled_moe_block if block.moe_position else compiled_once(_dense_block)
+    args = (block, x, mask, cos, sin, attn_mask, modality)
+    return checkpoint(run, *args, use_reentrant=False) if checkpointing else run(*args)
 
 
 def _training_blocks(decoder: DecoderLM, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor,
