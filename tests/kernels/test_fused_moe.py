@@ -602,3 +602,32 @@ if __name__ == "__main__":  # interpreter worker: python test_fused_moe.py --wor
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         torch.set_num_threads(1)
         print(json.dumps(_worker(sys.argv[2].split(","))))
+
+
+@pytest.mark.parametrize("slots", [1200, 700])
+def test_fake_forward_does_not_specialise_the_token_count(slots):
+    """The custom op's fake implementation (what torch.compile traces) with a symbolic token count: past the routing
+    layout's cap (1,024 slots for 4 experts) the buffer layout is a formula valid for every larger count, guarded by a
+    range, never ``Eq(T*K, n)``; below it a specialisation is allowed (decode steps have few fixed shapes). A
+    specialisation past the cap made a compiled decoder (``DecoderLM.compile_blocks``) compile anew for every sequence
+    length of real, variable-length batches, up to dynamo's limit, and then run eagerly."""
+    import sympy
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fm = importlib.import_module("zoo.kernels.fused_moe")
+    E, D, H, K = 4, 8, 16, 2
+    T = slots // K
+
+    def forward(x, cw, w1, w2, expert_index, keep):
+        return fm.fused_moe_forward(x, cw, w1, None, w2, None, expert_index, keep, False, "triton", True)
+
+    args = (torch.randn(T, D), torch.rand(T, K), torch.randn(E, D, H), torch.randn(E, H, D),
+            torch.randint(0, E, (T, K)), torch.ones(T, K, dtype=torch.bool))
+    graph = make_fx(forward, tracing_mode="symbolic")(*args)
+    tokens = next(n for n in graph.graph.nodes if n.op == "placeholder").meta["val"].shape[0].node
+    specialised = [g.expr for g in tokens.shape_env.guards
+                   if isinstance(g.expr, sympy.Eq) and tokens.expr.free_symbols & g.expr.free_symbols]
+    if slots >= 1024:
+        assert not specialised
+    else:
+        assert specialised  # the test can see a specialisation

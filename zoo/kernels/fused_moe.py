@@ -722,7 +722,11 @@ def _route_layout(TK: int, E: int) -> tuple[int, int, int, int, int, int]:
     E_PAD = _next_pow2(E + 1)
     # Slots per sub-block: the [SB, E_PAD] one-hot fits in registers, and no wider than the slots there are (a decode
     # step has a few: Mixtral's batch-1 scatter over a 1024-wide block took 8.9 us of a 1.16 ms step on the H200).
-    SB = max(16, min(1024, 16384 // E_PAD, _next_pow2(TK)))
+    # Past the cap (a power of two) no power of two of TK is taken: traced with a symbolic TK (the fake
+    # implementation under dynamic shapes), the layout is then a formula in TK valid for every TK >= cap, not a
+    # specialisation that recompiles each sequence length.
+    cap = min(1024, 16384 // E_PAD)
+    SB = max(16, cap if TK >= cap else _next_pow2(TK))
     NSUB = max(1, min(1024 // SB, -(-TK // SB)))
     if _interpret():
         SB, NSUB = max(16, min(SB, 64)), 2  # two sub-blocks: the loop is tested on CPU too

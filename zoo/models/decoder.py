@@ -245,7 +245,9 @@ class DecoderLM(nn.Module):
         - ``False``: eager;
         - ``True``: the whole block stack is one compiled function (:func:`_training_blocks`): one graph forward and
           one backward, the checkpoint recomputes inside the backward graph, the MoE layers traced in (their routing
-          and, on the GPU, their fused expert kernels);
+          and, on the GPU, their fused expert kernels). Batches of changing length compile twice (the first length,
+          then one graph with a symbolic length for all others, as long as a layer call routes >= 1,024 slots:
+          ``tests/kernels/test_fused_moe.py::test_fake_forward_does_not_specialise_the_token_count``);
         - ``"cuda_graphs"``: as ``True``, replayed as CUDA graphs (``mode="reduce-overhead"``): the host launches a
           step's decoder as two replays. Each new sequence length records a graph of its own (memory), so it pays
           off for fixed-length batches (packed or padded to a bucket). Parameter gradients are copied out of the
