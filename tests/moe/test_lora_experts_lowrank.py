@@ -274,3 +274,23 @@ def test_layer_lowrank_on_cuda_bf16_with_compiled_routing(per_expert_base, monke
     assert spy.lowrank == 2 and spy.stacked == 0
     if per_expert_base and lowrank.grouped_mm_usable(x):
         assert len(calls) >= 2
+
+
+def test_traces_as_one_graph_builds_no_weights(monkeypatch):
+    """``MoELayer.traces_as_one_graph`` (asked each training step by a compiled decoder) agrees with the layer's own
+    choice of path, and answers without merging LoRA experts' weights (``stacked()``: a merge per call)."""
+    import zoo.moe.layer as layer_module
+
+    layer = _layer(False, 2, False).train()
+    layer.experts.requires_grad_(False)  # frozen factors: the merged weights would serve the fused kernel
+    x = torch.randn(2, 3, D)
+    merges = []
+    monkeypatch.setattr(LoRAExperts, "stacked", lambda self: merges.append(1))
+    assert layer.traces_as_one_graph(x) is False and merges == []  # CPU: a reference dispatcher
+    monkeypatch.setattr(layer_module, "_fused_moe_or_none", lambda x, activation: object())  # as on a GPU
+    assert layer.traces_as_one_graph(x) is True and merges == []
+    layer.experts.lora_b2.requires_grad_(True)  # a training factor: the experts' own low-rank path, outside graphs
+    assert layer.traces_as_one_graph(x) is False
+    layer.config.dispatch = "sorted"
+    layer.experts.requires_grad_(False)
+    assert layer.traces_as_one_graph(x) is False

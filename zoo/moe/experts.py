@@ -67,6 +67,8 @@ class Experts(nn.Module):
     dim: int
     hidden_dim: int
     activation: str
+    # Whether :meth:`stacked` returns weights, known without building them (LoRA experts merge theirs on each call)
+    has_stacked_form: bool = False
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert ``e`` on tokens ``x`` [N, D] -> [N, D]."""
@@ -108,6 +110,8 @@ class StackedExperts(Experts):
     Parameters: ``w1 [E, D, H]`` (SwiGLU: ``[E, D, 2H]``, gate columns then up columns), ``b1 [E, H']``,
     ``w2 [E, H, D]``, ``b2 [E, D]`` (biases optional). Activation "gelu", "gelu_tanh" or "swiglu".
     """
+
+    has_stacked_form = True
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu_tanh",
                  bias: bool = True) -> None:
@@ -193,6 +197,8 @@ class LoRAExperts(Experts):
 
     :meth:`merged` gives plain :class:`StackedExperts` for inference.
     """
+
+    has_stacked_form = True
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu", bias: bool = False,
                  r: int = 8, alpha: float = 16.0, per_expert_base: bool = False) -> None:

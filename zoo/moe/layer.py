@@ -297,10 +297,14 @@ class MoELayer(nn.Module):
         """Whether a training forward on ``x`` [..., D] can be traced into an enclosing graph without a break
         (``DecoderLM.compile_blocks`` compiles a whole decoder then): soft routing, or top-k / expert-choice routing
         on the fused GPU experts. A reference dispatcher reads row counts on the host, and the experts' own path
-        (e.g. LoRA factors) runs outside graphs."""
+        (e.g. LoRA factors) runs outside graphs. Asked every training step: it builds no stacked weights (LoRA
+        experts merge theirs per call), it reads ``Experts.has_stacked_form``."""
         if self.config.router == "soft":
             return True
-        return self._own_experts_path() is None and self._fused_experts(x.reshape(-1, self.dim))[0] is not None
+        if getattr(self, "expert_dispatcher", None) is not None or self.config.dispatch not in ("auto", "fused"):
+            return False
+        return (self._own_experts_path() is None and self.experts.has_stacked_form
+                and _fused_moe_or_none(x, self.experts.activation) is not None)
 
     def _own_experts_path(self):
         """The experts' own computation for this call (:meth:`Experts.routed_path`, e.g. LoRA experts' low-rank
