@@ -137,3 +137,35 @@ def test_compile_tower_runs_the_frozen_tower_compiled_while_training_only(spy_co
     task = InstructTask("moe_llava_tiny", compile=True)
     assert task.model.compile_tower is True and task.model.decoder.compile_blocks is True
     assert InstructTask("moe_llava_tiny").model.compile_tower is False
+
+
+def test_the_training_compile_option_compiles_the_loss_too(spy_compiled_once):
+    """``compile_blocks`` (the tasks' ``compile``) also puts the shifted cross-entropy through torch.compile while
+    training (``shifted_lm_loss(compiled=True)``): the eager loss and gradients; not in eval."""
+    from zoo.models import multimodal
+
+    asked = spy_compiled_once(multimodal)
+    torch.manual_seed(0)
+    model = zoo.create_model("moe_llava_tiny").train()
+    ids = torch.randint(0, model.config.decoder.vocab_size, (2, 9))
+    ids[:, 1] = IMAGE_TOKEN_ID
+    images = _images(model, 2)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, None, images, ids.clone()).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.decoder.parameters() if p.grad is not None]
+
+    eager, eager_grads = loss_and_grads()
+    assert asked == []
+    model.decoder.compile_blocks = True
+    compiled, grads = loss_and_grads()
+    assert asked == ["_shifted_cross_entropy"]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    asked.clear()
+    with torch.no_grad():
+        model.eval()(ids, None, images, ids.clone())
+    assert asked == []

@@ -328,7 +328,7 @@ class DecoderLM(nn.Module):
             slots, positions, attn_mask = cache.start_step(mask)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         checkpointing = self.training and torch.is_grad_enabled() and cache is None and self.gradient_checkpointing
-        compiled = self.compile_blocks if self.training and torch.is_grad_enabled() and cache is None else False
+        compiled = self.compile_mode(cache)
         if compiled and checkpointing is not True and self._traces_as_one_graph(x):  # see compile_blocks
             stack = compiled_once(_training_blocks, cuda_graphs=compiled == "cuda_graphs")
             x = stack(self, x, mask, cos, sin, attn_mask, modality, checkpointing)
@@ -344,6 +344,11 @@ class DecoderLM(nn.Module):
         aux_loss, aux_losses, routing = collect_moe_aux(self)
         return ModelOutput(logits=self.lm_head(x), aux_loss=aux_loss, aux_losses=aux_losses, routing=routing,
                            hidden_states=x)
+
+    def compile_mode(self, cache: Optional[KVCache] = None) -> Union[bool, str]:
+        """What :attr:`compile_blocks` means for a call now: its value while training with autograd and without a KV
+        cache, else False. The multimodal models compile their loss by it too (``shifted_lm_loss(compiled=...)``)."""
+        return self.compile_blocks if self.training and torch.is_grad_enabled() and cache is None else False
 
     def _traces_as_one_graph(self, x: Tensor) -> bool:
         """Whether every module at an MoE position traces into the compiled stack without a graph break

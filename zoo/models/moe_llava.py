@@ -145,7 +145,7 @@ class MoELLaVA(nn.Module):
                 raise ValueError(f"images has {images.shape[0]} images for a batch of {input_ids.shape[0]} prompts; "
                                  "give one image per sample (images[b] belongs to sample b, zeros where a sample "
                                  "has none)")
-            media[IMAGE_TOKEN_ID] = self.encode_images(images)
+            media[IMAGE_TOKEN_ID] = functools.partial(self.encode_images, images)  # after splice_media's host read
         return splice_media(input_ids, self.decoder.embed, media, attention_mask, labels,
                             max_length=self.config.tokenizer_model_max_length, padding_side=padding_side)
 
@@ -166,7 +166,8 @@ class MoELLaVA(nn.Module):
         if labels is not None and labels.shape != out.logits.shape[:2]:
             raise ValueError(f"labels must have the shape of input_ids {tuple(out.logits.shape[:2])}, got "
                              f"{tuple(labels.shape)}")
-        loss = None if labels is None else shifted_lm_loss(out.logits, labels) + out.aux_loss
+        compiled = bool(self.decoder.compile_mode())
+        loss = None if labels is None else shifted_lm_loss(out.logits, labels, compiled) + out.aux_loss
         return MultimodalOutput(logits=out.logits, aux_loss=out.aux_loss, aux_losses=out.aux_losses,
                                 routing=out.routing, hidden_states=out.hidden_states, loss=loss,
                                 attention_mask=mask, labels=labels, modality=modality)

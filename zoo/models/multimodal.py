@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.models.output import ModelOutput
+from zoo.moe.compiled import compiled_once
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN_ID = -200
@@ -146,7 +147,8 @@ def _items_per_sample(features: MediaFeatures, placeholder: int, B: int, D: int)
 
 
 def splice_media(input_ids: Tensor, embed: Callable[[Tensor], Tensor],
-                 media: Optional[Mapping[int, MediaFeatures]] = None, attention_mask: Optional[Tensor] = None,
+                 media: Optional[Mapping[int, Union[MediaFeatures, Callable[[], MediaFeatures]]]] = None,
+                 attention_mask: Optional[Tensor] = None,
                  labels: Optional[Tensor] = None, *, modality_of: Optional[Mapping[int, int]] = None,
                  max_length: Optional[int] = None,
                  padding_side: Literal["right", "left"] = "right") -> SplicedBatch:
@@ -154,8 +156,11 @@ def splice_media(input_ids: Tensor, embed: Callable[[Tensor], Tensor],
 
     Args:
         input_ids: [B, L] integer ids; text ids >= 0 and placeholder ids (keys of ``media``) where media goes.
-        embed: text ids [T] -> embeddings [T, D] (the language model's token embedding).
-        media: {placeholder id: features} (``{IMAGE_TOKEN_ID: image_features [B, N, D]}``); None = text only.
+        embed: ids [T] -> embeddings [T, D] (the language model's token embedding); called once, with every token
+            of the batch (T = B x L), id 0 standing in at placeholders and padding (those rows are not used).
+        media: {placeholder id: features} (``{IMAGE_TOKEN_ID: image_features [B, N, D]}``), or {placeholder id: a
+            callable returning them} (``functools.partial(model.encode_images, images)``): called after the one
+            host read of ``input_ids``, so that read does not wait for the encoder's GPU work; None = text only.
         attention_mask: [B, L], True / 1 = real token (default: all real). Padding may be on either side.
         labels: [B, L] target ids (IGNORE_INDEX = not trained) or None.
         modality_of: placeholder id -> modality id; default :data:`PLACEHOLDER_MODALITY`.
@@ -195,7 +200,9 @@ def splice_media(input_ids: Tensor, embed: Callable[[Tensor], Tensor],
         if pid not in modality_of:
             raise ValueError(f"no modality id for the {placeholder_name(pid)}; pass modality_of={{{pid}: id}}")
 
-    # Host copies: the splice has data-dependent lengths, so it reads the ids once.
+    # The ONE host read of the step: the splice has data-dependent lengths. It comes before the media are encoded
+    # (``media`` values may be callables, called below): read after them, the copy would wait for the encoders' GPU
+    # work and the GPU would then idle while the host splices. Everything after it is launched without a sync.
     ids_h, mask_h = input_ids.cpu(), mask.cpu()
     bad = ids_h[mask_h & (ids_h < 0)]
     unknown = sorted(set(bad.tolist()) - set(media))
@@ -203,9 +210,12 @@ def splice_media(input_ids: Tensor, embed: Callable[[Tensor], Tensor],
         known = sorted(set(media)) or "none"
         raise ValueError(f"input_ids hold placeholder / negative id(s) {unknown} with no media for them (media given "
                          f"for: {known}); pass the features for each placeholder id (e.g. images=...) or remove it")
+    media = {pid: f() if callable(f) else f for pid, f in media.items()}
 
-    text_sel = mask & (input_ids >= 0)
-    text_embeds = embed(input_ids[text_sel])  # [T, D]: every text token of the batch in one call
+    # Every token of the batch embedded in one call, non-text positions as id 0 (not used): selecting the text
+    # tokens on the device first would be a boolean index, a sync.
+    text_ids = torch.where(mask & (input_ids >= 0), input_ids, torch.zeros_like(input_ids))
+    text_embeds = embed(text_ids.reshape(-1))  # [B * L, D]
     if text_embeds.ndim != 2:
         raise ValueError(f"embed must map ids [T] to embeddings [T, D], got shape {tuple(text_embeds.shape)}")
     D, dtype = text_embeds.shape[-1], text_embeds.dtype
@@ -237,18 +247,14 @@ def splice_media(input_ids: Tensor, embed: Callable[[Tensor], Tensor],
     # Position map, -1 where nothing of the input token is in the output.
     kept = mask_h & (starts < lengths[:, None]) & (counts > 0)
     token_positions = torch.where(kept, starts + offset[:, None], -1)
-
-    embeds = text_embeds.new_zeros(B, S, D)
+    b_idx, i_idx = (kept & (ids_h >= 0)).nonzero(as_tuple=True)  # the text tokens that survive truncation
+    text_src = b_idx * L + i_idx  # rows of text_embeds (and of labels)
+    text_dest = b_idx * S + token_positions[b_idx, i_idx]  # rows of the spliced [B * S] sequence
     modality = torch.zeros(B, S, dtype=torch.long)
-    text_kept = (kept & (ids_h >= 0))[text_sel.cpu()]  # which of the embedded text tokens survive truncation
-    b_idx, i_idx = (kept & (ids_h >= 0)).nonzero(as_tuple=True)
-    dest = token_positions[b_idx, i_idx]
-    text_rows = text_embeds[text_kept.to(device)]
-    embeds = embeds.index_put((b_idx.to(device), dest.to(device)), text_rows)
-    # Every media token of the batch lands with ONE index_put (destinations computed on the host copies): a copy
-    # per item would cost one launch per image / clip of the batch.
+    # Every media token of the batch lands with ONE index_put (destinations computed here, on the host): a copy per
+    # item would cost one launch per image / clip of the batch.
     unused = []
-    rows, dest_b, dest_s = [], [], []
+    rows, media_dest = [], []
     for b in range(B):
         for i, item, mod in taken[b]:
             start = int(starts[b, i])
@@ -258,34 +264,60 @@ def splice_media(input_ids: Tensor, embed: Callable[[Tensor], Tensor],
                 continue
             at = start + int(offset[b])
             rows.append(item[:n])
-            dest_b.append(torch.full((n,), b, dtype=torch.long))
-            dest_s.append(torch.arange(at, at + n))
+            media_dest.append(torch.arange(b * S + at, b * S + at + n))
             modality[b, at:at + n] = mod
+    positions = torch.arange(S)[None, :].expand(B, S)
+    real = (positions >= offset[:, None]) & (positions < (offset + lengths)[:, None])
+    position_ids = torch.where(real, positions - offset[:, None], 0)
+
+    # The host-made index tensors reach the device as ONE copy, without a sync (pinned memory, non_blocking).
+    parts = [text_src, text_dest, *media_dest, modality.flatten(), position_ids.flatten(), real.flatten().long(),
+             token_positions.flatten(), lengths]
+    host = torch.cat(parts)
+    if device.type == "cuda":
+        dev = host.pin_memory().to(device, non_blocking=True)
+    else:
+        dev = host.to(device)
+    Tt, Tm, BS = text_src.numel(), sum(d.numel() for d in media_dest), B * S
+    text_src_d, text_dest_d, media_dest_d, modality_d, position_ids_d, real_d, token_positions_d, lengths_d = (
+        dev.split([Tt, Tt, Tm, BS, BS, BS, B * L, B]))
+
+    values = text_embeds[text_src_d]
     if rows:
-        embeds = embeds.index_put((torch.cat(dest_b).to(device), torch.cat(dest_s).to(device)),
-                                  torch.cat([r.to(device=device, dtype=dtype) for r in rows]))
+        values = torch.cat([values, torch.cat([r.to(device) for r in rows]).to(dtype)])
+    embeds = text_embeds.new_zeros(BS, D).index_put((torch.cat([text_dest_d, media_dest_d]),), values)
+    embeds = embeds.view(B, S, D)
     used = {id(item) for b in range(B) for _, item, _ in taken[b]}
     for per_sample in items.values():
         unused.extend(x for sample in per_sample for x in sample if id(x) not in used)
     for x in unused:  # in the graph with a zero gradient (see the module docstring): adds exactly 0
         embeds = embeds + x[:0].sum().to(device=device, dtype=dtype)
 
-    positions = torch.arange(S)[None, :].expand(B, S)
-    real = (positions >= offset[:, None]) & (positions < (offset + lengths)[:, None])
-    position_ids = torch.where(real, positions - offset[:, None], 0)
     out_labels = None
     if labels is not None:
-        out_labels = torch.full((B, S), IGNORE_INDEX, dtype=labels.dtype, device=device)
-        out_labels[b_idx.to(device), dest.to(device)] = labels.to(device)[b_idx.to(device), i_idx.to(device)]
-    return SplicedBatch(inputs_embeds=embeds, attention_mask=real.to(device), labels=out_labels,
-                        modality=modality.to(device), position_ids=position_ids.to(device),
-                        token_positions=token_positions.to(device), lengths=lengths.to(device))
+        out_labels = torch.full((BS,), IGNORE_INDEX, dtype=labels.dtype, device=device)
+        out_labels[text_dest_d] = labels.to(device).reshape(-1)[text_src_d]
+        out_labels = out_labels.view(B, S)
+    return SplicedBatch(inputs_embeds=embeds, attention_mask=real_d.view(B, S).bool(), labels=out_labels,
+                        modality=modality_d.view(B, S), position_ids=position_ids_d.view(B, S),
+                        token_positions=token_positions_d.view(B, L), lengths=lengths_d)
 
 
-def shifted_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def shifted_lm_loss(logits: Tensor, labels: Tensor, compiled: bool = False) -> Tensor:
     """Next-token cross-entropy: position t predicts ``labels[t + 1]``; ``IGNORE_INDEX`` targets do not count; mean
     over the counted targets of the whole batch (the official ``CrossEntropyLoss()`` on shifted logits), in fp32.
-    ``logits`` [B, S, V], ``labels`` [B, S]."""
+    ``logits`` [B, S, V], ``labels`` [B, S].
+
+    ``compiled``: through ``torch.compile`` (the models pass their decoder's training compile option,
+    :meth:`zoo.models.decoder.DecoderLM.compile_mode`). Eagerly, the fp32 cast is a copy of the shifted logits at
+    twice their bf16 size, which log-softmax reads and writes again, forward and backward: ~2 ms a step for the Phi-2
+    vocabulary at 3,328 tokens on an H200 (session 17's profile, benchmarks/results/moe_llava_step.md); compiled, one
+    fused reduction reads the bf16 logits once and the backward writes their gradient once."""
+    fn = compiled_once(_shifted_cross_entropy) if compiled else _shifted_cross_entropy
+    return fn(logits, labels.to(logits.device))
+
+
+def _shifted_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     V = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1).to(logits.device),
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX)

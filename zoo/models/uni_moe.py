@@ -31,6 +31,7 @@ Where the zoo differs from the official code on purpose:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -319,11 +320,12 @@ class UniMoE(nn.Module):
         if images is not None:
             if images.ndim != 4:
                 raise ValueError(f"images must be [B, 3, H, W], got {_shape(images)}")
-            media[IMAGE_TOKEN_ID] = self.encode_images(images)
+            media[IMAGE_TOKEN_ID] = functools.partial(self.encode_images, images)
         if video is not None:
-            media[VIDEO_TOKEN_ID] = self.encode_video(video)
+            media[VIDEO_TOKEN_ID] = functools.partial(self.encode_video, video)
         if audio is not None:
-            media[AUDIO_TOKEN_ID] = self.encode_audio(audio, audio_lengths, audio_chunks)
+            media[AUDIO_TOKEN_ID] = functools.partial(self.encode_audio, audio, audio_lengths, audio_chunks)
+        # The encoders run inside splice_media, after its host read of the ids (see its ``media`` argument).
         return splice_media(input_ids, self.decoder.embed, media, attention_mask, labels,
                             max_length=self.config.tokenizer_model_max_length, padding_side=padding_side)
 
@@ -336,7 +338,8 @@ class UniMoE(nn.Module):
                                       labels)
         out = self.decoder(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
                            modality=spliced.modality)
-        loss = None if labels is None else shifted_lm_loss(out.logits, spliced.labels) + out.aux_loss
+        compiled = bool(self.decoder.compile_mode())
+        loss = None if labels is None else shifted_lm_loss(out.logits, spliced.labels, compiled) + out.aux_loss
         return MultimodalOutput(logits=out.logits, aux_loss=out.aux_loss, aux_losses=out.aux_losses,
                                 routing=out.routing, hidden_states=out.hidden_states, loss=loss,
                                 attention_mask=spliced.attention_mask, labels=spliced.labels,
