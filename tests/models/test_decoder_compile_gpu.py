@@ -91,3 +91,39 @@ def test_compiled_moe_llava_step_trains_as_eager(mode):
     eager = train_moe_llava(False)
     compiled = train_moe_llava(mode)
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", [False, True, "cuda_graphs"])
+def test_moe_llava_training_step_launches_without_a_sync_after_its_host_read(mode):
+    """After splice_media's one host read of the ids, a stage-III forward + loss + backward queues its work without
+    waiting for the GPU: the image encoder here first queues ~0.5 s of GPU sleep, and the step's host side must return
+    with it still running (a sync anywhere, e.g. a blocking copy or a boolean index, would wait it out)."""
+    from zoo.models.freeze import apply_freeze, moe_tuning_stage
+    from zoo.models.multimodal import IMAGE_TOKEN_ID
+
+    torch.manual_seed(0)
+    model = zoo.create_model("moe_llava_tiny").cuda()
+    apply_freeze(model, moe_tuning_stage(3))
+    model.decoder.gradient_checkpointing = "except_moe"
+    model.decoder.compile_blocks = mode
+    model.compile_tower = bool(mode)
+    model.train()
+    size = model.config.vision.image_size
+    ids = torch.randint(0, model.config.decoder.vocab_size, (2, 9))
+    ids[:, 1] = IMAGE_TOKEN_ID
+    ids, images, mask = ids.cuda(), torch.randn(2, 3, size, size).cuda(), torch.ones(2, 9, dtype=torch.bool).cuda()
+    for _ in range(3):  # compile and record first
+        model(ids, mask, images, ids.clone()).loss.backward()
+    encode = model.encode_images
+
+    def slow_encode(x):
+        torch.cuda._sleep(int(1e9))
+        return encode(x)
+
+    model.encode_images = slow_encode
+    torch.cuda.synchronize()
+    out = model(ids, mask, images, ids.clone())
+    out.loss.backward()
+    assert not torch.cuda.current_stream().query(), "the step waited for the GPU after the host read"
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.loss)
