@@ -4,7 +4,7 @@ experts and the whole block stack is one compiled function (``_training_blocks``
 the next replay) give the eager run's losses and weights (SGD). Skipped without CUDA (the CPU tests in
 tests/tasks/test_causal_lm.py cover the plumbing: the CPU compiles no CUDA graphs).
 
-Session 17, H200 (torch 2.11): 6 passed."""
+Session 17, H200 (torch 2.11): 6 passed; session 18 (with the no-sync step test): 9 passed."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def test_compiled_stack_trains_as_eager(mode, checkpointing, spy_compiled_once):
         torch.testing.assert_close(weights[name], w, rtol=1e-3, atol=1e-4, msg=name)
 
 
-def train_moe_llava(compile_option, steps: int = 3):
+def stage3_moe_llava(compile_option):
+    """The tiny MoE-LLaVA on the GPU as the stage-III benchmark trains it (``except_moe``, the task's compile option)."""
     from zoo.models.freeze import apply_freeze, moe_tuning_stage
-    from zoo.models.multimodal import IMAGE_TOKEN_ID
 
     torch.manual_seed(0)
     model = zoo.create_model("moe_llava_tiny").cuda()
@@ -66,7 +66,13 @@ def train_moe_llava(compile_option, steps: int = 3):
     model.decoder.gradient_checkpointing = "except_moe"
     model.decoder.compile_blocks = compile_option
     model.compile_tower = bool(compile_option)
-    model.train()
+    return model.train()
+
+
+def train_moe_llava(compile_option, steps: int = 3):
+    from zoo.models.multimodal import IMAGE_TOKEN_ID
+
+    model = stage3_moe_llava(compile_option)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     gen = torch.Generator().manual_seed(1)
     size = model.config.vision.image_size
@@ -98,16 +104,9 @@ def test_moe_llava_training_step_launches_without_a_sync_after_its_host_read(mod
     """After splice_media's one host read of the ids, a stage-III forward + loss + backward queues its work without
     waiting for the GPU: the image encoder here first queues ~0.5 s of GPU sleep, and the step's host side must return
     with it still running (a sync anywhere, e.g. a blocking copy or a boolean index, would wait it out)."""
-    from zoo.models.freeze import apply_freeze, moe_tuning_stage
     from zoo.models.multimodal import IMAGE_TOKEN_ID
 
-    torch.manual_seed(0)
-    model = zoo.create_model("moe_llava_tiny").cuda()
-    apply_freeze(model, moe_tuning_stage(3))
-    model.decoder.gradient_checkpointing = "except_moe"
-    model.decoder.compile_blocks = mode
-    model.compile_tower = bool(mode)
-    model.train()
+    model = stage3_moe_llava(mode)
     size = model.config.vision.image_size
     ids = torch.randint(0, model.config.decoder.vocab_size, (2, 9))
     ids[:, 1] = IMAGE_TOKEN_ID
