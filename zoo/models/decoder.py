@@ -327,7 +327,7 @@ class DecoderLM(nn.Module):
         else:
             slots, positions, attn_mask = cache.start_step(mask)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
-        checkpointing = self.training and torch.is_grad_enabled() and cache is None and self.gradient_checkpointing
+        checkpointing = self._training_call(cache) and self.gradient_checkpointing
         compiled = self.compile_mode(cache)
         if compiled and checkpointing is not True and self._traces_as_one_graph(x):  # see compile_blocks
             stack = compiled_once(_training_blocks, cuda_graphs=compiled == "cuda_graphs")
@@ -348,7 +348,11 @@ class DecoderLM(nn.Module):
     def compile_mode(self, cache: Optional[KVCache] = None) -> Union[bool, str]:
         """What :attr:`compile_blocks` means for a call now: its value while training with autograd and without a KV
         cache, else False. The multimodal models compile their loss by it too (``shifted_lm_loss(compiled=...)``)."""
-        return self.compile_blocks if self.training and torch.is_grad_enabled() and cache is None else False
+        return self.compile_blocks if self._training_call(cache) else False
+
+    def _training_call(self, cache: Optional[KVCache]) -> bool:
+        """A training forward: training mode, autograd recording, no KV cache (when the training options apply)."""
+        return self.training and torch.is_grad_enabled() and cache is None
 
     def _traces_as_one_graph(self, x: Tensor) -> bool:
         """Whether every module at an MoE position traces into the compiled stack without a graph break
